@@ -1,0 +1,451 @@
+//! `msmq bench produce|consume|e2e`: load a running broker and report
+//! messages/s, MB/s and latency percentiles (HdrHistogram). Every run is
+//! bounded by a message count and a duration, whichever comes first.
+
+use super::ClientArgs;
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use msmq_client::{Client, ConsumerOptions, FetchLimits, NewMessage, StartFrom};
+use serde_json::json;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Producers send batches as fast as acknowledgements come back.
+    Produce(ProduceBench),
+    /// Fill a backlog (untimed), then drain it with one consumer group.
+    Consume(ConsumeBench),
+    /// Produce and consume at once; latency is send-to-receive per message.
+    E2e(E2eBench),
+}
+
+#[derive(Args, Clone)]
+pub struct Common {
+    /// Topic to use; created if missing.
+    #[arg(long)]
+    topic: Option<String>,
+    /// Partitions when the topic is created.
+    #[arg(long, default_value_t = 4)]
+    partitions: u32,
+    /// Payload bytes per message.
+    #[arg(long, default_value_t = 1024)]
+    size: usize,
+    /// Messages per produce request.
+    #[arg(long, default_value_t = 100)]
+    batch: usize,
+    /// Stop after this many messages.
+    #[arg(long, default_value_t = 1_000_000)]
+    count: u64,
+    /// Stop after this long at the latest.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Print one JSON summary object instead of text.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+#[derive(Args)]
+pub struct ProduceBench {
+    /// Concurrent producers, each on its own connection.
+    #[arg(long, default_value_t = 4)]
+    producers: usize,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args)]
+pub struct ConsumeBench {
+    /// Concurrent members of the consumer group.
+    #[arg(long, default_value_t = 1)]
+    consumers: usize,
+    /// Most messages per poll.
+    #[arg(long, default_value_t = 2000)]
+    max_messages: u32,
+    /// Use the topic's existing messages instead of producing a backlog first.
+    #[arg(long)]
+    no_prefill: bool,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args)]
+pub struct E2eBench {
+    #[arg(long, default_value_t = 1)]
+    producers: usize,
+    #[arg(long, default_value_t = 1)]
+    consumers: usize,
+    /// Messages per second per producer (0: as fast as possible).
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    #[command(flatten)]
+    common: Common,
+}
+
+pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
+    match cmd {
+        BenchCommand::Produce(b) => produce(b).await,
+        BenchCommand::Consume(b) => consume(b).await,
+        BenchCommand::E2e(b) => e2e(b).await,
+    }
+}
+
+fn now_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
+}
+
+/// Shared progress: a counter, a bar, a deadline, a stop flag.
+struct Run {
+    done: AtomicU64,
+    bytes: AtomicU64,
+    count: u64,
+    deadline: Instant,
+    stop: AtomicBool,
+    latencies_us: Mutex<Histogram<u64>>,
+    bar: ProgressBar,
+}
+
+impl Run {
+    fn new(common: &Common, what: &str) -> Arc<Run> {
+        let bar = if common.json {
+            ProgressBar::with_draw_target(Some(common.count), ProgressDrawTarget::hidden())
+        } else {
+            ProgressBar::new(common.count)
+        };
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{prefix} [{elapsed_precise}] {wide_bar} {pos}/{len} ({per_sec})",
+            )
+            .expect("valid template"),
+        );
+        bar.set_prefix(what.to_string());
+        Arc::new(Run {
+            done: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            count: common.count,
+            deadline: Instant::now() + common.duration,
+            stop: AtomicBool::new(false),
+            latencies_us: Mutex::new(histogram()),
+            bar,
+        })
+    }
+
+    /// Claim up to `n` messages of the budget; 0 when the run is over.
+    fn claim(&self, n: u64) -> u64 {
+        if self.stop.load(Ordering::Relaxed) || Instant::now() >= self.deadline {
+            return 0;
+        }
+        let before = self.done.fetch_add(n, Ordering::Relaxed);
+        if before >= self.count {
+            self.done.fetch_sub(n, Ordering::Relaxed);
+            return 0;
+        }
+        let got = n.min(self.count - before);
+        if got < n {
+            self.done.fetch_sub(n - got, Ordering::Relaxed);
+        }
+        got
+    }
+
+    fn record(&self, messages: u64, bytes: u64, latency: Duration) {
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.bar.inc(messages);
+        let us = (latency.as_micros() as u64).clamp(1, 60_000_000);
+        let _ = self.latencies_us.lock().expect("histogram lock").record(us);
+    }
+
+    fn over(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+            || Instant::now() >= self.deadline
+            || self.done.load(Ordering::Relaxed) >= self.count
+    }
+}
+
+fn summary(
+    bench: &str,
+    run: &Run,
+    messages: u64,
+    elapsed: Duration,
+    extra: serde_json::Value,
+    as_json: bool,
+) {
+    run.bar.finish_and_clear();
+    let h = run.latencies_us.lock().expect("histogram lock");
+    let secs = elapsed.as_secs_f64().max(1e-9);
+    let bytes = run.bytes.load(Ordering::Relaxed);
+    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    let mut obj = json!({
+        "bench": bench,
+        "messages": messages,
+        "bytes": bytes,
+        "seconds": secs,
+        "messages_per_sec": messages as f64 / secs,
+        "mb_per_sec": bytes as f64 / secs / 1_000_000.0,
+        "p50_ms": ms(0.5),
+        "p99_ms": ms(0.99),
+        "p999_ms": ms(0.999),
+        "max_ms": h.max() as f64 / 1000.0,
+        "latency_samples": h.len(),
+    });
+    if let (Some(o), Some(e)) = (obj.as_object_mut(), extra.as_object()) {
+        o.extend(e.clone());
+    }
+    if as_json {
+        println!("{obj}");
+    } else {
+        println!(
+            "{bench}: {messages} messages in {secs:.2} s: {:.0} msg/s, {:.1} MB/s; latency p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms, max {:.3} ms",
+            obj["messages_per_sec"].as_f64().unwrap_or(0.0),
+            obj["mb_per_sec"].as_f64().unwrap_or(0.0),
+            ms(0.5),
+            ms(0.99),
+            ms(0.999),
+            h.max() as f64 / 1000.0
+        );
+    }
+}
+
+fn topic_name(common: &Common, kind: &str) -> String {
+    common
+        .topic
+        .clone()
+        .unwrap_or_else(|| format!("bench-{kind}-{}", now_micros()))
+}
+
+async fn setup(common: &Common, topic: &str) -> anyhow::Result<Client> {
+    anyhow::ensure!(common.batch >= 1, "--batch must be at least 1");
+    let client = common.client.connect().await?;
+    client
+        .ensure_topic(topic, common.partitions)
+        .await
+        .with_context(|| format!("creating topic {topic}"))?;
+    Ok(client)
+}
+
+/// Send `run.count` messages from `producers` connections; payloads start with
+/// the send time in µs so an e2e consumer can measure latency.
+async fn produce_load(
+    common: &Common,
+    topic: &str,
+    producers: usize,
+    rate_per_producer: u64,
+    run: Arc<Run>,
+) -> anyhow::Result<()> {
+    let mut tasks = Vec::new();
+    for _ in 0..producers.max(1) {
+        let client = common.client.connect().await?;
+        let producer = client.producer(topic);
+        let run = run.clone();
+        let (size, batch) = (common.size.max(8), common.batch);
+        tasks.push(tokio::spawn(async move {
+            let started = Instant::now();
+            let mut sent = 0u64;
+            loop {
+                let n = run.claim(batch as u64);
+                if n == 0 {
+                    return anyhow::Ok(());
+                }
+                if rate_per_producer > 0 {
+                    let due =
+                        started + Duration::from_secs_f64(sent as f64 / rate_per_producer as f64);
+                    tokio::time::sleep_until(due.into()).await;
+                }
+                let t0 = Instant::now();
+                let stamp = now_micros().to_le_bytes();
+                let messages: Vec<NewMessage> = (0..n)
+                    .map(|_| {
+                        let mut payload = vec![0u8; size];
+                        payload[..8].copy_from_slice(&stamp);
+                        NewMessage::new(payload)
+                    })
+                    .collect();
+                producer.send_batch(messages).await?;
+                run.record(n, n * size as u64, t0.elapsed());
+                sent += n;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(())
+}
+
+async fn produce(b: ProduceBench) -> anyhow::Result<()> {
+    let topic = topic_name(&b.common, "produce");
+    setup(&b.common, &topic).await?;
+    let run = Run::new(&b.common, "produce");
+    let started = Instant::now();
+    produce_load(&b.common, &topic, b.producers, 0, run.clone()).await?;
+    let elapsed = started.elapsed();
+    let messages = run.done.load(Ordering::Relaxed);
+    summary(
+        "produce",
+        &run,
+        messages,
+        elapsed,
+        json!({"producers": b.producers, "batch": b.common.batch, "size": b.common.size, "topic": topic}),
+        b.common.json,
+    );
+    Ok(())
+}
+
+async fn consume(b: ConsumeBench) -> anyhow::Result<()> {
+    let topic = topic_name(&b.common, "consume");
+    let client = setup(&b.common, &topic).await?;
+    if !b.no_prefill {
+        let fill = Common {
+            batch: b.common.batch.max(1),
+            duration: Duration::from_secs(3600),
+            ..b.common.clone()
+        };
+        let prefill = Run::new(&fill, "prefill");
+        produce_load(&fill, &topic, 4, 0, prefill.clone()).await?;
+        prefill.bar.finish_and_clear();
+    }
+    let run = Run::new(&b.common, "consume");
+    let group = format!("bench-{}", now_micros());
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..b.consumers.max(1) {
+        let client = if tasks.is_empty() {
+            client.clone()
+        } else {
+            b.common.client.connect().await?
+        };
+        let options = ConsumerOptions {
+            start: StartFrom::Earliest,
+            limits: FetchLimits {
+                max_messages: b.max_messages,
+                max_bytes: 16 * 1024 * 1024,
+                max_wait_ms: 200,
+            },
+            ..ConsumerOptions::default()
+        };
+        let mut consumer = client.consumer(&group, &[&topic], options).await?;
+        let run = run.clone();
+        tasks.push(tokio::spawn(async move {
+            while !run.over() {
+                let t0 = Instant::now();
+                let messages = consumer.poll().await?;
+                let n = messages.len() as u64;
+                if n > 0 {
+                    let bytes: u64 = messages
+                        .iter()
+                        .map(|m| m.message.payload.len() as u64)
+                        .sum();
+                    consumer.commit().await?;
+                    run.done.fetch_add(n, Ordering::Relaxed);
+                    run.record(n, bytes, t0.elapsed());
+                }
+            }
+            consumer.leave().await?;
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let elapsed = started.elapsed();
+    let messages = run.done.load(Ordering::Relaxed);
+    summary(
+        "consume",
+        &run,
+        messages,
+        elapsed,
+        json!({"consumers": b.consumers, "size": b.common.size, "topic": topic, "latency_is": "per poll+commit"}),
+        b.common.json,
+    );
+    Ok(())
+}
+
+async fn e2e(b: E2eBench) -> anyhow::Result<()> {
+    let topic = topic_name(&b.common, "e2e");
+    setup(&b.common, &topic).await?;
+    let group = format!("bench-e2e-{}", now_micros());
+    let received = Run::new(&b.common, "e2e");
+    // Join before producing so `latest` sees everything.
+    let mut consumers = Vec::new();
+    for _ in 0..b.consumers.max(1) {
+        let client = b.common.client.connect().await?;
+        let options = ConsumerOptions {
+            start: StartFrom::Latest,
+            limits: FetchLimits {
+                max_messages: 2000,
+                max_bytes: 16 * 1024 * 1024,
+                max_wait_ms: 100,
+            },
+            ..ConsumerOptions::default()
+        };
+        consumers.push(client.consumer(&group, &[&topic], options).await?);
+    }
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for mut consumer in consumers {
+        let run = received.clone();
+        tasks.push(tokio::spawn(async move {
+            while !run.over() {
+                let messages = consumer.poll().await?;
+                let now = now_micros();
+                for m in &messages {
+                    let sent = m
+                        .message
+                        .payload
+                        .get(..8)
+                        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+                        .unwrap_or(now);
+                    run.record(
+                        1,
+                        m.message.payload.len() as u64,
+                        Duration::from_micros(now.saturating_sub(sent)),
+                    );
+                }
+                run.done.fetch_add(messages.len() as u64, Ordering::Relaxed);
+                consumer.commit().await?;
+            }
+            consumer.leave().await?;
+            anyhow::Ok(())
+        }));
+    }
+    let sent = Run::new(
+        &Common {
+            json: true,
+            ..b.common.clone()
+        },
+        "send",
+    );
+    produce_load(&b.common, &topic, b.producers, b.rate, sent.clone()).await?;
+    // Give consumers the rest of the time budget to catch up, then stop them.
+    while !received.over()
+        && received.done.load(Ordering::Relaxed) < sent.done.load(Ordering::Relaxed)
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    received.stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await??;
+    }
+    let elapsed = started.elapsed();
+    summary(
+        "e2e",
+        &received,
+        received.done.load(Ordering::Relaxed),
+        elapsed,
+        json!({"producers": b.producers, "consumers": b.consumers, "sent": sent.done.load(Ordering::Relaxed),
+               "batch": b.common.batch, "size": b.common.size, "rate": b.rate, "topic": topic}),
+        b.common.json,
+    );
+    Ok(())
+}

@@ -1,0 +1,157 @@
+//! The `msmq` command line: `serve` runs the broker; the other subcommands
+//! are clients of a running broker (topics, produce, consume, groups,
+//! benchmarks).
+
+mod bench;
+mod consume;
+mod group;
+mod produce;
+mod serve;
+mod topic;
+
+use clap::{Args, Parser, Subcommand};
+use msmq_client::{Client, ClientOptions};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "msmq",
+    version,
+    about = "MSMQ: a durable message broker over QUIC",
+    long_about = "MSMQ: a durable message broker over QUIC.\n\n\
+        Start a broker with `msmq serve` (data in ./msmq-data, listening on 127.0.0.1:7171). \
+        Every other subcommand talks to a running broker; run it in the same working \
+        directory and it finds the broker's certificate by itself."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the broker.
+    Serve(serve::ServeArgs),
+    /// Print the default configuration file, with comments.
+    Config,
+    /// Create, list, describe and delete topics.
+    #[command(subcommand)]
+    Topic(topic::TopicCommand),
+    /// Send messages: from arguments, from stdin (one per line), or generated.
+    Produce(produce::ProduceArgs),
+    /// Receive messages as a member of a consumer group.
+    Consume(consume::ConsumeArgs),
+    /// List and describe consumer groups.
+    #[command(subcommand)]
+    Group(group::GroupCommand),
+    /// Measure throughput and latency against a running broker.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+/// How client subcommands reach the broker.
+#[derive(Args, Clone, Debug)]
+pub struct ClientArgs {
+    /// Broker address, host:port.
+    #[arg(long, env = "MSMQ_SERVER", default_value = msmq_client::DEFAULT_SERVER)]
+    pub server: String,
+    /// PEM file of the certificate to trust [default: ./msmq-data/tls/cert.pem].
+    #[arg(long, env = "MSMQ_CA")]
+    pub ca: Option<PathBuf>,
+    /// Name to verify in the broker's certificate.
+    #[arg(long, env = "MSMQ_SERVER_NAME", default_value = "localhost")]
+    pub server_name: String,
+}
+
+impl ClientArgs {
+    pub fn options(&self) -> ClientOptions {
+        ClientOptions {
+            server: self.server.clone(),
+            server_name: self.server_name.clone(),
+            ca_file: self.ca.clone(),
+            ..ClientOptions::default()
+        }
+    }
+
+    /// Connect; the connection is closed cleanly when the command ends.
+    pub async fn connect(&self) -> anyhow::Result<Client> {
+        let client = Client::connect(self.options()).await?;
+        OPEN_CLIENTS
+            .lock()
+            .expect("client list lock")
+            .push(client.clone());
+        Ok(client)
+    }
+}
+
+/// Clients opened by this command, closed before the process exits so the
+/// broker hears the close instead of waiting for an idle timeout.
+static OPEN_CLIENTS: std::sync::Mutex<Vec<Client>> = std::sync::Mutex::new(Vec::new());
+
+async fn close_clients() {
+    let clients = std::mem::take(&mut *OPEN_CLIENTS.lock().expect("client list lock"));
+    for client in clients {
+        client.close().await;
+    }
+}
+
+/// Entry point of the `msmq` binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Serve(args) => serve::run(args).await,
+            Command::Config => {
+                print!("{}", crate::config::Config::default_toml());
+                Ok(())
+            }
+            other => {
+                init_client_logging();
+                let result = match other {
+                    Command::Topic(cmd) => topic::run(cmd).await,
+                    Command::Produce(args) => produce::run(args).await,
+                    Command::Consume(args) => consume::run(args).await,
+                    Command::Group(cmd) => group::run(cmd).await,
+                    Command::Bench(cmd) => bench::run(cmd).await,
+                    Command::Serve(_) | Command::Config => unreachable!("handled above"),
+                };
+                close_clients().await;
+                result
+            }
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_client_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Parse `key=value`.
+pub fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("expected key=value, got {s:?}"))
+}

@@ -1,0 +1,109 @@
+//! `msmq produce TOPIC`
+
+use super::{parse_key_value, ClientArgs};
+use clap::Args;
+use msmq_client::NewMessage;
+use std::io::BufRead;
+
+#[derive(Args)]
+pub struct ProduceArgs {
+    topic: String,
+    /// Messages to send. With none, lines are read from stdin (one message
+    /// each), unless --count generates them.
+    messages: Vec<String>,
+    /// Key of every message (same key, same partition, kept in order).
+    #[arg(long)]
+    key: Option<String>,
+    /// Tag of every message.
+    #[arg(long)]
+    tag: Option<String>,
+    /// Header name=value, repeatable.
+    #[arg(long = "header", value_parser = parse_key_value)]
+    headers: Vec<(String, String)>,
+    /// Send to this partition instead of choosing by key.
+    #[arg(long)]
+    partition: Option<u32>,
+    /// Generate this many messages of --size bytes instead.
+    #[arg(long)]
+    count: Option<u64>,
+    /// Payload size of generated messages, in bytes.
+    #[arg(long, default_value_t = 1024)]
+    size: usize,
+    /// Messages per produce request.
+    #[arg(long, default_value_t = 100)]
+    batch: usize,
+    /// Print nothing per message.
+    #[arg(long, short)]
+    quiet: bool,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+impl ProduceArgs {
+    fn message(&self, payload: Vec<u8>) -> NewMessage {
+        let mut m = NewMessage::new(payload);
+        if let Some(k) = &self.key {
+            m = m.with_key(k.as_bytes().to_vec());
+        }
+        if let Some(t) = &self.tag {
+            m = m.with_tag(t.clone());
+        }
+        for (k, v) in &self.headers {
+            m = m.with_header(k.clone(), v.clone());
+        }
+        m
+    }
+}
+
+pub async fn run(args: ProduceArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.batch >= 1, "--batch must be at least 1");
+    let client = args.client.connect().await?;
+    let producer = client.producer(&args.topic);
+    let mut sent = 0u64;
+    let mut pending: Vec<NewMessage> = Vec::new();
+    let send = |batch: Vec<NewMessage>| {
+        let producer = producer.clone();
+        let quiet = args.quiet;
+        let partition = args.partition;
+        async move {
+            let acks = match partition {
+                Some(p) => producer.send_to_partition(p, batch).await?,
+                None => producer.send_batch(batch).await?,
+            };
+            if !quiet {
+                for a in &acks {
+                    println!("partition {} offset {} id {}", a.partition, a.offset, a.id);
+                }
+            }
+            anyhow::Ok(acks.len() as u64)
+        }
+    };
+    if let Some(count) = args.count {
+        let payload = vec![b'x'; args.size];
+        while sent < count {
+            let n = (count - sent).min(args.batch as u64) as usize;
+            let batch = (0..n).map(|_| args.message(payload.clone())).collect();
+            sent += send(batch).await?;
+        }
+    } else if !args.messages.is_empty() {
+        let batch = args
+            .messages
+            .iter()
+            .map(|m| args.message(m.clone().into_bytes()))
+            .collect();
+        sent += send(batch).await?;
+    } else {
+        let stdin = std::io::stdin();
+        for line in stdin.lock().lines() {
+            pending.push(args.message(line?.into_bytes()));
+            if pending.len() >= args.batch {
+                sent += send(std::mem::take(&mut pending)).await?;
+            }
+        }
+        if !pending.is_empty() {
+            sent += send(pending).await?;
+        }
+    }
+    eprintln!("sent {sent} messages to {}", args.topic);
+    Ok(())
+}

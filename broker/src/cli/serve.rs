@@ -1,0 +1,128 @@
+//! `msmq serve`: run the broker until SIGINT or SIGTERM.
+
+use crate::config::Config;
+use crate::server::RunningBroker;
+use crate::storage::Durability;
+use bytesize::ByteSize;
+use clap::Args;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Every flag overrides the config file; each also reads `MSMQ_<NAME>`.
+#[derive(Args, Debug, Default)]
+pub struct ServeArgs {
+    /// TOML config file (see `msmq config` for every key and its default).
+    #[arg(long, env = "MSMQ_CONFIG")]
+    config: Option<PathBuf>,
+    /// QUIC listen address [default: 127.0.0.1:7171].
+    #[arg(long, env = "MSMQ_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Data directory [default: ./msmq-data].
+    #[arg(long, env = "MSMQ_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// PEM certificate chain to serve instead of the generated one.
+    #[arg(long, env = "MSMQ_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, env = "MSMQ_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// `immediate` (fsync before every acknowledgement) or `none` [default: immediate].
+    #[arg(long, env = "MSMQ_DURABILITY")]
+    durability: Option<Durability>,
+    /// Largest message, e.g. "4 MiB".
+    #[arg(long, env = "MSMQ_MESSAGE_BYTES_MAX")]
+    message_bytes_max: Option<ByteSize>,
+    /// Largest produce request, e.g. "16 MiB".
+    #[arg(long, env = "MSMQ_BATCH_BYTES_MAX")]
+    batch_bytes_max: Option<ByteSize>,
+    /// Most messages in one produce request.
+    #[arg(long, env = "MSMQ_BATCH_MESSAGES_MAX")]
+    batch_messages_max: Option<u32>,
+    /// Most partitions per topic.
+    #[arg(long, env = "MSMQ_PARTITIONS_MAX")]
+    partitions_max: Option<u32>,
+    /// Longest long-poll wait, e.g. "30s".
+    #[arg(long, env = "MSMQ_FETCH_WAIT_MAX", value_parser = humantime::parse_duration)]
+    fetch_wait_max: Option<Duration>,
+    /// redb page cache, e.g. "64 MiB".
+    #[arg(long, env = "MSMQ_CACHE_BYTES")]
+    cache_bytes: Option<ByteSize>,
+    /// Log filter, e.g. "info" or "msmq_broker=debug"; RUST_LOG wins.
+    #[arg(long, env = "MSMQ_LOG")]
+    log: Option<String>,
+}
+
+impl ServeArgs {
+    fn into_config(self) -> anyhow::Result<Config> {
+        let mut c = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        macro_rules! set {
+            ($($field:ident),*) => {$( if let Some(v) = self.$field { c.$field = v; } )*};
+        }
+        set!(
+            listen,
+            data_dir,
+            durability,
+            message_bytes_max,
+            batch_bytes_max,
+            batch_messages_max,
+            partitions_max,
+            fetch_wait_max,
+            cache_bytes,
+            log
+        );
+        if self.tls_cert.is_some() {
+            c.tls_cert = self.tls_cert;
+            c.tls_key = self.tls_key;
+        }
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let config = args.into_config()?;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&config.log))
+        .map_err(|e| anyhow::anyhow!("bad log filter {:?}: {e}", config.log))?;
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+    let broker = RunningBroker::start(config).await?;
+    // One machine-readable line on stdout, so scripts can find a port-0 broker.
+    println!(
+        "msmq listening on {} (certificate {})",
+        broker.local_addr,
+        broker.cert_path.display()
+    );
+    shutdown_signal().await;
+    broker.shutdown().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for SIGTERM; use Ctrl-C");
+                    let _ = tokio::signal::ctrl_c().await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,184 @@
+//! Broker configuration: defaults that work with no file, a commented TOML
+//! file with human units ("64 MiB", "30s"), `MSMQ_*` environment variables
+//! and command-line flags, in rising order of precedence.
+//!
+//! Every limit is a named field with its unit in the name; `validate` rejects
+//! values the broker cannot run with, with a message that says which key.
+
+use crate::storage::Durability;
+use bytesize::ByteSize;
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// QUIC listen address.
+    pub listen: SocketAddr,
+    /// Directory for the database and the generated TLS certificate.
+    pub data_dir: PathBuf,
+    /// PEM certificate chain to serve instead of the generated one.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// `immediate` (fsync before acknowledging) or `none`.
+    pub durability: Durability,
+    /// Largest message (payload + key + tag + headers).
+    pub message_bytes_max: ByteSize,
+    /// Largest produce request, all messages together.
+    pub batch_bytes_max: ByteSize,
+    /// Most messages in one produce request.
+    pub batch_messages_max: u32,
+    /// Most partitions a topic may have.
+    pub partitions_max: u32,
+    /// Longest long-poll wait a client may ask for.
+    #[serde(with = "humantime_serde")]
+    pub fetch_wait_max: Duration,
+    /// Most payload bytes one fetch or poll returns.
+    pub fetch_bytes_max: ByteSize,
+    /// Most messages one fetch or poll returns.
+    pub fetch_messages_max: u32,
+    /// redb page cache size.
+    pub cache_bytes: ByteSize,
+    /// Most bytes the writer puts into one transaction.
+    pub commit_bytes_max: ByteSize,
+    /// How often group members are checked for expired sessions.
+    #[serde(with = "humantime_serde")]
+    pub session_check_interval: Duration,
+    /// How long shutdown waits for in-flight requests.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// Log filter (`info`, `msmq_broker=debug`, …); `RUST_LOG` wins.
+    pub log: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], msmq_protocol::DEFAULT_PORT)),
+            data_dir: PathBuf::from("msmq-data"),
+            tls_cert: None,
+            tls_key: None,
+            durability: Durability::Immediate,
+            message_bytes_max: ByteSize::mib(4),
+            batch_bytes_max: ByteSize::mib(16),
+            batch_messages_max: 10_000,
+            partitions_max: 1024,
+            fetch_wait_max: Duration::from_secs(30),
+            fetch_bytes_max: ByteSize::mib(16),
+            fetch_messages_max: 10_000,
+            cache_bytes: ByteSize::mib(64),
+            commit_bytes_max: ByteSize::mib(64),
+            session_check_interval: Duration::from_millis(250),
+            shutdown_grace: Duration::from_secs(10),
+            log: "info".into(),
+        }
+    }
+}
+
+impl Config {
+    /// Read a TOML file; keys it does not set keep their defaults.
+    pub fn from_file(path: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("reading config {}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))
+    }
+
+    /// Reject settings the broker cannot run with.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let frame_max = msmq_protocol::FRAME_BYTES_MAX as u64;
+        anyhow::ensure!(
+            self.message_bytes_max.as_u64() >= 1,
+            "message_bytes_max must be at least 1 byte"
+        );
+        anyhow::ensure!(
+            self.batch_bytes_max >= self.message_bytes_max,
+            "batch_bytes_max ({}) must be at least message_bytes_max ({})",
+            self.batch_bytes_max,
+            self.message_bytes_max
+        );
+        anyhow::ensure!(
+            self.batch_bytes_max.as_u64() <= frame_max / 2,
+            "batch_bytes_max must be at most {} (half the protocol frame limit)",
+            ByteSize(frame_max / 2)
+        );
+        anyhow::ensure!(
+            self.fetch_bytes_max.as_u64() <= frame_max / 2,
+            "fetch_bytes_max must be at most {}",
+            ByteSize(frame_max / 2)
+        );
+        anyhow::ensure!(
+            self.batch_messages_max >= 1,
+            "batch_messages_max must be at least 1"
+        );
+        anyhow::ensure!(
+            self.fetch_messages_max >= 1,
+            "fetch_messages_max must be at least 1"
+        );
+        anyhow::ensure!(
+            (1..=65_536).contains(&self.partitions_max),
+            "partitions_max must be between 1 and 65536"
+        );
+        anyhow::ensure!(
+            self.tls_cert.is_some() == self.tls_key.is_some(),
+            "tls_cert and tls_key must be given together"
+        );
+        Ok(())
+    }
+
+    /// The commented default configuration, for `msmq config`.
+    pub fn default_toml() -> String {
+        let body = toml::to_string_pretty(&Config::default()).expect("default config serialises");
+        format!(
+            "# MSMQ broker configuration. Every key is optional; shown are the defaults.\n\
+             # Each key can also be set by an MSMQ_<KEY> environment variable or a --<key> flag.\n\
+             # Sizes take units (\"4 MiB\"), durations too (\"30s\", \"250ms\").\n{body}"
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate_and_round_trip_through_toml() {
+        let c = Config::default();
+        c.validate().unwrap();
+        let back: Config = toml::from_str(&Config::default_toml()).unwrap();
+        assert_eq!(back.listen, c.listen);
+        assert_eq!(back.message_bytes_max, ByteSize::mib(4));
+    }
+
+    #[test]
+    fn human_units_and_unknown_keys() {
+        let c: Config = toml::from_str(
+            "message_bytes_max = \"1 MiB\"\nfetch_wait_max = \"2s\"\ndurability = \"none\"",
+        )
+        .unwrap();
+        assert_eq!(c.message_bytes_max.as_u64(), 1024 * 1024);
+        assert_eq!(c.fetch_wait_max, Duration::from_secs(2));
+        assert_eq!(c.durability, Durability::None);
+        assert!(toml::from_str::<Config>("no_such_key = 1").is_err());
+    }
+
+    #[test]
+    fn limits_at_and_past_their_bounds() {
+        let mut c = Config {
+            partitions_max: 65_536,
+            ..Config::default()
+        };
+        c.validate().unwrap();
+        c.partitions_max = 65_537;
+        assert!(c.validate().is_err());
+        let mut c = Config {
+            batch_bytes_max: ByteSize::mib(32),
+            ..Config::default()
+        };
+        c.validate().unwrap();
+        c.batch_bytes_max = ByteSize::b(32 * 1024 * 1024 + 1);
+        assert!(c.validate().is_err());
+    }
+}

@@ -1,0 +1,10 @@
+//! The MSMQ broker: storage, consumer groups, the QUIC server and the `msmq`
+//! command line. See `ARCHITECTURE.md` for the map of concepts to modules.
+
+pub mod cli;
+pub mod config;
+pub mod groups;
+pub mod server;
+pub mod storage;
+pub mod tls;
+pub mod topics;

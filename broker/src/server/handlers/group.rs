@@ -1,0 +1,217 @@
+//! Consumer-group requests: join, heartbeat, poll, commit, leave.
+
+use super::read::{clamp, read_messages, wait_for_append};
+use super::{blocking, from_group, from_write, invalid, unknown_topic};
+use crate::groups::{NewMember, SESSION_TIMEOUT_MS_MAX, SESSION_TIMEOUT_MS_MIN};
+use crate::server::connection::ConnectionContext;
+use crate::server::BrokerState;
+use crate::storage::{read, WriteOp};
+use msmq_protocol::{
+    names::validate_name, ErrorCode, ErrorReply, FetchLimits, FetchedMessages, Joined,
+    PartitionOffset, Polled, Reply, StartFrom, TopicPartition,
+};
+use std::time::{Duration, Instant};
+
+pub(super) fn join(
+    state: &BrokerState,
+    ctx: &ConnectionContext,
+    group: String,
+    topics: Vec<String>,
+    start: StartFrom,
+    session_timeout_ms: u32,
+) -> Result<Reply, ErrorReply> {
+    validate_name("group", &group).map_err(invalid)?;
+    if topics.is_empty() {
+        return Err(invalid(
+            "a group member must subscribe to at least one topic",
+        ));
+    }
+    for topic in &topics {
+        if state.registry.get(topic).is_none() {
+            return Err(unknown_topic(topic));
+        }
+    }
+    if !(SESSION_TIMEOUT_MS_MIN..=SESSION_TIMEOUT_MS_MAX).contains(&session_timeout_ms) {
+        return Err(invalid(format!(
+            "session timeout must be between {SESSION_TIMEOUT_MS_MIN} and {SESSION_TIMEOUT_MS_MAX} ms, not {session_timeout_ms}"
+        )));
+    }
+    let member = NewMember {
+        topics,
+        start,
+        session_timeout: Duration::from_millis(session_timeout_ms as u64),
+        connection_id: ctx.id,
+        client_addr: ctx.remote.to_string(),
+    };
+    let (member_id, assignment) =
+        state.with_groups(|g, partitions_of| g.join(&group, member, Instant::now(), partitions_of));
+    tracing::info!(%group, member_id, remote = %ctx.remote, partitions = assignment.partitions.len(),
+        generation = assignment.generation, "member joined");
+    Ok(Reply::Joined(Joined {
+        member_id,
+        assignment,
+    }))
+}
+
+pub(super) fn heartbeat(
+    state: &BrokerState,
+    group: String,
+    member_id: u64,
+) -> Result<Reply, ErrorReply> {
+    state
+        .with_groups(|g, _| g.heartbeat(&group, member_id, Instant::now()))
+        .map(Reply::Assignment)
+        .map_err(from_group)
+}
+
+pub(super) fn leave(
+    state: &BrokerState,
+    group: String,
+    member_id: u64,
+) -> Result<Reply, ErrorReply> {
+    state
+        .with_groups(|g, partitions_of| g.leave(&group, member_id, partitions_of))
+        .map_err(from_group)?;
+    tracing::info!(%group, member_id, "member left");
+    Ok(Reply::Done)
+}
+
+/// Where a partition the group has no read position for starts.
+async fn initial_position(
+    state: &BrokerState,
+    group: &str,
+    tp: &TopicPartition,
+    start: StartFrom,
+) -> Result<Option<u64>, ErrorReply> {
+    let Some(topic) = state.registry.get(&tp.topic) else {
+        return Ok(None);
+    };
+    let Some(offsets) = topic.partition(tp.partition) else {
+        return Ok(None);
+    };
+    let db = state.store.db().clone();
+    let (g, id, p) = (group.to_string(), topic.id(), tp.partition);
+    let committed = blocking(move || read::group_offset(&db, &g, id, p)).await?;
+    let position = match (committed, start) {
+        (Some(c), _) => c,
+        (None, StartFrom::Earliest) => offsets.start(),
+        (None, StartFrom::Latest) => offsets.end(),
+    };
+    Ok(Some(position.clamp(offsets.start(), offsets.end())))
+}
+
+pub(super) async fn poll(
+    state: &BrokerState,
+    group: String,
+    member_id: u64,
+    limits: FetchLimits,
+) -> Result<Reply, ErrorReply> {
+    let limits = clamp(state, limits)?;
+    let deadline = tokio::time::Instant::now() + limits.wait;
+    let mut appended = state.registry.subscribe_appended();
+    loop {
+        appended.borrow_and_update();
+        let (assignment, targets) = state
+            .with_groups(|g, _| g.poll_targets(&group, member_id, Instant::now()))
+            .map_err(from_group)?;
+        let mut batches = Vec::new();
+        let (mut messages_left, mut bytes_left) = (limits.max_messages, limits.max_bytes);
+        for target in targets {
+            if messages_left == 0 || bytes_left == 0 {
+                break;
+            }
+            let tp = &target.partition;
+            let Some(topic) = state.registry.get(&tp.topic) else {
+                continue;
+            };
+            let from = match target.position {
+                Some(p) => p,
+                None => match initial_position(state, &group, tp, target.start).await? {
+                    Some(p) => p,
+                    None => continue,
+                },
+            };
+            let messages =
+                read_messages(state, &topic, tp.partition, from, messages_left, bytes_left).await?;
+            let Some(last) = messages.last() else {
+                // Record where a fresh partition starts so `latest` stays put.
+                if target.position.is_none() {
+                    state.with_groups(|g, _| g.advance(&group, member_id, tp, None, from));
+                }
+                continue;
+            };
+            let next = last.offset + 1;
+            // Another poll of this member, or a rebalance, got there first: drop the read.
+            if !state.with_groups(|g, _| g.advance(&group, member_id, tp, target.position, next)) {
+                continue;
+            }
+            messages_left -= messages.len();
+            bytes_left = bytes_left.saturating_sub(messages.iter().map(|m| m.payload.len()).sum());
+            batches.push(FetchedMessages {
+                topic: tp.topic.clone(),
+                partition: tp.partition,
+                end_offset: topic.partitions[tp.partition as usize].end(),
+                messages,
+            });
+        }
+        if !batches.is_empty() || !wait_for_append(state, &mut appended, deadline).await {
+            return Ok(Reply::Polled(Polled {
+                assignment,
+                batches,
+            }));
+        }
+    }
+}
+
+pub(super) async fn commit(
+    state: &BrokerState,
+    group: String,
+    member_id: u64,
+    offsets: Vec<PartitionOffset>,
+) -> Result<Reply, ErrorReply> {
+    let partitions: Vec<TopicPartition> = offsets
+        .iter()
+        .map(|o| TopicPartition {
+            topic: o.topic.clone(),
+            partition: o.partition,
+        })
+        .collect();
+    state
+        .with_groups(|g, _| g.check_owner(&group, member_id, &partitions))
+        .map_err(from_group)?;
+    let mut stored = Vec::with_capacity(offsets.len());
+    for o in &offsets {
+        let topic = state
+            .registry
+            .get(&o.topic)
+            .ok_or_else(|| unknown_topic(&o.topic))?;
+        let p = topic.partition(o.partition).ok_or_else(|| {
+            ErrorReply::new(
+                ErrorCode::UNKNOWN_PARTITION,
+                format!("{}/{} does not exist", o.topic, o.partition),
+            )
+        })?;
+        if o.offset > p.end() {
+            return Err(ErrorReply::new(
+                ErrorCode::OFFSET_OUT_OF_RANGE,
+                format!(
+                    "cannot commit offset {} past the end {} of {}/{}",
+                    o.offset,
+                    p.end(),
+                    o.topic,
+                    o.partition
+                ),
+            ));
+        }
+        stored.push((topic.id(), o.partition, o.offset));
+    }
+    state
+        .store
+        .write(WriteOp::CommitOffsets {
+            group,
+            offsets: stored,
+        })
+        .await
+        .map_err(from_write)?;
+    Ok(Reply::Done)
+}

@@ -1,0 +1,118 @@
+//! One handler per request. Each returns the reply or an [`ErrorReply`] with
+//! a stable code; none panics on client input.
+
+mod admin;
+mod group;
+mod produce;
+mod read;
+
+use super::connection::ConnectionContext;
+use super::BrokerState;
+use crate::groups::GroupError;
+use crate::storage::{StorageError, WriteError};
+use msmq_protocol::{ErrorCode, ErrorReply, Reply, Request};
+
+pub(super) async fn handle(
+    state: &BrokerState,
+    ctx: &ConnectionContext,
+    request: Request,
+) -> Result<Reply, ErrorReply> {
+    if state.is_shutting_down() {
+        return Err(ErrorReply::new(
+            ErrorCode::SHUTTING_DOWN,
+            "the broker is shutting down; nothing was applied",
+        ));
+    }
+    match request {
+        Request::Ping => Ok(admin::ping()),
+        Request::CreateTopic { name, partitions } => {
+            admin::create_topic(state, name, partitions).await
+        }
+        Request::DeleteTopic { name } => admin::delete_topic(state, name).await,
+        Request::ListTopics => Ok(admin::list_topics(state)),
+        Request::DescribeTopic { name } => admin::describe_topic(state, name).await,
+        Request::ListGroups => admin::list_groups(state).await,
+        Request::DescribeGroup { group } => admin::describe_group(state, group).await,
+        Request::Produce {
+            topic,
+            partition,
+            messages,
+        } => produce::produce(state, topic, partition, messages).await,
+        Request::Fetch {
+            topic,
+            partition,
+            offset,
+            limits,
+        } => read::fetch(state, topic, partition, offset, limits).await,
+        Request::JoinGroup {
+            group,
+            topics,
+            start,
+            session_timeout_ms,
+        } => group::join(state, ctx, group, topics, start, session_timeout_ms),
+        Request::Heartbeat { group, member_id } => group::heartbeat(state, group, member_id),
+        Request::Poll {
+            group,
+            member_id,
+            limits,
+        } => group::poll(state, group, member_id, limits).await,
+        Request::CommitOffsets {
+            group,
+            member_id,
+            generation: _,
+            offsets,
+        } => group::commit(state, group, member_id, offsets).await,
+        Request::LeaveGroup { group, member_id } => group::leave(state, group, member_id),
+    }
+}
+
+fn invalid(message: impl Into<String>) -> ErrorReply {
+    ErrorReply::new(ErrorCode::INVALID_ARGUMENT, message)
+}
+
+fn unknown_topic(name: &str) -> ErrorReply {
+    ErrorReply::new(
+        ErrorCode::UNKNOWN_TOPIC,
+        format!("topic {name:?} does not exist"),
+    )
+}
+
+fn from_write(e: WriteError) -> ErrorReply {
+    let code = match &e {
+        WriteError::TopicExists(_) => ErrorCode::TOPIC_EXISTS,
+        WriteError::UnknownTopic(_) => ErrorCode::UNKNOWN_TOPIC,
+        WriteError::Storage(_) => ErrorCode::STORAGE_ERROR,
+        WriteError::ShuttingDown => ErrorCode::SHUTTING_DOWN,
+    };
+    ErrorReply::new(code, e.to_string())
+}
+
+fn from_storage(e: StorageError) -> ErrorReply {
+    tracing::error!(error = %e, "storage read failed");
+    ErrorReply::new(ErrorCode::STORAGE_ERROR, e.to_string())
+}
+
+fn from_group(e: GroupError) -> ErrorReply {
+    let code = match &e {
+        GroupError::UnknownMember { .. } => ErrorCode::UNKNOWN_MEMBER,
+        GroupError::NotOwner(_) => ErrorCode::REBALANCED,
+    };
+    ErrorReply::new(code, e.to_string())
+}
+
+/// Run a blocking storage read off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StorageError> + Send + 'static,
+) -> Result<T, ErrorReply> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ErrorReply::new(ErrorCode::INTERNAL, format!("read task failed: {e}")))?
+        .map_err(from_storage)
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

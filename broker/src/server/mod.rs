@@ -1,0 +1,174 @@
+//! The QUIC server: endpoint, connections, graceful shutdown.
+//!
+//! Owns: the quinn endpoint, the shared [`BrokerState`], the background
+//! session checker and the set of in-flight request tasks.
+//!
+//! Invariants: once shutdown starts no new connection or request is
+//! accepted; requests already accepted run to completion (their writes are
+//! committed and acknowledged) before the writer stops and the endpoint
+//! closes, so no write is ever left half done.
+
+mod connection;
+mod handlers;
+
+use crate::config::Config;
+use crate::groups::Coordinator;
+use crate::storage::{Store, StoreOptions};
+use crate::topics::TopicRegistry;
+use anyhow::Context;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use tokio_util::task::TaskTracker;
+
+/// Everything request handlers share.
+pub struct BrokerState {
+    pub config: Config,
+    pub store: Store,
+    pub registry: Arc<TopicRegistry>,
+    pub groups: Mutex<Coordinator>,
+    shutting_down: AtomicBool,
+    next_connection_id: AtomicU64,
+}
+
+impl BrokerState {
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Acquire)
+    }
+
+    /// Run `f` on the coordinator with a partition-count lookup.
+    pub fn with_groups<R>(
+        &self,
+        f: impl FnOnce(&mut Coordinator, &dyn Fn(&str) -> Option<u32>) -> R,
+    ) -> R {
+        let registry = &self.registry;
+        let partitions_of = |t: &str| registry.partitions_of(t);
+        let mut groups = self.groups.lock().expect("group lock");
+        f(&mut groups, &partitions_of)
+    }
+}
+
+/// A broker that is serving.
+pub struct RunningBroker {
+    /// The address actually bound (useful with port 0).
+    pub local_addr: SocketAddr,
+    /// The certificate clients should trust.
+    pub cert_path: PathBuf,
+    state: Arc<BrokerState>,
+    endpoint: quinn::Endpoint,
+    requests: TaskTracker,
+    background: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl RunningBroker {
+    /// Open storage, bind the listener and start serving.
+    pub async fn start(config: Config) -> anyhow::Result<RunningBroker> {
+        config.validate()?;
+        let (certs, key, cert_path) = crate::tls::load_or_generate(
+            &config.data_dir,
+            config.tls_cert.as_deref(),
+            config.tls_key.as_deref(),
+        )?;
+        let registry = Arc::new(TopicRegistry::default());
+        let data_dir = config.data_dir.clone();
+        let options = StoreOptions {
+            durability: config.durability,
+            cache_bytes: config.cache_bytes.as_u64() as usize,
+            commit_bytes_max: config.commit_bytes_max.as_u64() as usize,
+        };
+        let store_registry = registry.clone();
+        let store =
+            tokio::task::spawn_blocking(move || Store::open(&data_dir, options, store_registry))
+                .await
+                .context("opening storage")??;
+
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .context("TLS certificate and key do not match")?;
+        tls.alpn_protocols = vec![msmq_protocol::ALPN.to_vec()];
+        let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
+        let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(quic));
+        server_config.transport_config(msmq_client::transport::transport_config());
+        let endpoint = quinn::Endpoint::server(server_config, config.listen)
+            .with_context(|| format!("binding {}", config.listen))?;
+        let local_addr = endpoint.local_addr()?;
+
+        let state = Arc::new(BrokerState {
+            config,
+            store,
+            registry,
+            groups: Mutex::new(Coordinator::default()),
+            shutting_down: AtomicBool::new(false),
+            next_connection_id: AtomicU64::new(1),
+        });
+        let requests = TaskTracker::new();
+        let background = vec![
+            tokio::spawn(connection::accept_loop(
+                state.clone(),
+                endpoint.clone(),
+                requests.clone(),
+            )),
+            tokio::spawn(session_checker(state.clone())),
+        ];
+        tracing::info!(addr = %local_addr, durability = ?state.config.durability,
+            data_dir = %state.config.data_dir.display(), "broker listening");
+        Ok(RunningBroker {
+            local_addr,
+            cert_path,
+            state,
+            endpoint,
+            requests,
+            background,
+        })
+    }
+
+    pub fn state(&self) -> &Arc<BrokerState> {
+        &self.state
+    }
+
+    /// Stop gracefully: refuse new work, finish in-flight requests, commit
+    /// what is queued, close connections.
+    pub async fn shutdown(self) {
+        let grace = self.state.config.shutdown_grace;
+        tracing::info!("shutting down: finishing in-flight requests");
+        self.state.shutting_down.store(true, Ordering::Release);
+        self.requests.close();
+        if tokio::time::timeout(grace, self.requests.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                pending = self.requests.len(),
+                "in-flight requests did not finish within {grace:?}"
+            );
+        }
+        self.state.store.shutdown(grace).await;
+        for task in &self.background {
+            task.abort();
+        }
+        self.endpoint.close(
+            msmq_protocol::ErrorCode::SHUTTING_DOWN.0.into(),
+            b"broker shutting down",
+        );
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), self.endpoint.wait_idle())
+            .await;
+        tracing::info!("broker stopped");
+    }
+}
+
+/// Drop group members that stopped heartbeating.
+async fn session_checker(state: Arc<BrokerState>) {
+    let mut ticker = tokio::time::interval(state.config.session_check_interval);
+    loop {
+        ticker.tick().await;
+        let expired = state.with_groups(|g, partitions_of| g.expire(Instant::now(), partitions_of));
+        for (group, member) in expired {
+            tracing::info!(%group, member, "member session expired; partitions rebalanced");
+        }
+    }
+}

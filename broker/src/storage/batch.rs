@@ -1,0 +1,116 @@
+//! The stored form of one produced batch: one redb value per batch.
+//!
+//! Layout (little-endian): `version: u8 = 1`, `count: u32`,
+//! `timestamp_ms: u64`, then `count` postcard-encoded
+//! [`NewMessage`] records back to back. The batch's base offset is in the
+//! key; record `i` has offset `base + i`. Every record shares the batch
+//! timestamp (the broker's append time).
+
+use msmq_protocol::{Message, MessageId, NewMessage};
+
+const BATCH_FORMAT_VERSION: u8 = 1;
+const HEADER_BYTES: usize = 1 + 4 + 8;
+
+/// Encode records as one stored batch value.
+pub fn encode(timestamp_ms: u64, records: &[&NewMessage]) -> Vec<u8> {
+    let payload_bytes: usize = records.iter().map(|r| r.size_bytes() + 16).sum();
+    let mut out = Vec::with_capacity(HEADER_BYTES + payload_bytes);
+    out.push(BATCH_FORMAT_VERSION);
+    out.extend_from_slice(&(records.len() as u32).to_le_bytes());
+    out.extend_from_slice(&timestamp_ms.to_le_bytes());
+    for record in records {
+        out = postcard::to_extend(record, out).expect("encoding into a Vec cannot fail");
+    }
+    out
+}
+
+/// The fixed header of a stored batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchHeader {
+    pub count: u32,
+    pub timestamp_ms: u64,
+}
+
+pub fn header(value: &[u8]) -> Result<BatchHeader, String> {
+    if value.len() < HEADER_BYTES {
+        return Err(format!(
+            "stored batch of {} bytes is too short",
+            value.len()
+        ));
+    }
+    if value[0] != BATCH_FORMAT_VERSION {
+        return Err(format!("unknown stored batch format {}", value[0]));
+    }
+    Ok(BatchHeader {
+        count: u32::from_le_bytes(value[1..5].try_into().expect("4 bytes")),
+        timestamp_ms: u64::from_le_bytes(value[5..13].try_into().expect("8 bytes")),
+    })
+}
+
+/// Decode the records at offsets `from..` of a batch based at `base`, calling
+/// `take` for each until it returns false.
+pub fn decode_from(
+    value: &[u8],
+    topic_id: u32,
+    partition: u32,
+    base: u64,
+    from: u64,
+    mut take: impl FnMut(Message) -> bool,
+) -> Result<(), String> {
+    let head = header(value)?;
+    let mut rest = &value[HEADER_BYTES..];
+    for i in 0..head.count as u64 {
+        let (record, tail) = postcard::take_from_bytes::<NewMessage>(rest)
+            .map_err(|e| format!("corrupt record {i} in batch at offset {base}: {e}"))?;
+        rest = tail;
+        let offset = base + i;
+        if offset < from {
+            continue;
+        }
+        let message = Message {
+            offset,
+            id: MessageId::new(topic_id, partition, offset),
+            timestamp_ms: head.timestamp_ms,
+            payload: record.payload,
+            key: record.key,
+            tag: record.tag,
+            headers: record.headers,
+        };
+        if !take(message) {
+            break;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_from_the_middle() {
+        let records: Vec<NewMessage> = (0..5u8)
+            .map(|i| NewMessage::new(vec![i; 3]).with_tag(format!("t{i}")))
+            .collect();
+        let refs: Vec<&NewMessage> = records.iter().collect();
+        let value = encode(42, &refs);
+        assert_eq!(
+            header(&value).unwrap(),
+            BatchHeader {
+                count: 5,
+                timestamp_ms: 42
+            }
+        );
+        let mut got = Vec::new();
+        decode_from(&value, 1, 2, 100, 102, |m| {
+            got.push(m);
+            got.len() < 2
+        })
+        .unwrap();
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0].offset, 102);
+        assert_eq!(got[0].payload, vec![2; 3]);
+        assert_eq!(got[1].id, MessageId::new(1, 2, 103));
+        assert!(decode_from(&value[..20], 1, 2, 100, 100, |_| true).is_err());
+    }
+}

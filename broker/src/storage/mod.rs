@@ -1,0 +1,166 @@
+//! Durable state in one redb file: the log, topics, partition offsets and
+//! consumer-group offsets.
+//!
+//! Owns: the redb [`Database`], the table layout ([`tables`]), the single
+//! writer thread ([`writer`]) and the read paths ([`read`]).
+//!
+//! Invariants:
+//! - Every change goes through the one writer, which commits many queued
+//!   requests in one redb transaction (group commit) and answers them only
+//!   after that commit returned; with `durability = immediate` that means
+//!   after fsync.
+//! - A partition's stored `end` offset changes in the same transaction as the
+//!   batches it covers, so after any crash the log and its offsets agree and
+//!   no offset is reused.
+//! - Reads use redb read transactions and never block the writer.
+
+pub mod batch;
+pub mod read;
+pub mod tables;
+mod writer;
+
+use crate::topics::{Topic, TopicMeta, TopicRegistry};
+use redb::{Database, ReadableDatabase, ReadableTable};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use thiserror::Error;
+pub use writer::{PartitionAppend, WriteError, WriteOp, WriteOutcome};
+
+/// Name of the redb file inside the data directory.
+pub const DB_FILE_NAME: &str = "msmq.redb";
+
+/// When to fsync a commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// Every commit is fsynced before any request in it is acknowledged.
+    Immediate,
+    /// Commits are not fsynced (one in every `DURABILITY_NONE_SYNC_MS` is):
+    /// a power cut may lose acknowledged messages. Explicit opt-in only.
+    None,
+}
+
+impl std::str::FromStr for Durability {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "immediate" => Ok(Durability::Immediate),
+            "none" => Ok(Durability::None),
+            other => Err(format!(
+                "durability must be 'immediate' or 'none', not {other:?}"
+            )),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    pub durability: Durability,
+    /// redb page cache.
+    pub cache_bytes: usize,
+    /// Stop draining the queue into one transaction past this many bytes.
+    pub commit_bytes_max: usize,
+}
+
+#[derive(Debug, Error)]
+pub enum StorageError {
+    #[error("opening {path}: {reason}")]
+    Open { path: String, reason: String },
+    #[error("storage failure: {0}")]
+    Redb(String),
+    #[error("corrupt data: {0}")]
+    Corrupt(String),
+}
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StorageError {
+            fn from(e: $t) -> Self { StorageError::Redb(e.to_string()) }
+        }
+    )*};
+}
+from_redb!(
+    redb::Error,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+/// The broker's storage: the database plus its writer.
+pub struct Store {
+    db: Arc<Database>,
+    writer: writer::WriterHandle,
+}
+
+impl Store {
+    /// Open (or create) the database in `dir`, load every topic into
+    /// `registry`, and start the writer.
+    pub fn open(
+        dir: &Path,
+        options: StoreOptions,
+        registry: Arc<TopicRegistry>,
+    ) -> Result<Store, StorageError> {
+        std::fs::create_dir_all(dir).map_err(|e| StorageError::Open {
+            path: dir.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        let path = dir.join(DB_FILE_NAME);
+        let db = Database::builder()
+            .set_cache_size(options.cache_bytes)
+            .create(&path)
+            .map_err(|e| StorageError::Open {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            })?;
+        tables::create_all(&db)?;
+        let next_topic_id = load_topics(&db, &registry)?;
+        let db = Arc::new(db);
+        let writer = writer::start(db.clone(), registry, options, next_topic_id);
+        Ok(Store { db, writer })
+    }
+
+    pub fn db(&self) -> &Arc<Database> {
+        &self.db
+    }
+
+    /// Queue one change and wait until it is committed (or failed).
+    pub async fn write(&self, op: WriteOp) -> Result<WriteOutcome, WriteError> {
+        self.writer.write(op).await
+    }
+
+    /// Commit everything queued, then stop the writer. Later writes fail with
+    /// [`WriteError::ShuttingDown`].
+    pub async fn shutdown(&self, grace: Duration) {
+        self.writer.shutdown(grace).await
+    }
+}
+
+/// Load topics and partition offsets; returns the next unused topic id.
+fn load_topics(db: &Database, registry: &TopicRegistry) -> Result<u32, StorageError> {
+    let txn = db.begin_read()?;
+    let topics = txn.open_table(tables::TOPICS)?;
+    let partitions = txn.open_table(tables::PARTITIONS)?;
+    let meta = txn.open_table(tables::META)?;
+    let next_topic_id = meta
+        .get(tables::META_NEXT_TOPIC_ID)?
+        .map(|v| v.value() as u32)
+        .unwrap_or(1);
+    for entry in topics.iter()? {
+        let (name, value) = entry?;
+        let topic_meta: TopicMeta = postcard::from_bytes(value.value())
+            .map_err(|e| StorageError::Corrupt(format!("topic {}: {e}", name.value())))?;
+        let topic = Topic::new(name.value().to_string(), topic_meta);
+        for p in 0..topic.partition_count() {
+            let (start, end) = partitions
+                .get((topic.id(), p))?
+                .map(|v| v.value())
+                .unwrap_or((0, 0));
+            topic.partitions[p as usize].set(start, end);
+        }
+        tracing::info!(topic = %topic.name, partitions = topic.partition_count(), "loaded topic");
+        registry.insert(Arc::new(topic));
+    }
+    Ok(next_topic_id)
+}

@@ -1,0 +1,81 @@
+//! Read paths. Each call opens its own redb read transaction (a consistent
+//! snapshot) and never blocks the writer. These are blocking calls: run them
+//! on a blocking thread from async code.
+
+use super::{batch, tables, StorageError};
+use msmq_protocol::Message;
+use redb::{Database, ReadableDatabase, ReadableTable};
+
+/// Read messages of one partition from offset `from` (inclusive) up to `end`
+/// (exclusive, the committed end), stopping at `max_messages` or once
+/// `max_bytes` of payload is reached. The first message is always returned
+/// even when it alone exceeds `max_bytes`, so a consumer can never be stuck.
+pub fn read_partition(
+    db: &Database,
+    topic_id: u32,
+    partition: u32,
+    from: u64,
+    end: u64,
+    max_messages: usize,
+    max_bytes: usize,
+) -> Result<Vec<Message>, StorageError> {
+    let mut out = Vec::new();
+    if from >= end || max_messages == 0 {
+        return Ok(out);
+    }
+    let txn = db.begin_read()?;
+    let log = txn.open_table(tables::LOG)?;
+    // The batch holding `from` is the last one whose base is <= from.
+    let first_base = log
+        .range((topic_id, partition, 0)..=(topic_id, partition, from))?
+        .next_back()
+        .transpose()?
+        .map(|(k, _)| k.value().2)
+        .unwrap_or(from);
+    let mut bytes = 0usize;
+    let mut full = false;
+    for entry in log.range((topic_id, partition, first_base)..(topic_id, partition, end))? {
+        let (key, value) = entry?;
+        let base = key.value().2;
+        batch::decode_from(value.value(), topic_id, partition, base, from, |m| {
+            if m.offset >= end {
+                full = true;
+                return false;
+            }
+            bytes += m.payload.len();
+            out.push(m);
+            full = out.len() >= max_messages || bytes >= max_bytes;
+            !full
+        })
+        .map_err(StorageError::Corrupt)?;
+        if full {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// The committed offset of a group on one partition.
+pub fn group_offset(
+    db: &Database,
+    group: &str,
+    topic_id: u32,
+    partition: u32,
+) -> Result<Option<u64>, StorageError> {
+    let txn = db.begin_read()?;
+    let table = txn.open_table(tables::GROUP_OFFSETS)?;
+    Ok(table.get((group, topic_id, partition))?.map(|v| v.value()))
+}
+
+/// Every committed group offset: (group, topic id, partition, offset).
+pub fn all_group_offsets(db: &Database) -> Result<Vec<(String, u32, u32, u64)>, StorageError> {
+    let txn = db.begin_read()?;
+    let table = txn.open_table(tables::GROUP_OFFSETS)?;
+    let mut out = Vec::new();
+    for entry in table.iter()? {
+        let (k, v) = entry?;
+        let (group, topic_id, partition) = k.value();
+        out.push((group.to_string(), topic_id, partition, v.value()));
+    }
+    Ok(out)
+}

@@ -1,0 +1,368 @@
+//! The connection to the broker: TLS trust, (re)connecting, one request per
+//! stream, and the admin calls.
+
+use crate::{ClientError, Consumer, ConsumerOptions, Producer};
+use msmq_protocol::{
+    decode_frame, encode_frame, ErrorCode, FetchLimits, FetchedMessages, GroupDescription,
+    GroupSummary, Reply, Request, TopicDescription, TopicInfo, ALPN, FRAME_BYTES_MAX,
+    FRAME_HEADER_BYTES,
+};
+use rustls_pki_types::{pem::PemObject, CertificateDer};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Mutex;
+
+/// Where a client connects when nothing else is said.
+pub const DEFAULT_SERVER: &str = "127.0.0.1:7171";
+/// The broker's self-signed certificate, as `msmq serve` writes it with its
+/// default data directory: a client started in the same working directory
+/// trusts it with no options.
+pub const DEFAULT_CA_FILE: &str = "msmq-data/tls/cert.pem";
+
+/// How to reach and trust the broker.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// `host:port` of the broker.
+    pub server: String,
+    /// Name checked against the broker certificate.
+    pub server_name: String,
+    /// PEM file with the certificate(s) to trust. `None`: use
+    /// [`DEFAULT_CA_FILE`] if it exists.
+    pub ca_file: Option<PathBuf>,
+    pub connect_timeout: Duration,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            server: DEFAULT_SERVER.to_string(),
+            server_name: "localhost".to_string(),
+            ca_file: None,
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl ClientOptions {
+    /// Defaults, overridden by `MSMQ_SERVER`, `MSMQ_SERVER_NAME` and `MSMQ_CA`.
+    pub fn from_env() -> Self {
+        let mut opts = ClientOptions::default();
+        if let Ok(server) = std::env::var("MSMQ_SERVER") {
+            opts.server = server;
+        }
+        if let Ok(name) = std::env::var("MSMQ_SERVER_NAME") {
+            opts.server_name = name;
+        }
+        if let Ok(ca) = std::env::var("MSMQ_CA") {
+            opts.ca_file = Some(ca.into());
+        }
+        opts
+    }
+
+    pub fn server(mut self, server: impl Into<String>) -> Self {
+        self.server = server.into();
+        self
+    }
+
+    pub fn ca_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.ca_file = Some(path.into());
+        self
+    }
+
+    fn tls_config(&self) -> Result<quinn::ClientConfig, ClientError> {
+        let ca_file = match &self.ca_file {
+            Some(path) => path.clone(),
+            None if std::path::Path::new(DEFAULT_CA_FILE).exists() => DEFAULT_CA_FILE.into(),
+            None => {
+                return Err(ClientError::Options(format!(
+                    "no CA file given and {DEFAULT_CA_FILE} does not exist here; \
+                     pass the broker's certificate (--ca FILE or MSMQ_CA)"
+                )))
+            }
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        let certs = CertificateDer::pem_file_iter(&ca_file)
+            .map_err(|e| ClientError::Options(format!("reading {}: {e}", ca_file.display())))?;
+        for cert in certs {
+            let cert = cert
+                .map_err(|e| ClientError::Options(format!("parsing {}: {e}", ca_file.display())))?;
+            roots
+                .add(cert)
+                .map_err(|e| ClientError::Options(format!("bad CA certificate: {e}")))?;
+        }
+        if roots.is_empty() {
+            return Err(ClientError::Options(format!(
+                "{} holds no certificate",
+                ca_file.display()
+            )));
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| ClientError::Options(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        tls.alpn_protocols = vec![ALPN.to_vec()];
+        let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+            .map_err(|e| ClientError::Options(e.to_string()))?;
+        let mut config = quinn::ClientConfig::new(Arc::new(quic));
+        config.transport_config(crate::transport::transport_config());
+        Ok(config)
+    }
+}
+
+/// A connection to one broker. Clone it freely: clones share the connection.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    endpoint: quinn::Endpoint,
+    quic_config: quinn::ClientConfig,
+    addr: SocketAddr,
+    options: ClientOptions,
+    connection: Mutex<Option<quinn::Connection>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.endpoint.close(0u32.into(), b"client closed");
+    }
+}
+
+impl Client {
+    /// Connect to the broker now (so bad options and unreachable brokers
+    /// show at once); later requests reconnect by themselves if it drops.
+    pub async fn connect(options: ClientOptions) -> Result<Client, ClientError> {
+        let quic_config = options.tls_config()?;
+        let addr = tokio::net::lookup_host(&options.server)
+            .await
+            .map_err(|e| ClientError::Connect {
+                addr: options.server.clone(),
+                reason: e.to_string(),
+            })?
+            .next()
+            .ok_or_else(|| ClientError::Connect {
+                addr: options.server.clone(),
+                reason: "name resolved to no address".into(),
+            })?;
+        let bind: SocketAddr = if addr.is_ipv6() {
+            "[::]:0".parse().expect("valid")
+        } else {
+            "0.0.0.0:0".parse().expect("valid")
+        };
+        let endpoint = quinn::Endpoint::client(bind).map_err(|e| ClientError::Connect {
+            addr: options.server.clone(),
+            reason: e.to_string(),
+        })?;
+        let client = Client {
+            inner: Arc::new(Inner {
+                endpoint,
+                quic_config,
+                addr,
+                options,
+                connection: Mutex::new(None),
+            }),
+        };
+        client.connection().await?;
+        Ok(client)
+    }
+
+    /// The broker address this client talks to.
+    pub fn server_addr(&self) -> SocketAddr {
+        self.inner.addr
+    }
+
+    /// Close the connection now (pending requests fail) and wait briefly
+    /// until the broker has heard it, so nothing lingers on its side.
+    pub async fn close(&self) {
+        if let Some(conn) = self.inner.connection.lock().await.take() {
+            conn.close(0u32.into(), b"client closed");
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.inner.endpoint.wait_idle()).await;
+    }
+
+    async fn connection(&self) -> Result<quinn::Connection, ClientError> {
+        let mut slot = self.inner.connection.lock().await;
+        if let Some(conn) = slot.as_ref() {
+            if conn.close_reason().is_none() {
+                return Ok(conn.clone());
+            }
+        }
+        let inner = &self.inner;
+        let connect_err = |reason: String| ClientError::Connect {
+            addr: inner.options.server.clone(),
+            reason,
+        };
+        let connecting = inner
+            .endpoint
+            .connect_with(
+                inner.quic_config.clone(),
+                inner.addr,
+                &inner.options.server_name,
+            )
+            .map_err(|e| connect_err(e.to_string()))?;
+        let conn = tokio::time::timeout(inner.options.connect_timeout, connecting)
+            .await
+            .map_err(|_| connect_err("timed out".into()))?
+            .map_err(|e| connect_err(e.to_string()))?;
+        tracing::debug!(addr = %inner.addr, "connected to broker");
+        *slot = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// Send one request and wait for its reply. An error reply from the
+    /// broker becomes [`ClientError::Broker`].
+    pub async fn request(&self, request: &Request) -> Result<Reply, ClientError> {
+        let frame = encode_frame(request)?;
+        // A stream that cannot even be opened sent nothing, so one retry on a
+        // fresh connection is safe for every request.
+        let (mut send, mut recv) = match self.connection().await?.open_bi().await {
+            Ok(streams) => streams,
+            Err(_) => self.connection().await?.open_bi().await?,
+        };
+        send.write_all(&frame)
+            .await
+            .map_err(|e| ClientError::Stream(e.to_string()))?;
+        send.finish()
+            .map_err(|e| ClientError::Stream(e.to_string()))?;
+        let bytes = recv
+            .read_to_end(FRAME_BYTES_MAX + FRAME_HEADER_BYTES)
+            .await
+            .map_err(|e| ClientError::Stream(e.to_string()))?;
+        match decode_frame::<Reply>(&bytes)? {
+            Reply::Error(err) => Err(ClientError::Broker(err)),
+            reply => Ok(reply),
+        }
+    }
+
+    pub async fn ping(&self) -> Result<(u16, String), ClientError> {
+        match self.request(&Request::Ping).await? {
+            Reply::Pong {
+                protocol_version,
+                broker_version,
+            } => Ok((protocol_version, broker_version)),
+            other => Err(unexpected("Ping", other)),
+        }
+    }
+
+    pub async fn create_topic(
+        &self,
+        name: &str,
+        partitions: u32,
+    ) -> Result<TopicInfo, ClientError> {
+        let req = Request::CreateTopic {
+            name: name.into(),
+            partitions,
+        };
+        match self.request(&req).await? {
+            Reply::TopicCreated(info) => Ok(info),
+            other => Err(unexpected("CreateTopic", other)),
+        }
+    }
+
+    /// Create the topic unless it exists already (with any partition count).
+    pub async fn ensure_topic(&self, name: &str, partitions: u32) -> Result<(), ClientError> {
+        match self.create_topic(name, partitions).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.code() == Some(ErrorCode::TOPIC_EXISTS) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn delete_topic(&self, name: &str) -> Result<(), ClientError> {
+        expect_done(
+            "DeleteTopic",
+            self.request(&Request::DeleteTopic { name: name.into() })
+                .await?,
+        )
+    }
+
+    pub async fn list_topics(&self) -> Result<Vec<TopicInfo>, ClientError> {
+        match self.request(&Request::ListTopics).await? {
+            Reply::Topics(topics) => Ok(topics),
+            other => Err(unexpected("ListTopics", other)),
+        }
+    }
+
+    pub async fn describe_topic(&self, name: &str) -> Result<TopicDescription, ClientError> {
+        match self
+            .request(&Request::DescribeTopic { name: name.into() })
+            .await?
+        {
+            Reply::TopicDescription(d) => Ok(d),
+            other => Err(unexpected("DescribeTopic", other)),
+        }
+    }
+
+    pub async fn list_groups(&self) -> Result<Vec<GroupSummary>, ClientError> {
+        match self.request(&Request::ListGroups).await? {
+            Reply::Groups(groups) => Ok(groups),
+            other => Err(unexpected("ListGroups", other)),
+        }
+    }
+
+    pub async fn describe_group(&self, group: &str) -> Result<GroupDescription, ClientError> {
+        match self
+            .request(&Request::DescribeGroup {
+                group: group.into(),
+            })
+            .await?
+        {
+            Reply::GroupDescription(d) => Ok(d),
+            other => Err(unexpected("DescribeGroup", other)),
+        }
+    }
+
+    /// Read one partition by offset, outside any consumer group.
+    pub async fn fetch(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        limits: FetchLimits,
+    ) -> Result<FetchedMessages, ClientError> {
+        let req = Request::Fetch {
+            topic: topic.into(),
+            partition,
+            offset,
+            limits,
+        };
+        match self.request(&req).await? {
+            Reply::Fetched(f) => Ok(f),
+            other => Err(unexpected("Fetch", other)),
+        }
+    }
+
+    /// A producer for one topic.
+    pub fn producer(&self, topic: &str) -> Producer {
+        Producer::new(self.clone(), topic)
+    }
+
+    /// Join `group` on `topics` and return the member.
+    pub async fn consumer(
+        &self,
+        group: &str,
+        topics: &[&str],
+        options: ConsumerOptions,
+    ) -> Result<Consumer, ClientError> {
+        Consumer::join(self.clone(), group, topics, options).await
+    }
+}
+
+pub(crate) fn unexpected(request: &'static str, reply: Reply) -> ClientError {
+    ClientError::UnexpectedReply {
+        request,
+        reply: format!("{reply:?}").chars().take(200).collect(),
+    }
+}
+
+pub(crate) fn expect_done(request: &'static str, reply: Reply) -> Result<(), ClientError> {
+    match reply {
+        Reply::Done => Ok(()),
+        other => Err(unexpected(request, other)),
+    }
+}

@@ -1,0 +1,295 @@
+//! Consumer-group membership: join, poll, commit, leave.
+//!
+//! The broker assigns each partition of the subscribed topics to one live
+//! member of the group and keeps the group's offsets. A member polls
+//! (long-poll: it waits up to `max_wait` for messages), processes, then
+//! commits; a crash between the two redelivers, never loses (at-least-once).
+//! A background task heartbeats so a slow handler does not lose its
+//! partitions; the member leaves when [`Consumer::leave`] is called or the
+//! broker stops hearing from it.
+
+use crate::connection::{expect_done, unexpected};
+use crate::{Client, ClientError};
+use msmq_protocol::{
+    Assignment, ErrorCode, FetchLimits, Message, PartitionOffset, Reply, Request, StartFrom,
+    TopicPartition,
+};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How a consumer joins and polls.
+#[derive(Debug, Clone)]
+pub struct ConsumerOptions {
+    /// Where to start on partitions the group has never committed.
+    pub start: StartFrom,
+    /// The broker drops a member it has not heard from for this long.
+    pub session_timeout: Duration,
+    /// Per-poll limits (messages, bytes, wait).
+    pub limits: FetchLimits,
+}
+
+impl Default for ConsumerOptions {
+    fn default() -> Self {
+        ConsumerOptions {
+            start: StartFrom::Earliest,
+            session_timeout: Duration::from_secs(10),
+            limits: FetchLimits::default(),
+        }
+    }
+}
+
+/// One message as a group member receives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceivedMessage {
+    pub topic: Arc<str>,
+    pub partition: u32,
+    pub message: Message,
+}
+
+impl ReceivedMessage {
+    pub fn offset(&self) -> u64 {
+        self.message.offset
+    }
+}
+
+/// A member of a consumer group. See the module docs.
+pub struct Consumer {
+    client: Client,
+    group: String,
+    topics: Vec<String>,
+    options: ConsumerOptions,
+    member_id: Arc<AtomicU64>,
+    assignment: Assignment,
+    /// Next offset to commit per partition: one past the last message polled.
+    uncommitted: BTreeMap<TopicPartition, u64>,
+    heartbeat: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        self.heartbeat.abort();
+    }
+}
+
+impl Consumer {
+    pub(crate) async fn join(
+        client: Client,
+        group: &str,
+        topics: &[&str],
+        options: ConsumerOptions,
+    ) -> Result<Consumer, ClientError> {
+        let topics: Vec<String> = topics.iter().map(|t| t.to_string()).collect();
+        let (member_id, assignment) = join_request(&client, group, &topics, &options).await?;
+        let member_id = Arc::new(AtomicU64::new(member_id));
+        let heartbeat = tokio::spawn(heartbeat_loop(
+            client.clone(),
+            group.to_string(),
+            member_id.clone(),
+            options.session_timeout / 3,
+        ));
+        Ok(Consumer {
+            client,
+            group: group.to_string(),
+            topics,
+            options,
+            member_id,
+            assignment,
+            uncommitted: BTreeMap::new(),
+            heartbeat,
+        })
+    }
+
+    pub fn member_id(&self) -> u64 {
+        self.member_id.load(Ordering::Relaxed)
+    }
+
+    pub fn group(&self) -> &str {
+        &self.group
+    }
+
+    /// Change the per-poll limits from the next poll on.
+    pub fn limits_mut(&mut self) -> &mut FetchLimits {
+        &mut self.options.limits
+    }
+
+    /// The partitions this member owned at its last poll or heartbeat.
+    pub fn assignment(&self) -> &Assignment {
+        &self.assignment
+    }
+
+    /// Take the next messages from this member's partitions, waiting up to
+    /// `limits.max_wait_ms` if none is ready. Returns an empty list when the
+    /// wait ran out. Messages of one partition come in offset order.
+    pub async fn poll(&mut self) -> Result<Vec<ReceivedMessage>, ClientError> {
+        let reply = match self.poll_once().await {
+            Err(e) if e.code() == Some(ErrorCode::UNKNOWN_MEMBER) => {
+                // The broker dropped us (timeout or restart): join again.
+                self.rejoin().await?;
+                self.poll_once().await?
+            }
+            other => other?,
+        };
+        let polled = match reply {
+            Reply::Polled(p) => p,
+            other => return Err(unexpected("Poll", other)),
+        };
+        self.set_assignment(polled.assignment);
+        let mut out = Vec::new();
+        for batch in polled.batches {
+            let topic: Arc<str> = batch.topic.as_str().into();
+            if let Some(last) = batch.messages.last() {
+                self.uncommitted.insert(
+                    TopicPartition {
+                        topic: batch.topic.clone(),
+                        partition: batch.partition,
+                    },
+                    last.offset + 1,
+                );
+            }
+            out.extend(batch.messages.into_iter().map(|message| ReceivedMessage {
+                topic: topic.clone(),
+                partition: batch.partition,
+                message,
+            }));
+        }
+        Ok(out)
+    }
+
+    async fn poll_once(&self) -> Result<Reply, ClientError> {
+        self.client
+            .request(&Request::Poll {
+                group: self.group.clone(),
+                member_id: self.member_id(),
+                limits: self.options.limits,
+            })
+            .await
+    }
+
+    async fn rejoin(&mut self) -> Result<(), ClientError> {
+        let (id, assignment) =
+            join_request(&self.client, &self.group, &self.topics, &self.options).await?;
+        self.member_id.store(id, Ordering::Relaxed);
+        self.set_assignment(assignment);
+        Ok(())
+    }
+
+    fn set_assignment(&mut self, assignment: Assignment) {
+        // Progress on partitions we lost is no longer ours to commit.
+        self.uncommitted
+            .retain(|tp, _| assignment.partitions.contains(tp));
+        self.assignment = assignment;
+    }
+
+    /// Commit everything polled so far. After a rebalance, progress on
+    /// partitions this member lost is dropped (their new owner re-reads from
+    /// the last commit: at-least-once).
+    pub async fn commit(&mut self) -> Result<(), ClientError> {
+        if self.uncommitted.is_empty() {
+            return Ok(());
+        }
+        match self.commit_once().await {
+            Err(e) if e.code() == Some(ErrorCode::REBALANCED) => {
+                self.heartbeat_now().await?;
+                self.commit_once().await
+            }
+            other => other,
+        }
+    }
+
+    async fn commit_once(&mut self) -> Result<(), ClientError> {
+        if self.uncommitted.is_empty() {
+            return Ok(());
+        }
+        let offsets = self
+            .uncommitted
+            .iter()
+            .map(|(tp, offset)| PartitionOffset {
+                topic: tp.topic.clone(),
+                partition: tp.partition,
+                offset: *offset,
+            })
+            .collect();
+        let reply = self
+            .client
+            .request(&Request::CommitOffsets {
+                group: self.group.clone(),
+                member_id: self.member_id(),
+                generation: self.assignment.generation,
+                offsets,
+            })
+            .await?;
+        expect_done("CommitOffsets", reply)?;
+        self.uncommitted.clear();
+        Ok(())
+    }
+
+    /// Refresh the assignment now.
+    pub async fn heartbeat_now(&mut self) -> Result<(), ClientError> {
+        let reply = self
+            .client
+            .request(&Request::Heartbeat {
+                group: self.group.clone(),
+                member_id: self.member_id(),
+            })
+            .await?;
+        match reply {
+            Reply::Assignment(a) => {
+                self.set_assignment(a);
+                Ok(())
+            }
+            other => Err(unexpected("Heartbeat", other)),
+        }
+    }
+
+    /// Leave the group at once so its partitions move to other members.
+    /// Uncommitted progress is not committed: call [`Consumer::commit`] first.
+    pub async fn leave(self) -> Result<(), ClientError> {
+        self.heartbeat.abort();
+        let reply = self
+            .client
+            .request(&Request::LeaveGroup {
+                group: self.group.clone(),
+                member_id: self.member_id(),
+            })
+            .await?;
+        expect_done("LeaveGroup", reply)
+    }
+}
+
+async fn join_request(
+    client: &Client,
+    group: &str,
+    topics: &[String],
+    options: &ConsumerOptions,
+) -> Result<(u64, Assignment), ClientError> {
+    let reply = client
+        .request(&Request::JoinGroup {
+            group: group.to_string(),
+            topics: topics.to_vec(),
+            start: options.start,
+            session_timeout_ms: options.session_timeout.as_millis().min(u32::MAX as u128) as u32,
+        })
+        .await?;
+    match reply {
+        Reply::Joined(j) => Ok((j.member_id, j.assignment)),
+        other => Err(unexpected("JoinGroup", other)),
+    }
+}
+
+async fn heartbeat_loop(client: Client, group: String, member_id: Arc<AtomicU64>, every: Duration) {
+    let mut ticker = tokio::time::interval(every.max(Duration::from_millis(50)));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await;
+    loop {
+        ticker.tick().await;
+        let req = Request::Heartbeat {
+            group: group.clone(),
+            member_id: member_id.load(Ordering::Relaxed),
+        };
+        if let Err(e) = client.request(&req).await {
+            tracing::debug!(error = %e, "heartbeat failed");
+        }
+    }
+}

@@ -1,0 +1,47 @@
+//! Async Rust client for the MSMQ broker.
+//!
+//! One [`Client`] holds one QUIC connection to the broker and is cheap to
+//! clone; every request travels on its own QUIC stream, so many requests from
+//! many tasks proceed at once over that connection. When the connection drops,
+//! the next request reconnects.
+//!
+//! - [`Producer`]: send single messages or batches; each returns once the
+//!   broker has made the messages durable.
+//! - [`Consumer`]: join a consumer group, poll with long-poll, commit offsets.
+//! - Admin calls on [`Client`]: topics and groups.
+//!
+//! ```no_run
+//! use msmq_client::{Client, ClientOptions, ConsumerOptions, NewMessage};
+//!
+//! # async fn example() -> Result<(), msmq_client::ClientError> {
+//! let client = Client::connect(ClientOptions::from_env()).await?;
+//! client.create_topic("payments", 4).await?;
+//!
+//! let producer = client.producer("payments");
+//! let ack = producer.send(NewMessage::new("transfer #1").with_key("user-42")).await?;
+//! println!("stored at partition {} offset {}", ack.partition, ack.offset);
+//!
+//! let mut billing = client.consumer("billing", &["payments"], ConsumerOptions::default()).await?;
+//! for received in billing.poll().await? {
+//!     println!("{}: {:?}", received.offset(), received.message.payload);
+//! }
+//! billing.commit().await?; // at-least-once: commit after processing
+//! billing.leave().await?;
+//! # Ok(())
+//! # }
+//! ```
+
+mod connection;
+mod consumer;
+mod error;
+mod producer;
+pub mod transport;
+
+pub use connection::{Client, ClientOptions, DEFAULT_CA_FILE, DEFAULT_SERVER};
+pub use consumer::{Consumer, ConsumerOptions, ReceivedMessage};
+pub use error::ClientError;
+pub use msmq_protocol as protocol;
+pub use msmq_protocol::{
+    ErrorCode, FetchLimits, Header, Message, MessageAck, MessageId, NewMessage, StartFrom,
+};
+pub use producer::Producer;

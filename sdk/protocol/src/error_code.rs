@@ -1,0 +1,103 @@
+//! Stable numeric error codes carried in [`crate::ErrorReply`].
+//!
+//! Codes never change meaning once released; unknown codes from a newer
+//! broker decode fine and print as `UNKNOWN(n)`.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// A numeric error code. Use the associated constants.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ErrorCode(pub u16);
+
+macro_rules! codes {
+    ($( $(#[$doc:meta])* $name:ident = $num:expr, retryable = $retry:expr; )*) => {
+        impl ErrorCode {
+            $( $(#[$doc])* pub const $name: ErrorCode = ErrorCode($num); )*
+
+            /// Every defined code, in numeric order.
+            pub const ALL: &'static [ErrorCode] = &[$(ErrorCode::$name),*];
+
+            /// The code's stable name, as written in `PROTOCOL.md`.
+            pub fn name(self) -> &'static str {
+                match self.0 {
+                    $( $num => stringify!($name), )*
+                    _ => "UNKNOWN",
+                }
+            }
+
+            /// Whether the same request may succeed if sent again later.
+            pub fn is_retryable(self) -> bool {
+                match self.0 {
+                    $( $num => $retry, )*
+                    _ => false,
+                }
+            }
+        }
+    };
+}
+
+codes! {
+    /// The request body could not be decoded, or a field is malformed.
+    BAD_REQUEST = 1, retryable = false;
+    /// A frame was larger than the receiver accepts.
+    FRAME_TOO_LARGE = 2, retryable = false;
+    /// The named topic does not exist.
+    UNKNOWN_TOPIC = 3, retryable = false;
+    /// A topic with that name already exists.
+    TOPIC_EXISTS = 4, retryable = false;
+    /// An argument is out of range (partition count, name, limits).
+    INVALID_ARGUMENT = 5, retryable = false;
+    /// One message is larger than `message_bytes_max`.
+    MESSAGE_TOO_LARGE = 6, retryable = false;
+    /// A produce batch is larger than `batch_bytes_max` or `batch_messages_max`.
+    BATCH_TOO_LARGE = 7, retryable = false;
+    /// The partition does not exist in the topic.
+    UNKNOWN_PARTITION = 8, retryable = false;
+    /// The requested offset is outside the partition's log.
+    OFFSET_OUT_OF_RANGE = 9, retryable = false;
+    /// The consumer-group member id is unknown (expired or never joined): join again.
+    UNKNOWN_MEMBER = 10, retryable = false;
+    /// The group was rebalanced: the member no longer owns that partition or its generation is stale.
+    REBALANCED = 11, retryable = true;
+    /// The storage layer failed; the request was not applied.
+    STORAGE_ERROR = 12, retryable = true;
+    /// The broker is shutting down; nothing was applied. Retry against the restarted broker.
+    SHUTTING_DOWN = 13, retryable = true;
+    /// The broker is overloaded; retry after `retry_after_ms`.
+    BUSY = 14, retryable = true;
+    /// An unexpected broker fault; the request was not applied.
+    INTERNAL = 15, retryable = true;
+    /// The request is valid but names a group that does not exist.
+    UNKNOWN_GROUP = 16, retryable = false;
+}
+
+impl fmt::Debug for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}({})", self.name(), self.0)
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_unique_and_named() {
+        let mut seen = std::collections::HashSet::new();
+        for code in ErrorCode::ALL {
+            assert!(seen.insert(code.0), "duplicate code {}", code.0);
+            assert_ne!(code.name(), "UNKNOWN");
+        }
+        assert_eq!(ErrorCode(9999).name(), "UNKNOWN");
+        assert!(!ErrorCode(9999).is_retryable());
+        assert!(ErrorCode::BUSY.is_retryable());
+    }
+}

@@ -1,0 +1,418 @@
+//! Requests, replies and the records they carry.
+//!
+//! Field and variant order is wire format: append, never reorder.
+
+use crate::ErrorCode;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// A request from a client to the broker. One per stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// Liveness and version check. Reply: [`Reply::Pong`].
+    Ping,
+    /// Reply: [`Reply::TopicCreated`].
+    CreateTopic { name: String, partitions: u32 },
+    /// Delete a topic, its log and its group offsets. Reply: [`Reply::Done`].
+    DeleteTopic { name: String },
+    /// Reply: [`Reply::Topics`].
+    ListTopics,
+    /// Partitions with their offsets and the lag of every group. Reply: [`Reply::TopicDescription`].
+    DescribeTopic { name: String },
+    /// Append messages. With `partition` set every message goes there;
+    /// otherwise a message with a key goes to `hash(key) % partitions` and the
+    /// keyless ones of one request go together to the next partition in turn.
+    /// Reply: [`Reply::Produced`], acknowledged once durable.
+    Produce {
+        topic: String,
+        partition: Option<u32>,
+        messages: Vec<NewMessage>,
+    },
+    /// Read a partition directly by offset, outside any group. Waits up to
+    /// `max_wait_ms` for the first message. Reply: [`Reply::Fetched`].
+    Fetch {
+        topic: String,
+        partition: u32,
+        offset: u64,
+        limits: FetchLimits,
+    },
+    /// Join (or create) a consumer group. Reply: [`Reply::Joined`].
+    JoinGroup {
+        group: String,
+        topics: Vec<String>,
+        start: StartFrom,
+        session_timeout_ms: u32,
+    },
+    /// Keep a membership alive and learn the current assignment. Reply: [`Reply::Assignment`].
+    Heartbeat { group: String, member_id: u64 },
+    /// Take the next messages from the member's assigned partitions, waiting
+    /// up to `limits.max_wait_ms` when none is ready. Counts as a heartbeat.
+    /// Reply: [`Reply::Polled`].
+    Poll {
+        group: String,
+        member_id: u64,
+        limits: FetchLimits,
+    },
+    /// Store the group's progress: each offset is the next offset to consume.
+    /// Reply: [`Reply::Done`].
+    CommitOffsets {
+        group: String,
+        member_id: u64,
+        generation: u64,
+        offsets: Vec<PartitionOffset>,
+    },
+    /// Leave the group at once (partitions are rebalanced). Reply: [`Reply::Done`].
+    LeaveGroup { group: String, member_id: u64 },
+    /// Reply: [`Reply::Groups`].
+    ListGroups,
+    /// Reply: [`Reply::GroupDescription`].
+    DescribeGroup { group: String },
+}
+
+/// The reply to one request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    Error(ErrorReply),
+    Pong {
+        protocol_version: u16,
+        broker_version: String,
+    },
+    Done,
+    TopicCreated(TopicInfo),
+    Topics(Vec<TopicInfo>),
+    TopicDescription(TopicDescription),
+    Produced(Vec<MessageAck>),
+    Fetched(FetchedMessages),
+    Joined(Joined),
+    Assignment(Assignment),
+    Polled(Polled),
+    Groups(Vec<GroupSummary>),
+    GroupDescription(GroupDescription),
+}
+
+/// An error reply: a stable code, a human message, and for `BUSY` a hint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorReply {
+    pub code: ErrorCode,
+    pub message: String,
+    pub retry_after_ms: Option<u32>,
+}
+
+impl ErrorReply {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ErrorReply {
+            code,
+            message: message.into(),
+            retry_after_ms: None,
+        }
+    }
+}
+
+impl fmt::Display for ErrorReply {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)?;
+        if let Some(ms) = self.retry_after_ms {
+            write!(f, " (retry after {ms} ms)")?;
+        }
+        Ok(())
+    }
+}
+
+/// A string header of a message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Header {
+    pub name: String,
+    pub value: String,
+}
+
+/// A message as a producer sends it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct NewMessage {
+    #[serde(with = "serde_bytes")]
+    pub payload: Vec<u8>,
+    pub key: Option<serde_bytes::ByteBuf>,
+    pub tag: Option<String>,
+    pub headers: Vec<Header>,
+}
+
+impl NewMessage {
+    pub fn new(payload: impl Into<Vec<u8>>) -> Self {
+        NewMessage {
+            payload: payload.into(),
+            ..Default::default()
+        }
+    }
+
+    pub fn with_key(mut self, key: impl Into<Vec<u8>>) -> Self {
+        self.key = Some(serde_bytes::ByteBuf::from(key.into()));
+        self
+    }
+
+    pub fn with_tag(mut self, tag: impl Into<String>) -> Self {
+        self.tag = Some(tag.into());
+        self
+    }
+
+    pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.push(Header {
+            name: name.into(),
+            value: value.into(),
+        });
+        self
+    }
+
+    /// The bytes this message counts against `message_bytes_max`: payload,
+    /// key, tag and every header name and value.
+    pub fn size_bytes(&self) -> usize {
+        self.payload.len()
+            + self.key.as_ref().map_or(0, |k| k.len())
+            + self.tag.as_ref().map_or(0, |t| t.len())
+            + self
+                .headers
+                .iter()
+                .map(|h| h.name.len() + h.value.len())
+                .sum::<usize>()
+    }
+}
+
+/// A message as a consumer receives it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    pub offset: u64,
+    pub id: MessageId,
+    /// Broker time when the message was appended, in ms since the Unix epoch.
+    pub timestamp_ms: u64,
+    #[serde(with = "serde_bytes")]
+    pub payload: Vec<u8>,
+    pub key: Option<serde_bytes::ByteBuf>,
+    pub tag: Option<String>,
+    pub headers: Vec<Header>,
+}
+
+/// A broker-assigned message id: the topic's id, the partition and the offset,
+/// 16 bytes big-endian. Unique for the broker's lifetime (topic ids are never
+/// reused). Printed as 32 hex digits.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct MessageId(pub [u8; 16]);
+
+impl MessageId {
+    pub fn new(topic_id: u32, partition: u32, offset: u64) -> Self {
+        let mut b = [0u8; 16];
+        b[..4].copy_from_slice(&topic_id.to_be_bytes());
+        b[4..8].copy_from_slice(&partition.to_be_bytes());
+        b[8..].copy_from_slice(&offset.to_be_bytes());
+        MessageId(b)
+    }
+
+    pub fn topic_id(&self) -> u32 {
+        u32::from_be_bytes(self.0[..4].try_into().expect("4 bytes"))
+    }
+
+    pub fn partition(&self) -> u32 {
+        u32::from_be_bytes(self.0[4..8].try_into().expect("4 bytes"))
+    }
+
+    pub fn offset(&self) -> u64 {
+        u64::from_be_bytes(self.0[8..].try_into().expect("8 bytes"))
+    }
+
+    /// Parse the 32-hex-digit form.
+    pub fn parse(text: &str) -> Option<Self> {
+        if text.len() != 32 || !text.is_ascii() {
+            return None;
+        }
+        let mut b = [0u8; 16];
+        for (i, byte) in b.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&text[i * 2..i * 2 + 2], 16).ok()?;
+        }
+        Some(MessageId(b))
+    }
+}
+
+impl fmt::Display for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "MessageId({self})")
+    }
+}
+
+/// Where one produced message landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageAck {
+    pub partition: u32,
+    pub offset: u64,
+    pub id: MessageId,
+}
+
+/// How much one fetch or poll may return and how long it may wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FetchLimits {
+    pub max_messages: u32,
+    pub max_bytes: u32,
+    pub max_wait_ms: u32,
+}
+
+impl Default for FetchLimits {
+    fn default() -> Self {
+        FetchLimits {
+            max_messages: 500,
+            max_bytes: 4 * 1024 * 1024,
+            max_wait_ms: 500,
+        }
+    }
+}
+
+/// Messages of one partition, in offset order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FetchedMessages {
+    pub topic: String,
+    pub partition: u32,
+    /// The partition's end (next offset to be written) when read.
+    pub end_offset: u64,
+    pub messages: Vec<Message>,
+}
+
+/// Where a new group member starts on partitions the group has no offset for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum StartFrom {
+    #[default]
+    Earliest,
+    Latest,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Joined {
+    pub member_id: u64,
+    pub assignment: Assignment,
+}
+
+/// The partitions a member owns in the current generation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Assignment {
+    pub generation: u64,
+    pub partitions: Vec<TopicPartition>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct TopicPartition {
+    pub topic: String,
+    pub partition: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Polled {
+    pub assignment: Assignment,
+    pub batches: Vec<FetchedMessages>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionOffset {
+    pub topic: String,
+    pub partition: u32,
+    pub offset: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicInfo {
+    pub name: String,
+    pub partitions: u32,
+    pub created_at_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicDescription {
+    pub info: TopicInfo,
+    pub partitions: Vec<PartitionInfo>,
+    pub groups: Vec<GroupLag>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionInfo {
+    pub partition: u32,
+    pub start_offset: u64,
+    pub end_offset: u64,
+}
+
+/// A group's committed progress on one topic.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupLag {
+    pub group: String,
+    pub partitions: Vec<PartitionLag>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionLag {
+    pub partition: u32,
+    pub committed_offset: Option<u64>,
+    pub lag: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupSummary {
+    pub group: String,
+    pub members: u32,
+    pub topics: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupDescription {
+    pub group: String,
+    pub generation: u64,
+    pub members: Vec<MemberInfo>,
+    pub offsets: Vec<GroupPartitionState>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberInfo {
+    pub member_id: u64,
+    pub client_addr: String,
+    pub topics: Vec<String>,
+    pub partitions: Vec<TopicPartition>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupPartitionState {
+    pub topic: String,
+    pub partition: u32,
+    pub committed_offset: Option<u64>,
+    pub end_offset: u64,
+    pub lag: u64,
+    pub owner: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_id_round_trips_through_text() {
+        let id = MessageId::new(7, 3, 123_456_789);
+        let text = id.to_string();
+        assert_eq!(text.len(), 32);
+        let back = MessageId::parse(&text).unwrap();
+        assert_eq!(back, id);
+        assert_eq!(
+            (back.topic_id(), back.partition(), back.offset()),
+            (7, 3, 123_456_789)
+        );
+        assert!(MessageId::parse("zz").is_none());
+        assert!(MessageId::parse(&"g".repeat(32)).is_none());
+    }
+
+    #[test]
+    fn size_counts_every_part() {
+        let m = NewMessage::new(vec![0; 10])
+            .with_key(vec![0; 3])
+            .with_tag("ab")
+            .with_header("x", "yz");
+        assert_eq!(m.size_bytes(), 10 + 3 + 2 + 3);
+    }
+}
