@@ -1,1 +1,10 @@
+//! End-to-end tests: each starts the real `msmq` binary on a loopback port in
+//! a temporary directory and talks to it over QUIC with the real client.
+//! One test binary for the whole suite keeps linking cheap.
 
+mod bad_input;
+mod cli;
+mod crash;
+mod groups;
+mod harness;
+mod produce_consume;

@@ -71,7 +71,9 @@ impl ClientOptions {
         self
     }
 
-    fn tls_config(&self) -> Result<quinn::ClientConfig, ClientError> {
+    /// The quinn client configuration these options describe (TLS trust,
+    /// ALPN, transport settings), for tools that speak the protocol directly.
+    pub fn quic_client_config(&self) -> Result<quinn::ClientConfig, ClientError> {
         let ca_file = match &self.ca_file {
             Some(path) => path.clone(),
             None if std::path::Path::new(DEFAULT_CA_FILE).exists() => DEFAULT_CA_FILE.into(),
@@ -137,7 +139,7 @@ impl Client {
     /// Connect to the broker now (so bad options and unreachable brokers
     /// show at once); later requests reconnect by themselves if it drops.
     pub async fn connect(options: ClientOptions) -> Result<Client, ClientError> {
-        let quic_config = options.tls_config()?;
+        let quic_config = options.quic_client_config()?;
         let addr = tokio::net::lookup_host(&options.server)
             .await
             .map_err(|e| ClientError::Connect {

@@ -95,7 +95,21 @@ async fn initial_position(
     let position = match (committed, start) {
         (Some(c), _) => c,
         (None, StartFrom::Earliest) => offsets.start(),
-        (None, StartFrom::Latest) => offsets.end(),
+        (None, StartFrom::Latest) => {
+            // Pin `latest` durably: whoever owns this partition next, even
+            // after a rebalance or restart, starts here and misses nothing
+            // produced after the join.
+            let end = offsets.end();
+            state
+                .store
+                .write(WriteOp::CommitOffsets {
+                    group: group.to_string(),
+                    offsets: vec![(id, p, end)],
+                })
+                .await
+                .map_err(from_write)?;
+            end
+        }
     };
     Ok(Some(position.clamp(offsets.start(), offsets.end())))
 }

@@ -1,0 +1,185 @@
+//! Starting, killing and restarting a real broker process.
+
+use anyhow::{bail, Context};
+use msmq_client::{Client, ClientOptions, FetchLimits, Message};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+pub const MSMQ: &str = env!("CARGO_BIN_EXE_msmq");
+
+/// A broker process with its own data directory.
+pub struct TestBroker {
+    pub dir: tempfile::TempDir,
+    pub addr: SocketAddr,
+    extra_args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl TestBroker {
+    /// Start on a free loopback port.
+    pub fn start() -> anyhow::Result<TestBroker> {
+        Self::start_with(&[])
+    }
+
+    /// Start with extra `msmq serve` flags.
+    pub fn start_with(extra: &[&str]) -> anyhow::Result<TestBroker> {
+        let dir = tempfile::tempdir()?;
+        let mut broker = TestBroker {
+            dir,
+            addr: "127.0.0.1:0".parse()?,
+            extra_args: extra.iter().map(|s| s.to_string()).collect(),
+            child: None,
+        };
+        broker.spawn()?;
+        Ok(broker)
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn cert(&self) -> PathBuf {
+        self.data_dir().join("tls").join("cert.pem")
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("broker.log"))?;
+        let mut child = Command::new(MSMQ)
+            .arg("serve")
+            .arg("--listen")
+            .arg(self.addr.to_string())
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .args(&self.extra_args)
+            .env("MSMQ_LOG", "info")
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .context("spawning msmq serve")?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(line) if !line.is_empty() => line,
+            _ => {
+                let _ = child.kill();
+                bail!("broker did not start; log:\n{}", self.log());
+            }
+        };
+        // "msmq listening on ADDR (certificate …)"
+        let addr = line
+            .split_whitespace()
+            .nth(3)
+            .context("unexpected first line")?
+            .parse()?;
+        self.addr = addr;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("broker.log")).unwrap_or_default()
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn terminate(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        let mut child = self.child.take().context("broker not running")?;
+        signal(child.id(), "TERM")?;
+        for _ in 0..300 {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        bail!("broker did not exit within 15 s of SIGTERM")
+    }
+
+    /// Start again on the same port and data directory.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill9();
+        self.spawn()
+    }
+
+    pub fn options(&self) -> ClientOptions {
+        ClientOptions::default()
+            .server(self.addr.to_string())
+            .ca_file(self.cert())
+    }
+
+    pub async fn client(&self) -> anyhow::Result<Client> {
+        Ok(Client::connect(self.options()).await?)
+    }
+}
+
+impl Drop for TestBroker {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub fn signal(pid: u32, sig: &str) -> anyhow::Result<()> {
+    let status = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status()?;
+    anyhow::ensure!(status.success(), "kill -{sig} {pid} failed");
+    Ok(())
+}
+
+/// Every message of a partition from `from` to its current end.
+pub async fn read_all(client: &Client, topic: &str, partition: u32, from: u64) -> anyhow::Result<Vec<Message>> {
+    let mut out = Vec::new();
+    let mut offset = from;
+    loop {
+        let limits = FetchLimits {
+            max_messages: 5000,
+            max_bytes: 8 * 1024 * 1024,
+            max_wait_ms: 0,
+        };
+        let fetched = client.fetch(topic, partition, offset, limits).await?;
+        if fetched.messages.is_empty() {
+            return Ok(out);
+        }
+        for m in fetched.messages {
+            anyhow::ensure!(m.offset == offset, "gap: expected offset {offset}, got {}", m.offset);
+            offset += 1;
+            out.push(m);
+        }
+    }
+}
+
+/// Run `msmq` as a CLI client against `broker`.
+pub fn cli(broker: &TestBroker, args: &[&str], stdin: Option<&str>) -> anyhow::Result<std::process::Output> {
+    use std::io::Write;
+    let mut child = Command::new(MSMQ)
+        .args(args)
+        .env("MSMQ_SERVER", broker.addr.to_string())
+        .env("MSMQ_CA", broker.cert())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut input = child.stdin.take().context("stdin")?;
+    if let Some(text) = stdin {
+        input.write_all(text.as_bytes())?;
+    }
+    drop(input);
+    Ok(child.wait_with_output()?)
+}
