@@ -122,6 +122,10 @@ impl Config {
             "partitions_max must be between 1 and 65536"
         );
         anyhow::ensure!(
+            self.session_check_interval >= Duration::from_millis(10),
+            "session_check_interval must be at least 10ms"
+        );
+        anyhow::ensure!(
             self.tls_cert.is_some() == self.tls_key.is_some(),
             "tls_cert and tls_key must be given together"
         );

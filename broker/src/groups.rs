@@ -110,7 +110,7 @@ impl Group {
         }
         if owners != self.owners {
             self.positions
-                .retain(|tp, _| owners.get(tp).is_some() && owners.get(tp) == self.owners.get(tp));
+                .retain(|tp, _| owners.contains_key(tp) && owners.get(tp) == self.owners.get(tp));
             self.owners = owners;
             self.generation += 1;
         }

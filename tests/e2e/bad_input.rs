@@ -7,7 +7,9 @@ use msmq_client::{ClientError, ErrorCode, FetchLimits, NewMessage};
 
 fn code<T: std::fmt::Debug>(r: Result<T, ClientError>) -> ErrorCode {
     match r {
-        Err(e) => e.code().unwrap_or_else(|| panic!("no broker error code in {e}")),
+        Err(e) => e
+            .code()
+            .unwrap_or_else(|| panic!("no broker error code in {e}")),
         Ok(v) => panic!("expected an error, got {v:?}"),
     }
 }
@@ -17,32 +19,68 @@ async fn unknown_names_and_bad_arguments_get_their_codes() -> anyhow::Result<()>
     let broker = TestBroker::start_with(&["--partitions-max", "8"])?;
     let client = broker.client().await?;
     let p = client.producer("nope");
-    assert_eq!(code(p.send(NewMessage::new("x")).await), ErrorCode::UNKNOWN_TOPIC);
-    assert_eq!(code(client.describe_topic("nope").await), ErrorCode::UNKNOWN_TOPIC);
-    assert_eq!(code(client.delete_topic("nope").await), ErrorCode::UNKNOWN_TOPIC);
+    assert_eq!(
+        code(p.send(NewMessage::new("x")).await),
+        ErrorCode::UNKNOWN_TOPIC
+    );
+    assert_eq!(
+        code(client.describe_topic("nope").await),
+        ErrorCode::UNKNOWN_TOPIC
+    );
+    assert_eq!(
+        code(client.delete_topic("nope").await),
+        ErrorCode::UNKNOWN_TOPIC
+    );
     assert_eq!(
         code(client.fetch("nope", 0, 0, FetchLimits::default()).await),
         ErrorCode::UNKNOWN_TOPIC
     );
     assert_eq!(
-        code(client.consumer("g", &["nope"], Default::default()).await.map(|_| ())),
+        code(
+            client
+                .consumer("g", &["nope"], Default::default())
+                .await
+                .map(|_| ())
+        ),
         ErrorCode::UNKNOWN_TOPIC
     );
-    assert_eq!(code(client.describe_group("nobody").await), ErrorCode::UNKNOWN_GROUP);
+    assert_eq!(
+        code(client.describe_group("nobody").await),
+        ErrorCode::UNKNOWN_GROUP
+    );
 
     // Partition counts: 0 and max+1 refused, max accepted.
-    assert_eq!(code(client.create_topic("t0", 0).await), ErrorCode::INVALID_ARGUMENT);
-    assert_eq!(code(client.create_topic("t9", 9).await), ErrorCode::INVALID_ARGUMENT);
+    assert_eq!(
+        code(client.create_topic("t0", 0).await),
+        ErrorCode::INVALID_ARGUMENT
+    );
+    assert_eq!(
+        code(client.create_topic("t9", 9).await),
+        ErrorCode::INVALID_ARGUMENT
+    );
     client.create_topic("t8", 8).await?;
-    assert_eq!(code(client.create_topic("t8", 8).await), ErrorCode::TOPIC_EXISTS);
-    assert_eq!(code(client.create_topic("bad name", 1).await), ErrorCode::INVALID_ARGUMENT);
+    assert_eq!(
+        code(client.create_topic("t8", 8).await),
+        ErrorCode::TOPIC_EXISTS
+    );
+    assert_eq!(
+        code(client.create_topic("bad name", 1).await),
+        ErrorCode::INVALID_ARGUMENT
+    );
 
     let producer = client.producer("t8");
     assert_eq!(
-        code(producer.send_to_partition(8, vec![NewMessage::new("x")]).await),
+        code(
+            producer
+                .send_to_partition(8, vec![NewMessage::new("x")])
+                .await
+        ),
         ErrorCode::UNKNOWN_PARTITION
     );
-    assert_eq!(code(producer.send_batch(vec![]).await), ErrorCode::INVALID_ARGUMENT);
+    assert_eq!(
+        code(producer.send_batch(vec![]).await),
+        ErrorCode::INVALID_ARGUMENT
+    );
     assert_eq!(
         code(client.fetch("t8", 8, 0, FetchLimits::default()).await),
         ErrorCode::UNKNOWN_PARTITION
@@ -76,12 +114,20 @@ async fn size_limits_hold_at_the_limit_and_refuse_one_past_it() -> anyhow::Resul
         ErrorCode::MESSAGE_TOO_LARGE
     );
     let over_by_header = NewMessage::new(vec![1u8; 999]).with_header("h", "x");
-    assert_eq!(code(producer.send(over_by_header).await), ErrorCode::MESSAGE_TOO_LARGE);
+    assert_eq!(
+        code(producer.send(over_by_header).await),
+        ErrorCode::MESSAGE_TOO_LARGE
+    );
     // Batch bytes: 3 × 1000 fits, 3 × 1000 + 1 does not.
-    producer.send_batch(vec![NewMessage::new(vec![0u8; 1000]); 3]).await?;
+    producer
+        .send_batch(vec![NewMessage::new(vec![0u8; 1000]); 3])
+        .await?;
     let mut over = vec![NewMessage::new(vec![0u8; 1000]); 3];
     over.push(NewMessage::new(vec![0u8; 1]));
-    assert_eq!(code(producer.send_batch(over).await), ErrorCode::BATCH_TOO_LARGE);
+    assert_eq!(
+        code(producer.send_batch(over).await),
+        ErrorCode::BATCH_TOO_LARGE
+    );
     // Batch count: 5 fits, 6 does not.
     producer.send_batch(vec![NewMessage::new("x"); 5]).await?;
     assert_eq!(
@@ -94,10 +140,14 @@ async fn size_limits_hold_at_the_limit_and_refuse_one_past_it() -> anyhow::Resul
 }
 
 /// A raw QUIC connection speaking the framing by hand.
-async fn raw_connection(broker: &TestBroker) -> anyhow::Result<(quinn::Endpoint, quinn::Connection)> {
+async fn raw_connection(
+    broker: &TestBroker,
+) -> anyhow::Result<(quinn::Endpoint, quinn::Connection)> {
     let config = broker.options().quic_client_config()?;
     let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
-    let conn = endpoint.connect_with(config, broker.addr, "localhost")?.await?;
+    let conn = endpoint
+        .connect_with(config, broker.addr, "localhost")?
+        .await?;
     Ok((endpoint, conn))
 }
 
@@ -111,7 +161,11 @@ async fn send_raw(conn: &quinn::Connection, bytes: &[u8]) -> anyhow::Result<Vec<
 fn closed_with(conn: &quinn::Connection, want: ErrorCode) {
     match conn.close_reason() {
         Some(quinn::ConnectionError::ApplicationClosed(close)) => {
-            assert_eq!(close.error_code, quinn::VarInt::from_u32(want.0 as u32), "{close:?}");
+            assert_eq!(
+                close.error_code,
+                quinn::VarInt::from_u32(want.0 as u32),
+                "{close:?}"
+            );
             assert!(!close.reason.is_empty(), "a reason is given");
         }
         other => panic!("expected an application close with {want}, got {other:?}"),
@@ -123,7 +177,10 @@ async fn malformed_truncated_and_oversize_frames() -> anyhow::Result<()> {
     let broker = TestBroker::start()?;
     let client = broker.client().await?;
     client.create_topic("safe", 1).await?;
-    let acked = client.producer("safe").send(NewMessage::new("kept")).await?;
+    let acked = client
+        .producer("safe")
+        .send(NewMessage::new("kept"))
+        .await?;
 
     // A well-framed body that is not a request: BAD_REQUEST reply, connection stays.
     let (_e1, conn) = raw_connection(&broker).await?;
@@ -191,11 +248,16 @@ async fn a_client_without_the_certificate_is_told_what_to_do() -> anyhow::Result
     let missing = msmq_client::ClientOptions::default()
         .server(broker.addr.to_string())
         .ca_file(broker.dir.path().join("missing.pem"));
-    let err = msmq_client::Client::connect(missing).await.err().expect("must fail");
+    let err = msmq_client::Client::connect(missing)
+        .await
+        .err()
+        .expect("must fail");
     assert!(err.to_string().contains("missing.pem"), "{err}");
     // A certificate that does not match: the handshake fails, not a hang.
     let other = tempfile::tempdir()?;
-    let pem = rcgen::generate_simple_self_signed(vec!["localhost".to_string()])?.cert.pem();
+    let pem = rcgen::generate_simple_self_signed(vec!["localhost".to_string()])?
+        .cert
+        .pem();
     std::fs::write(other.path().join("other.pem"), pem)?;
     let wrong = msmq_client::ClientOptions::default()
         .server(broker.addr.to_string())

@@ -15,14 +15,41 @@ fn ok(out: std::process::Output) -> String {
 #[test]
 fn topics_produce_consume_and_groups_from_the_command_line() -> anyhow::Result<()> {
     let broker = TestBroker::start()?;
-    ok(cli(&broker, &["topic", "create", "payments", "--partitions", "2"], None)?);
+    ok(cli(
+        &broker,
+        &["topic", "create", "payments", "--partitions", "2"],
+        None,
+    )?);
     assert!(ok(cli(&broker, &["topic", "list"], None)?).contains("payments"));
-    let acks = ok(cli(&broker, &["produce", "payments", "one", "two", "--key", "k", "--header", "a=b"], None)?);
+    let acks = ok(cli(
+        &broker,
+        &[
+            "produce", "payments", "one", "two", "--key", "k", "--header", "a=b",
+        ],
+        None,
+    )?);
     assert_eq!(acks.lines().count(), 2);
-    ok(cli(&broker, &["produce", "payments", "--tag", "T"], Some("three\nfour\n"))?);
-    ok(cli(&broker, &["produce", "payments", "--count", "10", "--size", "16", "-q"], None)?);
-    let json = ok(cli(&broker, &["consume", "payments", "--group", "billing", "--count", "14", "--json"], None)?);
-    let lines: Vec<serde_json::Value> = json.lines().map(serde_json::from_str).collect::<Result<_, _>>()?;
+    ok(cli(
+        &broker,
+        &["produce", "payments", "--tag", "T"],
+        Some("three\nfour\n"),
+    )?);
+    ok(cli(
+        &broker,
+        &["produce", "payments", "--count", "10", "--size", "16", "-q"],
+        None,
+    )?);
+    let json = ok(cli(
+        &broker,
+        &[
+            "consume", "payments", "--group", "billing", "--count", "14", "--json",
+        ],
+        None,
+    )?);
+    let lines: Vec<serde_json::Value> = json
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
     assert_eq!(lines.len(), 14);
     let payloads: Vec<&str> = lines.iter().filter_map(|l| l["payload"].as_str()).collect();
     for want in ["one", "two", "three", "four"] {
@@ -41,13 +68,32 @@ fn topics_produce_consume_and_groups_from_the_command_line() -> anyhow::Result<(
     assert!(String::from_utf8_lossy(&out.stderr).contains("UNKNOWN_TOPIC"));
     let bench = ok(cli(
         &broker,
-        &["bench", "produce", "--producers", "2", "--count", "2000", "--batch", "100", "--json"],
+        &[
+            "bench",
+            "produce",
+            "--producers",
+            "2",
+            "--count",
+            "2000",
+            "--batch",
+            "100",
+            "--json",
+        ],
         None,
     )?);
     let summary: serde_json::Value = serde_json::from_str(bench.trim())?;
     assert_eq!(summary["messages"], 2000);
-    for key in ["messages_per_sec", "mb_per_sec", "p50_ms", "p99_ms", "p999_ms"] {
-        assert!(summary[key].as_f64().is_some_and(|v| v > 0.0), "{key} in {summary}");
+    for key in [
+        "messages_per_sec",
+        "mb_per_sec",
+        "p50_ms",
+        "p99_ms",
+        "p999_ms",
+    ] {
+        assert!(
+            summary[key].as_f64().is_some_and(|v| v > 0.0),
+            "{key} in {summary}"
+        );
     }
     Ok(())
 }
@@ -56,11 +102,26 @@ fn topics_produce_consume_and_groups_from_the_command_line() -> anyhow::Result<(
 fn serve_refuses_bad_configuration_with_a_clear_message() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let out = std::process::Command::new(crate::harness::MSMQ)
-        .args(["serve", "--listen", "127.0.0.1:0", "--partitions-max", "0", "--data-dir"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--partitions-max",
+            "0",
+            "--data-dir",
+        ])
         .arg(dir.path())
         .output()?;
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("partitions_max"));
+    // The same check through an environment variable.
+    let out = std::process::Command::new(crate::harness::MSMQ)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .env("MSMQ_SESSION_CHECK_INTERVAL", "0s")
+        .output()?;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("session_check_interval"));
     let config = dir.path().join("bad.toml");
     std::fs::write(&config, "no_such_key = 1\n")?;
     let out = std::process::Command::new(crate::harness::MSMQ)

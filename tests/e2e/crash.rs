@@ -27,7 +27,11 @@ async fn every_acknowledged_message_survives_repeated_sigkill() -> anyhow::Resul
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
 
     let mut broker = TestBroker::start()?;
-    broker.client().await?.create_topic("crash", PARTITIONS).await?;
+    broker
+        .client()
+        .await?
+        .create_topic("crash", PARTITIONS)
+        .await?;
     let acked: Acked = Arc::default();
     let mut ends_before = vec![0u64; PARTITIONS as usize];
 
@@ -45,10 +49,15 @@ async fn every_acknowledged_message_survives_repeated_sigkill() -> anyhow::Resul
                         .map(|i| {
                             let body = format!("r{round}-p{producer_id}-s{seq}-i{i}-").repeat(8);
                             let m = NewMessage::new(body.into_bytes());
-                            if i % 2 == 0 { m.with_key(format!("k{seq}")) } else { m }
+                            if i % 2 == 0 {
+                                m.with_key(format!("k{seq}"))
+                            } else {
+                                m
+                            }
                         })
                         .collect();
-                    let payloads: Vec<Vec<u8>> = messages.iter().map(|m| m.payload.clone()).collect();
+                    let payloads: Vec<Vec<u8>> =
+                        messages.iter().map(|m| m.payload.clone()).collect();
                     match producer.send_batch(messages).await {
                         Ok(acks) => {
                             let mut acked = acked.lock().unwrap();
@@ -84,11 +93,18 @@ async fn every_acknowledged_message_survives_repeated_sigkill() -> anyhow::Resul
         for p in 0..PARTITIONS {
             let stored = read_all(&client, "crash", p, 0).await?;
             let end = stored.len() as u64;
-            assert!(end >= ends_before[p as usize], "partition {p} shrank after a crash");
+            assert!(
+                end >= ends_before[p as usize],
+                "partition {p} shrank after a crash"
+            );
             ends_before[p as usize] = end;
             for m in &stored {
                 if let Some(payload) = acked.get(&(p, m.offset)) {
-                    assert_eq!(&m.payload, payload, "partition {p} offset {} differs", m.offset);
+                    assert_eq!(
+                        &m.payload, payload,
+                        "partition {p} offset {} differs",
+                        m.offset
+                    );
                     found += 1;
                 }
             }
@@ -98,13 +114,19 @@ async fn every_acknowledged_message_survives_repeated_sigkill() -> anyhow::Resul
             .filter(|(p, o)| *o >= ends_before[*p as usize])
             .take(5)
             .collect();
-        assert!(missing.is_empty(), "acknowledged messages lost: {missing:?}");
+        assert!(
+            missing.is_empty(),
+            "acknowledged messages lost: {missing:?}"
+        );
         assert_eq!(found, acked.len());
         println!(
             "round {round}: killed after {delay} ms; {} acknowledged messages all present; ends {ends_before:?}",
             acked.len()
         );
     }
-    assert!(acked.lock().unwrap().len() > kills, "the producers made progress");
+    assert!(
+        acked.lock().unwrap().len() > kills,
+        "the producers made progress"
+    );
     Ok(())
 }

@@ -22,7 +22,12 @@ async fn fill(client: &msmq_client::Client, topic: &str, n: usize) -> anyhow::Re
     let producer = client.producer(topic);
     for chunk in (0..n).collect::<Vec<_>>().chunks(100) {
         producer
-            .send_batch(chunk.iter().map(|i| NewMessage::new(format!("m{i}"))).collect())
+            .send_batch(
+                chunk
+                    .iter()
+                    .map(|i| NewMessage::new(format!("m{i}")))
+                    .collect(),
+            )
             .await?;
     }
     Ok(())
@@ -35,25 +40,45 @@ async fn partitions_move_to_the_remaining_member_when_one_leaves() -> anyhow::Re
     client.create_topic("payments", 4).await?;
     fill(&client, "payments", 800).await?;
 
-    let mut a = client.consumer("billing", &["payments"], options(10_000)).await?;
-    let mut b = client.consumer("billing", &["payments"], options(10_000)).await?;
+    let mut a = client
+        .consumer("billing", &["payments"], options(10_000))
+        .await?;
+    let mut b = client
+        .consumer("billing", &["payments"], options(10_000))
+        .await?;
     b.heartbeat_now().await?;
     a.heartbeat_now().await?;
     let a_parts: BTreeSet<_> = a.assignment().partitions.iter().cloned().collect();
     let b_parts: BTreeSet<_> = b.assignment().partitions.iter().cloned().collect();
     assert_eq!(a_parts.len(), 2);
     assert_eq!(b_parts.len(), 2);
-    assert!(a_parts.is_disjoint(&b_parts), "a partition is served to one member at a time");
+    assert!(
+        a_parts.is_disjoint(&b_parts),
+        "a partition is served to one member at a time"
+    );
 
     // Each takes some of its own partitions, commits, then b leaves.
     let got_a = drain(&mut a, 100, Duration::from_secs(10)).await?;
     let got_b = drain(&mut b, 100, Duration::from_secs(10)).await?;
-    assert!(got_a.iter().all(|m| a_parts.iter().any(|tp| tp.partition == m.partition)));
-    assert!(got_b.iter().all(|m| b_parts.iter().any(|tp| tp.partition == m.partition)));
+    assert!(got_a
+        .iter()
+        .all(|m| a_parts.iter().any(|tp| tp.partition == m.partition)));
+    assert!(got_b
+        .iter()
+        .all(|m| b_parts.iter().any(|tp| tp.partition == m.partition)));
     b.leave().await?;
 
-    let rest = drain(&mut a, 800 - got_a.len() - got_b.len(), Duration::from_secs(20)).await?;
-    assert_eq!(a.assignment().partitions.len(), 4, "a owns every partition now");
+    let rest = drain(
+        &mut a,
+        800 - got_a.len() - got_b.len(),
+        Duration::from_secs(20),
+    )
+    .await?;
+    assert_eq!(
+        a.assignment().partitions.len(),
+        4,
+        "a owns every partition now"
+    );
     let all: Vec<_> = got_a
         .iter()
         .chain(&got_b)
@@ -72,11 +97,15 @@ async fn a_member_that_stops_heartbeating_is_expired() -> anyhow::Result<()> {
     let client = broker.client().await?;
     client.create_topic("payments", 2).await?;
     fill(&client, "payments", 100).await?;
-    let mut alive = client.consumer("points", &["payments"], options(600)).await?;
+    let mut alive = client
+        .consumer("points", &["payments"], options(600))
+        .await?;
     // A second member on its own connection, which then goes silent: its
     // heartbeat task stops with it but the connection stays open.
     let silent_client = broker.client().await?;
-    let silent = silent_client.consumer("points", &["payments"], options(600)).await?;
+    let silent = silent_client
+        .consumer("points", &["payments"], options(600))
+        .await?;
     alive.heartbeat_now().await?;
     assert_eq!(alive.assignment().partitions.len(), 1);
     drop(silent);
@@ -111,7 +140,9 @@ async fn a_closed_connection_leaves_at_once_and_latest_skips_the_backlog() -> an
     fill(&client, "payments", 10).await?;
     let got = drain(&mut late, 10, Duration::from_secs(10)).await?;
     assert_eq!(got.len(), 10);
-    let mut stay = client.consumer("notify", &["payments"], options(60_000)).await?;
+    let mut stay = client
+        .consumer("notify", &["payments"], options(60_000))
+        .await?;
     other.close().await;
     // The closed connection's member is gone well before its 60 s session.
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
@@ -120,7 +151,10 @@ async fn a_closed_connection_leaves_at_once_and_latest_skips_the_backlog() -> an
         if stay.assignment().partitions.len() == 2 {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "member of a closed connection not removed");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "member of a closed connection not removed"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // It resumes from the group's committed offsets: nothing new.

@@ -138,13 +138,21 @@ impl Drop for TestBroker {
 }
 
 pub fn signal(pid: u32, sig: &str) -> anyhow::Result<()> {
-    let status = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status()?;
+    let status = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()?;
     anyhow::ensure!(status.success(), "kill -{sig} {pid} failed");
     Ok(())
 }
 
 /// Every message of a partition from `from` to its current end.
-pub async fn read_all(client: &Client, topic: &str, partition: u32, from: u64) -> anyhow::Result<Vec<Message>> {
+pub async fn read_all(
+    client: &Client,
+    topic: &str,
+    partition: u32,
+    from: u64,
+) -> anyhow::Result<Vec<Message>> {
     let mut out = Vec::new();
     let mut offset = from;
     loop {
@@ -158,7 +166,11 @@ pub async fn read_all(client: &Client, topic: &str, partition: u32, from: u64) -
             return Ok(out);
         }
         for m in fetched.messages {
-            anyhow::ensure!(m.offset == offset, "gap: expected offset {offset}, got {}", m.offset);
+            anyhow::ensure!(
+                m.offset == offset,
+                "gap: expected offset {offset}, got {}",
+                m.offset
+            );
             offset += 1;
             out.push(m);
         }
@@ -166,7 +178,11 @@ pub async fn read_all(client: &Client, topic: &str, partition: u32, from: u64) -
 }
 
 /// Run `msmq` as a CLI client against `broker`.
-pub fn cli(broker: &TestBroker, args: &[&str], stdin: Option<&str>) -> anyhow::Result<std::process::Output> {
+pub fn cli(
+    broker: &TestBroker,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> anyhow::Result<std::process::Output> {
     use std::io::Write;
     let mut child = Command::new(MSMQ)
         .args(args)

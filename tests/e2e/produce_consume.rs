@@ -52,19 +52,27 @@ async fn three_groups_each_get_every_message_once_in_partition_order() -> anyhow
     }
     assert_eq!(acked.len(), 1000);
     for group in ["billing", "points", "notification"] {
-        let mut consumer = client.consumer(group, &["payments"], fast_options()).await?;
+        let mut consumer = client
+            .consumer(group, &["payments"], fast_options())
+            .await?;
         let got = drain(&mut consumer, 1000, Duration::from_secs(30)).await?;
         assert_eq!(got.len(), 1000, "group {group} got {} messages", got.len());
         // Exactly once, and in offset order within each partition.
         let mut last: HashMap<u32, u64> = HashMap::new();
         for m in &got {
             if let Some(prev) = last.insert(m.partition, m.offset()) {
-                assert_eq!(m.offset(), prev + 1, "group {group} partition {} out of order", m.partition);
+                assert_eq!(
+                    m.offset(),
+                    prev + 1,
+                    "group {group} partition {} out of order",
+                    m.partition
+                );
             } else {
                 assert_eq!(m.offset(), 0);
             }
         }
-        let distinct: std::collections::BTreeSet<_> = got.iter().map(|m| (m.partition, m.offset())).collect();
+        let distinct: std::collections::BTreeSet<_> =
+            got.iter().map(|m| (m.partition, m.offset())).collect();
         assert_eq!(distinct.len(), 1000);
         // Nothing more arrives.
         assert!(consumer.poll().await?.is_empty());
@@ -114,7 +122,10 @@ async fn message_fields_round_trip_and_ids_are_unique() -> anyhow::Result<()> {
     assert_eq!(m.id, ack.id);
     assert!(m.timestamp_ms >= before && m.timestamp_ms < before + 60_000);
     // Explicit partition.
-    let acks = client.producer("orders").send_to_partition(1, vec![NewMessage::new("p1")]).await?;
+    let acks = client
+        .producer("orders")
+        .send_to_partition(1, vec![NewMessage::new("p1")])
+        .await?;
     assert_eq!(acks[0].partition, 1);
     Ok(())
 }
@@ -143,12 +154,27 @@ async fn long_poll_returns_as_soon_as_a_message_arrives() -> anyhow::Result<()> 
     let waited = started.elapsed();
     send.await??;
     assert_eq!(got.len(), 1);
-    assert!(waited >= Duration::from_millis(250), "returned before the message existed: {waited:?}");
-    assert!(waited < Duration::from_secs(5), "long poll did not wake up: {waited:?}");
+    assert!(
+        waited >= Duration::from_millis(250),
+        "returned before the message existed: {waited:?}"
+    );
+    assert!(
+        waited < Duration::from_secs(5),
+        "long poll did not wake up: {waited:?}"
+    );
     // A direct fetch at the end waits and then returns empty.
     let started = Instant::now();
     let fetched = client
-        .fetch("events", 0, 1, FetchLimits { max_messages: 1, max_bytes: 1024, max_wait_ms: 200 })
+        .fetch(
+            "events",
+            0,
+            1,
+            FetchLimits {
+                max_messages: 1,
+                max_bytes: 1024,
+                max_wait_ms: 200,
+            },
+        )
         .await?;
     assert!(fetched.messages.is_empty());
     assert!(started.elapsed() >= Duration::from_millis(150));
@@ -163,10 +189,16 @@ async fn offsets_and_messages_survive_clean_and_hard_restarts() -> anyhow::Resul
     let producer = client.producer("ledger");
     for i in 0..10 {
         producer
-            .send_batch((0..40).map(|j| NewMessage::new(format!("{i}-{j}"))).collect())
+            .send_batch(
+                (0..40)
+                    .map(|j| NewMessage::new(format!("{i}-{j}")))
+                    .collect(),
+            )
             .await?;
     }
-    let mut consumer = client.consumer("billing", &["ledger"], fast_options()).await?;
+    let mut consumer = client
+        .consumer("billing", &["ledger"], fast_options())
+        .await?;
     let first = drain(&mut consumer, 150, Duration::from_secs(20)).await?;
     assert!(first.len() >= 150);
     let consumed = first.len();
@@ -181,9 +213,15 @@ async fn offsets_and_messages_survive_clean_and_hard_restarts() -> anyhow::Resul
     let description = client.describe_topic("ledger").await?;
     let total: u64 = description.partitions.iter().map(|p| p.end_offset).sum();
     assert_eq!(total, 400);
-    let mut consumer = client.consumer("billing", &["ledger"], fast_options()).await?;
+    let mut consumer = client
+        .consumer("billing", &["ledger"], fast_options())
+        .await?;
     let rest = drain(&mut consumer, 400 - consumed, Duration::from_secs(20)).await?;
-    assert_eq!(rest.len(), 400 - consumed, "resumed from the committed offsets, no repeats");
+    assert_eq!(
+        rest.len(),
+        400 - consumed,
+        "resumed from the committed offsets, no repeats"
+    );
     let mut all: Vec<String> = first
         .iter()
         .chain(rest.iter())
@@ -193,7 +231,10 @@ async fn offsets_and_messages_survive_clean_and_hard_restarts() -> anyhow::Resul
     all.dedup();
     assert_eq!(all.len(), 400);
     // New messages after restarts get fresh offsets.
-    let ack = client.producer("ledger").send_to_partition(0, vec![NewMessage::new("after")]).await?;
+    let ack = client
+        .producer("ledger")
+        .send_to_partition(0, vec![NewMessage::new("after")])
+        .await?;
     assert_eq!(ack[0].offset, description.partitions[0].end_offset);
     Ok(())
 }
@@ -211,7 +252,10 @@ async fn graceful_shutdown_answers_every_request_and_loses_no_ack() -> anyhow::R
             for i in 0..10_000 {
                 let msg = NewMessage::new(format!("{t}-{i}"));
                 match producer.send_batch(vec![msg.clone(), msg]).await {
-                    Ok(acks) => acked.extend(acks.into_iter().map(|a| (a.partition, a.offset, format!("{t}-{i}")))),
+                    Ok(acks) => acked.extend(
+                        acks.into_iter()
+                            .map(|a| (a.partition, a.offset, format!("{t}-{i}"))),
+                    ),
                     Err(e) => {
                         // Refused (shutting down) or cut off: never half applied.
                         if let Some(code) = e.code() {
@@ -241,7 +285,11 @@ async fn graceful_shutdown_answers_every_request_and_loses_no_ack() -> anyhow::R
         }
     }
     for (p, offset, payload) in &acked {
-        assert_eq!(stored.get(&(*p, *offset)), Some(payload), "acked message lost");
+        assert_eq!(
+            stored.get(&(*p, *offset)),
+            Some(payload),
+            "acked message lost"
+        );
     }
     // Batches are atomic: both copies of a request, or neither.
     let mut counts: HashMap<&String, usize> = HashMap::new();
@@ -249,5 +297,29 @@ async fn graceful_shutdown_answers_every_request_and_loses_no_ack() -> anyhow::R
         *counts.entry(payload).or_default() += 1;
     }
     assert!(counts.values().all(|c| *c == 2), "a batch was half applied");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_client_reconnects_after_the_broker_restarts() -> anyhow::Result<()> {
+    let mut broker = TestBroker::start()?;
+    let client = broker.client().await?;
+    client.create_topic("again", 1).await?;
+    let producer = client.producer("again");
+    producer.send(NewMessage::new("before")).await?;
+    broker.terminate()?;
+    broker.restart()?;
+    // The old connection is gone; the next requests reconnect by themselves.
+    let mut result = producer.send(NewMessage::new("after")).await;
+    for _ in 0..20 {
+        if result.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        result = producer.send(NewMessage::new("after")).await;
+    }
+    assert_eq!(result?.offset, 1);
+    let all = read_all(&client, "again", 0, 0).await?;
+    assert_eq!(all.len(), 2);
     Ok(())
 }

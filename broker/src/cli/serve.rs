@@ -45,6 +45,21 @@ pub struct ServeArgs {
     /// Longest long-poll wait, e.g. "30s".
     #[arg(long, env = "MSMQ_FETCH_WAIT_MAX", value_parser = humantime::parse_duration)]
     fetch_wait_max: Option<Duration>,
+    /// Most payload bytes one fetch or poll returns, e.g. "16 MiB".
+    #[arg(long, env = "MSMQ_FETCH_BYTES_MAX")]
+    fetch_bytes_max: Option<ByteSize>,
+    /// Most messages one fetch or poll returns.
+    #[arg(long, env = "MSMQ_FETCH_MESSAGES_MAX")]
+    fetch_messages_max: Option<u32>,
+    /// Most bytes the storage writer puts into one transaction, e.g. "64 MiB".
+    #[arg(long, env = "MSMQ_COMMIT_BYTES_MAX")]
+    commit_bytes_max: Option<ByteSize>,
+    /// How often group members are checked for expired sessions, e.g. "250ms".
+    #[arg(long, env = "MSMQ_SESSION_CHECK_INTERVAL", value_parser = humantime::parse_duration)]
+    session_check_interval: Option<Duration>,
+    /// How long shutdown waits for in-flight requests, e.g. "10s".
+    #[arg(long, env = "MSMQ_SHUTDOWN_GRACE", value_parser = humantime::parse_duration)]
+    shutdown_grace: Option<Duration>,
     /// redb page cache, e.g. "64 MiB".
     #[arg(long, env = "MSMQ_CACHE_BYTES")]
     cache_bytes: Option<ByteSize>,
@@ -71,6 +86,11 @@ impl ServeArgs {
             batch_messages_max,
             partitions_max,
             fetch_wait_max,
+            fetch_bytes_max,
+            fetch_messages_max,
+            commit_bytes_max,
+            session_check_interval,
+            shutdown_grace,
             cache_bytes,
             log
         );

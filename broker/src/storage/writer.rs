@@ -109,10 +109,10 @@ impl WriterHandle {
 
     pub(super) async fn shutdown(&self, grace: Duration) {
         let (done, rx) = oneshot::channel();
-        if self.tx.send(Msg::Shutdown(done)).await.is_ok() {
-            if tokio::time::timeout(grace, rx).await.is_err() {
-                tracing::warn!("storage writer did not finish within {grace:?}");
-            }
+        if self.tx.send(Msg::Shutdown(done)).await.is_ok()
+            && tokio::time::timeout(grace, rx).await.is_err()
+        {
+            tracing::warn!("storage writer did not finish within {grace:?}");
         }
     }
 }

@@ -10,6 +10,9 @@
 //! - [`Consumer`]: join a consumer group, poll with long-poll, commit offsets.
 //! - Admin calls on [`Client`]: topics and groups.
 //!
+//! Runnable programs against a live broker are in `sdk/client/examples/`
+//! (`cargo run -p msmq-client --example produce`, `consume`, `admin`).
+//!
 //! ```no_run
 //! use msmq_client::{Client, ClientOptions, ConsumerOptions, NewMessage};
 //!
