@@ -126,10 +126,25 @@ pub struct PollTarget {
 }
 
 /// Every consumer group on this broker.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Coordinator {
     groups: BTreeMap<String, Group>,
     next_member_id: u64,
+}
+
+impl Default for Coordinator {
+    /// Member ids start from the clock (ms << 20), so an id a client kept from
+    /// before a broker restart never names a member of the new process.
+    fn default() -> Self {
+        let ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        Coordinator {
+            groups: BTreeMap::new(),
+            next_member_id: ms << 20,
+        }
+    }
 }
 
 impl Coordinator {
@@ -274,7 +289,7 @@ impl Coordinator {
         group: &str,
         member_id: u64,
         now: Instant,
-    ) -> Result<(Assignment, Vec<PollTarget>), GroupError> {
+    ) -> Result<(Assignment, Vec<PollTarget>, Duration), GroupError> {
         let g = self.group_mut(group, member_id)?;
         let assignment = g.assignment_of(member_id);
         let member = g
@@ -290,6 +305,7 @@ impl Coordinator {
         let first = if n == 0 { 0 } else { member.poll_cursor % n };
         member.poll_cursor = member.poll_cursor.wrapping_add(1);
         let start = member.start;
+        let session_timeout = member.session_timeout;
         let targets = (0..n)
             .map(|i| {
                 let tp = &assignment.partitions[(first + i) % n];
@@ -300,7 +316,7 @@ impl Coordinator {
                 }
             })
             .collect();
-        Ok((assignment, targets))
+        Ok((assignment, targets, session_timeout))
     }
 
     /// Move the read position of `tp` from `from` to `to`, only if the member
@@ -427,8 +443,8 @@ mod tests {
         // Stale compare fails.
         assert!(!c.advance("g", a, &tp(0), Some(3), 12));
         let (b, _) = c.join("g", member(2), now, &four);
-        let (_, a_targets) = c.poll_targets("g", a, now).unwrap();
-        let (_, b_targets) = c.poll_targets("g", b, now).unwrap();
+        let (_, a_targets, _) = c.poll_targets("g", a, now).unwrap();
+        let (_, b_targets, _) = c.poll_targets("g", b, now).unwrap();
         // a kept two partitions with their positions; b starts fresh.
         assert!(a_targets.iter().all(|t| t.position == Some(10)));
         assert!(b_targets.iter().all(|t| t.position.is_none()));

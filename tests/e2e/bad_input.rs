@@ -268,3 +268,29 @@ async fn a_client_without_the_certificate_is_told_what_to_do() -> anyhow::Result
     ));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_given_certificate_and_key_are_served() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let certified = rcgen::generate_simple_self_signed(vec!["broker.test".to_string()])?;
+    let (cert, key) = (dir.path().join("server.pem"), dir.path().join("server.key"));
+    std::fs::write(&cert, certified.cert.pem())?;
+    std::fs::write(&key, certified.signing_key.serialize_pem())?;
+    let broker = TestBroker::start_with(&[
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ])?;
+    assert!(
+        !broker.cert().exists(),
+        "no self-signed certificate when one is given"
+    );
+    let mut options = msmq_client::ClientOptions::default()
+        .server(broker.addr.to_string())
+        .ca_file(&cert);
+    options.server_name = "broker.test".into();
+    let client = msmq_client::Client::connect(options).await?;
+    client.ping().await?;
+    Ok(())
+}

@@ -161,3 +161,63 @@ async fn a_closed_connection_leaves_at_once_and_latest_skips_the_backlog() -> an
     assert!(stay.poll().await?.is_empty());
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_poll_reply_is_read_again_not_skipped() -> anyhow::Result<()> {
+    use msmq_client::protocol::{PartitionOffset, Reply, Request};
+    let broker = TestBroker::start()?;
+    let client = broker.client().await?;
+    client.create_topic("payments", 1).await?;
+    fill(&client, "payments", 30).await?;
+    let joined = client
+        .request(&Request::JoinGroup {
+            group: "billing".into(),
+            topics: vec!["payments".into()],
+            start: StartFrom::Earliest,
+            session_timeout_ms: 10_000,
+        })
+        .await?;
+    let Reply::Joined(joined) = joined else {
+        panic!("{joined:?}")
+    };
+    let poll = |positions: Vec<PartitionOffset>| Request::Poll {
+        group: "billing".into(),
+        member_id: joined.member_id,
+        limits: FetchLimits {
+            max_messages: 10,
+            max_bytes: 1 << 20,
+            max_wait_ms: 0,
+        },
+        positions,
+    };
+    let first_offsets = |reply: Reply| -> Vec<u64> {
+        match reply {
+            Reply::Polled(p) => p
+                .batches
+                .iter()
+                .flat_map(|b| b.messages.iter().map(|m| m.offset))
+                .collect(),
+            other => panic!("{other:?}"),
+        }
+    };
+    // Two polls whose replies "never arrived" (the member saw nothing).
+    assert_eq!(
+        first_offsets(client.request(&poll(vec![])).await?),
+        (0..10).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        first_offsets(client.request(&poll(vec![])).await?),
+        (10..20).collect::<Vec<_>>()
+    );
+    // The member says where it really is: offset 0 again, nothing skipped.
+    let at_zero = vec![PartitionOffset {
+        topic: "payments".into(),
+        partition: 0,
+        offset: 0,
+    }];
+    assert_eq!(
+        first_offsets(client.request(&poll(at_zero)).await?),
+        (0..10).collect::<Vec<_>>()
+    );
+    Ok(())
+}

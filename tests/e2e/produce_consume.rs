@@ -323,3 +323,45 @@ async fn the_same_client_reconnects_after_the_broker_restarts() -> anyhow::Resul
     assert_eq!(all.len(), 2);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_topic_takes_its_messages_and_offsets_with_it() -> anyhow::Result<()> {
+    let broker = TestBroker::start()?;
+    let client = broker.client().await?;
+    client.create_topic("temp", 2).await?;
+    client
+        .producer("temp")
+        .send_batch(vec![NewMessage::new("old"); 10])
+        .await?;
+    let mut consumer = client.consumer("g", &["temp"], fast_options()).await?;
+    assert_eq!(
+        drain(&mut consumer, 10, Duration::from_secs(10))
+            .await?
+            .len(),
+        10
+    );
+    consumer.leave().await?;
+    client.delete_topic("temp").await?;
+    assert!(client.list_topics().await?.iter().all(|t| t.name != "temp"));
+    assert_eq!(
+        client
+            .describe_topic("temp")
+            .await
+            .err()
+            .and_then(|e| e.code()),
+        Some(ErrorCode::UNKNOWN_TOPIC)
+    );
+    // Re-created under the same name: empty, new ids, no old group offsets.
+    client.create_topic("temp", 1).await?;
+    let description = client.describe_topic("temp").await?;
+    assert_eq!(description.partitions[0].end_offset, 0);
+    assert!(description.groups.is_empty());
+    let ack = client.producer("temp").send(NewMessage::new("new")).await?;
+    assert_eq!(ack.offset, 0);
+    let mut consumer = client.consumer("g", &["temp"], fast_options()).await?;
+    let got = drain(&mut consumer, 1, Duration::from_secs(10)).await?;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].message.payload, b"new");
+    assert_eq!(got[0].message.id, ack.id);
+    Ok(())
+}

@@ -55,7 +55,7 @@ async fn serve_connection(state: Arc<BrokerState>, conn: quinn::Connection, requ
         match conn.accept_bi().await {
             Ok((send, recv)) => {
                 if requests.is_closed() {
-                    // Shutting down: answer nothing new; the stream is reset.
+                    // Shutting down: answer nothing new; the stream is dropped unanswered.
                     drop((send, recv));
                     continue;
                 }

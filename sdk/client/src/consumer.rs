@@ -64,6 +64,8 @@ pub struct Consumer {
     assignment: Assignment,
     /// Next offset to commit per partition: one past the last message polled.
     uncommitted: BTreeMap<TopicPartition, u64>,
+    /// Where to continue reading per owned partition (sent with every poll).
+    positions: BTreeMap<TopicPartition, u64>,
     heartbeat: tokio::task::JoinHandle<()>,
 }
 
@@ -97,6 +99,7 @@ impl Consumer {
             member_id,
             assignment,
             uncommitted: BTreeMap::new(),
+            positions: BTreeMap::new(),
             heartbeat,
         })
     }
@@ -140,13 +143,12 @@ impl Consumer {
         for batch in polled.batches {
             let topic: Arc<str> = batch.topic.as_str().into();
             if let Some(last) = batch.messages.last() {
-                self.uncommitted.insert(
-                    TopicPartition {
-                        topic: batch.topic.clone(),
-                        partition: batch.partition,
-                    },
-                    last.offset + 1,
-                );
+                let tp = TopicPartition {
+                    topic: batch.topic.clone(),
+                    partition: batch.partition,
+                };
+                self.positions.insert(tp.clone(), last.offset + 1);
+                self.uncommitted.insert(tp, last.offset + 1);
             }
             out.extend(batch.messages.into_iter().map(|message| ReceivedMessage {
                 topic: topic.clone(),
@@ -163,6 +165,15 @@ impl Consumer {
                 group: self.group.clone(),
                 member_id: self.member_id(),
                 limits: self.options.limits,
+                positions: self
+                    .positions
+                    .iter()
+                    .map(|(tp, offset)| PartitionOffset {
+                        topic: tp.topic.clone(),
+                        partition: tp.partition,
+                        offset: *offset,
+                    })
+                    .collect(),
             })
             .await
     }
@@ -171,6 +182,7 @@ impl Consumer {
         let (id, assignment) =
             join_request(&self.client, &self.group, &self.topics, &self.options).await?;
         self.member_id.store(id, Ordering::Relaxed);
+        self.positions.clear();
         self.set_assignment(assignment);
         Ok(())
     }
@@ -179,6 +191,13 @@ impl Consumer {
         // Progress on partitions we lost is no longer ours to commit.
         self.uncommitted
             .retain(|tp, _| assignment.partitions.contains(tp));
+        if assignment.generation != self.assignment.generation {
+            // A partition we own again may have been read by another member
+            // meanwhile: continue from the broker's record, not our memory.
+            self.positions.retain(|tp, _| {
+                assignment.partitions.contains(tp) && self.assignment.partitions.contains(tp)
+            });
+        }
         self.assignment = assignment;
     }
 

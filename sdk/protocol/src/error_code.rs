@@ -59,7 +59,7 @@ codes! {
     OFFSET_OUT_OF_RANGE = 9, retryable = false;
     /// The consumer-group member id is unknown (expired or never joined): join again.
     UNKNOWN_MEMBER = 10, retryable = false;
-    /// The group was rebalanced: the member no longer owns that partition or its generation is stale.
+    /// The group was rebalanced: the member no longer owns that partition.
     REBALANCED = 11, retryable = true;
     /// The storage layer failed; the request was not applied.
     STORAGE_ERROR = 12, retryable = true;

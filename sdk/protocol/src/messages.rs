@@ -47,11 +47,17 @@ pub enum Request {
     Heartbeat { group: String, member_id: u64 },
     /// Take the next messages from the member's assigned partitions, waiting
     /// up to `limits.max_wait_ms` when none is ready. Counts as a heartbeat.
+    /// `positions` is where the member wants to continue on partitions it
+    /// has already received messages from (one past the last one it got);
+    /// for any other partition the broker continues from its own record,
+    /// which starts at the group's committed offset. Sending positions makes
+    /// a lost reply harmless: its messages are read again.
     /// Reply: [`Reply::Polled`].
     Poll {
         group: String,
         member_id: u64,
         limits: FetchLimits,
+        positions: Vec<PartitionOffset>,
     },
     /// Store the group's progress: each offset is the next offset to consume.
     /// Reply: [`Reply::Done`].

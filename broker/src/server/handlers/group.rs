@@ -10,6 +10,7 @@ use msmq_protocol::{
     names::validate_name, ErrorCode, ErrorReply, FetchLimits, FetchedMessages, Joined,
     PartitionOffset, Polled, Reply, StartFrom, TopicPartition,
 };
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 pub(super) fn join(
@@ -119,13 +120,24 @@ pub(super) async fn poll(
     group: String,
     member_id: u64,
     limits: FetchLimits,
+    positions: Vec<PartitionOffset>,
 ) -> Result<Reply, ErrorReply> {
     let limits = clamp(state, limits)?;
+    let client_positions: HashMap<TopicPartition, u64> = positions
+        .into_iter()
+        .map(|p| {
+            let tp = TopicPartition {
+                topic: p.topic,
+                partition: p.partition,
+            };
+            (tp, p.offset)
+        })
+        .collect();
     let deadline = tokio::time::Instant::now() + limits.wait;
     let mut appended = state.registry.subscribe_appended();
     loop {
         appended.borrow_and_update();
-        let (assignment, targets) = state
+        let (assignment, targets, session_timeout) = state
             .with_groups(|g, _| g.poll_targets(&group, member_id, Instant::now()))
             .map_err(from_group)?;
         let mut batches = Vec::new();
@@ -138,9 +150,13 @@ pub(super) async fn poll(
             let Some(topic) = state.registry.get(&tp.topic) else {
                 continue;
             };
-            let from = match target.position {
-                Some(p) => p,
-                None => match initial_position(state, &group, tp, target.start).await? {
+            let Some(offsets) = topic.partition(tp.partition) else {
+                continue;
+            };
+            let from = match (client_positions.get(tp), target.position) {
+                (Some(p), _) => (*p).clamp(offsets.start(), offsets.end()),
+                (None, Some(p)) => p,
+                (None, None) => match initial_position(state, &group, tp, target.start).await? {
                     Some(p) => p,
                     None => continue,
                 },
@@ -164,11 +180,17 @@ pub(super) async fn poll(
             batches.push(FetchedMessages {
                 topic: tp.topic.clone(),
                 partition: tp.partition,
-                end_offset: topic.partitions[tp.partition as usize].end(),
+                end_offset: topic.partition(tp.partition).map_or(next, |o| o.end()),
                 messages,
             });
         }
-        if !batches.is_empty() || !wait_for_append(state, &mut appended, deadline).await {
+        // Wake at least twice per session timeout so a long wait refreshes
+        // the member's liveness even without separate heartbeats.
+        let wake = deadline.min(tokio::time::Instant::now() + session_timeout / 2);
+        let done = !batches.is_empty()
+            || (!wait_for_append(state, &mut appended, wake).await
+                && (state.is_shutting_down() || tokio::time::Instant::now() >= deadline));
+        if done {
             return Ok(Reply::Polled(Polled {
                 assignment,
                 batches,

@@ -55,7 +55,8 @@ pub(super) async fn handle(
             group,
             member_id,
             limits,
-        } => group::poll(state, group, member_id, limits).await,
+            positions,
+        } => group::poll(state, group, member_id, limits, positions).await,
         Request::CommitOffsets {
             group,
             member_id,

@@ -40,7 +40,12 @@ pub(super) async fn read_messages(
     max_messages: usize,
     max_bytes: usize,
 ) -> Result<Vec<Message>, ErrorReply> {
-    let end = topic.partitions[partition as usize].end();
+    // The topic may have been re-created with fewer partitions since the
+    // caller looked: a missing partition simply has nothing to read.
+    let Some(offsets) = topic.partition(partition) else {
+        return Ok(Vec::new());
+    };
+    let end = offsets.end();
     if from >= end {
         return Ok(Vec::new());
     }
