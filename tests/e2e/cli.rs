@@ -81,8 +81,35 @@ fn topics_produce_consume_and_groups_from_the_command_line() -> anyhow::Result<(
         ],
         None,
     )?);
-    let summary: serde_json::Value = serde_json::from_str(bench.trim())?;
-    assert_eq!(summary["messages"], 2000);
+    check_summary(&bench, 2000);
+    let bench = ok(cli(
+        &broker,
+        &["bench", "consume", "--count", "3000", "--json"],
+        None,
+    )?);
+    check_summary(&bench, 3000);
+    let bench = ok(cli(
+        &broker,
+        &[
+            "bench",
+            "e2e",
+            "--count",
+            "1000",
+            "--batch",
+            "10",
+            "--duration",
+            "30s",
+            "--json",
+        ],
+        None,
+    )?);
+    check_summary(&bench, 1000);
+    Ok(())
+}
+
+fn check_summary(json: &str, messages: u64) {
+    let summary: serde_json::Value = serde_json::from_str(json.trim()).unwrap();
+    assert_eq!(summary["messages"], messages, "{summary}");
     for key in [
         "messages_per_sec",
         "mb_per_sec",
@@ -95,7 +122,6 @@ fn topics_produce_consume_and_groups_from_the_command_line() -> anyhow::Result<(
             "{key} in {summary}"
         );
     }
-    Ok(())
 }
 
 #[test]
