@@ -2,7 +2,7 @@
 //! consumer-group offsets.
 //!
 //! Owns: the redb [`Database`], the table layout ([`tables`]), the single
-//! writer thread ([`writer`]) and the read paths ([`read`]).
+//! writer thread (`writer`) and the read paths ([`read`]).
 //!
 //! Invariants:
 //! - Every change goes through the one writer, which commits many queued
