@@ -47,6 +47,23 @@ pub struct Config {
     /// How often group members are checked for expired sessions.
     #[serde(with = "humantime_serde")]
     pub session_check_interval: Duration,
+    /// A half message unresolved this long is checked back with its producer group.
+    #[serde(with = "humantime_serde")]
+    pub transaction_timeout: Duration,
+    /// Time between check-backs of a transaction still unknown.
+    #[serde(with = "humantime_serde")]
+    pub transaction_check_interval: Duration,
+    /// Checks without an answer before the transaction is rolled back and discarded.
+    pub transaction_check_max: u32,
+    /// Most check-backs sent per second (a recovering broker must not storm its producers).
+    pub transaction_checks_per_sec_max: u32,
+    /// How long a check-back waits for the producer's answer.
+    #[serde(with = "humantime_serde")]
+    pub transaction_check_reply_timeout: Duration,
+    /// How long a resolved transaction's outcome is kept to answer repeated
+    /// or conflicting commit/rollback requests consistently.
+    #[serde(with = "humantime_serde")]
+    pub transaction_outcome_retention: Duration,
     /// How long shutdown waits for in-flight requests.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
@@ -72,6 +89,12 @@ impl Default for Config {
             cache_bytes: ByteSize::mib(64),
             commit_bytes_max: ByteSize::mib(64),
             session_check_interval: Duration::from_millis(250),
+            transaction_timeout: Duration::from_secs(6),
+            transaction_check_interval: Duration::from_secs(30),
+            transaction_check_max: 15,
+            transaction_checks_per_sec_max: 2000,
+            transaction_check_reply_timeout: Duration::from_secs(5),
+            transaction_outcome_retention: Duration::from_secs(3600),
             shutdown_grace: Duration::from_secs(10),
             log: "info".into(),
         }
@@ -124,6 +147,22 @@ impl Config {
         anyhow::ensure!(
             self.session_check_interval >= Duration::from_millis(10),
             "session_check_interval must be at least 10ms"
+        );
+        anyhow::ensure!(
+            self.transaction_check_interval >= Duration::from_millis(10),
+            "transaction_check_interval must be at least 10ms"
+        );
+        anyhow::ensure!(
+            self.transaction_check_max >= 1,
+            "transaction_check_max must be at least 1"
+        );
+        anyhow::ensure!(
+            self.transaction_checks_per_sec_max >= 1,
+            "transaction_checks_per_sec_max must be at least 1"
+        );
+        anyhow::ensure!(
+            self.transaction_check_reply_timeout >= Duration::from_millis(10),
+            "transaction_check_reply_timeout must be at least 10ms"
         );
         anyhow::ensure!(
             self.tls_cert.is_some() == self.tls_key.is_some(),

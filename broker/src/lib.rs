@@ -8,3 +8,4 @@ pub mod server;
 pub mod storage;
 pub mod tls;
 pub mod topics;
+pub mod transactions;

@@ -60,6 +60,24 @@ pub struct ServeArgs {
     /// How long shutdown waits for in-flight requests, e.g. "10s".
     #[arg(long, env = "MSMQ_SHUTDOWN_GRACE", value_parser = humantime::parse_duration)]
     shutdown_grace: Option<Duration>,
+    /// Age at which an unresolved half message is first checked back, e.g. "6s".
+    #[arg(long, env = "MSMQ_TRANSACTION_TIMEOUT", value_parser = humantime::parse_duration)]
+    transaction_timeout: Option<Duration>,
+    /// Time between check-backs of a transaction still unknown, e.g. "30s".
+    #[arg(long, env = "MSMQ_TRANSACTION_CHECK_INTERVAL", value_parser = humantime::parse_duration)]
+    transaction_check_interval: Option<Duration>,
+    /// Unanswered checks before a transaction is rolled back and discarded.
+    #[arg(long, env = "MSMQ_TRANSACTION_CHECK_MAX")]
+    transaction_check_max: Option<u32>,
+    /// Most check-backs sent per second.
+    #[arg(long, env = "MSMQ_TRANSACTION_CHECKS_PER_SEC_MAX")]
+    transaction_checks_per_sec_max: Option<u32>,
+    /// How long a check-back waits for the producer's answer, e.g. "5s".
+    #[arg(long, env = "MSMQ_TRANSACTION_CHECK_REPLY_TIMEOUT", value_parser = humantime::parse_duration)]
+    transaction_check_reply_timeout: Option<Duration>,
+    /// How long resolved transactions' outcomes are kept, e.g. "1h".
+    #[arg(long, env = "MSMQ_TRANSACTION_OUTCOME_RETENTION", value_parser = humantime::parse_duration)]
+    transaction_outcome_retention: Option<Duration>,
     /// redb page cache, e.g. "64 MiB".
     #[arg(long, env = "MSMQ_CACHE_BYTES")]
     cache_bytes: Option<ByteSize>,
@@ -91,6 +109,12 @@ impl ServeArgs {
             commit_bytes_max,
             session_check_interval,
             shutdown_grace,
+            transaction_timeout,
+            transaction_check_interval,
+            transaction_check_max,
+            transaction_checks_per_sec_max,
+            transaction_check_reply_timeout,
+            transaction_outcome_retention,
             cache_bytes,
             log
         );

@@ -21,6 +21,8 @@ const REPLY_DELIVERY_WAIT: std::time::Duration = std::time::Duration::from_secs(
 pub struct ConnectionContext {
     pub id: u64,
     pub remote: std::net::SocketAddr,
+    /// The connection itself, for requests the broker sends back (check-backs).
+    pub conn: quinn::Connection,
 }
 
 pub(super) async fn accept_loop(
@@ -49,6 +51,7 @@ async fn serve_connection(state: Arc<BrokerState>, conn: quinn::Connection, requ
     let ctx = Arc::new(ConnectionContext {
         id: state.next_connection_id.fetch_add(1, Ordering::Relaxed),
         remote: conn.remote_address(),
+        conn: conn.clone(),
     });
     tracing::debug!(conn = ctx.id, remote = %ctx.remote, "connection opened");
     let reason = loop {
@@ -65,6 +68,7 @@ async fn serve_connection(state: Arc<BrokerState>, conn: quinn::Connection, requ
             Err(e) => break e,
         }
     };
+    state.producers.remove_connection(ctx.id);
     let dropped = state.with_groups(|g, partitions_of| g.drop_connection(ctx.id, partitions_of));
     for (group, member) in dropped {
         tracing::info!(%group, member, "member's connection closed; partitions rebalanced");

@@ -8,8 +8,10 @@
 //! committed and acknowledged) before the writer stops and the endpoint
 //! closes, so no write is ever left half done.
 
+mod checkback;
 mod connection;
 mod handlers;
+mod producers;
 
 use crate::config::Config;
 use crate::groups::Coordinator;
@@ -29,6 +31,7 @@ pub struct BrokerState {
     pub store: Store,
     pub registry: Arc<TopicRegistry>,
     pub groups: Mutex<Coordinator>,
+    pub producers: producers::ProducerRegistry,
     shutting_down: AtomicBool,
     next_connection_id: AtomicU64,
 }
@@ -103,6 +106,7 @@ impl RunningBroker {
             store,
             registry,
             groups: Mutex::new(Coordinator::default()),
+            producers: producers::ProducerRegistry::default(),
             shutting_down: AtomicBool::new(false),
             next_connection_id: AtomicU64::new(1),
         });
@@ -114,6 +118,7 @@ impl RunningBroker {
                 requests.clone(),
             )),
             tokio::spawn(session_checker(state.clone())),
+            tokio::spawn(checkback::run(state.clone())),
         ];
         tracing::info!(addr = %local_addr, durability = ?state.config.durability,
             data_dir = %state.config.data_dir.display(), "broker listening");

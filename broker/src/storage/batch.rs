@@ -1,27 +1,36 @@
 //! The stored form of one produced batch: one redb value per batch.
 //!
 //! Layout (little-endian): `version: u8 = 1`, `count: u32`,
-//! `timestamp_ms: u64`, then `count` postcard-encoded
+//! `timestamp_ms: u64`, `base_sequence: u64`, then `count` postcard-encoded
 //! [`NewMessage`] records back to back. The batch's base offset is in the
-//! key; record `i` has offset `base + i`. Every record shares the batch
-//! timestamp (the broker's append time).
+//! key; record `i` has offset `base + i` and message id
+//! `(store id, base_sequence + i)`. Every record shares the batch timestamp
+//! (the broker's append time).
 
 use msmq_protocol::{Message, MessageId, NewMessage};
 
 const BATCH_FORMAT_VERSION: u8 = 1;
-const HEADER_BYTES: usize = 1 + 4 + 8;
+const HEADER_BYTES: usize = 1 + 4 + 8 + 8;
+const SEQUENCE_AT: usize = 13;
 
-/// Encode records as one stored batch value.
+/// Encode records as one stored batch value. The writer fills in the base
+/// sequence ([`set_base_sequence`]) when it assigns ids.
 pub fn encode(timestamp_ms: u64, records: &[&NewMessage]) -> Vec<u8> {
     let payload_bytes: usize = records.iter().map(|r| r.size_bytes() + 16).sum();
     let mut out = Vec::with_capacity(HEADER_BYTES + payload_bytes);
     out.push(BATCH_FORMAT_VERSION);
     out.extend_from_slice(&(records.len() as u32).to_le_bytes());
     out.extend_from_slice(&timestamp_ms.to_le_bytes());
+    out.extend_from_slice(&0u64.to_le_bytes());
     for record in records {
         out = postcard::to_extend(record, out).expect("encoding into a Vec cannot fail");
     }
     out
+}
+
+/// Set the message-id sequence of the batch's first record.
+pub fn set_base_sequence(value: &mut [u8], sequence: u64) {
+    value[SEQUENCE_AT..SEQUENCE_AT + 8].copy_from_slice(&sequence.to_le_bytes());
 }
 
 /// The fixed header of a stored batch.
@@ -29,6 +38,7 @@ pub fn encode(timestamp_ms: u64, records: &[&NewMessage]) -> Vec<u8> {
 pub struct BatchHeader {
     pub count: u32,
     pub timestamp_ms: u64,
+    pub base_sequence: u64,
 }
 
 pub fn header(value: &[u8]) -> Result<BatchHeader, String> {
@@ -44,6 +54,11 @@ pub fn header(value: &[u8]) -> Result<BatchHeader, String> {
     Ok(BatchHeader {
         count: u32::from_le_bytes(value[1..5].try_into().expect("4 bytes")),
         timestamp_ms: u64::from_le_bytes(value[5..13].try_into().expect("8 bytes")),
+        base_sequence: u64::from_le_bytes(
+            value[SEQUENCE_AT..SEQUENCE_AT + 8]
+                .try_into()
+                .expect("8 bytes"),
+        ),
     })
 }
 
@@ -51,8 +66,7 @@ pub fn header(value: &[u8]) -> Result<BatchHeader, String> {
 /// `take` for each until it returns false.
 pub fn decode_from(
     value: &[u8],
-    topic_id: u32,
-    partition: u32,
+    store_id: u64,
     base: u64,
     from: u64,
     mut take: impl FnMut(Message) -> bool,
@@ -69,7 +83,7 @@ pub fn decode_from(
         }
         let message = Message {
             offset,
-            id: MessageId::new(topic_id, partition, offset),
+            id: MessageId::new(store_id, head.base_sequence + i),
             timestamp_ms: head.timestamp_ms,
             payload: record.payload,
             key: record.key,
@@ -93,16 +107,18 @@ mod tests {
             .map(|i| NewMessage::new(vec![i; 3]).with_tag(format!("t{i}")))
             .collect();
         let refs: Vec<&NewMessage> = records.iter().collect();
-        let value = encode(42, &refs);
+        let mut value = encode(42, &refs);
+        set_base_sequence(&mut value, 1000);
         assert_eq!(
             header(&value).unwrap(),
             BatchHeader {
                 count: 5,
-                timestamp_ms: 42
+                timestamp_ms: 42,
+                base_sequence: 1000
             }
         );
         let mut got = Vec::new();
-        decode_from(&value, 1, 2, 100, 102, |m| {
+        decode_from(&value, 7, 100, 102, |m| {
             got.push(m);
             got.len() < 2
         })
@@ -110,7 +126,7 @@ mod tests {
         assert_eq!(got.len(), 2);
         assert_eq!(got[0].offset, 102);
         assert_eq!(got[0].payload, vec![2; 3]);
-        assert_eq!(got[1].id, MessageId::new(1, 2, 103));
-        assert!(decode_from(&value[..20], 1, 2, 100, 100, |_| true).is_err());
+        assert_eq!(got[1].id, MessageId::new(7, 1003));
+        assert!(decode_from(&value[..30], 7, 100, 100, |_| true).is_err());
     }
 }

@@ -20,12 +20,13 @@ pub mod tables;
 mod writer;
 
 use crate::topics::{Topic, TopicMeta, TopicRegistry};
+use crate::transactions::{HalfRecord, PendingTx, TxSchedule};
 use redb::{Database, ReadableDatabase, ReadableTable};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use thiserror::Error;
-pub use writer::{PartitionAppend, WriteError, WriteOp, WriteOutcome};
+pub use writer::{Landed, PartitionAppend, WriteError, WriteOp, WriteOutcome};
 
 /// Name of the redb file inside the data directory.
 pub const DB_FILE_NAME: &str = "msmq.redb";
@@ -92,6 +93,8 @@ from_redb!(
 pub struct Store {
     db: Arc<Database>,
     writer: writer::WriterHandle,
+    store_id: u64,
+    schedule: Arc<Mutex<TxSchedule>>,
 }
 
 impl Store {
@@ -115,14 +118,31 @@ impl Store {
                 reason: e.to_string(),
             })?;
         tables::create_all(&db)?;
-        let next_topic_id = load_topics(&db, &registry)?;
+        load_topics(&db, &registry)?;
+        let (store_id, counters) = load_counters(&db)?;
+        let schedule = Arc::new(Mutex::new(load_schedule(&db)?));
         let db = Arc::new(db);
-        let writer = writer::start(db.clone(), registry, options, next_topic_id);
-        Ok(Store { db, writer })
+        let writer = writer::start(db.clone(), registry, schedule.clone(), options, counters);
+        Ok(Store {
+            db,
+            writer,
+            store_id,
+            schedule,
+        })
     }
 
     pub fn db(&self) -> &Arc<Database> {
         &self.db
+    }
+
+    /// This store's random id: the first half of every message id.
+    pub fn store_id(&self) -> u64 {
+        self.store_id
+    }
+
+    /// Pending transactions by next check time (kept current by the writer).
+    pub fn schedule(&self) -> &Arc<Mutex<TxSchedule>> {
+        &self.schedule
     }
 
     /// Queue one change and wait until it is committed (or failed).
@@ -137,16 +157,53 @@ impl Store {
     }
 }
 
-/// Load topics and partition offsets; returns the next unused topic id.
-fn load_topics(db: &Database, registry: &TopicRegistry) -> Result<u32, StorageError> {
+/// The store id and the counters the writer hands out.
+fn load_counters(db: &Database) -> Result<(u64, writer::Counters), StorageError> {
+    let txn = db.begin_read()?;
+    let meta = txn.open_table(tables::META)?;
+    let get = |key: &str, default: u64| -> Result<u64, StorageError> {
+        Ok(meta.get(key)?.map(|v| v.value()).unwrap_or(default))
+    };
+    let store_id = get(tables::META_STORE_ID, 0)?;
+    let counters = writer::Counters {
+        next_topic_id: get(tables::META_NEXT_TOPIC_ID, 1)? as u32,
+        next_message_sequence: get(tables::META_NEXT_MESSAGE_SEQUENCE, 1)?,
+        next_tx_id: get(tables::META_NEXT_TX_ID, 1)?,
+    };
+    Ok((store_id, counters))
+}
+
+/// Every pending (not discarded) half message, for the check-back loop.
+fn load_schedule(db: &Database) -> Result<TxSchedule, StorageError> {
+    let txn = db.begin_read()?;
+    let halves = txn.open_table(tables::HALF_MESSAGES)?;
+    let mut schedule = TxSchedule::default();
+    for entry in halves.iter()? {
+        let (tx_id, value) = entry?;
+        let record: HalfRecord = postcard::from_bytes(value.value())
+            .map_err(|e| StorageError::Corrupt(format!("half message {}: {e}", tx_id.value())))?;
+        if !record.discarded {
+            schedule.upsert(
+                tx_id.value(),
+                PendingTx {
+                    producer_group: record.producer_group,
+                    check_count: record.check_count,
+                    next_check_at_ms: record.next_check_at_ms,
+                },
+            );
+        }
+    }
+    if !schedule.is_empty() {
+        tracing::info!(pending = schedule.len(), "loaded pending transactions");
+    }
+    Ok(schedule)
+}
+
+/// Load topics and partition offsets into the registry.
+fn load_topics(db: &Database, registry: &TopicRegistry) -> Result<(), StorageError> {
     let txn = db.begin_read()?;
     let topics = txn.open_table(tables::TOPICS)?;
     let partitions = txn.open_table(tables::PARTITIONS)?;
-    let meta = txn.open_table(tables::META)?;
-    let next_topic_id = meta
-        .get(tables::META_NEXT_TOPIC_ID)?
-        .map(|v| v.value() as u32)
-        .unwrap_or(1);
     for entry in topics.iter()? {
         let (name, value) = entry?;
         let topic_meta: TopicMeta = postcard::from_bytes(value.value())
@@ -162,5 +219,5 @@ fn load_topics(db: &Database, registry: &TopicRegistry) -> Result<u32, StorageEr
         tracing::info!(topic = %topic.name, partitions = topic.partition_count(), "loaded topic");
         registry.insert(Arc::new(topic));
     }
-    Ok(next_topic_id)
+    Ok(())
 }

@@ -10,8 +10,10 @@ use redb::{Database, ReadableDatabase, ReadableTable};
 /// (exclusive, the committed end), stopping at `max_messages` or once
 /// `max_bytes` of payload is reached. The first message is always returned
 /// even when it alone exceeds `max_bytes`, so a consumer can never be stuck.
+#[allow(clippy::too_many_arguments)]
 pub fn read_partition(
     db: &Database,
+    store_id: u64,
     topic_id: u32,
     partition: u32,
     from: u64,
@@ -37,7 +39,7 @@ pub fn read_partition(
     for entry in log.range((topic_id, partition, first_base)..(topic_id, partition, end))? {
         let (key, value) = entry?;
         let base = key.value().2;
-        batch::decode_from(value.value(), topic_id, partition, base, from, |m| {
+        batch::decode_from(value.value(), store_id, base, from, |m| {
             if m.offset >= end {
                 full = true;
                 return false;
@@ -78,4 +80,59 @@ pub fn all_group_offsets(db: &Database) -> Result<Vec<(String, u32, u32, u64)>, 
         out.push((group.to_string(), topic_id, partition, v.value()));
     }
     Ok(out)
+}
+
+/// One half message by transaction id.
+pub fn half_message(
+    db: &Database,
+    tx_id: u64,
+) -> Result<Option<crate::transactions::HalfRecord>, StorageError> {
+    let txn = db.begin_read()?;
+    let table = txn.open_table(tables::HALF_MESSAGES)?;
+    table
+        .get(tx_id)?
+        .map(|v| {
+            postcard::from_bytes(v.value())
+                .map_err(|e| StorageError::Corrupt(format!("half message {tx_id}: {e}")))
+        })
+        .transpose()
+}
+
+/// Half messages, discarded or pending, oldest first, at most `limit`.
+pub fn half_messages(
+    db: &Database,
+    discarded: bool,
+    limit: usize,
+) -> Result<Vec<(u64, crate::transactions::HalfRecord)>, StorageError> {
+    let txn = db.begin_read()?;
+    let table = txn.open_table(tables::HALF_MESSAGES)?;
+    let mut out = Vec::new();
+    for entry in table.iter()? {
+        let (k, v) = entry?;
+        let record: crate::transactions::HalfRecord = postcard::from_bytes(v.value())
+            .map_err(|e| StorageError::Corrupt(format!("half message {}: {e}", k.value())))?;
+        if record.discarded == discarded {
+            out.push((k.value(), record));
+            if out.len() >= limit {
+                break;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// How a resolved transaction ended, if its outcome is still kept.
+pub fn tx_outcome(
+    db: &Database,
+    tx_id: u64,
+) -> Result<Option<crate::transactions::OutcomeRecord>, StorageError> {
+    let txn = db.begin_read()?;
+    let table = txn.open_table(tables::TX_OUTCOMES)?;
+    table
+        .get(tx_id)?
+        .map(|v| {
+            postcard::from_bytes(v.value())
+                .map_err(|e| StorageError::Corrupt(format!("outcome {tx_id}: {e}")))
+        })
+        .transpose()
 }

@@ -2,7 +2,7 @@
 //! change.
 
 use super::StorageError;
-use redb::{Database, TableDefinition};
+use redb::{Database, ReadableTable, TableDefinition};
 
 /// (topic id, partition, base offset) → a stored batch (see [`super::batch`]).
 pub const LOG: TableDefinition<(u32, u32, u64), &[u8]> = TableDefinition::new("log");
@@ -13,11 +13,22 @@ pub const TOPICS: TableDefinition<&str, &[u8]> = TableDefinition::new("topics");
 /// (group, topic id, partition) → next offset the group will consume.
 pub const GROUP_OFFSETS: TableDefinition<(&str, u32, u32), u64> =
     TableDefinition::new("group_offsets");
+/// transaction id → postcard [`crate::transactions::HalfRecord`]: half
+/// messages, pending or discarded, invisible to consumers.
+pub const HALF_MESSAGES: TableDefinition<u64, &[u8]> = TableDefinition::new("half_messages");
+/// transaction id → postcard [`crate::transactions::OutcomeRecord`].
+pub const TX_OUTCOMES: TableDefinition<u64, &[u8]> = TableDefinition::new("tx_outcomes");
 /// Broker-wide counters.
 pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 /// Key in [`META`]: the next topic id to hand out (ids are never reused).
 pub const META_NEXT_TOPIC_ID: &str = "next_topic_id";
+/// Key in [`META`]: the next message-id sequence.
+pub const META_NEXT_MESSAGE_SEQUENCE: &str = "next_message_sequence";
+/// Key in [`META`]: the next transaction id.
+pub const META_NEXT_TX_ID: &str = "next_tx_id";
+/// Key in [`META`]: this store's random id, the first half of message ids.
+pub const META_STORE_ID: &str = "store_id";
 
 /// Create every table so read transactions can open them.
 pub fn create_all(db: &Database) -> Result<(), StorageError> {
@@ -26,7 +37,14 @@ pub fn create_all(db: &Database) -> Result<(), StorageError> {
     txn.open_table(PARTITIONS)?;
     txn.open_table(TOPICS)?;
     txn.open_table(GROUP_OFFSETS)?;
-    txn.open_table(META)?;
+    txn.open_table(HALF_MESSAGES)?;
+    txn.open_table(TX_OUTCOMES)?;
+    let mut meta = txn.open_table(META)?;
+    if meta.get(META_STORE_ID)?.is_none() {
+        // Never 0, so an id from this store is never all zeros.
+        meta.insert(META_STORE_ID, rand::random::<u64>() | 1)?;
+    }
+    drop(meta);
     txn.commit()?;
     Ok(())
 }

@@ -3,16 +3,20 @@
 //! One OS thread owns every redb write transaction. It blocks for the first
 //! queued request, drains whatever else is queued (up to
 //! `commit_bytes_max`), applies it all in one transaction, commits once, and
-//! only then updates the in-memory registry and answers each request.
+//! only then updates the in-memory state (topics, offsets, the transaction
+//! schedule) and answers each request.
 //!
-//! Invariants: offsets are assigned here and nowhere else; a failed commit
-//! answers every request in it with an error and changes no in-memory state.
+//! Invariants: offsets, message-id sequences, topic ids and transaction ids
+//! are assigned here and nowhere else; a failed commit answers every request
+//! in it with an error and changes no in-memory state.
 
-use super::{tables, Durability, StorageError, StoreOptions};
+use super::{batch, tables, Durability, StorageError, StoreOptions};
 use crate::topics::{Topic, TopicMeta, TopicRegistry};
-use redb::Database;
+use crate::transactions::{HalfRecord, OutcomeRecord, PendingTx, TxOutcome, TxSchedule, TxSource};
+use msmq_protocol::NewMessage;
+use redb::{Database, ReadableTable};
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot};
@@ -43,6 +47,45 @@ pub enum WriteOp {
         group: String,
         offsets: Vec<(u32, u32, u64)>,
     },
+    /// Store half messages, one transaction each, invisible to consumers.
+    StoreHalf {
+        topic: Arc<Topic>,
+        producer_group: String,
+        /// (partition, message) per transaction.
+        halves: Vec<(u32, NewMessage)>,
+        created_at_ms: u64,
+        first_check_at_ms: u64,
+    },
+    /// Commit or roll back a transaction.
+    EndTransaction {
+        tx_id: u64,
+        /// The group the requester speaks for; `None` for an operator.
+        producer_group: Option<String>,
+        commit: bool,
+        source: TxSource,
+        now_ms: u64,
+    },
+    /// Count a check-back before it is sent and schedule the next one.
+    CountCheck {
+        tx_id: u64,
+        next_check_at_ms: u64,
+    },
+    /// Roll back after `check_max` unanswered checks, keeping the record.
+    Discard {
+        tx_id: u64,
+        now_ms: u64,
+    },
+    /// Put a discarded transaction back to pending with a fresh check count.
+    Resume {
+        tx_id: u64,
+        next_check_at_ms: u64,
+    },
+    /// Forget outcomes resolved before `resolved_before_ms`, oldest
+    /// transaction ids first, at most `rows_max`.
+    PruneOutcomes {
+        resolved_before_ms: u64,
+        rows_max: u64,
+    },
 }
 
 /// One stored batch for one partition.
@@ -57,18 +100,39 @@ impl WriteOp {
     fn bytes(&self) -> usize {
         match self {
             WriteOp::Append { appends, .. } => appends.iter().map(|a| a.value.len()).sum(),
+            WriteOp::StoreHalf { halves, .. } => halves.iter().map(|(_, m)| m.size_bytes()).sum(),
             _ => 64,
         }
     }
+}
+
+/// Where a committed message landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Landed {
+    pub partition: u32,
+    pub offset: u64,
+    pub sequence: u64,
 }
 
 #[derive(Debug)]
 pub enum WriteOutcome {
     TopicCreated(Arc<Topic>),
     TopicDeleted,
-    /// Base offset of each append, in request order.
-    Appended(Vec<u64>),
+    /// (base offset, base message sequence) of each append, in request order.
+    Appended(Vec<(u64, u64)>),
     OffsetsCommitted,
+    /// (transaction id, message sequence) per half message, in request order.
+    HalfStored(Vec<(u64, u64)>),
+    /// The transaction is committed (now, or already before: idempotent).
+    TxCommitted(Landed),
+    /// The transaction is rolled back (now, or already before).
+    TxRolledBack,
+    /// The check count after counting; `None`: no longer pending.
+    CheckCounted(Option<u32>),
+    /// Whether a pending transaction was discarded.
+    Discarded(bool),
+    Resumed,
+    Pruned(u64),
 }
 
 #[derive(Debug, Error, Clone)]
@@ -77,6 +141,18 @@ pub enum WriteError {
     TopicExists(String),
     #[error("topic {0:?} does not exist")]
     UnknownTopic(String),
+    #[error(
+        "transaction {0} is unknown (never existed, or resolved long enough ago to be forgotten)"
+    )]
+    UnknownTransaction(u64),
+    #[error("transaction {tx_id} {reason}")]
+    TransactionResolved { tx_id: u64, reason: String },
+    #[error("transaction {tx_id} belongs to producer group {owner:?}, not {requester:?}")]
+    WrongProducerGroup {
+        tx_id: u64,
+        owner: String,
+        requester: String,
+    },
     #[error("storage failure, nothing was written: {0}")]
     Storage(String),
     #[error("the broker is shutting down")]
@@ -117,18 +193,28 @@ impl WriterHandle {
     }
 }
 
+/// Counters the writer hands out, loaded from the `meta` table.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Counters {
+    pub next_topic_id: u32,
+    pub next_message_sequence: u64,
+    pub next_tx_id: u64,
+}
+
 pub(super) fn start(
     db: Arc<Database>,
     registry: Arc<TopicRegistry>,
+    schedule: Arc<Mutex<TxSchedule>>,
     options: StoreOptions,
-    next_topic_id: u32,
+    counters: Counters,
 ) -> WriterHandle {
     let (tx, rx) = mpsc::channel(QUEUE_REQUESTS_MAX);
     let mut writer = Writer {
         db,
         registry,
+        schedule,
         options,
-        next_topic_id,
+        counters,
         last_sync: Instant::now(),
     };
     std::thread::Builder::new()
@@ -141,19 +227,44 @@ pub(super) fn start(
 struct Writer {
     db: Arc<Database>,
     registry: Arc<TopicRegistry>,
+    schedule: Arc<Mutex<TxSchedule>>,
     options: StoreOptions,
-    next_topic_id: u32,
+    counters: Counters,
     last_sync: Instant,
 }
 
+enum ScheduleChange {
+    Upsert(u64, PendingTx),
+    Remove(u64),
+}
+
 /// In-memory changes that become visible once the commit succeeded.
-#[derive(Default)]
 struct Effects {
     created: Vec<Arc<Topic>>,
     deleted: Vec<String>,
     /// (topic, partition) → (start, end) after this commit.
     ends: HashMap<(u32, u32), (Arc<Topic>, u64, u64)>,
-    next_topic_id: u32,
+    schedule: Vec<ScheduleChange>,
+    counters: Counters,
+}
+
+/// The tables of one write transaction.
+struct Tables<'t> {
+    log: redb::Table<'t, (u32, u32, u64), &'static [u8]>,
+    partitions: redb::Table<'t, (u32, u32), (u64, u64)>,
+    topics: redb::Table<'t, &'static str, &'static [u8]>,
+    group_offsets: redb::Table<'t, (&'static str, u32, u32), u64>,
+    meta: redb::Table<'t, &'static str, u64>,
+    halves: redb::Table<'t, u64, &'static [u8]>,
+    outcomes: redb::Table<'t, u64, &'static [u8]>,
+}
+
+fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    postcard::to_allocvec(value).expect("encoding to a Vec cannot fail")
+}
+
+fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, StorageError> {
+    postcard::from_bytes(bytes).map_err(|e| StorageError::Corrupt(format!("{what}: {e}")))
 }
 
 impl Writer {
@@ -201,11 +312,12 @@ impl Writer {
     fn commit_group(&mut self, jobs: Vec<Job>) {
         let started = Instant::now();
         let count = jobs.len();
-        let ops: Vec<&WriteOp> = jobs.iter().map(|j| &j.op).collect();
-        match self.apply(&ops) {
+        let mut jobs = jobs;
+        let mut ops: Vec<&mut WriteOp> = jobs.iter_mut().map(|j| &mut j.op).collect();
+        match self.apply(&mut ops) {
             Ok((results, effects)) => {
                 let appended = !effects.ends.is_empty();
-                self.next_topic_id = effects.next_topic_id;
+                self.counters = effects.counters;
                 for topic in effects.created {
                     self.registry.insert(topic);
                 }
@@ -214,6 +326,15 @@ impl Writer {
                 }
                 for ((_, partition), (topic, start, end)) in effects.ends {
                     topic.partitions[partition as usize].set(start, end);
+                }
+                if !effects.schedule.is_empty() {
+                    let mut schedule = self.schedule.lock().expect("schedule lock");
+                    for change in effects.schedule {
+                        match change {
+                            ScheduleChange::Upsert(id, tx) => schedule.upsert(id, tx),
+                            ScheduleChange::Remove(id) => schedule.remove(id),
+                        }
+                    }
                 }
                 if appended {
                     self.registry.signal_appended();
@@ -236,7 +357,7 @@ impl Writer {
     #[allow(clippy::type_complexity)]
     fn apply(
         &mut self,
-        ops: &[&WriteOp],
+        ops: &mut [&mut WriteOp],
     ) -> Result<(Vec<Result<WriteOutcome, WriteError>>, Effects), StorageError> {
         let mut txn = self.db.begin_write()?;
         let sync = match self.options.durability {
@@ -249,117 +370,454 @@ impl Writer {
             txn.set_durability(redb::Durability::None)
                 .map_err(|e| StorageError::Redb(e.to_string()))?;
         }
-        let mut effects = Effects {
-            next_topic_id: self.next_topic_id,
-            ..Default::default()
+        let mut fx = Effects {
+            created: Vec::new(),
+            deleted: Vec::new(),
+            ends: HashMap::new(),
+            schedule: Vec::new(),
+            counters: self.counters,
         };
         let mut results = Vec::with_capacity(ops.len());
         {
-            let mut log = txn.open_table(tables::LOG)?;
-            let mut partitions = txn.open_table(tables::PARTITIONS)?;
-            let mut topics = txn.open_table(tables::TOPICS)?;
-            let mut group_offsets = txn.open_table(tables::GROUP_OFFSETS)?;
-            let mut meta = txn.open_table(tables::META)?;
-            // Names created or deleted earlier in this same transaction.
-            let mut created_here: HashSet<String> = HashSet::new();
-            let mut deleted_here: HashSet<u32> = HashSet::new();
-
-            for op in ops {
-                let result = match op {
-                    WriteOp::CreateTopic {
-                        name,
-                        partitions: count,
-                        created_at_ms,
-                    } => {
-                        let exists = created_here.contains(name)
-                            || self
-                                .registry
-                                .get(name)
-                                .is_some_and(|t| !deleted_here.contains(&t.id()));
-                        if exists {
-                            Err(WriteError::TopicExists(name.clone()))
-                        } else {
-                            let topic_meta = TopicMeta {
-                                id: effects.next_topic_id,
-                                partitions: *count,
-                                created_at_ms: *created_at_ms,
-                            };
-                            effects.next_topic_id += 1;
-                            meta.insert(tables::META_NEXT_TOPIC_ID, effects.next_topic_id as u64)?;
-                            let encoded =
-                                postcard::to_allocvec(&topic_meta).expect("encoding to a Vec");
-                            topics.insert(name.as_str(), encoded.as_slice())?;
-                            for p in 0..*count {
-                                partitions.insert((topic_meta.id, p), (0u64, 0u64))?;
-                            }
-                            created_here.insert(name.clone());
-                            let topic = Arc::new(Topic::new(name.clone(), topic_meta));
-                            effects.created.push(topic.clone());
-                            Ok(WriteOutcome::TopicCreated(topic))
-                        }
-                    }
-                    WriteOp::DeleteTopic { name } => {
-                        match self
-                            .registry
-                            .get(name)
-                            .filter(|t| !deleted_here.contains(&t.id()))
-                        {
-                            None => Err(WriteError::UnknownTopic(name.clone())),
-                            Some(topic) => {
-                                let id = topic.id();
-                                topics.remove(name.as_str())?;
-                                log.retain_in((id, 0, 0)..=(id, u32::MAX, u64::MAX), |_, _| false)?;
-                                partitions.retain_in((id, 0)..=(id, u32::MAX), |_, _| false)?;
-                                group_offsets.retain(|k, _| k.1 != id)?;
-                                deleted_here.insert(id);
-                                effects.ends.retain(|k, _| k.0 != id);
-                                effects.deleted.push(name.clone());
-                                Ok(WriteOutcome::TopicDeleted)
-                            }
-                        }
-                    }
-                    WriteOp::Append { topic, appends } => {
-                        let live = !deleted_here.contains(&topic.id())
-                            && self
-                                .registry
-                                .get(&topic.name)
-                                .is_some_and(|t| t.id() == topic.id());
-                        if !live {
-                            Err(WriteError::UnknownTopic(topic.name.clone()))
-                        } else {
-                            let mut bases = Vec::with_capacity(appends.len());
-                            for append in appends {
-                                let key = (topic.id(), append.partition);
-                                let offsets = &topic.partitions[append.partition as usize];
-                                let (start, end) = effects
-                                    .ends
-                                    .get(&key)
-                                    .map(|(_, s, e)| (*s, *e))
-                                    .unwrap_or((offsets.start(), offsets.end()));
-                                log.insert((key.0, key.1, end), append.value.as_slice())?;
-                                let new_end = end + append.count as u64;
-                                partitions.insert(key, (start, new_end))?;
-                                effects.ends.insert(key, (topic.clone(), start, new_end));
-                                bases.push(end);
-                            }
-                            Ok(WriteOutcome::Appended(bases))
-                        }
-                    }
-                    WriteOp::CommitOffsets { group, offsets } => {
-                        for (topic_id, partition, offset) in offsets {
-                            group_offsets
-                                .insert((group.as_str(), *topic_id, *partition), *offset)?;
-                        }
-                        Ok(WriteOutcome::OffsetsCommitted)
-                    }
-                };
-                results.push(result);
+            let mut t = Tables {
+                log: txn.open_table(tables::LOG)?,
+                partitions: txn.open_table(tables::PARTITIONS)?,
+                topics: txn.open_table(tables::TOPICS)?,
+                group_offsets: txn.open_table(tables::GROUP_OFFSETS)?,
+                meta: txn.open_table(tables::META)?,
+                halves: txn.open_table(tables::HALF_MESSAGES)?,
+                outcomes: txn.open_table(tables::TX_OUTCOMES)?,
+            };
+            let mut scope = Scope::default();
+            for op in ops.iter_mut() {
+                results.push(self.apply_one(op, &mut t, &mut fx, &mut scope)?);
+            }
+            if fx.counters.next_message_sequence != self.counters.next_message_sequence {
+                t.meta.insert(
+                    tables::META_NEXT_MESSAGE_SEQUENCE,
+                    fx.counters.next_message_sequence,
+                )?;
+            }
+            if fx.counters.next_tx_id != self.counters.next_tx_id {
+                t.meta
+                    .insert(tables::META_NEXT_TX_ID, fx.counters.next_tx_id)?;
+            }
+            if fx.counters.next_topic_id != self.counters.next_topic_id {
+                t.meta
+                    .insert(tables::META_NEXT_TOPIC_ID, fx.counters.next_topic_id as u64)?;
             }
         }
         txn.commit()?;
         if sync {
             self.last_sync = Instant::now();
         }
-        Ok((results, effects))
+        Ok((results, fx))
     }
+
+    /// Whether `topic` is still the live topic of its name in this transaction.
+    fn is_live(&self, topic: &Topic, scope: &Scope) -> bool {
+        !scope.deleted.contains(&topic.id())
+            && self
+                .registry
+                .get(&topic.name)
+                .is_some_and(|t| t.id() == topic.id())
+    }
+
+    /// Append one stored batch; returns its base offset.
+    fn append(
+        t: &mut Tables,
+        fx: &mut Effects,
+        topic: &Arc<Topic>,
+        partition: u32,
+        count: u32,
+        value: &[u8],
+    ) -> Result<u64, StorageError> {
+        let key = (topic.id(), partition);
+        let offsets = &topic.partitions[partition as usize];
+        let (start, end) = fx
+            .ends
+            .get(&key)
+            .map(|(_, s, e)| (*s, *e))
+            .unwrap_or((offsets.start(), offsets.end()));
+        t.log.insert((key.0, key.1, end), value)?;
+        let new_end = end + count as u64;
+        t.partitions.insert(key, (start, new_end))?;
+        fx.ends.insert(key, (topic.clone(), start, new_end));
+        Ok(end)
+    }
+
+    fn apply_one(
+        &self,
+        op: &mut WriteOp,
+        t: &mut Tables,
+        fx: &mut Effects,
+        scope: &mut Scope,
+    ) -> Result<Result<WriteOutcome, WriteError>, StorageError> {
+        Ok(match op {
+            WriteOp::CreateTopic {
+                name,
+                partitions: count,
+                created_at_ms,
+            } => {
+                let exists = scope.created.contains(name)
+                    || self
+                        .registry
+                        .get(name)
+                        .is_some_and(|t| !scope.deleted.contains(&t.id()));
+                if exists {
+                    Err(WriteError::TopicExists(name.clone()))
+                } else {
+                    let meta = TopicMeta {
+                        id: fx.counters.next_topic_id,
+                        partitions: *count,
+                        created_at_ms: *created_at_ms,
+                    };
+                    fx.counters.next_topic_id += 1;
+                    t.topics.insert(name.as_str(), encode(&meta).as_slice())?;
+                    for p in 0..*count {
+                        t.partitions.insert((meta.id, p), (0u64, 0u64))?;
+                    }
+                    scope.created.insert(name.clone());
+                    let topic = Arc::new(Topic::new(name.clone(), meta));
+                    fx.created.push(topic.clone());
+                    Ok(WriteOutcome::TopicCreated(topic))
+                }
+            }
+            WriteOp::DeleteTopic { name } => {
+                match self
+                    .registry
+                    .get(name)
+                    .filter(|t| !scope.deleted.contains(&t.id()))
+                {
+                    None => Err(WriteError::UnknownTopic(name.clone())),
+                    Some(topic) => {
+                        let id = topic.id();
+                        t.topics.remove(name.as_str())?;
+                        t.log
+                            .retain_in((id, 0, 0)..=(id, u32::MAX, u64::MAX), |_, _| false)?;
+                        t.partitions
+                            .retain_in((id, 0)..=(id, u32::MAX), |_, _| false)?;
+                        t.group_offsets.retain(|k, _| k.1 != id)?;
+                        scope.deleted.insert(id);
+                        fx.ends.retain(|k, _| k.0 != id);
+                        fx.deleted.push(name.clone());
+                        Ok(WriteOutcome::TopicDeleted)
+                    }
+                }
+            }
+            WriteOp::Append { topic, appends } => {
+                if !self.is_live(topic, scope) {
+                    Err(WriteError::UnknownTopic(topic.name.clone()))
+                } else {
+                    let mut bases = Vec::with_capacity(appends.len());
+                    for append in appends.iter_mut() {
+                        let sequence = fx.counters.next_message_sequence;
+                        fx.counters.next_message_sequence += append.count as u64;
+                        batch::set_base_sequence(&mut append.value, sequence);
+                        let base = Self::append(
+                            t,
+                            fx,
+                            topic,
+                            append.partition,
+                            append.count,
+                            &append.value,
+                        )?;
+                        bases.push((base, sequence));
+                    }
+                    Ok(WriteOutcome::Appended(bases))
+                }
+            }
+            WriteOp::CommitOffsets { group, offsets } => {
+                for (topic_id, partition, offset) in offsets {
+                    t.group_offsets
+                        .insert((group.as_str(), *topic_id, *partition), *offset)?;
+                }
+                Ok(WriteOutcome::OffsetsCommitted)
+            }
+            WriteOp::StoreHalf {
+                topic,
+                producer_group,
+                halves,
+                created_at_ms,
+                first_check_at_ms,
+            } => {
+                if !self.is_live(topic, scope) {
+                    Err(WriteError::UnknownTopic(topic.name.clone()))
+                } else {
+                    let mut ids = Vec::with_capacity(halves.len());
+                    for (partition, message) in halves {
+                        let tx_id = fx.counters.next_tx_id;
+                        fx.counters.next_tx_id += 1;
+                        let sequence = fx.counters.next_message_sequence;
+                        fx.counters.next_message_sequence += 1;
+                        let record = HalfRecord {
+                            producer_group: producer_group.clone(),
+                            topic_id: topic.id(),
+                            topic: topic.name.clone(),
+                            partition: *partition,
+                            message_sequence: sequence,
+                            created_at_ms: *created_at_ms,
+                            check_count: 0,
+                            next_check_at_ms: *first_check_at_ms,
+                            discarded: false,
+                            message: message.clone(),
+                        };
+                        t.halves.insert(tx_id, encode(&record).as_slice())?;
+                        fx.schedule.push(ScheduleChange::Upsert(
+                            tx_id,
+                            PendingTx {
+                                producer_group: producer_group.clone(),
+                                check_count: 0,
+                                next_check_at_ms: *first_check_at_ms,
+                            },
+                        ));
+                        ids.push((tx_id, sequence));
+                    }
+                    Ok(WriteOutcome::HalfStored(ids))
+                }
+            }
+            WriteOp::EndTransaction {
+                tx_id,
+                producer_group,
+                commit,
+                source,
+                now_ms,
+            } => self.end_transaction(
+                t,
+                fx,
+                scope,
+                *tx_id,
+                producer_group.as_deref(),
+                *commit,
+                *source,
+                *now_ms,
+            )?,
+            WriteOp::CountCheck {
+                tx_id,
+                next_check_at_ms,
+            } => {
+                let half = t.halves.get(*tx_id)?.map(|v| v.value().to_vec());
+                match half {
+                    Some(bytes) => {
+                        let mut record: HalfRecord = decode(&bytes, "half message")?;
+                        if record.discarded {
+                            Ok(WriteOutcome::CheckCounted(None))
+                        } else {
+                            record.check_count += 1;
+                            record.next_check_at_ms = *next_check_at_ms;
+                            t.halves.insert(*tx_id, encode(&record).as_slice())?;
+                            fx.schedule.push(ScheduleChange::Upsert(
+                                *tx_id,
+                                PendingTx {
+                                    producer_group: record.producer_group.clone(),
+                                    check_count: record.check_count,
+                                    next_check_at_ms: *next_check_at_ms,
+                                },
+                            ));
+                            Ok(WriteOutcome::CheckCounted(Some(record.check_count)))
+                        }
+                    }
+                    None => Ok(WriteOutcome::CheckCounted(None)),
+                }
+            }
+            WriteOp::Discard { tx_id, now_ms } => {
+                let half = t.halves.get(*tx_id)?.map(|v| v.value().to_vec());
+                match half {
+                    Some(bytes) => {
+                        let mut record: HalfRecord = decode(&bytes, "half message")?;
+                        if record.discarded {
+                            Ok(WriteOutcome::Discarded(false))
+                        } else {
+                            record.discarded = true;
+                            t.halves.insert(*tx_id, encode(&record).as_slice())?;
+                            let outcome = OutcomeRecord {
+                                outcome: TxOutcome::Discarded {
+                                    checks: record.check_count,
+                                },
+                                resolved_at_ms: *now_ms,
+                            };
+                            t.outcomes.insert(*tx_id, encode(&outcome).as_slice())?;
+                            fx.schedule.push(ScheduleChange::Remove(*tx_id));
+                            Ok(WriteOutcome::Discarded(true))
+                        }
+                    }
+                    None => Ok(WriteOutcome::Discarded(false)),
+                }
+            }
+            WriteOp::Resume {
+                tx_id,
+                next_check_at_ms,
+            } => {
+                let half = t.halves.get(*tx_id)?.map(|v| v.value().to_vec());
+                match half {
+                    Some(bytes) => {
+                        let mut record: HalfRecord = decode(&bytes, "half message")?;
+                        if !record.discarded {
+                            Err(WriteError::TransactionResolved {
+                                tx_id: *tx_id,
+                                reason: "is pending, not discarded: nothing to resume".into(),
+                            })
+                        } else {
+                            record.discarded = false;
+                            record.check_count = 0;
+                            record.next_check_at_ms = *next_check_at_ms;
+                            t.halves.insert(*tx_id, encode(&record).as_slice())?;
+                            t.outcomes.remove(*tx_id)?;
+                            fx.schedule.push(ScheduleChange::Upsert(
+                                *tx_id,
+                                PendingTx {
+                                    producer_group: record.producer_group,
+                                    check_count: 0,
+                                    next_check_at_ms: *next_check_at_ms,
+                                },
+                            ));
+                            Ok(WriteOutcome::Resumed)
+                        }
+                    }
+                    None => Err(WriteError::UnknownTransaction(*tx_id)),
+                }
+            }
+            WriteOp::PruneOutcomes {
+                resolved_before_ms,
+                rows_max,
+            } => {
+                // Ids grow with time, so the oldest outcomes come first; stop
+                // at the first one still inside the retention window.
+                let mut pruned = 0u64;
+                while pruned < *rows_max {
+                    let first = t
+                        .outcomes
+                        .first()?
+                        .map(|(k, v)| (k.value(), v.value().to_vec()));
+                    let Some((tx_id, bytes)) = first else { break };
+                    let record: OutcomeRecord = decode(&bytes, "transaction outcome")?;
+                    if record.resolved_at_ms >= *resolved_before_ms {
+                        break;
+                    }
+                    t.outcomes.remove(tx_id)?;
+                    pruned += 1;
+                }
+                Ok(WriteOutcome::Pruned(pruned))
+            }
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn end_transaction(
+        &self,
+        t: &mut Tables,
+        fx: &mut Effects,
+        scope: &Scope,
+        tx_id: u64,
+        requester: Option<&str>,
+        commit: bool,
+        source: TxSource,
+        now_ms: u64,
+    ) -> Result<Result<WriteOutcome, WriteError>, StorageError> {
+        let half = t.halves.get(tx_id)?.map(|v| v.value().to_vec());
+        let Some(bytes) = half else {
+            // Already resolved: answer consistently from the outcome.
+            let outcome = t.outcomes.get(tx_id)?.map(|v| v.value().to_vec());
+            let Some(bytes) = outcome else {
+                return Ok(Err(WriteError::UnknownTransaction(tx_id)));
+            };
+            let record: OutcomeRecord = decode(&bytes, "transaction outcome")?;
+            return Ok(match (record.outcome, commit) {
+                (
+                    TxOutcome::Committed {
+                        partition,
+                        offset,
+                        message_sequence,
+                    },
+                    true,
+                ) => Ok(WriteOutcome::TxCommitted(Landed {
+                    partition,
+                    offset,
+                    sequence: message_sequence,
+                })),
+                (TxOutcome::Committed { .. }, false) => Err(WriteError::TransactionResolved {
+                    tx_id,
+                    reason: "was committed; it cannot be rolled back".into(),
+                }),
+                (TxOutcome::RolledBack, false) => Ok(WriteOutcome::TxRolledBack),
+                (TxOutcome::RolledBack, true) => Err(WriteError::TransactionResolved {
+                    tx_id,
+                    reason: "was rolled back; it cannot be committed".into(),
+                }),
+                (TxOutcome::Discarded { .. }, _) => unreachable_discarded(tx_id),
+            });
+        };
+        let record: HalfRecord = decode(&bytes, "half message")?;
+        if let Some(requester) = requester {
+            if requester != record.producer_group {
+                return Ok(Err(WriteError::WrongProducerGroup {
+                    tx_id,
+                    owner: record.producer_group,
+                    requester: requester.to_string(),
+                }));
+            }
+        }
+        if record.discarded && source != TxSource::Operator {
+            return Ok(Err(WriteError::TransactionResolved {
+                tx_id,
+                reason: format!(
+                    "was discarded (rolled back) after {} unanswered checks; an operator can resume or commit it",
+                    record.check_count
+                ),
+            }));
+        }
+        t.halves.remove(tx_id)?;
+        fx.schedule.push(ScheduleChange::Remove(tx_id));
+        let topic = self
+            .registry
+            .get(&record.topic)
+            .filter(|topic| topic.id() == record.topic_id && self.is_live(topic, scope));
+        let (outcome, result) = match (commit, topic) {
+            (true, Some(topic)) => {
+                let mut value = batch::encode(now_ms, &[&record.message]);
+                batch::set_base_sequence(&mut value, record.message_sequence);
+                let offset = Self::append(t, fx, &topic, record.partition, 1, &value)?;
+                let landed = Landed {
+                    partition: record.partition,
+                    offset,
+                    sequence: record.message_sequence,
+                };
+                (
+                    TxOutcome::Committed {
+                        partition: record.partition,
+                        offset,
+                        message_sequence: record.message_sequence,
+                    },
+                    Ok(WriteOutcome::TxCommitted(landed)),
+                )
+            }
+            (true, None) => (
+                TxOutcome::RolledBack,
+                Err(WriteError::UnknownTopic(record.topic.clone())),
+            ),
+            (false, _) => (TxOutcome::RolledBack, Ok(WriteOutcome::TxRolledBack)),
+        };
+        let outcome = OutcomeRecord {
+            outcome,
+            resolved_at_ms: now_ms,
+        };
+        t.outcomes.insert(tx_id, encode(&outcome).as_slice())?;
+        Ok(result)
+    }
+}
+
+/// A discarded transaction keeps its half record, so its outcome is never
+/// consulted without one; answer as a conflict rather than panic.
+fn unreachable_discarded(tx_id: u64) -> Result<WriteOutcome, WriteError> {
+    Err(WriteError::TransactionResolved {
+        tx_id,
+        reason: "was discarded".into(),
+    })
+}
+
+/// Names and ids created or deleted earlier in the same transaction.
+#[derive(Default)]
+struct Scope {
+    created: HashSet<String>,
+    deleted: HashSet<u32>,
 }

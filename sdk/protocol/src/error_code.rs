@@ -71,6 +71,11 @@ codes! {
     INTERNAL = 15, retryable = true;
     /// The request is valid but names a group that does not exist.
     UNKNOWN_GROUP = 16, retryable = false;
+    /// No such transaction (never existed, or resolved and since forgotten).
+    UNKNOWN_TRANSACTION = 17, retryable = false;
+    /// The transaction was already resolved the other way (committed vs
+    /// rolled back, or discarded); nothing changed.
+    TRANSACTION_RESOLVED = 18, retryable = false;
 }
 
 impl fmt::Debug for ErrorCode {

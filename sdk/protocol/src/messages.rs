@@ -73,6 +73,37 @@ pub enum Request {
     ListGroups,
     /// Reply: [`Reply::GroupDescription`].
     DescribeGroup { group: String },
+    /// Declare this connection a live producer of `producer_group`: the
+    /// broker may send it [`BrokerRequest::CheckTransaction`] on streams it
+    /// opens. Holds until the connection closes. Reply: [`Reply::Done`].
+    RegisterProducer { producer_group: String },
+    /// Store half messages, one transaction each, invisible to consumers
+    /// until committed. Routed like `Produce`. The first check-back comes
+    /// after the broker's `transaction_timeout` or `check_immunity_ms`,
+    /// whichever is later. Reply: [`Reply::HalfStored`], once durable.
+    SendHalf {
+        producer_group: String,
+        topic: String,
+        partition: Option<u32>,
+        messages: Vec<NewMessage>,
+        check_immunity_ms: u32,
+    },
+    /// Commit or roll back a transaction (or report it still unknown).
+    /// Repeating the same decision is harmless; the opposite decision after
+    /// a resolution is refused with `TRANSACTION_RESOLVED`.
+    /// Reply: [`Reply::TransactionEnded`].
+    EndTransaction {
+        producer_group: String,
+        tx_id: u64,
+        action: TxAction,
+    },
+    /// Pending (or, with `discarded`, discarded) transactions, oldest first,
+    /// at most `limit`. Reply: [`Reply::Transactions`].
+    ListTransactions { discarded: bool, limit: u32 },
+    /// Operator action on a discarded transaction: back to pending for a
+    /// new round of checks, or commit it by hand.
+    /// Reply: [`Reply::TransactionEnded`].
+    ResolveDiscarded { tx_id: u64, action: DiscardedAction },
 }
 
 /// The reply to one request.
@@ -94,6 +125,88 @@ pub enum Reply {
     Polled(Polled),
     Groups(Vec<GroupSummary>),
     GroupDescription(GroupDescription),
+    /// One per half message, in request order.
+    HalfStored(Vec<HalfAck>),
+    TransactionEnded(TxEnded),
+    Transactions(Vec<TransactionInfo>),
+}
+
+/// A producer's decision on a transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TxAction {
+    Commit,
+    Rollback,
+    /// Not decided yet: the broker keeps the half message and checks back.
+    Unknown,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DiscardedAction {
+    Resume,
+    Commit,
+}
+
+/// A stored half message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HalfAck {
+    pub tx_id: u64,
+    /// The id the message keeps once committed.
+    pub id: MessageId,
+    pub partition: u32,
+}
+
+/// The state of a transaction after an `EndTransaction`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TxEnded {
+    /// In the log (now or earlier) at this place.
+    Committed(MessageAck),
+    RolledBack,
+    /// Still pending (or pending again); the broker will check back.
+    Pending,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransactionInfo {
+    pub tx_id: u64,
+    pub producer_group: String,
+    pub topic: String,
+    pub partition: u32,
+    pub id: MessageId,
+    pub created_at_ms: u64,
+    pub check_count: u32,
+    pub next_check_at_ms: u64,
+    pub discarded: bool,
+}
+
+/// A request the broker sends to a client, on a stream the broker opens.
+/// Framed like every request; the client answers with one
+/// [`BrokerRequestReply`] frame.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BrokerRequest {
+    /// What is the state of this transaction? Sent to a live producer of the
+    /// transaction's producer group.
+    CheckTransaction(TransactionCheck),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransactionCheck {
+    pub tx_id: u64,
+    pub producer_group: String,
+    pub topic: String,
+    pub partition: u32,
+    pub id: MessageId,
+    /// 1 for the first check.
+    pub check_number: u32,
+    pub created_at_ms: u64,
+    pub message: NewMessage,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BrokerRequestReply {
+    /// The producer's answer; `tx_id` must echo the check's.
+    TransactionState { tx_id: u64, action: TxAction },
+    /// The client cannot answer (no checker registered for the group).
+    Error(ErrorReply),
 }
 
 /// An error reply: a stable code, a human message, and for `BUSY` a hint.
@@ -195,30 +308,27 @@ pub struct Message {
     pub headers: Vec<Header>,
 }
 
-/// A broker-assigned message id: the topic's id, the partition and the offset,
-/// 16 bytes big-endian. Unique for the broker's lifetime (topic ids are never
-/// reused). Printed as 32 hex digits.
+/// A broker-assigned message id, 16 bytes: the broker store's random id
+/// (8 bytes, fixed when its data directory is created) and a sequence number
+/// that store never reuses (8 bytes), both big-endian. A message keeps its id
+/// from the moment the broker accepts it: a transactional message has it
+/// already as a half message. Printed as 32 hex digits.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct MessageId(pub [u8; 16]);
 
 impl MessageId {
-    pub fn new(topic_id: u32, partition: u32, offset: u64) -> Self {
+    pub fn new(store_id: u64, sequence: u64) -> Self {
         let mut b = [0u8; 16];
-        b[..4].copy_from_slice(&topic_id.to_be_bytes());
-        b[4..8].copy_from_slice(&partition.to_be_bytes());
-        b[8..].copy_from_slice(&offset.to_be_bytes());
+        b[..8].copy_from_slice(&store_id.to_be_bytes());
+        b[8..].copy_from_slice(&sequence.to_be_bytes());
         MessageId(b)
     }
 
-    pub fn topic_id(&self) -> u32 {
-        u32::from_be_bytes(self.0[..4].try_into().expect("4 bytes"))
+    pub fn store_id(&self) -> u64 {
+        u64::from_be_bytes(self.0[..8].try_into().expect("8 bytes"))
     }
 
-    pub fn partition(&self) -> u32 {
-        u32::from_be_bytes(self.0[4..8].try_into().expect("4 bytes"))
-    }
-
-    pub fn offset(&self) -> u64 {
+    pub fn sequence(&self) -> u64 {
         u64::from_be_bytes(self.0[8..].try_into().expect("8 bytes"))
     }
 
@@ -400,14 +510,14 @@ mod tests {
 
     #[test]
     fn message_id_round_trips_through_text() {
-        let id = MessageId::new(7, 3, 123_456_789);
+        let id = MessageId::new(0xdead_beef, 123_456_789);
         let text = id.to_string();
         assert_eq!(text.len(), 32);
         let back = MessageId::parse(&text).unwrap();
         assert_eq!(back, id);
         assert_eq!(
-            (back.topic_id(), back.partition(), back.offset()),
-            (7, 3, 123_456_789)
+            (back.store_id(), back.sequence()),
+            (0xdead_beef, 123_456_789)
         );
         assert!(MessageId::parse("zz").is_none());
         assert!(MessageId::parse(&"g".repeat(32)).is_none());

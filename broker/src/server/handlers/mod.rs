@@ -5,6 +5,7 @@ mod admin;
 mod group;
 mod produce;
 mod read;
+mod tx;
 
 use super::connection::ConnectionContext;
 use super::BrokerState;
@@ -64,6 +65,37 @@ pub(super) async fn handle(
             offsets,
         } => group::commit(state, group, member_id, offsets).await,
         Request::LeaveGroup { group, member_id } => group::leave(state, group, member_id),
+        Request::RegisterProducer { producer_group } => {
+            tx::register_producer(state, ctx, producer_group)
+        }
+        Request::SendHalf {
+            producer_group,
+            topic,
+            partition,
+            messages,
+            check_immunity_ms,
+        } => {
+            tx::send_half(
+                state,
+                producer_group,
+                topic,
+                partition,
+                messages,
+                check_immunity_ms,
+            )
+            .await
+        }
+        Request::EndTransaction {
+            producer_group,
+            tx_id,
+            action,
+        } => tx::end_transaction(state, producer_group, tx_id, action).await,
+        Request::ListTransactions { discarded, limit } => {
+            tx::list_transactions(state, discarded, limit).await
+        }
+        Request::ResolveDiscarded { tx_id, action } => {
+            tx::resolve_discarded(state, tx_id, action).await
+        }
     }
 }
 
@@ -84,6 +116,9 @@ fn from_write(e: WriteError) -> ErrorReply {
         WriteError::UnknownTopic(_) => ErrorCode::UNKNOWN_TOPIC,
         WriteError::Storage(_) => ErrorCode::STORAGE_ERROR,
         WriteError::ShuttingDown => ErrorCode::SHUTTING_DOWN,
+        WriteError::UnknownTransaction(_) => ErrorCode::UNKNOWN_TRANSACTION,
+        WriteError::TransactionResolved { .. } => ErrorCode::TRANSACTION_RESOLVED,
+        WriteError::WrongProducerGroup { .. } => ErrorCode::INVALID_ARGUMENT,
     };
     ErrorReply::new(code, e.to_string())
 }

@@ -3,6 +3,7 @@
 use super::{from_write, invalid, now_ms, unknown_topic};
 use crate::server::BrokerState;
 use crate::storage::{batch, PartitionAppend, WriteOp, WriteOutcome};
+use crate::topics::Topic;
 use msmq_protocol::{ErrorCode, ErrorReply, MessageAck, MessageId, NewMessage, Reply};
 use std::collections::BTreeMap;
 
@@ -17,23 +18,8 @@ pub(super) async fn produce(
         .get(&topic_name)
         .ok_or_else(|| unknown_topic(&topic_name))?;
     check_limits(state, &messages)?;
-    if let Some(p) = partition {
-        if p >= topic.partition_count() {
-            return Err(ErrorReply::new(
-                ErrorCode::UNKNOWN_PARTITION,
-                format!(
-                    "topic {topic_name:?} has partitions 0..{}, not {p}",
-                    topic.partition_count()
-                ),
-            ));
-        }
-    }
-    // Keyless messages of one request stay together on one partition.
-    let spread = partition.unwrap_or_else(|| topic.next_spread_partition());
     let mut by_partition: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
-    for (i, m) in messages.iter().enumerate() {
-        let p = partition
-            .unwrap_or_else(|| topic.partition_for_key(m.key.as_deref().map(|k| &k[..]), spread));
+    for (i, p) in route(&topic, partition, &messages)?.into_iter().enumerate() {
         by_partition.entry(p).or_default().push(i);
     }
     let timestamp_ms = now_ms();
@@ -63,20 +49,47 @@ pub(super) async fn produce(
         ));
     };
     let mut acks = vec![None; messages.len()];
-    for ((p, indexes), base) in by_partition.iter().zip(bases) {
+    let store_id = state.store.store_id();
+    for ((p, indexes), (base, sequence)) in by_partition.iter().zip(bases) {
         for (n, i) in indexes.iter().enumerate() {
-            let offset = base + n as u64;
             acks[*i] = Some(MessageAck {
                 partition: *p,
-                offset,
-                id: MessageId::new(topic.id(), *p, offset),
+                offset: base + n as u64,
+                id: MessageId::new(store_id, sequence + n as u64),
             });
         }
     }
     Ok(Reply::Produced(acks.into_iter().flatten().collect()))
 }
 
-fn check_limits(state: &BrokerState, messages: &[NewMessage]) -> Result<(), ErrorReply> {
+/// The partition of each message: the explicit one, else by key hash, else
+/// one partition in turn shared by every keyless message of the request.
+pub(super) fn route(
+    topic: &Topic,
+    partition: Option<u32>,
+    messages: &[NewMessage],
+) -> Result<Vec<u32>, ErrorReply> {
+    if let Some(p) = partition {
+        if p >= topic.partition_count() {
+            return Err(ErrorReply::new(
+                ErrorCode::UNKNOWN_PARTITION,
+                format!(
+                    "topic {:?} has partitions 0..{}, not {p}",
+                    topic.name,
+                    topic.partition_count()
+                ),
+            ));
+        }
+        return Ok(vec![p; messages.len()]);
+    }
+    let spread = topic.next_spread_partition();
+    Ok(messages
+        .iter()
+        .map(|m| topic.partition_for_key(m.key.as_deref().map(|k| &k[..]), spread))
+        .collect())
+}
+
+pub(super) fn check_limits(state: &BrokerState, messages: &[NewMessage]) -> Result<(), ErrorReply> {
     let config = &state.config;
     if messages.is_empty() {
         return Err(invalid("a produce request needs at least one message"));

@@ -50,9 +50,18 @@ pub(super) async fn read_messages(
         return Ok(Vec::new());
     }
     let db = state.store.db().clone();
-    let topic_id = topic.id();
+    let (store_id, topic_id) = (state.store.store_id(), topic.id());
     blocking(move || {
-        read::read_partition(&db, topic_id, partition, from, end, max_messages, max_bytes)
+        read::read_partition(
+            &db,
+            store_id,
+            topic_id,
+            partition,
+            from,
+            end,
+            max_messages,
+            max_bytes,
+        )
     })
     .await
 }

@@ -1,0 +1,239 @@
+//! Transactional producers: registration, half messages, commit/rollback,
+//! and the operator's view of pending and discarded transactions.
+
+use super::produce::{check_limits, route};
+use super::{blocking, from_write, invalid, now_ms, unknown_topic};
+use crate::server::connection::ConnectionContext;
+use crate::server::BrokerState;
+use crate::storage::{read, WriteOp, WriteOutcome};
+use crate::transactions::{TxOutcome, TxSource};
+use msmq_protocol::{
+    names::validate_name, DiscardedAction, ErrorCode, ErrorReply, HalfAck, MessageAck, MessageId,
+    NewMessage, Reply, TransactionInfo, TxAction, TxEnded,
+};
+use std::time::Duration;
+
+/// Most transactions one `ListTransactions` returns.
+pub const LIST_TRANSACTIONS_MAX: u32 = 10_000;
+
+pub(super) fn register_producer(
+    state: &BrokerState,
+    ctx: &ConnectionContext,
+    producer_group: String,
+) -> Result<Reply, ErrorReply> {
+    validate_name("producer group", &producer_group).map_err(invalid)?;
+    state
+        .store
+        .schedule()
+        .lock()
+        .expect("schedule lock")
+        .wake_group(&producer_group, now_ms());
+    state
+        .producers
+        .register(&producer_group, ctx.id, ctx.conn.clone());
+    tracing::info!(group = %producer_group, remote = %ctx.remote,
+        producers = state.producers.count(&producer_group), "transactional producer registered");
+    Ok(Reply::Done)
+}
+
+pub(super) async fn send_half(
+    state: &BrokerState,
+    producer_group: String,
+    topic_name: String,
+    partition: Option<u32>,
+    messages: Vec<NewMessage>,
+    check_immunity_ms: u32,
+) -> Result<Reply, ErrorReply> {
+    validate_name("producer group", &producer_group).map_err(invalid)?;
+    let topic = state
+        .registry
+        .get(&topic_name)
+        .ok_or_else(|| unknown_topic(&topic_name))?;
+    check_limits(state, &messages)?;
+    let partitions = route(&topic, partition, &messages)?;
+    let created_at_ms = now_ms();
+    let wait = state
+        .config
+        .transaction_timeout
+        .max(Duration::from_millis(check_immunity_ms as u64));
+    let op = WriteOp::StoreHalf {
+        topic: topic.clone(),
+        producer_group,
+        halves: partitions.iter().copied().zip(messages).collect(),
+        created_at_ms,
+        first_check_at_ms: created_at_ms + wait.as_millis() as u64,
+    };
+    let WriteOutcome::HalfStored(ids) = state.store.write(op).await.map_err(from_write)? else {
+        return Err(ErrorReply::new(
+            ErrorCode::INTERNAL,
+            "unexpected write outcome",
+        ));
+    };
+    let store_id = state.store.store_id();
+    Ok(Reply::HalfStored(
+        ids.into_iter()
+            .zip(partitions)
+            .map(|((tx_id, sequence), partition)| HalfAck {
+                tx_id,
+                id: MessageId::new(store_id, sequence),
+                partition,
+            })
+            .collect(),
+    ))
+}
+
+fn ended(state: &BrokerState, outcome: WriteOutcome) -> Result<Reply, ErrorReply> {
+    match outcome {
+        WriteOutcome::TxCommitted(landed) => {
+            Ok(Reply::TransactionEnded(TxEnded::Committed(MessageAck {
+                partition: landed.partition,
+                offset: landed.offset,
+                id: MessageId::new(state.store.store_id(), landed.sequence),
+            })))
+        }
+        WriteOutcome::TxRolledBack => Ok(Reply::TransactionEnded(TxEnded::RolledBack)),
+        WriteOutcome::Resumed => Ok(Reply::TransactionEnded(TxEnded::Pending)),
+        other => Err(ErrorReply::new(
+            ErrorCode::INTERNAL,
+            format!("unexpected write outcome {other:?}"),
+        )),
+    }
+}
+
+pub(super) async fn end_transaction(
+    state: &BrokerState,
+    producer_group: String,
+    tx_id: u64,
+    action: TxAction,
+) -> Result<Reply, ErrorReply> {
+    let commit = match action {
+        TxAction::Commit => true,
+        TxAction::Rollback => false,
+        TxAction::Unknown => return transaction_state(state, &producer_group, tx_id).await,
+    };
+    let op = WriteOp::EndTransaction {
+        tx_id,
+        producer_group: Some(producer_group),
+        commit,
+        source: TxSource::Producer,
+        now_ms: now_ms(),
+    };
+    let outcome = state.store.write(op).await.map_err(from_write)?;
+    ended(state, outcome)
+}
+
+/// `Unknown` changes nothing; it reports where the transaction stands.
+async fn transaction_state(
+    state: &BrokerState,
+    producer_group: &str,
+    tx_id: u64,
+) -> Result<Reply, ErrorReply> {
+    let db = state.store.db().clone();
+    let half = blocking(move || read::half_message(&db, tx_id)).await?;
+    if let Some(half) = half {
+        if half.producer_group != producer_group {
+            return Err(invalid(format!(
+                "transaction {tx_id} belongs to producer group {:?}, not {producer_group:?}",
+                half.producer_group
+            )));
+        }
+        if !half.discarded {
+            return Ok(Reply::TransactionEnded(TxEnded::Pending));
+        }
+    }
+    let db = state.store.db().clone();
+    let outcome = blocking(move || read::tx_outcome(&db, tx_id)).await?;
+    match outcome.map(|o| o.outcome) {
+        Some(TxOutcome::Committed {
+            partition,
+            offset,
+            message_sequence,
+        }) => Ok(Reply::TransactionEnded(TxEnded::Committed(MessageAck {
+            partition,
+            offset,
+            id: MessageId::new(state.store.store_id(), message_sequence),
+        }))),
+        Some(TxOutcome::RolledBack) | Some(TxOutcome::Discarded { .. }) => {
+            Ok(Reply::TransactionEnded(TxEnded::RolledBack))
+        }
+        None => Err(ErrorReply::new(
+            ErrorCode::UNKNOWN_TRANSACTION,
+            format!("transaction {tx_id} is unknown"),
+        )),
+    }
+}
+
+pub(super) async fn list_transactions(
+    state: &BrokerState,
+    discarded: bool,
+    limit: u32,
+) -> Result<Reply, ErrorReply> {
+    let limit = limit.clamp(1, LIST_TRANSACTIONS_MAX) as usize;
+    let db = state.store.db().clone();
+    let halves = blocking(move || read::half_messages(&db, discarded, limit)).await?;
+    let store_id = state.store.store_id();
+    Ok(Reply::Transactions(
+        halves
+            .into_iter()
+            .map(|(tx_id, h)| TransactionInfo {
+                tx_id,
+                producer_group: h.producer_group,
+                topic: h.topic,
+                partition: h.partition,
+                id: MessageId::new(store_id, h.message_sequence),
+                created_at_ms: h.created_at_ms,
+                check_count: h.check_count,
+                next_check_at_ms: h.next_check_at_ms,
+                discarded: h.discarded,
+            })
+            .collect(),
+    ))
+}
+
+pub(super) async fn resolve_discarded(
+    state: &BrokerState,
+    tx_id: u64,
+    action: DiscardedAction,
+) -> Result<Reply, ErrorReply> {
+    let op =
+        match action {
+            DiscardedAction::Resume => WriteOp::Resume {
+                tx_id,
+                next_check_at_ms: now_ms(),
+            },
+            DiscardedAction::Commit => {
+                let db = state.store.db().clone();
+                let half = blocking(move || read::half_message(&db, tx_id)).await?;
+                match half {
+                    Some(h) if h.discarded => {}
+                    Some(_) => return Err(ErrorReply::new(
+                        ErrorCode::TRANSACTION_RESOLVED,
+                        format!(
+                            "transaction {tx_id} is pending, not discarded; its producer decides"
+                        ),
+                    )),
+                    None => {
+                        return Err(ErrorReply::new(
+                            ErrorCode::UNKNOWN_TRANSACTION,
+                            format!("transaction {tx_id} is not a discarded transaction"),
+                        ))
+                    }
+                }
+                WriteOp::EndTransaction {
+                    tx_id,
+                    producer_group: None,
+                    commit: true,
+                    source: TxSource::Operator,
+                    now_ms: now_ms(),
+                }
+            }
+        };
+    let outcome = state.store.write(op).await.map_err(from_write)?;
+    state.producers.registered.notify_one();
+    tracing::info!(
+        tx_id,
+        ?action,
+        "discarded transaction resolved by an operator"
+    );
+    ended(state, outcome)
+}
