@@ -21,6 +21,9 @@ pub enum BenchCommand {
     Consume(ConsumeBench),
     /// Produce and consume at once; latency is send-to-receive per message.
     E2e(E2eBench),
+    /// Transactions: half message + commit round trips, then the same load
+    /// as plain one-message produces for comparison.
+    Tx(TxBench),
 }
 
 #[derive(Args, Clone)]
@@ -55,6 +58,24 @@ pub struct ProduceBench {
     /// Concurrent producers, each on its own connection.
     #[arg(long, default_value_t = 4)]
     producers: usize,
+    /// Requests each producer keeps in flight.
+    #[arg(long, default_value_t = 1)]
+    inflight: usize,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args)]
+pub struct TxBench {
+    /// Concurrent transactional producers, each on its own connection.
+    #[arg(long, default_value_t = 4)]
+    producers: usize,
+    /// Transactions each producer keeps in flight.
+    #[arg(long, default_value_t = 64)]
+    inflight: usize,
+    /// Skip the plain-produce comparison run.
+    #[arg(long)]
+    no_baseline: bool,
     #[command(flatten)]
     common: Common,
 }
@@ -92,6 +113,7 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Produce(b) => produce(b).await,
         BenchCommand::Consume(b) => consume(b).await,
         BenchCommand::E2e(b) => e2e(b).await,
+        BenchCommand::Tx(b) => tx(b).await,
     }
 }
 
@@ -240,42 +262,45 @@ async fn produce_load(
     common: &Common,
     topic: &str,
     producers: usize,
+    inflight: usize,
     rate_per_producer: u64,
     run: Arc<Run>,
 ) -> anyhow::Result<()> {
     let mut tasks = Vec::new();
     for _ in 0..producers.max(1) {
         let client = common.client.connect().await?;
-        let producer = client.producer(topic);
-        let run = run.clone();
-        let (size, batch) = (common.size.max(8), common.batch);
-        tasks.push(tokio::spawn(async move {
-            let started = Instant::now();
-            let mut sent = 0u64;
-            loop {
-                let n = run.claim(batch as u64);
-                if n == 0 {
-                    return anyhow::Ok(());
+        for _ in 0..inflight.max(1) {
+            let producer = client.producer(topic);
+            let run = run.clone();
+            let (size, batch) = (common.size.max(8), common.batch);
+            tasks.push(tokio::spawn(async move {
+                let started = Instant::now();
+                let mut sent = 0u64;
+                loop {
+                    let n = run.claim(batch as u64);
+                    if n == 0 {
+                        return anyhow::Ok(());
+                    }
+                    if rate_per_producer > 0 {
+                        let due = started
+                            + Duration::from_secs_f64(sent as f64 / rate_per_producer as f64);
+                        tokio::time::sleep_until(due.into()).await;
+                    }
+                    let t0 = Instant::now();
+                    let stamp = now_micros().to_le_bytes();
+                    let messages: Vec<NewMessage> = (0..n)
+                        .map(|_| {
+                            let mut payload = vec![0u8; size];
+                            payload[..8].copy_from_slice(&stamp);
+                            NewMessage::new(payload)
+                        })
+                        .collect();
+                    producer.send_batch(messages).await?;
+                    run.record(n, n * size as u64, t0.elapsed());
+                    sent += n;
                 }
-                if rate_per_producer > 0 {
-                    let due =
-                        started + Duration::from_secs_f64(sent as f64 / rate_per_producer as f64);
-                    tokio::time::sleep_until(due.into()).await;
-                }
-                let t0 = Instant::now();
-                let stamp = now_micros().to_le_bytes();
-                let messages: Vec<NewMessage> = (0..n)
-                    .map(|_| {
-                        let mut payload = vec![0u8; size];
-                        payload[..8].copy_from_slice(&stamp);
-                        NewMessage::new(payload)
-                    })
-                    .collect();
-                producer.send_batch(messages).await?;
-                run.record(n, n * size as u64, t0.elapsed());
-                sent += n;
-            }
-        }));
+            }));
+        }
     }
     for t in tasks {
         t.await??;
@@ -288,7 +313,7 @@ async fn produce(b: ProduceBench) -> anyhow::Result<()> {
     setup(&b.common, &topic).await?;
     let run = Run::new(&b.common, "produce");
     let started = Instant::now();
-    produce_load(&b.common, &topic, b.producers, 0, run.clone()).await?;
+    produce_load(&b.common, &topic, b.producers, b.inflight, 0, run.clone()).await?;
     let elapsed = started.elapsed();
     let messages = run.done.load(Ordering::Relaxed);
     summary(
@@ -296,7 +321,7 @@ async fn produce(b: ProduceBench) -> anyhow::Result<()> {
         &run,
         messages,
         elapsed,
-        json!({"producers": b.producers, "batch": b.common.batch, "size": b.common.size, "topic": topic}),
+        json!({"producers": b.producers, "inflight": b.inflight, "batch": b.common.batch, "size": b.common.size, "topic": topic}),
         b.common.json,
     );
     Ok(())
@@ -312,7 +337,7 @@ async fn consume(b: ConsumeBench) -> anyhow::Result<()> {
             ..b.common.clone()
         };
         let prefill = Run::new(&fill, "prefill");
-        produce_load(&fill, &topic, 4, 0, prefill.clone()).await?;
+        produce_load(&fill, &topic, 4, 1, 0, prefill.clone()).await?;
         prefill.bar.finish_and_clear();
     }
     let run = Run::new(&b.common, "consume");
@@ -426,7 +451,7 @@ async fn e2e(b: E2eBench) -> anyhow::Result<()> {
         },
         "send",
     );
-    produce_load(&b.common, &topic, b.producers, b.rate, sent.clone()).await?;
+    produce_load(&b.common, &topic, b.producers, 1, b.rate, sent.clone()).await?;
     // Give consumers the rest of the time budget to catch up, then stop them.
     while !received.over()
         && received.done.load(Ordering::Relaxed) < sent.done.load(Ordering::Relaxed)
@@ -447,5 +472,88 @@ async fn e2e(b: E2eBench) -> anyhow::Result<()> {
                "batch": b.common.batch, "size": b.common.size, "rate": b.rate, "topic": topic}),
         b.common.json,
     );
+    Ok(())
+}
+
+async fn tx(b: TxBench) -> anyhow::Result<()> {
+    let topic = topic_name(&b.common, "tx");
+    setup(&b.common, &topic).await?;
+    let group = format!("bench-tx-{}", now_micros());
+    let run = Run::new(&b.common, "tx");
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..b.producers.max(1) {
+        let client = b.common.client.connect().await?;
+        let producer = client
+            .transactional_producer(&group, &topic, |_: &msmq_client::TransactionCheck| {
+                msmq_client::TxAction::Commit
+            })
+            .await?;
+        for _ in 0..b.inflight.max(1) {
+            let producer = producer.clone();
+            let run = run.clone();
+            let size = b.common.size.max(8);
+            tasks.push(tokio::spawn(async move {
+                while run.claim(1) == 1 {
+                    let t0 = Instant::now();
+                    let mut payload = vec![0u8; size];
+                    payload[..8].copy_from_slice(&now_micros().to_le_bytes());
+                    let half = producer.send_half(NewMessage::new(payload)).await?;
+                    producer.commit(half.tx_id).await?;
+                    run.record(1, size as u64, t0.elapsed());
+                }
+                anyhow::Ok(())
+            }));
+        }
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let elapsed = started.elapsed();
+    let committed = run.done.load(Ordering::Relaxed);
+    let tx_rate = committed as f64 / elapsed.as_secs_f64().max(1e-9);
+    // The same load as plain one-message produces, in the same run.
+    let mut extra = json!({"producers": b.producers, "inflight": b.inflight, "size": b.common.size,
+        "topic": topic, "latency_is": "half + commit round trips per transaction"});
+    if !b.no_baseline {
+        let plain_common = Common {
+            batch: 1,
+            count: committed.max(1),
+            json: true,
+            ..b.common.clone()
+        };
+        let plain = Run::new(&plain_common, "plain");
+        let plain_started = Instant::now();
+        produce_load(
+            &plain_common,
+            &topic,
+            b.producers,
+            b.inflight,
+            0,
+            plain.clone(),
+        )
+        .await?;
+        let plain_rate = plain.done.load(Ordering::Relaxed) as f64
+            / plain_started.elapsed().as_secs_f64().max(1e-9);
+        let plain_p99 = plain
+            .latencies_us
+            .lock()
+            .expect("histogram lock")
+            .value_at_quantile(0.99) as f64
+            / 1000.0;
+        extra["plain_messages_per_sec"] = json!(plain_rate);
+        extra["plain_p99_ms"] = json!(plain_p99);
+        extra["tx_to_plain_ratio"] = json!(tx_rate / plain_rate.max(1e-9));
+    }
+    summary("tx", &run, committed, elapsed, extra.clone(), b.common.json);
+    if !b.common.json {
+        if let Some(ratio) = extra["tx_to_plain_ratio"].as_f64() {
+            println!(
+                "plain produce, same load: {:.0} msg/s; transactions reach {:.2} of it",
+                extra["plain_messages_per_sec"].as_f64().unwrap_or(0.0),
+                ratio
+            );
+        }
+    }
     Ok(())
 }

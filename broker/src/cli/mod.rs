@@ -8,6 +8,7 @@ mod group;
 mod produce;
 mod serve;
 mod topic;
+mod tx;
 
 use clap::{Args, Parser, Subcommand};
 use msmq_client::{Client, ClientOptions};
@@ -45,6 +46,9 @@ enum Command {
     /// List and describe consumer groups.
     #[command(subcommand)]
     Group(group::GroupCommand),
+    /// Transactions: list pending and discarded ones, resume or commit, send one.
+    #[command(subcommand)]
+    Tx(tx::TxCommand),
     /// Measure throughput and latency against a running broker.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -123,6 +127,7 @@ pub fn main() -> ExitCode {
                     Command::Produce(args) => produce::run(args).await,
                     Command::Consume(args) => consume::run(args).await,
                     Command::Group(cmd) => group::run(cmd).await,
+                    Command::Tx(cmd) => tx::run(cmd).await,
                     Command::Bench(cmd) => bench::run(cmd).await,
                     Command::Serve(_) | Command::Config => unreachable!("handled above"),
                 };

@@ -150,6 +150,12 @@ impl Store {
         self.writer.write(op).await
     }
 
+    /// Queue several changes at once (they usually share one commit) and
+    /// wait for all; results in order.
+    pub async fn write_many(&self, ops: Vec<WriteOp>) -> Vec<Result<WriteOutcome, WriteError>> {
+        self.writer.write_many(ops).await
+    }
+
     /// Commit everything queued, then stop the writer. Later writes fail with
     /// [`WriteError::ShuttingDown`].
     pub async fn shutdown(&self, grace: Duration) {

@@ -183,6 +183,26 @@ impl WriterHandle {
         rx.await.map_err(|_| WriteError::ShuttingDown)?
     }
 
+    pub(super) async fn write_many(
+        &self,
+        ops: Vec<WriteOp>,
+    ) -> Vec<Result<WriteOutcome, WriteError>> {
+        let mut waiting = Vec::with_capacity(ops.len());
+        for op in ops {
+            let (reply, rx) = oneshot::channel();
+            let sent = self.tx.send(Msg::Job(Job { op, reply })).await.is_ok();
+            waiting.push(sent.then_some(rx));
+        }
+        let mut results = Vec::with_capacity(waiting.len());
+        for rx in waiting {
+            results.push(match rx {
+                Some(rx) => rx.await.unwrap_or(Err(WriteError::ShuttingDown)),
+                None => Err(WriteError::ShuttingDown),
+            });
+        }
+        results
+    }
+
     pub(super) async fn shutdown(&self, grace: Duration) {
         let (done, rx) = oneshot::channel();
         if self.tx.send(Msg::Shutdown(done)).await.is_ok()

@@ -1,13 +1,16 @@
 //! The connection to the broker: TLS trust, (re)connecting, one request per
 //! stream, and the admin calls.
 
+use crate::TransactionChecker;
 use crate::{ClientError, Consumer, ConsumerOptions, Producer};
 use msmq_protocol::{
-    decode_frame, encode_frame, ErrorCode, FetchLimits, FetchedMessages, GroupDescription,
-    GroupSummary, Reply, Request, TopicDescription, TopicInfo, ALPN, FRAME_BYTES_MAX,
+    decode_frame, encode_frame, BrokerRequest, BrokerRequestReply, DiscardedAction, ErrorCode,
+    ErrorReply, FetchLimits, FetchedMessages, GroupDescription, GroupSummary, Reply, Request,
+    TopicDescription, TopicInfo, TransactionInfo, TxEnded, ALPN, FRAME_BYTES_MAX,
     FRAME_HEADER_BYTES,
 };
 use rustls_pki_types::{pem::PemObject, CertificateDer};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -127,6 +130,8 @@ struct Inner {
     addr: SocketAddr,
     options: ClientOptions,
     connection: Mutex<Option<quinn::Connection>>,
+    /// Checkers by producer group; registered again on every new connection.
+    checkers: std::sync::RwLock<HashMap<String, Arc<dyn TransactionChecker>>>,
 }
 
 impl Drop for Inner {
@@ -167,6 +172,7 @@ impl Client {
                 addr,
                 options,
                 connection: Mutex::new(None),
+                checkers: std::sync::RwLock::new(HashMap::new()),
             }),
         };
         client.connection().await?;
@@ -212,32 +218,51 @@ impl Client {
             .map_err(|_| connect_err("timed out".into()))?
             .map_err(|e| connect_err(e.to_string()))?;
         tracing::debug!(addr = %inner.addr, "connected to broker");
+        tokio::spawn(answer_broker_requests(
+            conn.clone(),
+            Arc::downgrade(&self.inner),
+        ));
+        let groups: Vec<String> = inner
+            .checkers
+            .read()
+            .expect("checker lock")
+            .keys()
+            .cloned()
+            .collect();
+        for producer_group in groups {
+            request_on(&conn, &Request::RegisterProducer { producer_group }).await?;
+        }
         *slot = Some(conn.clone());
         Ok(conn)
+    }
+
+    /// Answer check-backs for `producer_group` with `checker` on this and
+    /// every later connection.
+    pub(crate) async fn register_checker(
+        &self,
+        producer_group: &str,
+        checker: Arc<dyn TransactionChecker>,
+    ) -> Result<(), ClientError> {
+        self.inner
+            .checkers
+            .write()
+            .expect("checker lock")
+            .insert(producer_group.to_string(), checker);
+        let req = Request::RegisterProducer {
+            producer_group: producer_group.to_string(),
+        };
+        expect_done("RegisterProducer", self.request(&req).await?)
     }
 
     /// Send one request and wait for its reply. An error reply from the
     /// broker becomes [`ClientError::Broker`].
     pub async fn request(&self, request: &Request) -> Result<Reply, ClientError> {
-        let frame = encode_frame(request)?;
         // A stream that cannot even be opened sent nothing, so one retry on a
         // fresh connection is safe for every request.
-        let (mut send, mut recv) = match self.connection().await?.open_bi().await {
-            Ok(streams) => streams,
-            Err(_) => self.connection().await?.open_bi().await?,
-        };
-        send.write_all(&frame)
-            .await
-            .map_err(|e| ClientError::Stream(e.to_string()))?;
-        send.finish()
-            .map_err(|e| ClientError::Stream(e.to_string()))?;
-        let bytes = recv
-            .read_to_end(FRAME_BYTES_MAX + FRAME_HEADER_BYTES)
-            .await
-            .map_err(|e| ClientError::Stream(e.to_string()))?;
-        match decode_frame::<Reply>(&bytes)? {
-            Reply::Error(err) => Err(ClientError::Broker(err)),
-            reply => Ok(reply),
+        let conn = self.connection().await?;
+        match conn.open_bi().await {
+            Ok(streams) => exchange(streams, request).await,
+            Err(_) => request_on(&self.connection().await?, request).await,
         }
     }
 
@@ -339,6 +364,36 @@ impl Client {
         }
     }
 
+    /// Pending (or discarded) transactions, oldest first.
+    pub async fn list_transactions(
+        &self,
+        discarded: bool,
+        limit: u32,
+    ) -> Result<Vec<TransactionInfo>, ClientError> {
+        match self
+            .request(&Request::ListTransactions { discarded, limit })
+            .await?
+        {
+            Reply::Transactions(list) => Ok(list),
+            other => Err(unexpected("ListTransactions", other)),
+        }
+    }
+
+    /// Operator action on a discarded transaction: resume checks, or commit.
+    pub async fn resolve_discarded(
+        &self,
+        tx_id: u64,
+        action: DiscardedAction,
+    ) -> Result<TxEnded, ClientError> {
+        match self
+            .request(&Request::ResolveDiscarded { tx_id, action })
+            .await?
+        {
+            Reply::TransactionEnded(ended) => Ok(ended),
+            other => Err(unexpected("ResolveDiscarded", other)),
+        }
+    }
+
     /// A producer for one topic.
     pub fn producer(&self, topic: &str) -> Producer {
         Producer::new(self.clone(), topic)
@@ -352,6 +407,87 @@ impl Client {
         options: ConsumerOptions,
     ) -> Result<Consumer, ClientError> {
         Consumer::join(self.clone(), group, topics, options).await
+    }
+}
+
+/// One request on a new stream of `conn`.
+async fn request_on(conn: &quinn::Connection, request: &Request) -> Result<Reply, ClientError> {
+    exchange(conn.open_bi().await?, request).await
+}
+
+async fn exchange(
+    (mut send, mut recv): (quinn::SendStream, quinn::RecvStream),
+    request: &Request,
+) -> Result<Reply, ClientError> {
+    let frame = encode_frame(request)?;
+    send.write_all(&frame)
+        .await
+        .map_err(|e| ClientError::Stream(e.to_string()))?;
+    send.finish()
+        .map_err(|e| ClientError::Stream(e.to_string()))?;
+    let bytes = recv
+        .read_to_end(FRAME_BYTES_MAX + FRAME_HEADER_BYTES)
+        .await
+        .map_err(|e| ClientError::Stream(e.to_string()))?;
+    match decode_frame::<Reply>(&bytes)? {
+        Reply::Error(err) => Err(ClientError::Broker(err)),
+        reply => Ok(reply),
+    }
+}
+
+/// Serve the requests the broker opens streams for (transaction checks).
+async fn answer_broker_requests(conn: quinn::Connection, inner: std::sync::Weak<Inner>) {
+    while let Ok((send, recv)) = conn.accept_bi().await {
+        let Some(inner) = inner.upgrade() else { break };
+        tokio::spawn(answer_broker_request(inner, send, recv));
+    }
+}
+
+async fn answer_broker_request(
+    inner: Arc<Inner>,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let Ok(bytes) = recv.read_to_end(FRAME_BYTES_MAX + FRAME_HEADER_BYTES).await else {
+        return;
+    };
+    let reply = match decode_frame::<BrokerRequest>(&bytes) {
+        Ok(BrokerRequest::CheckTransaction(check)) => {
+            let checker = inner
+                .checkers
+                .read()
+                .expect("checker lock")
+                .get(&check.producer_group)
+                .cloned();
+            match checker {
+                Some(checker) => {
+                    let tx_id = check.tx_id;
+                    match tokio::task::spawn_blocking(move || checker.check(&check)).await {
+                        Ok(action) => BrokerRequestReply::TransactionState { tx_id, action },
+                        Err(e) => BrokerRequestReply::Error(ErrorReply::new(
+                            ErrorCode::INTERNAL,
+                            format!("the transaction checker failed: {e}"),
+                        )),
+                    }
+                }
+                None => BrokerRequestReply::Error(ErrorReply::new(
+                    ErrorCode::INVALID_ARGUMENT,
+                    format!(
+                        "no checker registered for producer group {:?}",
+                        check.producer_group
+                    ),
+                )),
+            }
+        }
+        Err(e) => BrokerRequestReply::Error(ErrorReply::new(
+            ErrorCode::BAD_REQUEST,
+            format!("broker request could not be decoded: {e}"),
+        )),
+    };
+    if let Ok(frame) = encode_frame(&reply) {
+        if send.write_all(&frame).await.is_ok() {
+            let _ = send.finish();
+        }
     }
 }
 

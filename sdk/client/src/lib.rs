@@ -8,7 +8,9 @@
 //! - [`Producer`]: send single messages or batches; each returns once the
 //!   broker has made the messages durable.
 //! - [`Consumer`]: join a consumer group, poll with long-poll, commit offsets.
-//! - Admin calls on [`Client`]: topics and groups.
+//! - [`TransactionalProducer`]: half messages, commit/rollback, and a
+//!   [`TransactionChecker`] the broker calls back for undecided transactions.
+//! - Admin calls on [`Client`]: topics, groups, transactions.
 //!
 //! Runnable programs against a live broker are in `sdk/client/examples/`
 //! (`cargo run -p msmq-client --example produce`, `consume`, `admin`).
@@ -34,10 +36,12 @@
 //! # }
 //! ```
 
+mod coalesce;
 mod connection;
 mod consumer;
 mod error;
 mod producer;
+mod transaction;
 pub mod transport;
 
 pub use connection::{Client, ClientOptions, DEFAULT_CA_FILE, DEFAULT_SERVER};
@@ -45,6 +49,8 @@ pub use consumer::{Consumer, ConsumerOptions, ReceivedMessage};
 pub use error::ClientError;
 pub use msmq_protocol as protocol;
 pub use msmq_protocol::{
-    ErrorCode, FetchLimits, Header, Message, MessageAck, MessageId, NewMessage, StartFrom,
+    ErrorCode, FetchLimits, HalfAck, Header, Message, MessageAck, MessageId, NewMessage, StartFrom,
+    TransactionCheck, TxAction, TxEnded,
 };
 pub use producer::Producer;
+pub use transaction::{TransactionChecker, TransactionalProducer};

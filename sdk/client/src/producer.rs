@@ -1,8 +1,10 @@
 //! Producing messages.
 
+use crate::coalesce::Coalescer;
 use crate::connection::unexpected;
 use crate::{Client, ClientError};
 use msmq_protocol::{MessageAck, NewMessage, Reply, Request};
+use std::sync::Arc;
 
 /// Sends messages to one topic. Every send returns after the broker has
 /// stored the messages durably (or refused them).
@@ -25,13 +27,18 @@ use msmq_protocol::{MessageAck, NewMessage, Reply, Request};
 pub struct Producer {
     client: Client,
     topic: String,
+    singles: Arc<Coalescer<NewMessage, MessageAck>>,
 }
 
 impl Producer {
     pub(crate) fn new(client: Client, topic: &str) -> Self {
+        let (c, t) = (client.clone(), topic.to_string());
+        let singles =
+            Coalescer::new(move |messages| send_coalesced(c.clone(), t.clone(), messages));
         Producer {
             client,
             topic: topic.to_string(),
+            singles: Arc::new(singles),
         }
     }
 
@@ -39,13 +46,11 @@ impl Producer {
         &self.topic
     }
 
-    /// Send one message.
+    /// Send one message. Concurrent sends through clones of this producer
+    /// are coalesced into one request while earlier ones are in flight; each
+    /// still returns its own acknowledgement (or error).
     pub async fn send(&self, message: NewMessage) -> Result<MessageAck, ClientError> {
-        let mut acks = self.send_batch(vec![message]).await?;
-        acks.pop().ok_or_else(|| ClientError::UnexpectedReply {
-            request: "Produce",
-            reply: "no acknowledgement for the message".into(),
-        })
+        self.singles.call(message).await
     }
 
     /// Send a batch atomically: all stored, or none. Acks are in input order.
@@ -53,7 +58,7 @@ impl Producer {
         &self,
         messages: Vec<NewMessage>,
     ) -> Result<Vec<MessageAck>, ClientError> {
-        self.produce(None, messages).await
+        produce(&self.client, &self.topic, None, messages).await
     }
 
     /// Send a batch to one chosen partition.
@@ -62,23 +67,60 @@ impl Producer {
         partition: u32,
         messages: Vec<NewMessage>,
     ) -> Result<Vec<MessageAck>, ClientError> {
-        self.produce(Some(partition), messages).await
+        produce(&self.client, &self.topic, Some(partition), messages).await
     }
+}
 
-    async fn produce(
-        &self,
-        partition: Option<u32>,
-        messages: Vec<NewMessage>,
-    ) -> Result<Vec<MessageAck>, ClientError> {
-        let count = messages.len();
-        let req = Request::Produce {
-            topic: self.topic.clone(),
-            partition,
-            messages,
-        };
-        match self.client.request(&req).await? {
-            Reply::Produced(acks) if acks.len() == count => Ok(acks),
-            other => Err(unexpected("Produce", other)),
+async fn produce(
+    client: &Client,
+    topic: &str,
+    partition: Option<u32>,
+    messages: Vec<NewMessage>,
+) -> Result<Vec<MessageAck>, ClientError> {
+    let count = messages.len();
+    let req = Request::Produce {
+        topic: topic.to_string(),
+        partition,
+        messages,
+    };
+    match client.request(&req).await? {
+        Reply::Produced(acks) if acks.len() == count => Ok(acks),
+        other => Err(unexpected("Produce", other)),
+    }
+}
+
+/// Coalesced single sends: one request; if the broker refuses it as a whole
+/// (one message too large, say), each message is sent alone so only the
+/// culprit fails.
+async fn send_coalesced(
+    client: Client,
+    topic: String,
+    messages: Vec<NewMessage>,
+) -> Vec<Result<MessageAck, ClientError>> {
+    let count = messages.len();
+    let retry = if count > 1 {
+        messages.clone()
+    } else {
+        Vec::new()
+    };
+    match produce(&client, &topic, None, messages).await {
+        Ok(acks) => acks.into_iter().map(Ok).collect(),
+        Err(ClientError::Broker(_)) if count > 1 => {
+            let mut out = Vec::with_capacity(count);
+            for m in retry {
+                out.push(
+                    produce(&client, &topic, None, vec![m])
+                        .await
+                        .map(|mut acks| acks.remove(0)),
+                );
+            }
+            out
+        }
+        Err(e) => {
+            let reason = e.to_string();
+            let mut out = vec![Err(e)];
+            out.extend((1..count).map(|_| Err(ClientError::Stream(reason.clone()))));
+            out
         }
     }
 }

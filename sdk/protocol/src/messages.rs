@@ -104,6 +104,18 @@ pub enum Request {
     /// new round of checks, or commit it by hand.
     /// Reply: [`Reply::TransactionEnded`].
     ResolveDiscarded { tx_id: u64, action: DiscardedAction },
+    /// Several `EndTransaction`s in one request, each applied (and answered)
+    /// on its own. Reply: [`Reply::TransactionsEnded`], in request order.
+    EndTransactions {
+        producer_group: String,
+        decisions: Vec<TxDecision>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TxDecision {
+    pub tx_id: u64,
+    pub action: TxAction,
 }
 
 /// The reply to one request.
@@ -129,6 +141,14 @@ pub enum Reply {
     HalfStored(Vec<HalfAck>),
     TransactionEnded(TxEnded),
     Transactions(Vec<TransactionInfo>),
+    TransactionsEnded(Vec<TxEndResult>),
+}
+
+/// The answer to one decision of an `EndTransactions` request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TxEndResult {
+    Ended(TxEnded),
+    Error(ErrorReply),
 }
 
 /// A producer's decision on a transaction.

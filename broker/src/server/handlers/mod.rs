@@ -96,6 +96,10 @@ pub(super) async fn handle(
         Request::ResolveDiscarded { tx_id, action } => {
             tx::resolve_discarded(state, tx_id, action).await
         }
+        Request::EndTransactions {
+            producer_group,
+            decisions,
+        } => tx::end_transactions(state, producer_group, decisions).await,
     }
 }
 

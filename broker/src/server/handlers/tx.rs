@@ -9,7 +9,7 @@ use crate::storage::{read, WriteOp, WriteOutcome};
 use crate::transactions::{TxOutcome, TxSource};
 use msmq_protocol::{
     names::validate_name, DiscardedAction, ErrorCode, ErrorReply, HalfAck, MessageAck, MessageId,
-    NewMessage, Reply, TransactionInfo, TxAction, TxEnded,
+    NewMessage, Reply, TransactionInfo, TxAction, TxDecision, TxEndResult, TxEnded,
 };
 use std::time::Duration;
 
@@ -122,6 +122,72 @@ pub(super) async fn end_transaction(
     ended(state, outcome)
 }
 
+/// Most decisions in one `EndTransactions` request.
+pub const DECISIONS_PER_REQUEST_MAX: usize = 10_000;
+
+pub(super) async fn end_transactions(
+    state: &BrokerState,
+    producer_group: String,
+    decisions: Vec<TxDecision>,
+) -> Result<Reply, ErrorReply> {
+    if decisions.len() > DECISIONS_PER_REQUEST_MAX {
+        return Err(ErrorReply::new(
+            ErrorCode::BATCH_TOO_LARGE,
+            format!(
+                "{} decisions in one request; the limit is {DECISIONS_PER_REQUEST_MAX}",
+                decisions.len()
+            ),
+        ));
+    }
+    let now = now_ms();
+    let mut results: Vec<Option<TxEndResult>> = vec![None; decisions.len()];
+    let mut writes = Vec::new();
+    let mut write_slots = Vec::new();
+    for (i, d) in decisions.iter().enumerate() {
+        let commit = match d.action {
+            TxAction::Commit => true,
+            TxAction::Rollback => false,
+            TxAction::Unknown => {
+                results[i] = Some(
+                    match transaction_state(state, &producer_group, d.tx_id).await {
+                        Ok(Reply::TransactionEnded(e)) => TxEndResult::Ended(e),
+                        Ok(_) => {
+                            TxEndResult::Error(ErrorReply::new(ErrorCode::INTERNAL, "unexpected"))
+                        }
+                        Err(e) => TxEndResult::Error(e),
+                    },
+                );
+                continue;
+            }
+        };
+        writes.push(WriteOp::EndTransaction {
+            tx_id: d.tx_id,
+            producer_group: Some(producer_group.clone()),
+            commit,
+            source: TxSource::Producer,
+            now_ms: now,
+        });
+        write_slots.push(i);
+    }
+    for (slot, outcome) in write_slots
+        .into_iter()
+        .zip(state.store.write_many(writes).await)
+    {
+        results[slot] = Some(
+            match outcome.map_err(from_write).and_then(|o| ended(state, o)) {
+                Ok(Reply::TransactionEnded(e)) => TxEndResult::Ended(e),
+                Ok(_) => {
+                    TxEndResult::Error(ErrorReply::new(ErrorCode::INTERNAL, "unexpected reply"))
+                }
+                Err(e) => TxEndResult::Error(e),
+            },
+        );
+    }
+    Ok(Reply::TransactionsEnded(
+        results.into_iter().flatten().collect(),
+    ))
+}
+
 /// `Unknown` changes nothing; it reports where the transaction stands.
 async fn transaction_state(
     state: &BrokerState,
@@ -195,39 +261,40 @@ pub(super) async fn resolve_discarded(
     tx_id: u64,
     action: DiscardedAction,
 ) -> Result<Reply, ErrorReply> {
-    let op =
-        match action {
-            DiscardedAction::Resume => WriteOp::Resume {
-                tx_id,
-                next_check_at_ms: now_ms(),
-            },
-            DiscardedAction::Commit => {
-                let db = state.store.db().clone();
-                let half = blocking(move || read::half_message(&db, tx_id)).await?;
-                match half {
-                    Some(h) if h.discarded => {}
-                    Some(_) => return Err(ErrorReply::new(
+    let op = match action {
+        DiscardedAction::Resume => WriteOp::Resume {
+            tx_id,
+            next_check_at_ms: now_ms(),
+        },
+        DiscardedAction::Commit => {
+            let db = state.store.db().clone();
+            let half = blocking(move || read::half_message(&db, tx_id)).await?;
+            match half {
+                Some(h) if h.discarded => {}
+                Some(_) => {
+                    return Err(ErrorReply::new(
                         ErrorCode::TRANSACTION_RESOLVED,
                         format!(
                             "transaction {tx_id} is pending, not discarded; its producer decides"
                         ),
-                    )),
-                    None => {
-                        return Err(ErrorReply::new(
-                            ErrorCode::UNKNOWN_TRANSACTION,
-                            format!("transaction {tx_id} is not a discarded transaction"),
-                        ))
-                    }
+                    ))
                 }
-                WriteOp::EndTransaction {
-                    tx_id,
-                    producer_group: None,
-                    commit: true,
-                    source: TxSource::Operator,
-                    now_ms: now_ms(),
+                None => {
+                    return Err(ErrorReply::new(
+                        ErrorCode::UNKNOWN_TRANSACTION,
+                        format!("transaction {tx_id} is not a discarded transaction"),
+                    ))
                 }
             }
-        };
+            WriteOp::EndTransaction {
+                tx_id,
+                producer_group: None,
+                commit: true,
+                source: TxSource::Operator,
+                now_ms: now_ms(),
+            }
+        }
+    };
     let outcome = state.store.write(op).await.map_err(from_write)?;
     state.producers.registered.notify_one();
     tracing::info!(
