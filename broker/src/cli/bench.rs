@@ -268,9 +268,9 @@ async fn produce_load(
 ) -> anyhow::Result<()> {
     let mut tasks = Vec::new();
     for _ in 0..producers.max(1) {
-        let client = common.client.connect().await?;
+        let shared = common.client.connect().await?.producer(topic);
         for _ in 0..inflight.max(1) {
-            let producer = client.producer(topic);
+            let producer = shared.clone();
             let run = run.clone();
             let (size, batch) = (common.size.max(8), common.batch);
             tasks.push(tokio::spawn(async move {
