@@ -8,3 +8,4 @@ mod crash;
 mod groups;
 mod harness;
 mod produce_consume;
+mod transactions;
