@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Core benchmarks of the broker, each run RUNS times (default 3) against a
+# Core benchmarks of the broker (produce, single-message latency, backlog
+# drain, memory with a backlog, transactions), each run RUNS times (default 3) against a
 # fresh release-build broker in a temporary directory on a loopback port;
 # prints every run's JSON summary and the medians.
 #
@@ -8,6 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-3}
 COUNT=${COUNT:-1000000}
+TX_COUNT=${TX_COUNT:-200000}
 cargo build --release --quiet
 MSMQ=$PWD/target/release/msmq
 WORK=$(mktemp -d)
@@ -27,7 +29,7 @@ stop_broker() { kill -TERM "$PID"; wait "$PID" || true; }
 field() { sed -E "s/.*\"$1\":([0-9.e+-]+).*/\1/"; }
 median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
-: >"$WORK/produce" ; : >"$WORK/latency" ; : >"$WORK/consume" ; : >"$WORK/rss"
+: >"$WORK/produce" ; : >"$WORK/latency" ; : >"$WORK/consume" ; : >"$WORK/rss" ; : >"$WORK/tx" ; : >"$WORK/ratio"
 for run in $(seq "$RUNS"); do
   start_broker "$WORK/b$run"
   p=$("$MSMQ" bench produce --producers 4 --batch 100 --size 1024 --count "$COUNT" --duration 120s --json)
@@ -36,6 +38,8 @@ for run in $(seq "$RUNS"); do
   echo "latency  $l"; echo "$l" | field p99_ms >>"$WORK/latency"
   c=$("$MSMQ" bench consume --count "$COUNT" --size 1024 --batch 100 --duration 300s --json)
   echo "consume  $c"; echo "$c" | field messages_per_sec >>"$WORK/consume"
+  t=$("$MSMQ" bench tx --producers 4 --size 1024 --count "$TX_COUNT" --duration 120s --json)
+  echo "tx       $t"; echo "$t" | field messages_per_sec >>"$WORK/tx"; echo "$t" | field tx_to_plain_ratio >>"$WORK/ratio"
   stop_broker
   # Peak memory with a backlog that nobody consumes.
   start_broker "$WORK/r$run"
@@ -52,3 +56,5 @@ echo "  produce 4x100:           $(median <"$WORK/produce") messages/s"
 echo "  single-message p99:      $(median <"$WORK/latency") ms"
 echo "  consume $COUNT backlog: $(median <"$WORK/consume") messages/s"
 echo "  peak RSS with backlog:   $(median <"$WORK/rss") MiB"
+echo "  transactions (4 producers, half + commit): $(median <"$WORK/tx") committed/s"
+echo "  transactions / plain produce, same load:   $(median <"$WORK/ratio")"
