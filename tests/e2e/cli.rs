@@ -167,24 +167,50 @@ fn transactions_from_the_command_line() -> anyhow::Result<()> {
         "--transaction-check-interval",
         "100ms",
     ])?;
-    ok(cli(&broker, &["topic", "create", "payments", "--partitions", "1"], None)?);
-    let sent = ok(cli(&broker, &["tx", "send", "payments", "committed", "--action", "commit"], None)?);
+    ok(cli(
+        &broker,
+        &["topic", "create", "payments", "--partitions", "1"],
+        None,
+    )?);
+    let sent = ok(cli(
+        &broker,
+        &["tx", "send", "payments", "committed", "--action", "commit"],
+        None,
+    )?);
     assert!(sent.contains("Committed"), "{sent}");
-    let sent = ok(cli(&broker, &["tx", "send", "payments", "rolled", "--action", "rollback"], None)?);
+    let sent = ok(cli(
+        &broker,
+        &["tx", "send", "payments", "rolled", "--action", "rollback"],
+        None,
+    )?);
     assert!(sent.contains("RolledBack"), "{sent}");
     // Undecided: the command stays and answers the check-back with --answer.
     let sent = ok(cli(
         &broker,
-        &["tx", "send", "payments", "checked", "--action", "unknown", "--answer", "commit", "--wait", "20s"],
+        &[
+            "tx", "send", "payments", "checked", "--action", "unknown", "--answer", "commit",
+            "--wait", "20s",
+        ],
         None,
     )?);
     assert!(sent.lines().last().unwrap().contains("Committed"), "{sent}");
     let list = ok(cli(&broker, &["tx", "list"], None)?);
     assert_eq!(list.lines().count(), 1, "only the header: {list}");
-    let json = ok(cli(&broker, &["consume", "payments", "--group", "g", "--count", "2", "--json"], None)?);
+    let json = ok(cli(
+        &broker,
+        &[
+            "consume", "payments", "--group", "g", "--count", "2", "--json",
+        ],
+        None,
+    )?);
     let payloads: Vec<String> = json
         .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["payload"].as_str().unwrap().to_string())
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["payload"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
         .collect();
     assert_eq!(payloads, vec!["committed", "checked"]);
     Ok(())

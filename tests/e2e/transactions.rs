@@ -800,3 +800,82 @@ async fn ten_thousand_concurrent_transactions_deliver_exactly_the_committed_set(
     drop(keep);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn immunity_postpones_checks_and_execute_wraps_the_local_transaction() -> anyhow::Result<()> {
+    let broker = TestBroker::start_with(FAST_CHECKS)?;
+    let client = broker.client().await?;
+    client.create_topic("payments", 1).await?;
+    let first_check = Arc::new(Mutex::new(None::<Instant>));
+    let seen = first_check.clone();
+    let producer = client
+        .transactional_producer("payment-centre", "payments", move |_: &TransactionCheck| {
+            seen.lock().unwrap().get_or_insert_with(Instant::now);
+            TxAction::Commit
+        })
+        .await?;
+    // Immune for 1.5 s although the broker's timeout is 300 ms.
+    let sent = Instant::now();
+    let half = producer
+        .send_half_with_immunity(NewMessage::new("long-running"), Duration::from_millis(1500))
+        .await?;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let pending = client.list_transactions(false, 10).await?;
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0].check_count, 0, "checked while immune");
+    until_resolved(&client, Duration::from_secs(10)).await?;
+    let checked_after = first_check
+        .lock()
+        .unwrap()
+        .expect("checked once immune no more")
+        - sent;
+    assert!(
+        checked_after >= Duration::from_millis(1400),
+        "checked after {checked_after:?}"
+    );
+    assert_eq!(read_all(&client, "payments", 0, 0).await?[0].id, half.id);
+
+    // execute(): the local transaction runs only after the half message is stored.
+    let ran = Arc::new(AtomicU32::new(0));
+    let r = ran.clone();
+    let ended = producer
+        .execute(NewMessage::new("wrapped-commit"), |half| async move {
+            assert!(half.tx_id > 0);
+            r.fetch_add(1, Ordering::SeqCst);
+            TxAction::Commit
+        })
+        .await?;
+    assert!(matches!(ended, TxEnded::Committed(_)));
+    let ended = producer
+        .execute(NewMessage::new("wrapped-rollback"), |_| async {
+            TxAction::Rollback
+        })
+        .await?;
+    assert_eq!(ended, TxEnded::RolledBack);
+    // A half message the broker refuses: the local transaction never runs.
+    let missing = client
+        .transactional_producer("payment-centre", "no-such-topic", always(TxAction::Commit))
+        .await?;
+    let r = ran.clone();
+    let refused = missing
+        .execute(NewMessage::new("x"), |_| async move {
+            r.fetch_add(100, Ordering::SeqCst);
+            TxAction::Commit
+        })
+        .await;
+    assert_eq!(
+        refused.err().and_then(|e| e.code()),
+        Some(ErrorCode::UNKNOWN_TOPIC)
+    );
+    assert_eq!(ran.load(Ordering::SeqCst), 1);
+    let payloads: Vec<Vec<u8>> = read_all(&client, "payments", 0, 0)
+        .await?
+        .into_iter()
+        .map(|m| m.payload)
+        .collect();
+    assert_eq!(
+        payloads,
+        vec![b"long-running".to_vec(), b"wrapped-commit".to_vec()]
+    );
+    Ok(())
+}
