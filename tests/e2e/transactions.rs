@@ -318,6 +318,8 @@ async fn after_check_max_unanswered_checks_it_is_discarded_listed_and_can_be_res
         .err()
         .and_then(|e| e.code());
     assert_eq!(refused, Some(ErrorCode::TRANSACTION_RESOLVED));
+    // A rollback agrees with the discard.
+    producer.rollback(half.tx_id).await?;
     assert!(
         collect(&client, "billing", "payments", Duration::from_millis(300))
             .await?

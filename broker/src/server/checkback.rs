@@ -208,7 +208,9 @@ async fn check_one(
             commit,
             "transaction resolved by check-back"
         ),
-        Err(e) => tracing::info!(tx_id, error = %e, "check-back answer not applied"),
+        // E.g. the topic was deleted (the transaction is then rolled back),
+        // or the producer decided meanwhile.
+        Err(e) => tracing::info!(tx_id, error = %e, "check-back answer refused"),
     }
 }
 

@@ -655,6 +655,7 @@ impl Writer {
                                     checks: record.check_count,
                                 },
                                 resolved_at_ms: *now_ms,
+                                producer_group: record.producer_group.clone(),
                             };
                             t.outcomes.insert(*tx_id, encode(&outcome).as_slice())?;
                             fx.schedule.push(ScheduleChange::Remove(*tx_id));
@@ -701,8 +702,10 @@ impl Writer {
                 resolved_before_ms,
                 rows_max,
             } => {
-                // Ids grow with time, so the oldest outcomes come first; stop
-                // at the first one still inside the retention window.
+                // Outcomes are pruned in transaction-id order and pruning stops
+                // at the first one still inside the retention window, so one
+                // long-lived transaction holds back the ids after it:
+                // retention is a lower bound.
                 let mut pruned = 0u64;
                 while pruned < *rows_max {
                     let first = t
@@ -742,6 +745,15 @@ impl Writer {
                 return Ok(Err(WriteError::UnknownTransaction(tx_id)));
             };
             let record: OutcomeRecord = decode(&bytes, "transaction outcome")?;
+            if let Some(requester) = requester {
+                if requester != record.producer_group {
+                    return Ok(Err(WriteError::WrongProducerGroup {
+                        tx_id,
+                        owner: record.producer_group,
+                        requester: requester.to_string(),
+                    }));
+                }
+            }
             return Ok(match (record.outcome, commit) {
                 (
                     TxOutcome::Committed {
@@ -777,14 +789,25 @@ impl Writer {
                 }));
             }
         }
-        if record.discarded && source != TxSource::Operator {
+        if source == TxSource::Operator && !record.discarded {
             return Ok(Err(WriteError::TransactionResolved {
                 tx_id,
-                reason: format!(
-                    "was discarded (rolled back) after {} unanswered checks; an operator can resume or commit it",
-                    record.check_count
-                ),
+                reason: "is pending, not discarded: its producer decides".into(),
             }));
+        }
+        if record.discarded && source != TxSource::Operator {
+            // Discarded means rolled back: a rollback agrees, a commit conflicts.
+            return Ok(if commit {
+                Err(WriteError::TransactionResolved {
+                    tx_id,
+                    reason: format!(
+                        "was discarded (rolled back) after {} unanswered checks; an operator can resume or commit it",
+                        record.check_count
+                    ),
+                })
+            } else {
+                Ok(WriteOutcome::TxRolledBack)
+            });
         }
         t.halves.remove(tx_id)?;
         fx.schedule.push(ScheduleChange::Remove(tx_id));
@@ -820,6 +843,7 @@ impl Writer {
         let outcome = OutcomeRecord {
             outcome,
             resolved_at_ms: now_ms,
+            producer_group: record.producer_group,
         };
         t.outcomes.insert(tx_id, encode(&outcome).as_slice())?;
         Ok(result)

@@ -59,6 +59,8 @@ pub enum TxOutcome {
 pub struct OutcomeRecord {
     pub outcome: TxOutcome,
     pub resolved_at_ms: u64,
+    /// Only this group's producers are told the outcome.
+    pub producer_group: String,
 }
 
 /// Who ends a transaction.
@@ -80,10 +82,13 @@ pub struct PendingTx {
     pub next_check_at_ms: u64,
 }
 
-/// Pending (not discarded) transactions ordered by next check time.
+/// Pending (not discarded) transactions ordered by when to look at them
+/// next: their stored next check time, or later while postponed in memory
+/// because no producer of their group was connected.
 #[derive(Debug, Default)]
 pub struct TxSchedule {
-    pending: HashMap<u64, PendingTx>,
+    /// tx id → (the stored state, the effective time it is due).
+    pending: HashMap<u64, (PendingTx, u64)>,
     by_due: BTreeSet<(u64, u64)>,
 }
 
@@ -97,28 +102,33 @@ impl TxSchedule {
     }
 
     pub fn get(&self, tx_id: u64) -> Option<&PendingTx> {
-        self.pending.get(&tx_id)
+        self.pending.get(&tx_id).map(|(tx, _)| tx)
     }
 
-    pub fn upsert(&mut self, tx_id: u64, tx: PendingTx) {
-        if let Some(old) = self.pending.insert(tx_id, tx.clone()) {
-            self.by_due.remove(&(old.next_check_at_ms, tx_id));
+    fn set_effective(&mut self, tx_id: u64, tx: PendingTx, effective_ms: u64) {
+        if let Some((_, old)) = self.pending.insert(tx_id, (tx, effective_ms)) {
+            self.by_due.remove(&(old, tx_id));
         }
-        self.by_due.insert((tx.next_check_at_ms, tx_id));
+        self.by_due.insert((effective_ms, tx_id));
+    }
+
+    /// Record the stored state of a transaction (due at its stored time).
+    pub fn upsert(&mut self, tx_id: u64, tx: PendingTx) {
+        let due = tx.next_check_at_ms;
+        self.set_effective(tx_id, tx, due);
     }
 
     pub fn remove(&mut self, tx_id: u64) {
-        if let Some(old) = self.pending.remove(&tx_id) {
-            self.by_due.remove(&(old.next_check_at_ms, tx_id));
+        if let Some((_, due)) = self.pending.remove(&tx_id) {
+            self.by_due.remove(&(due, tx_id));
         }
     }
 
-    /// Move a check later without touching storage (used when no producer
-    /// of the group is connected: the check was not sent, so not counted).
+    /// Look at a transaction again no sooner than `until_ms`, without
+    /// touching storage (the check was not sent, so it is not counted).
     pub fn postpone(&mut self, tx_id: u64, until_ms: u64) {
-        if let Some(mut tx) = self.pending.get(&tx_id).cloned() {
-            tx.next_check_at_ms = until_ms;
-            self.upsert(tx_id, tx);
+        if let Some((tx, _)) = self.pending.get(&tx_id).cloned() {
+            self.set_effective(tx_id, tx, until_ms);
         }
     }
 
@@ -127,21 +137,22 @@ impl TxSchedule {
         self.by_due
             .range(..=(now_ms, u64::MAX))
             .take(limit)
-            .map(|(_, id)| (*id, self.pending[id].clone()))
+            .map(|(_, id)| (*id, self.pending[id].0.clone()))
             .collect()
     }
 
-    /// Make every pending transaction of `group` due at `now_ms` at the
-    /// latest (a producer of the group just connected).
-    pub fn wake_group(&mut self, group: &str, now_ms: u64) {
-        let ids: Vec<u64> = self
+    /// A producer of `group` connected: undo in-memory postponements, so
+    /// transactions whose stored check time has passed are due now and the
+    /// others (still in their timeout or immunity) keep their time.
+    pub fn wake_group(&mut self, group: &str) {
+        let ids: Vec<(u64, PendingTx)> = self
             .pending
             .iter()
-            .filter(|(_, t)| t.producer_group == group && t.next_check_at_ms > now_ms)
-            .map(|(id, _)| *id)
+            .filter(|(_, (t, due))| t.producer_group == group && *due != t.next_check_at_ms)
+            .map(|(id, (t, _))| (*id, t.clone()))
             .collect();
-        for id in ids {
-            self.postpone(id, now_ms);
+        for (id, tx) in ids {
+            self.upsert(id, tx);
         }
     }
 }
@@ -192,12 +203,16 @@ mod tests {
     }
 
     #[test]
-    fn a_connecting_producer_wakes_only_its_group() {
+    fn a_connecting_producer_wakes_only_its_groups_overdue_checks() {
         let mut s = TxSchedule::default();
-        s.upsert(1, tx("a", 10_000));
-        s.upsert(2, tx("b", 10_000));
-        s.wake_group("a", 100);
-        let due: Vec<u64> = s.due(100, 10).into_iter().map(|(id, _)| id).collect();
+        s.upsert(1, tx("a", 100)); // overdue, postponed for lack of a producer
+        s.postpone(1, 10_000);
+        s.upsert(2, tx("b", 100));
+        s.postpone(2, 10_000);
+        s.upsert(3, tx("a", 5_000)); // still in its timeout or immunity
+        s.wake_group("a");
+        let due: Vec<u64> = s.due(200, 10).into_iter().map(|(id, _)| id).collect();
         assert_eq!(due, vec![1]);
+        assert_eq!(s.due(5_000, 10).len(), 2);
     }
 }

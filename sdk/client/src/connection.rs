@@ -230,7 +230,11 @@ impl Client {
             .cloned()
             .collect();
         for producer_group in groups {
-            request_on(&conn, &Request::RegisterProducer { producer_group }).await?;
+            if let Err(e) = request_on(&conn, &Request::RegisterProducer { producer_group }).await {
+                // Do not leave a half-registered connection behind.
+                conn.close(0u32.into(), b"producer registration failed");
+                return Err(e);
+            }
         }
         *slot = Some(conn.clone());
         Ok(conn)

@@ -27,7 +27,7 @@ pub(super) fn register_producer(
         .schedule()
         .lock()
         .expect("schedule lock")
-        .wake_group(&producer_group, now_ms());
+        .wake_group(&producer_group);
     state
         .producers
         .register(&producer_group, ctx.id, ctx.conn.clone());
@@ -266,34 +266,14 @@ pub(super) async fn resolve_discarded(
             tx_id,
             next_check_at_ms: now_ms(),
         },
-        DiscardedAction::Commit => {
-            let db = state.store.db().clone();
-            let half = blocking(move || read::half_message(&db, tx_id)).await?;
-            match half {
-                Some(h) if h.discarded => {}
-                Some(_) => {
-                    return Err(ErrorReply::new(
-                        ErrorCode::TRANSACTION_RESOLVED,
-                        format!(
-                            "transaction {tx_id} is pending, not discarded; its producer decides"
-                        ),
-                    ))
-                }
-                None => {
-                    return Err(ErrorReply::new(
-                        ErrorCode::UNKNOWN_TRANSACTION,
-                        format!("transaction {tx_id} is not a discarded transaction"),
-                    ))
-                }
-            }
-            WriteOp::EndTransaction {
-                tx_id,
-                producer_group: None,
-                commit: true,
-                source: TxSource::Operator,
-                now_ms: now_ms(),
-            }
-        }
+        // The writer checks that it is (still) discarded.
+        DiscardedAction::Commit => WriteOp::EndTransaction {
+            tx_id,
+            producer_group: None,
+            commit: true,
+            source: TxSource::Operator,
+            now_ms: now_ms(),
+        },
     };
     let outcome = state.store.write(op).await.map_err(from_write)?;
     state.producers.registered.notify_one();
