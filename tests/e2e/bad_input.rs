@@ -294,3 +294,35 @@ async fn a_given_certificate_and_key_are_served() -> anyhow::Result<()> {
     client.ping().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coalesced_sends_fail_only_for_the_culprit() -> anyhow::Result<()> {
+    let broker =
+        TestBroker::start_with(&["--message-bytes-max", "1000", "--batch-bytes-max", "3000"])?;
+    let client = broker.client().await?;
+    client.create_topic("sized", 1).await?;
+    let producer = client.producer("sized");
+    // Concurrent single sends travel together; together they exceed the
+    // batch limit and one of them the message limit.
+    let mut tasks = Vec::new();
+    for i in 0..12 {
+        let producer = producer.clone();
+        let size = if i == 5 { 1001 } else { 1000 };
+        tasks.push(tokio::spawn(async move {
+            producer.send(NewMessage::new(vec![i as u8; size])).await
+        }));
+    }
+    let mut ok = 0;
+    for (i, t) in tasks.into_iter().enumerate() {
+        match t.await? {
+            Ok(_) => ok += 1,
+            Err(e) => {
+                assert_eq!(i, 5, "only the oversize message fails: {e}");
+                assert_eq!(e.code(), Some(ErrorCode::MESSAGE_TOO_LARGE));
+            }
+        }
+    }
+    assert_eq!(ok, 11);
+    assert_eq!(read_all(&client, "sized", 0, 0).await?.len(), 11);
+    Ok(())
+}

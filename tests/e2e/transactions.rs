@@ -362,6 +362,11 @@ async fn conflicting_unknown_and_repeated_decisions() -> anyhow::Result<()> {
     fn code<T>(r: Result<T, ClientError>) -> Option<ErrorCode> {
         r.err().and_then(|e| e.code())
     }
+    // A producer group the broker refuses does not poison later reconnects.
+    let bad = client
+        .transactional_producer("bad name", "payments", always(TxAction::Commit))
+        .await;
+    assert_eq!(code(bad.map(|_| ())), Some(ErrorCode::INVALID_ARGUMENT));
     let a = producer.send_half(NewMessage::new("a")).await?;
     let b = producer.send_half(NewMessage::new("b")).await?;
     producer.rollback(a.tx_id).await?;

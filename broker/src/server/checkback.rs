@@ -12,9 +12,10 @@ use crate::storage::{read, WriteOp, WriteOutcome};
 use crate::transactions::TxSource;
 use msmq_protocol::{
     decode_frame, encode_frame, BrokerRequest, BrokerRequestReply, MessageId, TransactionCheck,
-    TxAction, FRAME_BYTES_MAX, FRAME_HEADER_BYTES,
+    TxAction,
 };
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 
@@ -26,6 +27,8 @@ const TICK_MS_MAX: u64 = 100;
 const PRUNE_EVERY: Duration = Duration::from_secs(5);
 /// Most outcomes one prune removes (keeps each write transaction short).
 const PRUNE_ROWS_MAX: u64 = 20_000;
+/// Largest answer to a check-back the broker reads (answers are tiny).
+pub const CHECK_REPLY_BYTES_MAX: usize = 64 * 1024;
 
 pub(super) fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -40,6 +43,8 @@ pub(super) async fn run(state: Arc<BrokerState>) {
     let tick = Duration::from_millis(interval_ms.clamp(10, TICK_MS_MAX));
     let rate = config.transaction_checks_per_sec_max as f64;
     let in_flight = Arc::new(Semaphore::new(CHECKS_IN_FLIGHT_MAX));
+    // Transactions with a check or discard under way: never two at once.
+    let busy: Arc<Mutex<HashSet<u64>>> = Arc::default();
     let mut tokens = rate;
     let mut refilled = Instant::now();
     let mut last_prune = Instant::now();
@@ -69,6 +74,9 @@ pub(super) async fn run(state: Arc<BrokerState>) {
             .expect("schedule lock")
             .due(now, budget);
         for (tx_id, pending) in due {
+            if busy.lock().expect("busy lock").contains(&tx_id) {
+                continue;
+            }
             // Whatever happens next, do not pick this one again before the interval.
             state
                 .store
@@ -76,23 +84,32 @@ pub(super) async fn run(state: Arc<BrokerState>) {
                 .lock()
                 .expect("schedule lock")
                 .postpone(tx_id, now + interval_ms);
-            let Some(conn) = state.producers.pick(&pending.producer_group) else {
-                tracing::debug!(tx_id, group = %pending.producer_group,
-                    "no producer of the group connected; check postponed, not counted");
-                continue;
+            // Checks used up: discard, whether or not a producer is connected.
+            let conn = if pending.check_count >= state.config.transaction_check_max {
+                None
+            } else {
+                match state.producers.pick(&pending.producer_group) {
+                    Some(conn) => Some(conn),
+                    None => {
+                        tracing::debug!(tx_id, group = %pending.producer_group,
+                            "no producer of the group connected; check postponed, not counted");
+                        continue;
+                    }
+                }
             };
             let Ok(permit) = in_flight.clone().try_acquire_owned() else {
                 break;
             };
             tokens -= 1.0;
-            let state = state.clone();
+            busy.lock().expect("busy lock").insert(tx_id);
+            let (state, busy) = (state.clone(), busy.clone());
             tokio::spawn(async move {
                 let _permit = permit;
-                if pending.check_count >= state.config.transaction_check_max {
-                    discard(&state, tx_id, pending.check_count).await;
-                } else {
-                    check_one(&state, conn, tx_id, now + interval_ms).await;
+                match conn {
+                    None => discard(&state, tx_id, pending.check_count).await,
+                    Some(conn) => check_one(&state, conn, tx_id, now + interval_ms).await,
                 }
+                busy.lock().expect("busy lock").remove(&tx_id);
             });
         }
     }
@@ -222,9 +239,7 @@ async fn ask(
     let (mut send, mut recv) = conn.open_bi().await?;
     send.write_all(&encode_frame(request)?).await?;
     send.finish()?;
-    let bytes = recv
-        .read_to_end(FRAME_BYTES_MAX + FRAME_HEADER_BYTES)
-        .await?;
+    let bytes = recv.read_to_end(CHECK_REPLY_BYTES_MAX).await?;
     Ok(decode_frame(&bytes)?)
 }
 

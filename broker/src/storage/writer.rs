@@ -155,6 +155,8 @@ pub enum WriteError {
     },
     #[error("storage failure, nothing was written: {0}")]
     Storage(String),
+    #[error("a stored record could not be read, nothing was written: {0}")]
+    Corrupt(String),
     #[error("the broker is shutting down")]
     ShuttingDown,
 }
@@ -619,7 +621,10 @@ impl Writer {
                 let half = t.halves.get(*tx_id)?.map(|v| v.value().to_vec());
                 match half {
                     Some(bytes) => {
-                        let mut record: HalfRecord = decode(&bytes, "half message")?;
+                        let mut record: HalfRecord = match decode(&bytes, "half message") {
+                            Ok(r) => r,
+                            Err(e) => return Ok(Err(WriteError::Corrupt(e.to_string()))),
+                        };
                         if record.discarded {
                             Ok(WriteOutcome::CheckCounted(None))
                         } else {
@@ -644,7 +649,10 @@ impl Writer {
                 let half = t.halves.get(*tx_id)?.map(|v| v.value().to_vec());
                 match half {
                     Some(bytes) => {
-                        let mut record: HalfRecord = decode(&bytes, "half message")?;
+                        let mut record: HalfRecord = match decode(&bytes, "half message") {
+                            Ok(r) => r,
+                            Err(e) => return Ok(Err(WriteError::Corrupt(e.to_string()))),
+                        };
                         if record.discarded {
                             Ok(WriteOutcome::Discarded(false))
                         } else {
@@ -672,7 +680,10 @@ impl Writer {
                 let half = t.halves.get(*tx_id)?.map(|v| v.value().to_vec());
                 match half {
                     Some(bytes) => {
-                        let mut record: HalfRecord = decode(&bytes, "half message")?;
+                        let mut record: HalfRecord = match decode(&bytes, "half message") {
+                            Ok(r) => r,
+                            Err(e) => return Ok(Err(WriteError::Corrupt(e.to_string()))),
+                        };
                         if !record.discarded {
                             Err(WriteError::TransactionResolved {
                                 tx_id: *tx_id,
@@ -713,9 +724,11 @@ impl Writer {
                         .first()?
                         .map(|(k, v)| (k.value(), v.value().to_vec()));
                     let Some((tx_id, bytes)) = first else { break };
-                    let record: OutcomeRecord = decode(&bytes, "transaction outcome")?;
-                    if record.resolved_at_ms >= *resolved_before_ms {
-                        break;
+                    // An outcome that no longer decodes answers nothing: prune it.
+                    if let Ok(record) = decode::<OutcomeRecord>(&bytes, "transaction outcome") {
+                        if record.resolved_at_ms >= *resolved_before_ms {
+                            break;
+                        }
                     }
                     t.outcomes.remove(tx_id)?;
                     pruned += 1;
@@ -744,7 +757,10 @@ impl Writer {
             let Some(bytes) = outcome else {
                 return Ok(Err(WriteError::UnknownTransaction(tx_id)));
             };
-            let record: OutcomeRecord = decode(&bytes, "transaction outcome")?;
+            let record: OutcomeRecord = match decode(&bytes, "transaction outcome") {
+                Ok(r) => r,
+                Err(e) => return Ok(Err(WriteError::Corrupt(e.to_string()))),
+            };
             if let Some(requester) = requester {
                 if requester != record.producer_group {
                     return Ok(Err(WriteError::WrongProducerGroup {
@@ -779,7 +795,10 @@ impl Writer {
                 (TxOutcome::Discarded { .. }, _) => unreachable_discarded(tx_id),
             });
         };
-        let record: HalfRecord = decode(&bytes, "half message")?;
+        let record: HalfRecord = match decode(&bytes, "half message") {
+            Ok(r) => r,
+            Err(e) => return Ok(Err(WriteError::Corrupt(e.to_string()))),
+        };
         if let Some(requester) = requester {
             if requester != record.producer_group {
                 return Ok(Err(WriteError::WrongProducerGroup {

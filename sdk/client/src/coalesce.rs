@@ -14,6 +14,22 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 pub const REQUESTS_IN_FLIGHT_MAX: usize = 4;
 /// Most calls gathered into one request.
 pub const CALLS_PER_REQUEST_MAX: usize = 512;
+/// Most payload bytes gathered into one request (a single larger call still
+/// goes alone), well under the frame limit and the broker's default batch limit.
+pub const BYTES_PER_REQUEST_MAX: usize = 4 * 1024 * 1024;
+
+/// Whether a refusal of a coalesced request may be about one of its calls
+/// only (then each call is sent alone so only the culprit fails).
+pub(crate) fn split_on(e: &ClientError) -> bool {
+    use msmq_protocol::ErrorCode;
+    matches!(
+        e.code(),
+        Some(ErrorCode::MESSAGE_TOO_LARGE) | Some(ErrorCode::BATCH_TOO_LARGE)
+    ) || matches!(
+        e,
+        ClientError::Protocol(msmq_protocol::FrameError::TooLarge(_))
+    )
+}
 
 type Slot<I, R> = (I, oneshot::Sender<Result<R, ClientError>>);
 
@@ -24,7 +40,8 @@ pub(crate) struct Coalescer<I, R> {
 impl<I: Send + 'static, R: Send + 'static> Coalescer<I, R> {
     /// `send` turns a batch of calls into one request and returns one result
     /// per call, in order.
-    pub(crate) fn new<F, Fut>(send: F) -> Self
+    /// `weight` is a call's size in bytes, for [`BYTES_PER_REQUEST_MAX`].
+    pub(crate) fn new<F, Fut>(weight: fn(&I) -> usize, send: F) -> Self
     where
         F: Fn(Vec<I>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Vec<Result<R, ClientError>>> + Send + 'static,
@@ -33,17 +50,35 @@ impl<I: Send + 'static, R: Send + 'static> Coalescer<I, R> {
         let send = Arc::new(send);
         tokio::spawn(async move {
             let in_flight = Arc::new(Semaphore::new(REQUESTS_IN_FLIGHT_MAX));
-            while let Some(first) = rx.recv().await {
+            let mut carried: Option<Slot<I, R>> = None;
+            loop {
+                let first = match carried.take() {
+                    Some(slot) => slot,
+                    None => match rx.recv().await {
+                        Some(slot) => slot,
+                        None => break,
+                    },
+                };
                 let Ok(permit) = in_flight.clone().acquire_owned().await else {
                     break;
                 };
+                let mut bytes = weight(&first.0);
                 let mut batch = vec![first];
-                while batch.len() < CALLS_PER_REQUEST_MAX {
+                let mut held = None;
+                while batch.len() < CALLS_PER_REQUEST_MAX && bytes < BYTES_PER_REQUEST_MAX {
                     match rx.try_recv() {
-                        Ok(slot) => batch.push(slot),
+                        Ok(slot) if bytes + weight(&slot.0) > BYTES_PER_REQUEST_MAX => {
+                            held = Some(slot);
+                            break;
+                        }
+                        Ok(slot) => {
+                            bytes += weight(&slot.0);
+                            batch.push(slot);
+                        }
                         Err(_) => break,
                     }
                 }
+                carried = held;
                 let send = send.clone();
                 tokio::spawn(async move {
                     let _permit = permit;

@@ -6,7 +6,7 @@ use crate::{ClientError, Consumer, ConsumerOptions, Producer};
 use msmq_protocol::{
     decode_frame, encode_frame, BrokerRequest, BrokerRequestReply, DiscardedAction, ErrorCode,
     ErrorReply, FetchLimits, FetchedMessages, GroupDescription, GroupSummary, Reply, Request,
-    TopicDescription, TopicInfo, TransactionInfo, TxEnded, ALPN, FRAME_BYTES_MAX,
+    TopicDescription, TopicInfo, TransactionInfo, TxAction, TxEnded, ALPN, FRAME_BYTES_MAX,
     FRAME_HEADER_BYTES,
 };
 use rustls_pki_types::{pem::PemObject, CertificateDer};
@@ -132,6 +132,9 @@ struct Inner {
     connection: Mutex<Option<quinn::Connection>>,
     /// Checkers by producer group; registered again on every new connection.
     checkers: std::sync::RwLock<HashMap<String, Arc<dyn TransactionChecker>>>,
+    /// Transactions whose checker call is still running: a repeated check
+    /// is answered `Unknown` at once instead of piling up blocked threads.
+    checking: std::sync::Mutex<std::collections::HashSet<u64>>,
 }
 
 impl Drop for Inner {
@@ -173,6 +176,7 @@ impl Client {
                 options,
                 connection: Mutex::new(None),
                 checkers: std::sync::RwLock::new(HashMap::new()),
+                checking: std::sync::Mutex::new(std::collections::HashSet::new()),
             }),
         };
         client.connection().await?;
@@ -218,6 +222,9 @@ impl Client {
             .map_err(|_| connect_err("timed out".into()))?
             .map_err(|e| connect_err(e.to_string()))?;
         tracing::debug!(addr = %inner.addr, "connected to broker");
+        // Closes the connection unless it is stored below, also when this
+        // future is dropped half-way: no half-registered connection lingers.
+        let guard = CloseUnlessKept(Some(conn.clone()));
         tokio::spawn(answer_broker_requests(
             conn.clone(),
             Arc::downgrade(&self.inner),
@@ -230,12 +237,9 @@ impl Client {
             .cloned()
             .collect();
         for producer_group in groups {
-            if let Err(e) = request_on(&conn, &Request::RegisterProducer { producer_group }).await {
-                // Do not leave a half-registered connection behind.
-                conn.close(0u32.into(), b"producer registration failed");
-                return Err(e);
-            }
+            request_on(&conn, &Request::RegisterProducer { producer_group }).await?;
         }
+        guard.keep();
         *slot = Some(conn.clone());
         Ok(conn)
     }
@@ -255,7 +259,22 @@ impl Client {
         let req = Request::RegisterProducer {
             producer_group: producer_group.to_string(),
         };
-        expect_done("RegisterProducer", self.request(&req).await?)
+        let result = self
+            .request(&req)
+            .await
+            .and_then(|r| expect_done("RegisterProducer", r));
+        if let Err(e) = &result {
+            if !e.is_retryable() {
+                // Refused for good (a bad name, say): forget it, or every
+                // reconnect would fail on it.
+                self.inner
+                    .checkers
+                    .write()
+                    .expect("checker lock")
+                    .remove(producer_group);
+            }
+        }
+        result
     }
 
     /// Send one request and wait for its reply. An error reply from the
@@ -414,6 +433,22 @@ impl Client {
     }
 }
 
+struct CloseUnlessKept(Option<quinn::Connection>);
+
+impl CloseUnlessKept {
+    fn keep(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for CloseUnlessKept {
+    fn drop(&mut self) {
+        if let Some(conn) = self.0.take() {
+            conn.close(0u32.into(), b"connection set-up abandoned");
+        }
+    }
+}
+
 /// One request on a new stream of `conn`.
 async fn request_on(conn: &quinn::Connection, request: &Request) -> Result<Reply, ClientError> {
     exchange(conn.open_bi().await?, request).await
@@ -463,10 +498,18 @@ async fn answer_broker_request(
                 .expect("checker lock")
                 .get(&check.producer_group)
                 .cloned();
+            let tx_id = check.tx_id;
+            let fresh =
+                checker.is_some() && inner.checking.lock().expect("checking lock").insert(tx_id);
             match checker {
+                Some(_) if !fresh => BrokerRequestReply::TransactionState {
+                    tx_id,
+                    action: TxAction::Unknown,
+                },
                 Some(checker) => {
-                    let tx_id = check.tx_id;
-                    match tokio::task::spawn_blocking(move || checker.check(&check)).await {
+                    let answer = tokio::task::spawn_blocking(move || checker.check(&check)).await;
+                    inner.checking.lock().expect("checking lock").remove(&tx_id);
+                    match answer {
                         Ok(action) => BrokerRequestReply::TransactionState { tx_id, action },
                         Err(e) => BrokerRequestReply::Error(ErrorReply::new(
                             ErrorCode::INTERNAL,

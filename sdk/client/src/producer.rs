@@ -1,6 +1,6 @@
 //! Producing messages.
 
-use crate::coalesce::Coalescer;
+use crate::coalesce::{split_on, Coalescer};
 use crate::connection::unexpected;
 use crate::{Client, ClientError};
 use msmq_protocol::{MessageAck, NewMessage, Reply, Request};
@@ -33,8 +33,9 @@ pub struct Producer {
 impl Producer {
     pub(crate) fn new(client: Client, topic: &str) -> Self {
         let (c, t) = (client.clone(), topic.to_string());
-        let singles =
-            Coalescer::new(move |messages| send_coalesced(c.clone(), t.clone(), messages));
+        let singles = Coalescer::new(NewMessage::size_bytes, move |messages| {
+            send_coalesced(c.clone(), t.clone(), messages)
+        });
         Producer {
             client,
             topic: topic.to_string(),
@@ -105,7 +106,7 @@ async fn send_coalesced(
     };
     match produce(&client, &topic, None, messages).await {
         Ok(acks) => acks.into_iter().map(Ok).collect(),
-        Err(ClientError::Broker(_)) if count > 1 => {
+        Err(e) if count > 1 && split_on(&e) => {
             let mut out = Vec::with_capacity(count);
             for m in retry {
                 out.push(

@@ -12,7 +12,7 @@
 //!
 //! [`TransactionalProducer::execute`] does all three steps around a closure.
 
-use crate::coalesce::Coalescer;
+use crate::coalesce::{split_on, Coalescer};
 use crate::connection::unexpected;
 use crate::{Client, ClientError};
 use msmq_protocol::{
@@ -106,7 +106,7 @@ async fn send_halves(
             let e = unexpected("SendHalf", other);
             batch_error(&e, count)
         }
-        Err(e @ ClientError::Broker(_)) if !single => {
+        Err(e) if !single && split_on(&e) => {
             tracing::debug!(error = %e, "coalesced half messages refused together; sending each alone");
             let mut out = Vec::with_capacity(count);
             for m in retry {
@@ -169,12 +169,14 @@ impl Client {
             .await?;
         let (client, group, topic_name) =
             (self.clone(), producer_group.to_string(), topic.to_string());
-        let halves = Coalescer::new(move |messages| {
+        let halves = Coalescer::new(NewMessage::size_bytes, move |messages| {
             send_halves(client.clone(), group.clone(), topic_name.clone(), messages)
         });
         let (client, group) = (self.clone(), producer_group.to_string());
-        let ends =
-            Coalescer::new(move |decisions| end_many(client.clone(), group.clone(), decisions));
+        let ends = Coalescer::new(
+            |_: &TxDecision| 16,
+            move |decisions| end_many(client.clone(), group.clone(), decisions),
+        );
         Ok(TransactionalProducer {
             client: self.clone(),
             group: producer_group.to_string(),

@@ -118,7 +118,7 @@ fn from_write(e: WriteError) -> ErrorReply {
     let code = match &e {
         WriteError::TopicExists(_) => ErrorCode::TOPIC_EXISTS,
         WriteError::UnknownTopic(_) => ErrorCode::UNKNOWN_TOPIC,
-        WriteError::Storage(_) => ErrorCode::STORAGE_ERROR,
+        WriteError::Storage(_) | WriteError::Corrupt(_) => ErrorCode::STORAGE_ERROR,
         WriteError::ShuttingDown => ErrorCode::SHUTTING_DOWN,
         WriteError::UnknownTransaction(_) => ErrorCode::UNKNOWN_TRANSACTION,
         WriteError::TransactionResolved { .. } => ErrorCode::TRANSACTION_RESOLVED,

@@ -203,12 +203,22 @@ async fn transaction_state(
                 half.producer_group
             )));
         }
-        if !half.discarded {
-            return Ok(Reply::TransactionEnded(TxEnded::Pending));
-        }
+        return Ok(Reply::TransactionEnded(if half.discarded {
+            TxEnded::RolledBack
+        } else {
+            TxEnded::Pending
+        }));
     }
     let db = state.store.db().clone();
     let outcome = blocking(move || read::tx_outcome(&db, tx_id)).await?;
+    if let Some(o) = &outcome {
+        if o.producer_group != producer_group {
+            return Err(invalid(format!(
+                "transaction {tx_id} belongs to producer group {:?}, not {producer_group:?}",
+                o.producer_group
+            )));
+        }
+    }
     match outcome.map(|o| o.outcome) {
         Some(TxOutcome::Committed {
             partition,
