@@ -61,6 +61,23 @@ fn topics_produce_consume_and_groups_from_the_command_line() -> anyhow::Result<(
     let describe = ok(cli(&broker, &["topic", "describe", "payments"], None)?);
     assert!(describe.contains("group billing (lag 0)"), "{describe}");
     assert!(ok(cli(&broker, &["group", "list"], None)?).contains("billing"));
+    let reset = ok(cli(
+        &broker,
+        &[
+            "group",
+            "reset",
+            "billing",
+            "--topic",
+            "payments",
+            "--to",
+            "2020-01-01T00:00:00Z",
+        ],
+        None,
+    )?);
+    assert!(
+        reset.contains("payments/0 -> 0") && reset.contains("payments/1 -> 0"),
+        "{reset}"
+    );
     assert!(ok(cli(&broker, &["group", "describe", "billing"], None)?).contains("payments"));
     // Errors are clear and exit non-zero.
     let out = cli(&broker, &["produce", "missing", "x"], None)?;

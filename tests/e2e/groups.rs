@@ -221,3 +221,84 @@ async fn a_lost_poll_reply_is_read_again_not_skipped() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_to_a_timestamp_replays_from_the_first_message_at_or_after_it() -> anyhow::Result<()>
+{
+    use msmq_client::protocol::ResetTo;
+    let broker = TestBroker::start()?;
+    let client = broker.client().await?;
+    client.create_topic("ledger", 2).await?;
+    fill(&client, "ledger", 200).await?;
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let cut = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as u64;
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let producer = client.producer("ledger");
+    let mut later = BTreeSet::new();
+    for i in 0..10 {
+        for ack in producer
+            .send_batch(
+                (0..10)
+                    .map(|j| NewMessage::new(format!("late-{i}-{j}")))
+                    .collect(),
+            )
+            .await?
+        {
+            later.insert((ack.partition, ack.offset));
+        }
+    }
+    let mut consumer = client
+        .consumer("audit", &["ledger"], options(10_000))
+        .await?;
+    assert_eq!(
+        drain(&mut consumer, 300, Duration::from_secs(10))
+            .await?
+            .len(),
+        300
+    );
+    // Live members block a reset.
+    let active = client
+        .reset_group_offsets("audit", "ledger", ResetTo::Earliest)
+        .await;
+    assert_eq!(
+        active.err().and_then(|e| e.code()),
+        Some(msmq_client::ErrorCode::GROUP_ACTIVE)
+    );
+    consumer.leave().await?;
+    let offsets = client
+        .reset_group_offsets("audit", "ledger", ResetTo::Timestamp(cut))
+        .await?;
+    assert_eq!(offsets.len(), 2);
+    let mut consumer = client
+        .consumer("audit", &["ledger"], options(10_000))
+        .await?;
+    let replayed = drain(&mut consumer, 100, Duration::from_secs(10)).await?;
+    let got: BTreeSet<_> = replayed.iter().map(|m| (m.partition, m.offset())).collect();
+    assert_eq!(got, later, "exactly the messages appended after the cut");
+    assert!(replayed.iter().all(|m| m.message.timestamp_ms >= cut));
+    consumer.leave().await?;
+    // Earliest replays everything, latest nothing.
+    client
+        .reset_group_offsets("audit", "ledger", ResetTo::Earliest)
+        .await?;
+    let mut consumer = client
+        .consumer("audit", &["ledger"], options(10_000))
+        .await?;
+    assert_eq!(
+        drain(&mut consumer, 300, Duration::from_secs(10))
+            .await?
+            .len(),
+        300
+    );
+    consumer.leave().await?;
+    client
+        .reset_group_offsets("audit", "ledger", ResetTo::Latest)
+        .await?;
+    let mut consumer = client
+        .consumer("audit", &["ledger"], options(10_000))
+        .await?;
+    assert!(consumer.poll().await?.is_empty());
+    Ok(())
+}

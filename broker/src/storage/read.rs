@@ -136,3 +136,22 @@ pub fn tx_outcome(
         })
         .transpose()
 }
+
+/// The first offset of a partition whose message was appended at or after
+/// `timestamp_ms`; `None` when every stored message is older.
+pub fn offset_for_time(
+    db: &Database,
+    topic_id: u32,
+    partition: u32,
+    timestamp_ms: u64,
+) -> Result<Option<u64>, StorageError> {
+    let txn = db.begin_read()?;
+    let times = txn.open_table(tables::BATCH_TIMES)?;
+    for entry in times.range((topic_id, partition, 0)..=(topic_id, partition, u64::MAX))? {
+        let (key, ts) = entry?;
+        if ts.value() >= timestamp_ms {
+            return Ok(Some(key.value().2));
+        }
+    }
+    Ok(None)
+}

@@ -6,6 +6,9 @@ use redb::{Database, ReadableTable, TableDefinition};
 
 /// (topic id, partition, base offset) → a stored batch (see [`super::batch`]).
 pub const LOG: TableDefinition<(u32, u32, u64), &[u8]> = TableDefinition::new("log");
+/// (topic id, partition, base offset) → the batch's append time in ms: a
+/// small index for finding offsets by time without reading batches.
+pub const BATCH_TIMES: TableDefinition<(u32, u32, u64), u64> = TableDefinition::new("batch_times");
 /// (topic id, partition) → (start offset, end offset): `start..end` is stored.
 pub const PARTITIONS: TableDefinition<(u32, u32), (u64, u64)> = TableDefinition::new("partitions");
 /// topic name → postcard [`crate::topics::TopicMeta`].
@@ -34,6 +37,7 @@ pub const META_STORE_ID: &str = "store_id";
 pub fn create_all(db: &Database) -> Result<(), StorageError> {
     let txn = db.begin_write()?;
     txn.open_table(LOG)?;
+    txn.open_table(BATCH_TIMES)?;
     txn.open_table(PARTITIONS)?;
     txn.open_table(TOPICS)?;
     txn.open_table(GROUP_OFFSETS)?;

@@ -273,6 +273,7 @@ struct Effects {
 /// The tables of one write transaction.
 struct Tables<'t> {
     log: redb::Table<'t, (u32, u32, u64), &'static [u8]>,
+    batch_times: redb::Table<'t, (u32, u32, u64), u64>,
     partitions: redb::Table<'t, (u32, u32), (u64, u64)>,
     topics: redb::Table<'t, &'static str, &'static [u8]>,
     group_offsets: redb::Table<'t, (&'static str, u32, u32), u64>,
@@ -403,6 +404,7 @@ impl Writer {
         {
             let mut t = Tables {
                 log: txn.open_table(tables::LOG)?,
+                batch_times: txn.open_table(tables::BATCH_TIMES)?,
                 partitions: txn.open_table(tables::PARTITIONS)?,
                 topics: txn.open_table(tables::TOPICS)?,
                 group_offsets: txn.open_table(tables::GROUP_OFFSETS)?,
@@ -462,6 +464,8 @@ impl Writer {
             .map(|(_, s, e)| (*s, *e))
             .unwrap_or((offsets.start(), offsets.end()));
         t.log.insert((key.0, key.1, end), value)?;
+        let timestamp_ms = batch::header(value).map(|h| h.timestamp_ms).unwrap_or(0);
+        t.batch_times.insert((key.0, key.1, end), timestamp_ms)?;
         let new_end = end + count as u64;
         t.partitions.insert(key, (start, new_end))?;
         fx.ends.insert(key, (topic.clone(), start, new_end));
@@ -519,6 +523,8 @@ impl Writer {
                             .retain_in((id, 0, 0)..=(id, u32::MAX, u64::MAX), |_, _| false)?;
                         t.partitions
                             .retain_in((id, 0)..=(id, u32::MAX), |_, _| false)?;
+                        t.batch_times
+                            .retain_in((id, 0, 0)..=(id, u32::MAX, u64::MAX), |_, _| false)?;
                         t.group_offsets.retain(|k, _| k.1 != id)?;
                         scope.deleted.insert(id);
                         fx.ends.retain(|k, _| k.0 != id);

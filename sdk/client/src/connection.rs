@@ -367,6 +367,25 @@ impl Client {
         }
     }
 
+    /// Move a group's committed offsets on `topic` (the group must have no
+    /// live members). Returns the new offset of each partition.
+    pub async fn reset_group_offsets(
+        &self,
+        group: &str,
+        topic: &str,
+        to: msmq_protocol::ResetTo,
+    ) -> Result<Vec<msmq_protocol::PartitionOffset>, ClientError> {
+        let req = Request::ResetGroupOffsets {
+            group: group.into(),
+            topic: topic.into(),
+            to,
+        };
+        match self.request(&req).await? {
+            Reply::OffsetsReset(offsets) => Ok(offsets),
+            other => Err(unexpected("ResetGroupOffsets", other)),
+        }
+    }
+
     /// Read one partition by offset, outside any consumer group.
     pub async fn fetch(
         &self,

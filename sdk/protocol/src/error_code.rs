@@ -76,6 +76,8 @@ codes! {
     /// The transaction was already resolved the other way (committed vs
     /// rolled back, or discarded); nothing changed.
     TRANSACTION_RESOLVED = 18, retryable = false;
+    /// The group has live members; stop them before resetting its offsets.
+    GROUP_ACTIVE = 19, retryable = true;
 }
 
 impl fmt::Debug for ErrorCode {

@@ -110,6 +110,23 @@ pub enum Request {
         producer_group: String,
         decisions: Vec<TxDecision>,
     },
+    /// Move a group's committed offsets on one topic. The group must have no
+    /// live members (`GROUP_ACTIVE` otherwise). Reply: [`Reply::OffsetsReset`].
+    ResetGroupOffsets {
+        group: String,
+        topic: String,
+        to: ResetTo,
+    },
+}
+
+/// Where `ResetGroupOffsets` moves a group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ResetTo {
+    Earliest,
+    Latest,
+    /// The first message appended at or after this time (ms since the Unix
+    /// epoch); the partition end if every message is older.
+    Timestamp(u64),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -142,6 +159,8 @@ pub enum Reply {
     TransactionEnded(TxEnded),
     Transactions(Vec<TransactionInfo>),
     TransactionsEnded(Vec<TxEndResult>),
+    /// The new committed offset of every partition.
+    OffsetsReset(Vec<PartitionOffset>),
 }
 
 /// The answer to one decision of an `EndTransactions` request.

@@ -8,7 +8,7 @@ use crate::server::BrokerState;
 use crate::storage::{read, WriteOp};
 use msmq_protocol::{
     names::validate_name, ErrorCode, ErrorReply, FetchLimits, FetchedMessages, Joined,
-    PartitionOffset, Polled, Reply, StartFrom, TopicPartition,
+    PartitionOffset, Polled, Reply, ResetTo, StartFrom, TopicPartition,
 };
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -250,4 +250,62 @@ pub(super) async fn commit(
         .await
         .map_err(from_write)?;
     Ok(Reply::Done)
+}
+
+pub(super) async fn reset_offsets(
+    state: &BrokerState,
+    group: String,
+    topic_name: String,
+    to: ResetTo,
+) -> Result<Reply, ErrorReply> {
+    validate_name("group", &group).map_err(invalid)?;
+    let topic = state
+        .registry
+        .get(&topic_name)
+        .ok_or_else(|| unknown_topic(&topic_name))?;
+    let live = state.with_groups(|g, _| g.group(&group).map_or(0, |g| g.members.len()));
+    if live > 0 {
+        return Err(ErrorReply::new(
+            ErrorCode::GROUP_ACTIVE,
+            format!(
+                "group {group:?} has {live} live members; stop them before resetting its offsets"
+            ),
+        ));
+    }
+    let mut offsets = Vec::with_capacity(topic.partition_count() as usize);
+    for p in 0..topic.partition_count() {
+        let o = &topic.partitions[p as usize];
+        let offset = match to {
+            ResetTo::Earliest => o.start(),
+            ResetTo::Latest => o.end(),
+            ResetTo::Timestamp(ms) => {
+                let db = state.store.db().clone();
+                let id = topic.id();
+                blocking(move || read::offset_for_time(&db, id, p, ms))
+                    .await?
+                    .unwrap_or(o.end())
+                    .clamp(o.start(), o.end())
+            }
+        };
+        offsets.push((topic.id(), p, offset));
+    }
+    state
+        .store
+        .write(WriteOp::CommitOffsets {
+            group: group.clone(),
+            offsets: offsets.clone(),
+        })
+        .await
+        .map_err(from_write)?;
+    tracing::info!(%group, topic = %topic_name, ?to, "group offsets reset");
+    Ok(Reply::OffsetsReset(
+        offsets
+            .into_iter()
+            .map(|(_, partition, offset)| PartitionOffset {
+                topic: topic_name.clone(),
+                partition,
+                offset,
+            })
+            .collect(),
+    ))
 }

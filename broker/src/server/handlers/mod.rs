@@ -100,6 +100,9 @@ pub(super) async fn handle(
             producer_group,
             decisions,
         } => tx::end_transactions(state, producer_group, decisions).await,
+        Request::ResetGroupOffsets { group, topic, to } => {
+            group::reset_offsets(state, group, topic, to).await
+        }
     }
 }
 
