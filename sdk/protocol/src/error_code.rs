@@ -74,7 +74,8 @@ codes! {
     /// No such transaction (never existed, or resolved and since forgotten).
     UNKNOWN_TRANSACTION = 17, retryable = false;
     /// The transaction was already resolved the other way (committed vs
-    /// rolled back, or discarded); nothing changed.
+    /// rolled back; a commit of a transaction the broker discarded);
+    /// nothing changed.
     TRANSACTION_RESOLVED = 18, retryable = false;
     /// The group has live members; stop them before resetting its offsets.
     GROUP_ACTIVE = 19, retryable = true;

@@ -244,7 +244,9 @@ pub struct TransactionCheck {
 pub enum BrokerRequestReply {
     /// The producer's answer; `tx_id` must echo the check's.
     TransactionState { tx_id: u64, action: TxAction },
-    /// The client cannot answer (no checker registered for the group).
+    /// The client cannot answer: no checker registered for the group
+    /// (`INVALID_ARGUMENT`), the request did not decode (`BAD_REQUEST`) or
+    /// the checker failed (`INTERNAL`).
     Error(ErrorReply),
 }
 
