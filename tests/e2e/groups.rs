@@ -175,6 +175,7 @@ async fn a_lost_poll_reply_is_read_again_not_skipped() -> anyhow::Result<()> {
             topics: vec!["payments".into()],
             start: StartFrom::Earliest,
             session_timeout_ms: 10_000,
+            broadcast_instance: None,
         })
         .await?;
     let Reply::Joined(joined) = joined else {
@@ -300,5 +301,55 @@ async fn reset_to_a_timestamp_replays_from_the_first_message_at_or_after_it() ->
         .consumer("audit", &["ledger"], options(10_000))
         .await?;
     assert!(consumer.poll().await?.is_empty());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broadcast_members_each_receive_every_message_with_their_own_progress() -> anyhow::Result<()>
+{
+    let broker = TestBroker::start()?;
+    let client = broker.client().await?;
+    client.create_topic("alerts", 3).await?;
+    fill(&client, "alerts", 300).await?;
+    let broadcast = |instance: &str| ConsumerOptions {
+        broadcast_instance: Some(instance.to_string()),
+        ..options(10_000)
+    };
+    let mut members = Vec::new();
+    for instance in ["host-a", "host-b", "host-c"] {
+        members.push(
+            client
+                .consumer("notify", &["alerts"], broadcast(instance))
+                .await?,
+        );
+    }
+    for member in members.iter_mut() {
+        assert_eq!(
+            member.assignment().partitions.len(),
+            3,
+            "a broadcast member owns every partition"
+        );
+        let got = drain(member, 300, Duration::from_secs(10)).await?;
+        let distinct: BTreeSet<_> = got.iter().map(|m| (m.partition, m.offset())).collect();
+        assert_eq!(got.len(), 300, "{} got {}", member.group(), got.len());
+        assert_eq!(distinct.len(), 300);
+    }
+    // Each instance keeps its own progress: host-a comes back and sees only
+    // what is new; a new instance starts from the beginning.
+    let a = members.remove(0);
+    a.leave().await?;
+    fill(&client, "alerts", 30).await?;
+    let mut a = client
+        .consumer("notify", &["alerts"], broadcast("host-a"))
+        .await?;
+    assert_eq!(drain(&mut a, 30, Duration::from_secs(10)).await?.len(), 30);
+    assert!(a.poll().await?.is_empty());
+    let mut d = client
+        .consumer("notify", &["alerts"], broadcast("host-d"))
+        .await?;
+    assert_eq!(
+        drain(&mut d, 330, Duration::from_secs(10)).await?.len(),
+        330
+    );
     Ok(())
 }

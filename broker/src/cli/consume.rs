@@ -30,6 +30,11 @@ pub struct ConsumeArgs {
     /// Most messages per poll.
     #[arg(long, default_value_t = 500)]
     max_messages: u32,
+    /// Broadcast mode: receive every message under this stable instance
+    /// name (each instance keeps its own progress) instead of sharing the
+    /// group's messages with its other members.
+    #[arg(long, value_name = "INSTANCE")]
+    broadcast: Option<String>,
     #[command(flatten)]
     client: ClientArgs,
 }
@@ -83,6 +88,7 @@ pub async fn run(args: ConsumeArgs) -> anyhow::Result<()> {
             max_messages: args.max_messages,
             ..FetchLimits::default()
         },
+        broadcast_instance: args.broadcast.clone(),
         ..ConsumerOptions::default()
     };
     let mut consumer = client

@@ -28,6 +28,10 @@ pub struct ConsumerOptions {
     pub session_timeout: Duration,
     /// Per-poll limits (messages, bytes, wait).
     pub limits: FetchLimits,
+    /// Broadcast mode under this stable instance name: this member gets
+    /// every message of the topics and keeps its own progress. `None`:
+    /// clustering, each message to one member of the group.
+    pub broadcast_instance: Option<String>,
 }
 
 impl Default for ConsumerOptions {
@@ -36,6 +40,7 @@ impl Default for ConsumerOptions {
             start: StartFrom::Earliest,
             session_timeout: Duration::from_secs(10),
             limits: FetchLimits::default(),
+            broadcast_instance: None,
         }
     }
 }
@@ -83,7 +88,9 @@ impl Consumer {
         options: ConsumerOptions,
     ) -> Result<Consumer, ClientError> {
         let topics: Vec<String> = topics.iter().map(|t| t.to_string()).collect();
-        let (member_id, assignment) = join_request(&client, group, &topics, &options).await?;
+        let (member_id, assignment, group) =
+            join_request(&client, group, &topics, &options).await?;
+        let group = group.as_str();
         let member_id = Arc::new(AtomicU64::new(member_id));
         let heartbeat = tokio::spawn(heartbeat_loop(
             client.clone(),
@@ -179,8 +186,17 @@ impl Consumer {
     }
 
     async fn rejoin(&mut self) -> Result<(), ClientError> {
-        let (id, assignment) =
-            join_request(&self.client, &self.group, &self.topics, &self.options).await?;
+        let base = match &self.options.broadcast_instance {
+            // Rejoin under the name the application gave, not the effective one.
+            Some(instance) => self
+                .group
+                .strip_suffix(&format!("%{instance}"))
+                .unwrap_or(&self.group)
+                .to_string(),
+            None => self.group.clone(),
+        };
+        let (id, assignment, _) =
+            join_request(&self.client, &base, &self.topics, &self.options).await?;
         self.member_id.store(id, Ordering::Relaxed);
         self.positions.clear();
         self.set_assignment(assignment);
@@ -282,17 +298,18 @@ async fn join_request(
     group: &str,
     topics: &[String],
     options: &ConsumerOptions,
-) -> Result<(u64, Assignment), ClientError> {
+) -> Result<(u64, Assignment, String), ClientError> {
     let reply = client
         .request(&Request::JoinGroup {
             group: group.to_string(),
             topics: topics.to_vec(),
             start: options.start,
             session_timeout_ms: options.session_timeout.as_millis().min(u32::MAX as u128) as u32,
+            broadcast_instance: options.broadcast_instance.clone(),
         })
         .await?;
     match reply {
-        Reply::Joined(j) => Ok((j.member_id, j.assignment)),
+        Reply::Joined(j) => Ok((j.member_id, j.assignment, j.group)),
         other => Err(unexpected("JoinGroup", other)),
     }
 }

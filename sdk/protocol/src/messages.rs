@@ -42,6 +42,10 @@ pub enum Request {
         topics: Vec<String>,
         start: StartFrom,
         session_timeout_ms: u32,
+        /// Broadcast mode: every member gets every message, each with its
+        /// own progress kept under this stable instance name (e.g. a host
+        /// name). `None`: clustering mode, one member per partition.
+        broadcast_instance: Option<String>,
     },
     /// Keep a membership alive and learn the current assignment. Reply: [`Reply::Assignment`].
     Heartbeat { group: String, member_id: u64 },
@@ -449,6 +453,9 @@ pub enum StartFrom {
 pub struct Joined {
     pub member_id: u64,
     pub assignment: Assignment,
+    /// The group name to use in later requests of this member: the group
+    /// itself, or in broadcast mode `<group>%<instance>`.
+    pub group: String,
 }
 
 /// The partitions a member owns in the current generation.

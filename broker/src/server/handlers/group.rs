@@ -13,6 +13,10 @@ use msmq_protocol::{
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+/// Separates a broadcast group from its member's instance name.
+pub const BROADCAST_SEPARATOR: char = '%';
+
+#[allow(clippy::too_many_arguments)]
 pub(super) fn join(
     state: &BrokerState,
     ctx: &ConnectionContext,
@@ -20,8 +24,20 @@ pub(super) fn join(
     topics: Vec<String>,
     start: StartFrom,
     session_timeout_ms: u32,
+    broadcast_instance: Option<String>,
 ) -> Result<Reply, ErrorReply> {
     validate_name("group", &group).map_err(invalid)?;
+    // Broadcast: each instance is a group of its own, so it gets every
+    // partition and keeps its own offsets.
+    let group = match broadcast_instance {
+        Some(instance) => {
+            validate_name("broadcast instance", &instance).map_err(invalid)?;
+            let effective = format!("{group}{BROADCAST_SEPARATOR}{instance}");
+            validate_name("group", &effective).map_err(invalid)?;
+            effective
+        }
+        None => group,
+    };
     if topics.is_empty() {
         return Err(invalid(
             "a group member must subscribe to at least one topic",
@@ -51,6 +67,7 @@ pub(super) fn join(
     Ok(Reply::Joined(Joined {
         member_id,
         assignment,
+        group,
     }))
 }
 

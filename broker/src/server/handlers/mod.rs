@@ -50,7 +50,16 @@ pub(super) async fn handle(
             topics,
             start,
             session_timeout_ms,
-        } => group::join(state, ctx, group, topics, start, session_timeout_ms),
+            broadcast_instance,
+        } => group::join(
+            state,
+            ctx,
+            group,
+            topics,
+            start,
+            session_timeout_ms,
+            broadcast_instance,
+        ),
         Request::Heartbeat { group, member_id } => group::heartbeat(state, group, member_id),
         Request::Poll {
             group,
