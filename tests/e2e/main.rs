@@ -2,6 +2,7 @@
 //! a temporary directory and talks to it over QUIC with the real client.
 //! One test binary for the whole suite keeps linking cheap.
 
+mod acks;
 mod bad_input;
 mod cli;
 mod crash;

@@ -4,6 +4,7 @@
 
 mod bench;
 mod consume;
+mod dlq;
 mod group;
 mod produce;
 mod serve;
@@ -49,6 +50,9 @@ enum Command {
     /// Transactions: list pending and discarded ones, resume or commit, send one.
     #[command(subcommand)]
     Tx(tx::TxCommand),
+    /// Dead letters of a group: list them, re-drive them to their topics.
+    #[command(subcommand)]
+    Dlq(dlq::DlqCommand),
     /// Measure throughput and latency against a running broker.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -128,6 +132,7 @@ pub fn main() -> ExitCode {
                     Command::Consume(args) => consume::run(args).await,
                     Command::Group(cmd) => group::run(cmd).await,
                     Command::Tx(cmd) => tx::run(cmd).await,
+                    Command::Dlq(cmd) => dlq::run(cmd).await,
                     Command::Bench(cmd) => bench::run(cmd).await,
                     Command::Serve(_) | Command::Config => unreachable!("handled above"),
                 };

@@ -31,6 +31,8 @@ pub struct BrokerState {
     pub store: Store,
     pub registry: Arc<TopicRegistry>,
     pub groups: Mutex<Coordinator>,
+    /// Leases, retries and policies of groups using per-message acks.
+    pub acks: Mutex<crate::delivery::AckRegistry>,
     pub producers: producers::ProducerRegistry,
     shutting_down: AtomicBool,
     next_connection_id: AtomicU64,
@@ -86,6 +88,7 @@ impl RunningBroker {
             tokio::task::spawn_blocking(move || Store::open(&data_dir, options, store_registry))
                 .await
                 .context("opening storage")??;
+        let acks = handlers::load_acks(&store).await?;
 
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut tls = rustls::ServerConfig::builder_with_provider(provider)
@@ -106,6 +109,7 @@ impl RunningBroker {
             store,
             registry,
             groups: Mutex::new(Coordinator::default()),
+            acks: Mutex::new(acks),
             producers: producers::ProducerRegistry::default(),
             shutting_down: AtomicBool::new(false),
             next_connection_id: AtomicU64::new(1),
@@ -119,6 +123,7 @@ impl RunningBroker {
             )),
             tokio::spawn(session_checker(state.clone())),
             tokio::spawn(checkback::run(state.clone())),
+            tokio::spawn(handlers::expire_leases(state.clone())),
         ];
         tracing::info!(addr = %local_addr, durability = ?state.config.durability,
             data_dir = %state.config.data_dir.display(), "broker listening");

@@ -155,3 +155,39 @@ pub fn offset_for_time(
     }
     Ok(None)
 }
+
+/// Every stored retry: (group, (topic id, partition, offset), record).
+#[allow(clippy::type_complexity)]
+pub fn all_retries(
+    db: &Database,
+) -> Result<Vec<(String, (u32, u32, u64), crate::delivery::RetryRecord)>, StorageError> {
+    let txn = db.begin_read()?;
+    let table = txn.open_table(tables::RETRIES)?;
+    let mut out = Vec::new();
+    for entry in table.iter()? {
+        let (k, v) = entry?;
+        let (group, t, p, o) = k.value();
+        match postcard::from_bytes(v.value()) {
+            Ok(record) => out.push((group.to_string(), (t, p, o), record)),
+            Err(e) => tracing::error!(%group, topic_id = t, partition = p, offset = o, error = %e,
+                "unreadable retry record skipped"),
+        }
+    }
+    Ok(out)
+}
+
+/// A group's stored retry policy.
+pub fn group_policy(
+    db: &Database,
+    group: &str,
+) -> Result<Option<crate::delivery::RetryPolicy>, StorageError> {
+    let txn = db.begin_read()?;
+    let table = txn.open_table(tables::GROUP_POLICIES)?;
+    table
+        .get(group)?
+        .map(|v| {
+            postcard::from_bytes(v.value())
+                .map_err(|e| StorageError::Corrupt(format!("policy of group {group}: {e}")))
+        })
+        .transpose()
+}

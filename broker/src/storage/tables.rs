@@ -21,6 +21,11 @@ pub const GROUP_OFFSETS: TableDefinition<(&str, u32, u32), u64> =
 pub const HALF_MESSAGES: TableDefinition<u64, &[u8]> = TableDefinition::new("half_messages");
 /// transaction id → postcard [`crate::transactions::OutcomeRecord`].
 pub const TX_OUTCOMES: TableDefinition<u64, &[u8]> = TableDefinition::new("tx_outcomes");
+/// (group, topic id, partition, offset) → postcard
+/// [`crate::delivery::RetryRecord`]: messages a group will get again.
+pub const RETRIES: TableDefinition<(&str, u32, u32, u64), &[u8]> = TableDefinition::new("retries");
+/// group → postcard [`crate::delivery::RetryPolicy`], for groups that set one.
+pub const GROUP_POLICIES: TableDefinition<&str, &[u8]> = TableDefinition::new("group_policies");
 /// Broker-wide counters.
 pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
@@ -42,6 +47,8 @@ pub fn create_all(db: &Database) -> Result<(), StorageError> {
     txn.open_table(TOPICS)?;
     txn.open_table(GROUP_OFFSETS)?;
     txn.open_table(HALF_MESSAGES)?;
+    txn.open_table(RETRIES)?;
+    txn.open_table(GROUP_POLICIES)?;
     txn.open_table(TX_OUTCOMES)?;
     let mut meta = txn.open_table(META)?;
     if meta.get(META_STORE_ID)?.is_none() {

@@ -11,6 +11,7 @@
 //! in it with an error and changes no in-memory state.
 
 use super::{batch, tables, Durability, StorageError, StoreOptions};
+use crate::delivery::{RetryPolicy, RetryRecord};
 use crate::topics::{Topic, TopicMeta, TopicRegistry};
 use crate::transactions::{HalfRecord, OutcomeRecord, PendingTx, TxOutcome, TxSchedule, TxSource};
 use msmq_protocol::NewMessage;
@@ -80,6 +81,20 @@ pub enum WriteOp {
         tx_id: u64,
         next_check_at_ms: u64,
     },
+    /// Per-message acknowledgement bookkeeping of one group, atomically:
+    /// retries to store or update, retries to forget, dead letters to append.
+    Settle {
+        group: String,
+        retry_puts: Vec<((u32, u32, u64), RetryRecord)>,
+        retry_deletes: Vec<(u32, u32, u64)>,
+        dead_letters: Vec<(Arc<Topic>, NewMessage)>,
+        now_ms: u64,
+    },
+    /// Store a group's retry policy.
+    SetPolicy {
+        group: String,
+        policy: RetryPolicy,
+    },
     /// Forget outcomes resolved before `resolved_before_ms`, oldest
     /// transaction ids first, at most `rows_max`.
     PruneOutcomes {
@@ -101,6 +116,13 @@ impl WriteOp {
         match self {
             WriteOp::Append { appends, .. } => appends.iter().map(|a| a.value.len()).sum(),
             WriteOp::StoreHalf { halves, .. } => halves.iter().map(|(_, m)| m.size_bytes()).sum(),
+            WriteOp::Settle { dead_letters, .. } => {
+                dead_letters
+                    .iter()
+                    .map(|(_, m)| m.size_bytes())
+                    .sum::<usize>()
+                    + 64
+            }
             _ => 64,
         }
     }
@@ -133,6 +155,8 @@ pub enum WriteOutcome {
     Discarded(bool),
     Resumed,
     Pruned(u64),
+    Settled,
+    PolicySet,
 }
 
 #[derive(Debug, Error, Clone)]
@@ -280,6 +304,8 @@ struct Tables<'t> {
     meta: redb::Table<'t, &'static str, u64>,
     halves: redb::Table<'t, u64, &'static [u8]>,
     outcomes: redb::Table<'t, u64, &'static [u8]>,
+    retries: redb::Table<'t, (&'static str, u32, u32, u64), &'static [u8]>,
+    policies: redb::Table<'t, &'static str, &'static [u8]>,
 }
 
 fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
@@ -411,6 +437,8 @@ impl Writer {
                 meta: txn.open_table(tables::META)?,
                 halves: txn.open_table(tables::HALF_MESSAGES)?,
                 outcomes: txn.open_table(tables::TX_OUTCOMES)?,
+                retries: txn.open_table(tables::RETRIES)?,
+                policies: txn.open_table(tables::GROUP_POLICIES)?,
             };
             let mut scope = Scope::default();
             for op in ops.iter_mut() {
@@ -525,6 +553,7 @@ impl Writer {
                             .retain_in((id, 0)..=(id, u32::MAX), |_, _| false)?;
                         t.batch_times
                             .retain_in((id, 0, 0)..=(id, u32::MAX, u64::MAX), |_, _| false)?;
+                        t.retries.retain(|k, _| k.1 != id)?;
                         t.group_offsets.retain(|k, _| k.1 != id)?;
                         scope.deleted.insert(id);
                         fx.ends.retain(|k, _| k.0 != id);
@@ -714,6 +743,39 @@ impl Writer {
                     }
                     None => Err(WriteError::UnknownTransaction(*tx_id)),
                 }
+            }
+            WriteOp::Settle {
+                group,
+                retry_puts,
+                retry_deletes,
+                dead_letters,
+                now_ms,
+            } => {
+                for (key, record) in retry_puts.iter() {
+                    t.retries.insert(
+                        (group.as_str(), key.0, key.1, key.2),
+                        encode(record).as_slice(),
+                    )?;
+                }
+                for key in retry_deletes.iter() {
+                    t.retries.remove((group.as_str(), key.0, key.1, key.2))?;
+                }
+                for (topic, message) in dead_letters.iter() {
+                    if !self.is_live(topic, scope) {
+                        return Ok(Err(WriteError::UnknownTopic(topic.name.clone())));
+                    }
+                    let sequence = fx.counters.next_message_sequence;
+                    fx.counters.next_message_sequence += 1;
+                    let mut value = batch::encode(*now_ms, &[message]);
+                    batch::set_base_sequence(&mut value, sequence);
+                    Self::append(t, fx, topic, 0, 1, &value)?;
+                }
+                Ok(WriteOutcome::Settled)
+            }
+            WriteOp::SetPolicy { group, policy } => {
+                t.policies
+                    .insert(group.as_str(), encode(policy).as_slice())?;
+                Ok(WriteOutcome::PolicySet)
             }
             WriteOp::PruneOutcomes {
                 resolved_before_ms,

@@ -386,6 +386,21 @@ impl Client {
         }
     }
 
+    /// Set a group's retry policy for per-message acknowledgement.
+    pub async fn configure_group(
+        &self,
+        group: &str,
+        max_delivery_attempts: u32,
+        retry_backoff: &[Duration],
+    ) -> Result<(), ClientError> {
+        let req = Request::ConfigureGroup {
+            group: group.into(),
+            max_delivery_attempts,
+            retry_backoff_ms: retry_backoff.iter().map(|d| d.as_millis() as u64).collect(),
+        };
+        expect_done("ConfigureGroup", self.request(&req).await?)
+    }
+
     /// Read one partition by offset, outside any consumer group.
     pub async fn fetch(
         &self,

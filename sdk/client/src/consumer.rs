@@ -11,8 +11,8 @@
 use crate::connection::{expect_done, unexpected};
 use crate::{Client, ClientError};
 use msmq_protocol::{
-    Assignment, ErrorCode, FetchLimits, Message, PartitionOffset, Reply, Request, StartFrom,
-    TopicPartition,
+    Assignment, Delivery, ErrorCode, FetchLimits, Message, PartitionOffset, Reply, Request,
+    StartFrom, TopicPartition,
 };
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -275,6 +275,96 @@ impl Consumer {
                 Ok(())
             }
             other => Err(unexpected("Heartbeat", other)),
+        }
+    }
+
+    /// Per-message acknowledgement: take messages (due retries first), each
+    /// invisible to the group for `invisibility` unless acked in time; a
+    /// message not acked (or nacked) in time is retried after the group's
+    /// back-off and, after its last attempt, goes to the group's dead-letter
+    /// topic `%DLQ%<group>`. Do not mix with [`Consumer::poll`]/[`Consumer::commit`]
+    /// in one group: the broker commits the group's progress itself.
+    pub async fn receive(&mut self, invisibility: Duration) -> Result<Vec<Delivery>, ClientError> {
+        let invisibility_ms = invisibility.as_millis().min(u32::MAX as u128) as u32;
+        let req = |c: &Self| Request::Receive {
+            group: c.group.clone(),
+            member_id: c.member_id(),
+            limits: c.options.limits,
+            invisibility_ms,
+        };
+        let reply = match self.client.request(&req(self)).await {
+            Err(e) if e.code() == Some(ErrorCode::UNKNOWN_MEMBER) => {
+                self.rejoin().await?;
+                self.client.request(&req(self)).await?
+            }
+            other => other?,
+        };
+        match reply {
+            Reply::Received {
+                assignment,
+                deliveries,
+            } => {
+                self.set_assignment(assignment);
+                Ok(deliveries)
+            }
+            other => Err(unexpected("Receive", other)),
+        }
+    }
+
+    /// Acknowledge deliveries: settled for good. Returns, per delivery,
+    /// whether its receipt was still current (false: the lease had ended and
+    /// the message is or will be delivered again).
+    pub async fn ack(&self, deliveries: &[Delivery]) -> Result<Vec<bool>, ClientError> {
+        let req = Request::Ack {
+            group: self.group.clone(),
+            receipts: deliveries.iter().map(|d| d.receipt).collect(),
+        };
+        match self.client.request(&req).await? {
+            Reply::Settled(s) => Ok(s),
+            other => Err(unexpected("Ack", other)),
+        }
+    }
+
+    /// Give deliveries back: retried after the back-off, or dead-lettered
+    /// with `reason` after the last attempt.
+    pub async fn nack(
+        &self,
+        deliveries: &[Delivery],
+        reason: &str,
+    ) -> Result<Vec<bool>, ClientError> {
+        let req = Request::Nack {
+            group: self.group.clone(),
+            receipts: deliveries.iter().map(|d| d.receipt).collect(),
+            reason: reason.to_string(),
+        };
+        match self.client.request(&req).await? {
+            Reply::Settled(s) => Ok(s),
+            other => Err(unexpected("Nack", other)),
+        }
+    }
+
+    /// Keep a delivery invisible for `invisibility` from now; its receipt is
+    /// replaced (the old one becomes stale).
+    pub async fn change_invisibility(
+        &self,
+        delivery: &mut Delivery,
+        invisibility: Duration,
+    ) -> Result<(), ClientError> {
+        let req = Request::ChangeInvisibility {
+            group: self.group.clone(),
+            receipt: delivery.receipt,
+            invisibility_ms: invisibility.as_millis().min(u32::MAX as u128) as u32,
+        };
+        match self.client.request(&req).await? {
+            Reply::Leased {
+                receipt,
+                invisible_until_ms,
+            } => {
+                delivery.receipt = receipt;
+                delivery.invisible_until_ms = invisible_until_ms;
+                Ok(())
+            }
+            other => Err(unexpected("ChangeInvisibility", other)),
         }
     }
 

@@ -49,8 +49,8 @@ pub use consumer::{Consumer, ConsumerOptions, ReceivedMessage};
 pub use error::ClientError;
 pub use msmq_protocol as protocol;
 pub use msmq_protocol::{
-    ErrorCode, FetchLimits, HalfAck, Header, Message, MessageAck, MessageId, NewMessage, StartFrom,
-    TransactionCheck, TxAction, TxEnded,
+    Delivery, ErrorCode, FetchLimits, HalfAck, Header, Message, MessageAck, MessageId, NewMessage,
+    StartFrom, TransactionCheck, TxAction, TxEnded,
 };
 pub use producer::Producer;
 pub use transaction::{TransactionChecker, TransactionalProducer};

@@ -121,6 +121,66 @@ pub enum Request {
         topic: String,
         to: ResetTo,
     },
+    /// Per-message acknowledgement: take messages from the member's
+    /// partitions — retries that are due first, then new ones — each leased
+    /// for `invisibility_ms`: unless acked (or its invisibility changed) in
+    /// time it is retried after the group's back-off. Counts as a heartbeat.
+    /// Reply: [`Reply::Received`].
+    Receive {
+        group: String,
+        member_id: u64,
+        limits: FetchLimits,
+        invisibility_ms: u32,
+    },
+    /// Settle received messages: done for good. Reply: [`Reply::Settled`].
+    Ack {
+        group: String,
+        receipts: Vec<Receipt>,
+    },
+    /// Give received messages back: each is retried after the group's
+    /// back-off, or dead-lettered after its last attempt. Reply: [`Reply::Settled`].
+    Nack {
+        group: String,
+        receipts: Vec<Receipt>,
+        reason: String,
+    },
+    /// Keep a received message invisible for `invisibility_ms` from now.
+    /// The old receipt becomes stale. Reply: [`Reply::Leased`].
+    ChangeInvisibility {
+        group: String,
+        receipt: Receipt,
+        invisibility_ms: u32,
+    },
+    /// Set a group's retry policy (stored; applies to later failures).
+    /// Reply: [`Reply::Done`].
+    ConfigureGroup {
+        group: String,
+        max_delivery_attempts: u32,
+        retry_backoff_ms: Vec<u64>,
+    },
+}
+
+/// Identifies one delivery of one message to a group: where the message is
+/// and which lease. A later lease of the same message makes it stale.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Receipt {
+    pub topic_id: u32,
+    pub partition: u32,
+    pub offset: u64,
+    pub nonce: u64,
+}
+
+/// A message received with per-message acknowledgement.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delivery {
+    pub topic: String,
+    pub partition: u32,
+    pub message: Message,
+    /// 1 on the first delivery to this group, then 2, 3, …
+    pub attempt: u32,
+    pub receipt: Receipt,
+    /// When the message becomes visible again unless acked (ms since epoch).
+    pub invisible_until_ms: u64,
 }
 
 /// Where `ResetGroupOffsets` moves a group.
@@ -165,6 +225,17 @@ pub enum Reply {
     TransactionsEnded(Vec<TxEndResult>),
     /// The new committed offset of every partition.
     OffsetsReset(Vec<PartitionOffset>),
+    Received {
+        assignment: Assignment,
+        deliveries: Vec<Delivery>,
+    },
+    /// For each receipt in order: settled, or stale (its lease ended or was
+    /// replaced, so the message is or will be delivered again).
+    Settled(Vec<bool>),
+    Leased {
+        receipt: Receipt,
+        invisible_until_ms: u64,
+    },
 }
 
 /// The answer to one decision of an `EndTransactions` request.

@@ -95,7 +95,7 @@ pub(super) fn leave(
 }
 
 /// Where a partition the group has no read position for starts.
-async fn initial_position(
+pub(super) async fn initial_position(
     state: &BrokerState,
     group: &str,
     tp: &TopicPartition,

@@ -1,6 +1,7 @@
 //! One handler per request. Each returns the reply or an [`ErrorReply`] with
 //! a stable code; none panics on client input.
 
+mod ack;
 mod admin;
 mod group;
 mod produce;
@@ -12,6 +13,8 @@ use super::BrokerState;
 use crate::groups::GroupError;
 use crate::storage::{StorageError, WriteError};
 use msmq_protocol::{ErrorCode, ErrorReply, Reply, Request};
+
+pub(super) use ack::{expire_leases, load_acks};
 
 pub(super) async fn handle(
     state: &BrokerState,
@@ -112,6 +115,28 @@ pub(super) async fn handle(
         Request::ResetGroupOffsets { group, topic, to } => {
             group::reset_offsets(state, group, topic, to).await
         }
+        Request::Receive {
+            group,
+            member_id,
+            limits,
+            invisibility_ms,
+        } => ack::receive(state, group, member_id, limits, invisibility_ms).await,
+        Request::Ack { group, receipts } => ack::ack(state, group, receipts).await,
+        Request::Nack {
+            group,
+            receipts,
+            reason,
+        } => ack::nack(state, group, receipts, reason).await,
+        Request::ChangeInvisibility {
+            group,
+            receipt,
+            invisibility_ms,
+        } => ack::change_invisibility(state, group, receipt, invisibility_ms).await,
+        Request::ConfigureGroup {
+            group,
+            max_delivery_attempts,
+            retry_backoff_ms,
+        } => ack::configure(state, group, max_delivery_attempts, retry_backoff_ms).await,
     }
 }
 

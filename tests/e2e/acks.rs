@@ -1,0 +1,232 @@
+//! Per-message acknowledgement: retries with back-off, dead letters,
+//! redelivery after a crash.
+
+use crate::harness::{cli, read_all, TestBroker};
+use msmq_client::{ConsumerOptions, FetchLimits, NewMessage};
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+fn options() -> ConsumerOptions {
+    ConsumerOptions {
+        limits: FetchLimits {
+            max_messages: 100,
+            max_bytes: 1 << 20,
+            max_wait_ms: 200,
+        },
+        session_timeout: Duration::from_secs(10),
+        ..ConsumerOptions::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nacked_twice_then_acked_is_delivered_three_times_after_the_back_off() -> anyhow::Result<()>
+{
+    let broker = TestBroker::start()?;
+    let client = broker.client().await?;
+    client.create_topic("payments", 1).await?;
+    let backoff = [Duration::from_millis(400), Duration::from_millis(800)];
+    client.configure_group("billing", 16, &backoff).await?;
+    client
+        .producer("payments")
+        .send(NewMessage::new("transfer-7"))
+        .await?;
+
+    let mut billing = client.consumer("billing", &["payments"], options()).await?;
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while seen.len() < 3 && Instant::now() < deadline {
+        for d in billing.receive(Duration::from_secs(30)).await? {
+            seen.push((Instant::now(), d.attempt, d.message.payload.clone()));
+            if d.attempt < 3 {
+                assert_eq!(
+                    billing.nack(std::slice::from_ref(&d), "not yet").await?,
+                    vec![true]
+                );
+            } else {
+                assert_eq!(billing.ack(std::slice::from_ref(&d)).await?, vec![true]);
+                // Acking twice: the receipt is stale now.
+                assert_eq!(billing.ack(&[d]).await?, vec![false]);
+            }
+        }
+    }
+    let attempts: Vec<u32> = seen.iter().map(|s| s.1).collect();
+    assert_eq!(attempts, vec![1, 2, 3]);
+    for (i, want) in backoff.iter().enumerate() {
+        let gap = seen[i + 1].0 - seen[i].0;
+        assert!(gap >= *want, "gap {i} was {gap:?}, back-off {want:?}");
+        assert!(
+            gap < *want + Duration::from_millis(600),
+            "gap {i} was {gap:?}, back-off {want:?}"
+        );
+    }
+    // Nothing more for billing; another group saw it exactly once.
+    let extra = billing.receive(Duration::from_secs(30)).await?;
+    assert!(extra.is_empty(), "{extra:?}");
+    let mut points = client.consumer("points", &["payments"], options()).await?;
+    let got = points.receive(Duration::from_secs(30)).await?;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].attempt, 1);
+    points.ack(&got).await?;
+    assert!(points.receive(Duration::from_secs(30)).await?.is_empty());
+    // The group's committed progress passed the message.
+    let lag = client.describe_topic("payments").await?;
+    let billing_lag = lag.groups.iter().find(|g| g.group == "billing").unwrap();
+    assert_eq!(billing_lag.partitions[0].lag, 0);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_never_acked_is_dead_lettered_listed_and_re_driven() -> anyhow::Result<()> {
+    let broker = TestBroker::start()?;
+    let client = broker.client().await?;
+    client.create_topic("payments", 2).await?;
+    client
+        .configure_group("notify", 3, &[Duration::from_millis(100)])
+        .await?;
+    let ack = client
+        .producer("payments")
+        .send(
+            NewMessage::new("poison")
+                .with_key("k")
+                .with_header("amount", "5"),
+        )
+        .await?;
+    client
+        .producer("payments")
+        .send(NewMessage::new("fine"))
+        .await?;
+    let mut notify = client.consumer("notify", &["payments"], options()).await?;
+    let mut attempts = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        for d in notify.receive(Duration::from_millis(200)).await? {
+            if d.message.payload == b"fine" {
+                notify.ack(&[d]).await?;
+            } else {
+                attempts.push(d.attempt); // never acked
+            }
+        }
+        if attempts.len() == 3
+            && !read_all(&client, "%DLQ%notify", 0, 0)
+                .await
+                .unwrap_or_default()
+                .is_empty()
+        {
+            break;
+        }
+    }
+    assert_eq!(attempts, vec![1, 2, 3]);
+    let letters = read_all(&client, "%DLQ%notify", 0, 0).await?;
+    assert_eq!(letters.len(), 1);
+    let letter = &letters[0];
+    assert_eq!(letter.payload, b"poison");
+    let header = |n: &str| {
+        letter
+            .headers
+            .iter()
+            .find(|h| h.name == n)
+            .map(|h| h.value.clone())
+    };
+    assert_eq!(
+        header("amount").as_deref(),
+        Some("5"),
+        "original headers kept"
+    );
+    assert_eq!(header("msmq.dlq.topic").as_deref(), Some("payments"));
+    assert_eq!(header("msmq.dlq.attempts").as_deref(), Some("3"));
+    assert_eq!(header("msmq.dlq.id"), Some(ack.id.to_string()));
+    assert!(header("msmq.dlq.reason").unwrap().contains("invisibility"));
+    // No fourth delivery.
+    assert!(notify.receive(Duration::from_millis(200)).await?.is_empty());
+
+    let listed = cli(&broker, &["dlq", "list", "notify"], None)?;
+    let text = String::from_utf8(listed.stdout)?;
+    assert!(
+        text.contains(&ack.id.to_string()) && text.contains("payments/"),
+        "{text}"
+    );
+    let redriven = cli(&broker, &["dlq", "redrive", "notify"], None)?;
+    assert!(String::from_utf8(redriven.stdout)?.contains("re-drove 1"));
+    let again = cli(&broker, &["dlq", "redrive", "notify"], None)?;
+    assert!(
+        String::from_utf8(again.stdout)?.contains("re-drove 0"),
+        "re-driven once only"
+    );
+    // Delivered again, as a new message with its own id and fresh attempts.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut back = Vec::new();
+    while back.is_empty() && Instant::now() < deadline {
+        back = notify.receive(Duration::from_secs(30)).await?;
+    }
+    assert_eq!(back.len(), 1);
+    assert_eq!(back[0].message.payload, b"poison");
+    assert_eq!(back[0].attempt, 1);
+    assert!(back[0]
+        .message
+        .headers
+        .iter()
+        .all(|h| !h.name.starts_with("msmq.dlq.")));
+    notify.ack(&back).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_held_by_a_crashed_member_go_to_another_after_the_invisibility(
+) -> anyhow::Result<()> {
+    let broker = TestBroker::start()?;
+    let admin = broker.client().await?;
+    admin.create_topic("payments", 2).await?;
+    admin
+        .configure_group("billing", 16, &[Duration::from_millis(100)])
+        .await?;
+    let producer = admin.producer("payments");
+    for i in 0..40 {
+        producer
+            .send_to_partition(i % 2, vec![NewMessage::new(format!("m{i}"))])
+            .await?;
+    }
+    // A member takes everything and dies without acking.
+    let doomed = broker.client().await?;
+    let mut a = doomed.consumer("billing", &["payments"], options()).await?;
+    let mut held = BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while held.len() < 40 && Instant::now() < deadline {
+        for d in a.receive(Duration::from_millis(1500)).await? {
+            held.insert(String::from_utf8(d.message.payload)?);
+        }
+    }
+    assert_eq!(held.len(), 40);
+    let crashed_at = Instant::now();
+    drop(a);
+    doomed.close().await;
+
+    let survivor = broker.client().await?;
+    let mut b = survivor
+        .consumer("billing", &["payments"], options())
+        .await?;
+    let mut got = BTreeSet::new();
+    let mut first_at = None;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while got.len() < 40 && Instant::now() < deadline {
+        let batch = b.receive(Duration::from_secs(30)).await?;
+        if !batch.is_empty() && first_at.is_none() {
+            first_at = Some(Instant::now());
+        }
+        for d in &batch {
+            assert_eq!(d.attempt, 2, "a redelivery");
+            got.insert(String::from_utf8(d.message.payload.clone())?);
+        }
+        b.ack(&batch).await?;
+    }
+    assert_eq!(got, held, "none lost");
+    let waited = first_at.unwrap() - crashed_at;
+    assert!(
+        waited >= Duration::from_millis(1200),
+        "redelivered before the invisibility ran out: {waited:?}"
+    );
+    assert!(
+        b.receive(Duration::from_secs(30)).await?.is_empty(),
+        "nothing twice"
+    );
+    Ok(())
+}
