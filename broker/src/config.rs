@@ -47,6 +47,9 @@ pub struct Config {
     /// How often group members are checked for expired sessions.
     #[serde(with = "humantime_serde")]
     pub session_check_interval: Duration,
+    /// Furthest in the future a message may be scheduled for delivery.
+    #[serde(with = "humantime_serde")]
+    pub schedule_delay_max: Duration,
     /// A half message unresolved this long is checked back with its producer group.
     #[serde(with = "humantime_serde")]
     pub transaction_timeout: Duration,
@@ -89,6 +92,7 @@ impl Default for Config {
             cache_bytes: ByteSize::mib(64),
             commit_bytes_max: ByteSize::mib(64),
             session_check_interval: Duration::from_millis(250),
+            schedule_delay_max: Duration::from_secs(40 * 24 * 3600),
             transaction_timeout: Duration::from_secs(6),
             transaction_check_interval: Duration::from_secs(30),
             transaction_check_max: 15,

@@ -10,6 +10,35 @@ use std::path::{Path, PathBuf};
 pub const TLS_DIR: &str = "tls";
 pub const CERT_FILE: &str = "cert.pem";
 pub const KEY_FILE: &str = "key.pem";
+/// Secret for QUIC stateless resets, kept across restarts.
+pub const RESET_KEY_FILE: &str = "stateless-reset.key";
+/// Bytes of the stateless-reset secret.
+const RESET_KEY_BYTES: usize = 32;
+
+/// The keys QUIC stateless resets and connection ids are derived from. They survive restarts, so
+/// a restarted broker answers packets of its previous incarnation's
+/// connections with a reset the client recognises: clients notice the
+/// restart at once instead of after their idle timeout.
+pub fn stateless_reset_key(data_dir: &Path) -> anyhow::Result<(ring::hmac::Key, u64)> {
+    let dir = data_dir.join(TLS_DIR);
+    let path = dir.join(RESET_KEY_FILE);
+    let secret = match std::fs::read(&path) {
+        Ok(bytes) if bytes.len() == RESET_KEY_BYTES => bytes,
+        _ => {
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            let bytes: [u8; RESET_KEY_BYTES] = rand::random();
+            write_private(&path, &bytes)?;
+            bytes.to_vec()
+        }
+    };
+    // The connection-id check key comes from the same secret, so the new
+    // process recognises the old connection ids as its own and resets them.
+    let cid_key = u64::from_le_bytes(secret[..8].try_into().expect("8 bytes"));
+    Ok((
+        ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret),
+        cid_key,
+    ))
+}
 
 /// Certificate chain and key for the server, generating them if needed.
 /// Returns the path of the certificate clients should trust.

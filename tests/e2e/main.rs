@@ -6,6 +6,7 @@ mod acks;
 mod bad_input;
 mod cli;
 mod crash;
+mod delayed;
 mod groups;
 mod harness;
 mod produce_consume;

@@ -113,6 +113,7 @@ pub async fn run(cmd: DlqCommand) -> anyhow::Result<()> {
                         key: m.key,
                         tag: m.tag,
                         headers,
+                        deliver_at_ms: None,
                     };
                     client.producer(&original).send_batch(vec![again]).await?;
                     sent += 1;

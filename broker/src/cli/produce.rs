@@ -23,6 +23,12 @@ pub struct ProduceArgs {
     /// Send to this partition instead of choosing by key.
     #[arg(long)]
     partition: Option<u32>,
+    /// Deliver after this delay, e.g. "5s", "2h" (durable now, visible when due).
+    #[arg(long, value_parser = humantime::parse_duration, conflicts_with = "deliver_at")]
+    delay: Option<std::time::Duration>,
+    /// Deliver at this RFC 3339 time, e.g. 2026-12-01T09:30:00Z.
+    #[arg(long, value_parser = humantime::parse_rfc3339_weak)]
+    deliver_at: Option<std::time::SystemTime>,
     /// Generate this many messages of --size bytes instead.
     #[arg(long)]
     count: Option<u64>,
@@ -51,6 +57,12 @@ impl ProduceArgs {
         for (k, v) in &self.headers {
             m = m.with_header(k.clone(), v.clone());
         }
+        if let Some(delay) = self.delay {
+            m = m.with_delay(delay);
+        }
+        if let Some(at) = self.deliver_at {
+            m = m.deliver_at(at);
+        }
         m
     }
 }
@@ -72,7 +84,11 @@ pub async fn run(args: ProduceArgs) -> anyhow::Result<()> {
             };
             if !quiet {
                 for a in &acks {
-                    println!("partition {} offset {} id {}", a.partition, a.offset, a.id);
+                    if a.offset == msmq_client::protocol::SCHEDULED_OFFSET {
+                        println!("partition {} scheduled id {}", a.partition, a.id);
+                    } else {
+                        println!("partition {} offset {} id {}", a.partition, a.offset, a.id);
+                    }
                 }
             }
             anyhow::Ok(acks.len() as u64)

@@ -60,6 +60,9 @@ pub struct ServeArgs {
     /// How long shutdown waits for in-flight requests, e.g. "10s".
     #[arg(long, env = "MSMQ_SHUTDOWN_GRACE", value_parser = humantime::parse_duration)]
     shutdown_grace: Option<Duration>,
+    /// Furthest ahead a message may be scheduled, e.g. "40days".
+    #[arg(long, env = "MSMQ_SCHEDULE_DELAY_MAX", value_parser = humantime::parse_duration)]
+    schedule_delay_max: Option<Duration>,
     /// Age at which an unresolved half message is first checked back, e.g. "6s".
     #[arg(long, env = "MSMQ_TRANSACTION_TIMEOUT", value_parser = humantime::parse_duration)]
     transaction_timeout: Option<Duration>,
@@ -109,6 +112,7 @@ impl ServeArgs {
             commit_bytes_max,
             session_check_interval,
             shutdown_grace,
+            schedule_delay_max,
             transaction_timeout,
             transaction_check_interval,
             transaction_check_max,

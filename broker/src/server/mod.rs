@@ -12,6 +12,7 @@ mod checkback;
 mod connection;
 mod handlers;
 mod producers;
+mod scheduler;
 
 use crate::config::Config;
 use crate::groups::Coordinator;
@@ -34,6 +35,8 @@ pub struct BrokerState {
     /// Leases, retries and policies of groups using per-message acks.
     pub acks: Mutex<crate::delivery::AckRegistry>,
     pub producers: producers::ProducerRegistry,
+    /// Signalled when a message is scheduled, so the scheduler looks again.
+    pub scheduler_wake: tokio::sync::Notify,
     shutting_down: AtomicBool,
     next_connection_id: AtomicU64,
 }
@@ -100,8 +103,20 @@ impl RunningBroker {
         let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
         let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(quic));
         server_config.transport_config(msmq_client::transport::transport_config());
-        let endpoint = quinn::Endpoint::server(server_config, config.listen)
+        let (reset_key, cid_key) = crate::tls::stateless_reset_key(&config.data_dir)?;
+        let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
+        endpoint_config.cid_generator(move || {
+            Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+        });
+        let socket = std::net::UdpSocket::bind(config.listen)
             .with_context(|| format!("binding {}", config.listen))?;
+        let endpoint = quinn::Endpoint::new(
+            endpoint_config,
+            Some(server_config),
+            socket,
+            quinn::default_runtime().context("no async runtime")?,
+        )
+        .with_context(|| format!("serving on {}", config.listen))?;
         let local_addr = endpoint.local_addr()?;
 
         let state = Arc::new(BrokerState {
@@ -111,6 +126,7 @@ impl RunningBroker {
             groups: Mutex::new(Coordinator::default()),
             acks: Mutex::new(acks),
             producers: producers::ProducerRegistry::default(),
+            scheduler_wake: tokio::sync::Notify::new(),
             shutting_down: AtomicBool::new(false),
             next_connection_id: AtomicU64::new(1),
         });
@@ -124,6 +140,7 @@ impl RunningBroker {
             tokio::spawn(session_checker(state.clone())),
             tokio::spawn(checkback::run(state.clone())),
             tokio::spawn(handlers::expire_leases(state.clone())),
+            tokio::spawn(scheduler::run(state.clone())),
         ];
         tracing::info!(addr = %local_addr, durability = ?state.config.durability,
             data_dir = %state.config.data_dir.display(), "broker listening");

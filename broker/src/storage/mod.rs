@@ -28,6 +28,18 @@ use std::time::Duration;
 use thiserror::Error;
 pub use writer::{Landed, PartitionAppend, WriteError, WriteOp, WriteOutcome};
 
+/// A message waiting for its delivery time.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ScheduledRecord {
+    pub topic_id: u32,
+    pub topic: String,
+    pub partition: u32,
+    pub message: msmq_protocol::NewMessage,
+}
+
+/// `next_scheduled_ms` when nothing is scheduled.
+pub const NOTHING_SCHEDULED: u64 = u64::MAX;
+
 /// Name of the redb file inside the data directory.
 pub const DB_FILE_NAME: &str = "msmq.redb";
 
@@ -95,6 +107,7 @@ pub struct Store {
     writer: writer::WriterHandle,
     store_id: u64,
     schedule: Arc<Mutex<TxSchedule>>,
+    next_scheduled_ms: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Store {
@@ -121,13 +134,22 @@ impl Store {
         load_topics(&db, &registry)?;
         let (store_id, counters) = load_counters(&db)?;
         let schedule = Arc::new(Mutex::new(load_schedule(&db)?));
+        let next_scheduled_ms = Arc::new(std::sync::atomic::AtomicU64::new(first_scheduled(&db)?));
         let db = Arc::new(db);
-        let writer = writer::start(db.clone(), registry, schedule.clone(), options, counters);
+        let writer = writer::start(
+            db.clone(),
+            registry,
+            schedule.clone(),
+            next_scheduled_ms.clone(),
+            options,
+            counters,
+        );
         Ok(Store {
             db,
             writer,
             store_id,
             schedule,
+            next_scheduled_ms,
         })
     }
 
@@ -138,6 +160,12 @@ impl Store {
     /// This store's random id: the first half of every message id.
     pub fn store_id(&self) -> u64 {
         self.store_id
+    }
+
+    /// When the earliest scheduled message is due ([`NOTHING_SCHEDULED`] if none).
+    pub fn next_scheduled_ms(&self) -> u64 {
+        self.next_scheduled_ms
+            .load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Pending transactions by next check time (kept current by the writer).
@@ -177,6 +205,17 @@ fn load_counters(db: &Database) -> Result<(u64, writer::Counters), StorageError>
         next_tx_id: get(tables::META_NEXT_TX_ID, 1)?,
     };
     Ok((store_id, counters))
+}
+
+/// Due time of the earliest scheduled message.
+fn first_scheduled(db: &Database) -> Result<u64, StorageError> {
+    let txn = db.begin_read()?;
+    let table = txn.open_table(tables::SCHEDULED)?;
+    let first = table
+        .first()?
+        .map(|(k, _)| k.value().0)
+        .unwrap_or(NOTHING_SCHEDULED);
+    Ok(first)
 }
 
 /// Every pending (not discarded) half message, for the check-back loop.

@@ -26,6 +26,9 @@ pub const TX_OUTCOMES: TableDefinition<u64, &[u8]> = TableDefinition::new("tx_ou
 pub const RETRIES: TableDefinition<(&str, u32, u32, u64), &[u8]> = TableDefinition::new("retries");
 /// group → postcard [`crate::delivery::RetryPolicy`], for groups that set one.
 pub const GROUP_POLICIES: TableDefinition<&str, &[u8]> = TableDefinition::new("group_policies");
+/// (due time in ms, message-id sequence) → postcard
+/// [`crate::storage::ScheduledRecord`]: messages waiting for their delivery time.
+pub const SCHEDULED: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("scheduled");
 /// Broker-wide counters.
 pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
@@ -48,6 +51,7 @@ pub fn create_all(db: &Database) -> Result<(), StorageError> {
     txn.open_table(GROUP_OFFSETS)?;
     txn.open_table(HALF_MESSAGES)?;
     txn.open_table(RETRIES)?;
+    txn.open_table(SCHEDULED)?;
     txn.open_table(GROUP_POLICIES)?;
     txn.open_table(TX_OUTCOMES)?;
     let mut meta = txn.open_table(META)?;

@@ -17,6 +17,7 @@ use crate::transactions::{HalfRecord, OutcomeRecord, PendingTx, TxOutcome, TxSch
 use msmq_protocol::NewMessage;
 use redb::{Database, ReadableTable};
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use thiserror::Error;
@@ -38,10 +39,17 @@ pub enum WriteOp {
     DeleteTopic {
         name: String,
     },
-    /// Append batches (one per partition) atomically.
+    /// Append batches (one per partition) and store scheduled messages
+    /// (partition, due ms, message), atomically.
     Append {
         topic: Arc<Topic>,
         appends: Vec<PartitionAppend>,
+        scheduled: Vec<(u32, u64, NewMessage)>,
+    },
+    /// Move up to `max` scheduled messages due at `now_ms` into their logs.
+    ReleaseDue {
+        now_ms: u64,
+        max: usize,
     },
     /// Store group offsets: (topic id, partition, next offset).
     CommitOffsets {
@@ -114,7 +122,15 @@ pub struct PartitionAppend {
 impl WriteOp {
     fn bytes(&self) -> usize {
         match self {
-            WriteOp::Append { appends, .. } => appends.iter().map(|a| a.value.len()).sum(),
+            WriteOp::Append {
+                appends, scheduled, ..
+            } => {
+                appends.iter().map(|a| a.value.len()).sum::<usize>()
+                    + scheduled
+                        .iter()
+                        .map(|(_, _, m)| m.size_bytes())
+                        .sum::<usize>()
+            }
             WriteOp::StoreHalf { halves, .. } => halves.iter().map(|(_, m)| m.size_bytes()).sum(),
             WriteOp::Settle { dead_letters, .. } => {
                 dead_letters
@@ -140,8 +156,11 @@ pub struct Landed {
 pub enum WriteOutcome {
     TopicCreated(Arc<Topic>),
     TopicDeleted,
-    /// (base offset, base message sequence) of each append, in request order.
-    Appended(Vec<(u64, u64)>),
+    /// (base offset, base message sequence) of each append, in request
+    /// order, and the message sequence of each scheduled message.
+    Appended(Vec<(u64, u64)>, Vec<u64>),
+    /// Scheduled messages moved into their logs.
+    Released(usize),
     OffsetsCommitted,
     /// (transaction id, message sequence) per half message, in request order.
     HalfStored(Vec<(u64, u64)>),
@@ -251,6 +270,7 @@ pub(super) fn start(
     db: Arc<Database>,
     registry: Arc<TopicRegistry>,
     schedule: Arc<Mutex<TxSchedule>>,
+    next_scheduled_ms: Arc<AtomicU64>,
     options: StoreOptions,
     counters: Counters,
 ) -> WriterHandle {
@@ -259,6 +279,7 @@ pub(super) fn start(
         db,
         registry,
         schedule,
+        next_scheduled_ms,
         options,
         counters,
         last_sync: Instant::now(),
@@ -274,6 +295,7 @@ struct Writer {
     db: Arc<Database>,
     registry: Arc<TopicRegistry>,
     schedule: Arc<Mutex<TxSchedule>>,
+    next_scheduled_ms: Arc<AtomicU64>,
     options: StoreOptions,
     counters: Counters,
     last_sync: Instant,
@@ -292,6 +314,10 @@ struct Effects {
     ends: HashMap<(u32, u32), (Arc<Topic>, u64, u64)>,
     schedule: Vec<ScheduleChange>,
     counters: Counters,
+    /// Earliest due time of scheduled messages after this commit.
+    next_scheduled_ms: u64,
+    /// `next_scheduled_ms` was recomputed from the table (not just lowered).
+    scheduled_recomputed: bool,
 }
 
 /// The tables of one write transaction.
@@ -305,6 +331,7 @@ struct Tables<'t> {
     halves: redb::Table<'t, u64, &'static [u8]>,
     outcomes: redb::Table<'t, u64, &'static [u8]>,
     retries: redb::Table<'t, (&'static str, u32, u32, u64), &'static [u8]>,
+    scheduled: redb::Table<'t, (u64, u64), &'static [u8]>,
     policies: redb::Table<'t, &'static str, &'static [u8]>,
 }
 
@@ -367,6 +394,13 @@ impl Writer {
             Ok((results, effects)) => {
                 let appended = !effects.ends.is_empty();
                 self.counters = effects.counters;
+                if effects.scheduled_recomputed {
+                    self.next_scheduled_ms
+                        .store(effects.next_scheduled_ms, Ordering::Release);
+                } else {
+                    self.next_scheduled_ms
+                        .fetch_min(effects.next_scheduled_ms, Ordering::AcqRel);
+                }
                 for topic in effects.created {
                     self.registry.insert(topic);
                 }
@@ -425,6 +459,8 @@ impl Writer {
             ends: HashMap::new(),
             schedule: Vec::new(),
             counters: self.counters,
+            next_scheduled_ms: self.next_scheduled_ms.load(Ordering::Acquire),
+            scheduled_recomputed: false,
         };
         let mut results = Vec::with_capacity(ops.len());
         {
@@ -438,6 +474,7 @@ impl Writer {
                 halves: txn.open_table(tables::HALF_MESSAGES)?,
                 outcomes: txn.open_table(tables::TX_OUTCOMES)?,
                 retries: txn.open_table(tables::RETRIES)?,
+                scheduled: txn.open_table(tables::SCHEDULED)?,
                 policies: txn.open_table(tables::GROUP_POLICIES)?,
             };
             let mut scope = Scope::default();
@@ -562,10 +599,32 @@ impl Writer {
                     }
                 }
             }
-            WriteOp::Append { topic, appends } => {
+            WriteOp::Append {
+                topic,
+                appends,
+                scheduled,
+            } => {
                 if !self.is_live(topic, scope) {
                     Err(WriteError::UnknownTopic(topic.name.clone()))
                 } else {
+                    let mut sequences = Vec::with_capacity(scheduled.len());
+                    for (partition, due_ms, message) in scheduled.iter() {
+                        let sequence = fx.counters.next_message_sequence;
+                        fx.counters.next_message_sequence += 1;
+                        let record = super::ScheduledRecord {
+                            topic_id: topic.id(),
+                            topic: topic.name.clone(),
+                            partition: *partition,
+                            message: NewMessage {
+                                deliver_at_ms: None,
+                                ..message.clone()
+                            },
+                        };
+                        t.scheduled
+                            .insert((*due_ms, sequence), encode(&record).as_slice())?;
+                        fx.next_scheduled_ms = fx.next_scheduled_ms.min(*due_ms);
+                        sequences.push(sequence);
+                    }
                     let mut bases = Vec::with_capacity(appends.len());
                     for append in appends.iter_mut() {
                         let sequence = fx.counters.next_message_sequence;
@@ -581,8 +640,46 @@ impl Writer {
                         )?;
                         bases.push((base, sequence));
                     }
-                    Ok(WriteOutcome::Appended(bases))
+                    Ok(WriteOutcome::Appended(bases, sequences))
                 }
+            }
+            WriteOp::ReleaseDue { now_ms, max } => {
+                let mut released = 0;
+                let mut due = Vec::new();
+                for entry in t.scheduled.range(..=(*now_ms, u64::MAX))?.take(*max) {
+                    let (k, v) = entry?;
+                    due.push((k.value(), v.value().to_vec()));
+                }
+                for ((due_ms, sequence), bytes) in due {
+                    t.scheduled.remove((due_ms, sequence))?;
+                    let record: super::ScheduledRecord = match decode(&bytes, "scheduled message") {
+                        Ok(r) => r,
+                        Err(e) => {
+                            tracing::error!(error = %e, "unreadable scheduled message dropped");
+                            continue;
+                        }
+                    };
+                    let topic = self.registry.get(&record.topic).filter(|topic| {
+                        topic.id() == record.topic_id
+                            && self.is_live(topic, scope)
+                            && record.partition < topic.partition_count()
+                    });
+                    let Some(topic) = topic else {
+                        tracing::info!(topic = %record.topic, "scheduled message dropped: its topic was deleted");
+                        continue;
+                    };
+                    let mut value = batch::encode(*now_ms, &[&record.message]);
+                    batch::set_base_sequence(&mut value, sequence);
+                    Self::append(t, fx, &topic, record.partition, 1, &value)?;
+                    released += 1;
+                }
+                fx.next_scheduled_ms = t
+                    .scheduled
+                    .first()?
+                    .map(|(k, _)| k.value().0)
+                    .unwrap_or(super::NOTHING_SCHEDULED);
+                fx.scheduled_recomputed = true;
+                Ok(WriteOutcome::Released(released))
             }
             WriteOp::CommitOffsets { group, offsets } => {
                 for (topic_id, partition, offset) in offsets {

@@ -368,6 +368,10 @@ pub struct NewMessage {
     pub key: Option<serde_bytes::ByteBuf>,
     pub tag: Option<String>,
     pub headers: Vec<Header>,
+    /// Deliver no earlier than this time (ms since the Unix epoch): the
+    /// message is durable at once but enters the log, where consumers see
+    /// it, only when due. `None` or a past time: at once.
+    pub deliver_at_ms: Option<u64>,
 }
 
 impl NewMessage {
@@ -386,6 +390,21 @@ impl NewMessage {
     pub fn with_tag(mut self, tag: impl Into<String>) -> Self {
         self.tag = Some(tag.into());
         self
+    }
+
+    /// Deliver at `at` (millisecond precision).
+    pub fn deliver_at(mut self, at: std::time::SystemTime) -> Self {
+        let ms = at
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        self.deliver_at_ms = Some(ms);
+        self
+    }
+
+    /// Deliver after `delay` from now (by this machine's clock).
+    pub fn with_delay(self, delay: std::time::Duration) -> Self {
+        self.deliver_at(std::time::SystemTime::now() + delay)
     }
 
     pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
@@ -480,9 +499,14 @@ impl fmt::Debug for MessageId {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MessageAck {
     pub partition: u32,
+    /// [`SCHEDULED_OFFSET`] for a message scheduled for later delivery: its
+    /// offset is assigned when it becomes due.
     pub offset: u64,
     pub id: MessageId,
 }
+
+/// The offset in a [`MessageAck`] of a message scheduled for later delivery.
+pub const SCHEDULED_OFFSET: u64 = u64::MAX;
 
 /// How much one fetch or poll may return and how long it may wait.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

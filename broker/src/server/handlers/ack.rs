@@ -509,6 +509,7 @@ async fn fail(
                         key: m.key,
                         tag: m.tag,
                         headers: m.headers,
+                        deliver_at_ms: None,
                     };
                     for (name, value) in [
                         (dlq_headers::REASON, reason.clone()),

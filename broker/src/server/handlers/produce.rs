@@ -4,7 +4,9 @@ use super::{from_write, invalid, now_ms, unknown_topic};
 use crate::server::BrokerState;
 use crate::storage::{batch, PartitionAppend, WriteOp, WriteOutcome};
 use crate::topics::Topic;
-use msmq_protocol::{ErrorCode, ErrorReply, MessageAck, MessageId, NewMessage, Reply};
+use msmq_protocol::{
+    ErrorCode, ErrorReply, MessageAck, MessageId, NewMessage, Reply, SCHEDULED_OFFSET,
+};
 use std::collections::BTreeMap;
 
 pub(super) async fn produce(
@@ -18,11 +20,28 @@ pub(super) async fn produce(
         .get(&topic_name)
         .ok_or_else(|| unknown_topic(&topic_name))?;
     check_limits(state, &messages)?;
-    let mut by_partition: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
-    for (i, p) in route(&topic, partition, &messages)?.into_iter().enumerate() {
-        by_partition.entry(p).or_default().push(i);
-    }
     let timestamp_ms = now_ms();
+    let delay_max_ms = state.config.schedule_delay_max.as_millis() as u64;
+    let partitions = route(&topic, partition, &messages)?;
+    // Messages due later wait in the schedule; the rest go to the log now.
+    let mut by_partition: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+    let mut scheduled = Vec::new();
+    let mut scheduled_at = Vec::new();
+    for (i, (p, m)) in partitions.iter().zip(&messages).enumerate() {
+        match m.deliver_at_ms {
+            Some(due) if due > timestamp_ms => {
+                if due - timestamp_ms > delay_max_ms {
+                    return Err(invalid(format!(
+                        "message {i} is scheduled {} ms ahead; schedule_delay_max is {delay_max_ms} ms",
+                        due - timestamp_ms
+                    )));
+                }
+                scheduled.push((*p, due, m.clone()));
+                scheduled_at.push(i);
+            }
+            _ => by_partition.entry(*p).or_default().push(i),
+        }
+    }
     let appends: Vec<PartitionAppend> = by_partition
         .iter()
         .map(|(p, indexes)| {
@@ -34,20 +53,25 @@ pub(super) async fn produce(
             }
         })
         .collect();
+    let any_scheduled = !scheduled.is_empty();
     let outcome = state
         .store
         .write(WriteOp::Append {
             topic: topic.clone(),
             appends,
+            scheduled,
         })
         .await
         .map_err(from_write)?;
-    let WriteOutcome::Appended(bases) = outcome else {
+    let WriteOutcome::Appended(bases, sequences) = outcome else {
         return Err(ErrorReply::new(
             ErrorCode::INTERNAL,
             "unexpected write outcome",
         ));
     };
+    if any_scheduled {
+        state.scheduler_wake.notify_one();
+    }
     let mut acks = vec![None; messages.len()];
     let store_id = state.store.store_id();
     for ((p, indexes), (base, sequence)) in by_partition.iter().zip(bases) {
@@ -58,6 +82,13 @@ pub(super) async fn produce(
                 id: MessageId::new(store_id, sequence + n as u64),
             });
         }
+    }
+    for (i, sequence) in scheduled_at.into_iter().zip(sequences) {
+        acks[i] = Some(MessageAck {
+            partition: partitions[i],
+            offset: SCHEDULED_OFFSET,
+            id: MessageId::new(store_id, sequence),
+        });
     }
     Ok(Reply::Produced(acks.into_iter().flatten().collect()))
 }

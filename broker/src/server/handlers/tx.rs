@@ -50,6 +50,11 @@ pub(super) async fn send_half(
         .get(&topic_name)
         .ok_or_else(|| unknown_topic(&topic_name))?;
     check_limits(state, &messages)?;
+    if let Some(i) = messages.iter().position(|m| m.deliver_at_ms.is_some()) {
+        return Err(invalid(format!(
+            "message {i} carries a delivery time; a transactional message may not be delayed"
+        )));
+    }
     let partitions = route(&topic, partition, &messages)?;
     let created_at_ms = now_ms();
     let wait = state
