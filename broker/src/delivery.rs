@@ -33,6 +33,8 @@ pub const INVISIBILITY_MS_MAX: u32 = 12 * 3600 * 1000;
 pub const MAX_DELIVERY_ATTEMPTS_MAX: u32 = 1000;
 /// Most steps a configured back-off schedule may have.
 pub const RETRY_BACKOFF_STEPS_MAX: usize = 64;
+/// Longest single back-off step (7 days).
+pub const RETRY_BACKOFF_MS_MAX: u64 = 7 * 24 * 3600 * 1000;
 
 /// A group's retry policy.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,6 +67,15 @@ impl RetryPolicy {
                 self.retry_backoff_ms.len()
             ));
         }
+        if let Some(step) = self
+            .retry_backoff_ms
+            .iter()
+            .find(|s| **s > RETRY_BACKOFF_MS_MAX)
+        {
+            return Err(format!(
+                "a back-off step of {step} ms exceeds the {RETRY_BACKOFF_MS_MAX} ms limit"
+            ));
+        }
         Ok(())
     }
 
@@ -79,7 +90,7 @@ impl RetryPolicy {
         if attempt >= self.max_delivery_attempts {
             AfterFailure::DeadLetter
         } else {
-            AfterFailure::RetryAt(now_ms + self.backoff(attempt).as_millis() as u64)
+            AfterFailure::RetryAt(now_ms.saturating_add(self.backoff(attempt).as_millis() as u64))
         }
     }
 }
@@ -156,6 +167,27 @@ impl PartitionLeases {
         );
     }
 
+    /// Record that `offset` (at or above the floor) is already settled by a
+    /// stored retry, so the log path must not hand it out again.
+    pub fn settled_by_retry(&mut self, offset: u64) {
+        if offset >= self.floor {
+            self.settled.insert(offset);
+        }
+    }
+
+    /// Whether the log path must skip `offset` (settled by a retry); if so
+    /// `next` moves past it and the floor follows where it can.
+    pub fn skip_settled(&mut self, offset: u64) -> bool {
+        if offset < self.floor || !self.settled.contains(&offset) {
+            return false;
+        }
+        self.next = self.next.max(offset + 1);
+        while self.floor < self.next && self.settled.remove(&self.floor) {
+            self.floor += 1;
+        }
+        true
+    }
+
     /// The live lease a receipt names, if it is still current.
     pub fn current(&self, receipt: &Receipt) -> Option<Lease> {
         self.leases
@@ -226,6 +258,32 @@ impl RetrySchedule {
 
     pub fn len(&self) -> usize {
         self.records.len()
+    }
+
+    pub fn get(&self, key: (u32, u32, u64)) -> Option<&RetryRecord> {
+        self.records.get(&key)
+    }
+
+    /// Offsets with a retry record on one partition.
+    pub fn offsets_of(&self, topic_id: u32, partition: u32) -> Vec<u64> {
+        self.records
+            .range((topic_id, partition, 0)..=(topic_id, partition, u64::MAX))
+            .map(|(k, _)| k.2)
+            .collect()
+    }
+
+    /// Drop every retry of a topic (it was deleted or its group reset).
+    pub fn remove_topic(&mut self, topic_id: u32) -> Vec<(u32, u32, u64)> {
+        let keys: Vec<_> = self
+            .records
+            .keys()
+            .filter(|k| k.0 == topic_id)
+            .copied()
+            .collect();
+        for k in &keys {
+            self.remove(*k);
+        }
+        keys
     }
 
     pub fn is_empty(&self) -> bool {
@@ -326,6 +384,32 @@ mod tests {
             "not expired twice while settling"
         );
         assert!(p.current(&receipt(0, 8)).is_none());
+    }
+
+    #[test]
+    fn stored_retries_above_the_floor_are_skipped_by_the_log_path() {
+        let mut p = PartitionLeases::new(10);
+        p.settled_by_retry(11);
+        p.settled_by_retry(3); // below the floor: nothing to do
+        p.lease(10, 1, 100, 1, false);
+        assert!(!p.skip_settled(10));
+        assert!(p.skip_settled(11));
+        assert_eq!(p.next, 12);
+        assert_eq!(p.floor, 10, "10 is still leased");
+        assert_eq!(p.settle(10), Some(12), "the floor passes the retried 11");
+    }
+
+    #[test]
+    fn huge_back_off_steps_are_refused() {
+        let p = RetryPolicy {
+            max_delivery_attempts: 2,
+            retry_backoff_ms: vec![u64::MAX],
+        };
+        assert!(p.validate().is_err());
+        assert_eq!(
+            p.after_failure(1, u64::MAX - 5),
+            AfterFailure::RetryAt(u64::MAX)
+        );
     }
 
     #[test]

@@ -230,3 +230,49 @@ async fn messages_held_by_a_crashed_member_go_to_another_after_the_invisibility(
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_survive_a_restart_and_the_modes_do_not_mix() -> anyhow::Result<()> {
+    let mut broker = TestBroker::start()?;
+    let client = broker.client().await?;
+    client.create_topic("payments", 1).await?;
+    client
+        .configure_group("billing", 5, &[Duration::from_millis(1500)])
+        .await?;
+    let producer = client.producer("payments");
+    producer.send(NewMessage::new("first")).await?;
+    producer.send(NewMessage::new("second")).await?;
+    let mut billing = client.consumer("billing", &["payments"], options()).await?;
+    let got = billing.receive(Duration::from_secs(30)).await?;
+    assert_eq!(got.len(), 2);
+    // "first" is retried later; "second" stays leased, holding the floor.
+    billing.nack(&got[..1], "busy").await?;
+    // The same group may not poll or commit offsets now.
+    let mut poller = client.consumer("billing", &["payments"], options()).await?;
+    assert_eq!(
+        poller.poll().await.err().and_then(|e| e.code()),
+        Some(msmq_client::ErrorCode::INVALID_ARGUMENT)
+    );
+    drop(poller);
+    broker.kill9();
+    broker.restart()?;
+    let client = broker.client().await?;
+    let mut billing = client.consumer("billing", &["payments"], options()).await?;
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline && seen.len() < 2 {
+        for d in billing.receive(Duration::from_secs(30)).await? {
+            seen.push((String::from_utf8(d.message.payload.clone())?, d.attempt));
+            billing.ack(&[d]).await?;
+        }
+    }
+    seen.sort();
+    // "second" was only leased: redelivered fresh. "first" keeps its retry,
+    // attempt 2, and is not handed out again as a fresh message.
+    assert_eq!(
+        seen,
+        vec![("first".to_string(), 2), ("second".to_string(), 1)]
+    );
+    assert!(billing.receive(Duration::from_secs(30)).await?.is_empty());
+    Ok(())
+}

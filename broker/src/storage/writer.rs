@@ -848,6 +848,11 @@ impl Writer {
                 dead_letters,
                 now_ms,
             } => {
+                // Check first: a refused op must change nothing.
+                if let Some((topic, _)) = dead_letters.iter().find(|(t, _)| !self.is_live(t, scope))
+                {
+                    return Ok(Err(WriteError::UnknownTopic(topic.name.clone())));
+                }
                 for (key, record) in retry_puts.iter() {
                     t.retries.insert(
                         (group.as_str(), key.0, key.1, key.2),
@@ -858,9 +863,6 @@ impl Writer {
                     t.retries.remove((group.as_str(), key.0, key.1, key.2))?;
                 }
                 for (topic, message) in dead_letters.iter() {
-                    if !self.is_live(topic, scope) {
-                        return Ok(Err(WriteError::UnknownTopic(topic.name.clone())));
-                    }
                     let sequence = fx.counters.next_message_sequence;
                     fx.counters.next_message_sequence += 1;
                     let mut value = batch::encode(*now_ms, &[message]);

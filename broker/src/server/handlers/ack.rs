@@ -41,6 +41,65 @@ pub mod dlq_headers {
     pub const ATTEMPTS: &str = "msmq.dlq.attempts";
 }
 
+/// Whether `group` consumes with per-message acks (then offset commits and
+/// polls would undo its floor).
+pub(super) fn uses_acks(state: &BrokerState, group: &str) -> bool {
+    acks(state)
+        .groups
+        .get(group)
+        .is_some_and(|g| !g.partitions.is_empty() || !g.retries.is_empty())
+}
+
+/// Forget a deleted topic's leases and retries in every group.
+pub(super) fn forget_topic(state: &BrokerState, topic_id: u32) {
+    let mut reg = acks(state);
+    for g in reg.groups.values_mut() {
+        g.partitions.retain(|k, _| k.0 != topic_id);
+        g.retries.remove_topic(topic_id);
+    }
+}
+
+/// Before a group's offsets on a topic are reset: refuse while messages are
+/// leased; otherwise drop its in-memory state and stored retries for the
+/// topic, so the next receive starts from the new offsets.
+pub(super) async fn prepare_reset(
+    state: &BrokerState,
+    group: &str,
+    topic_id: u32,
+) -> Result<(), ErrorReply> {
+    let dropped = {
+        let mut reg = acks(state);
+        let Some(g) = reg.groups.get_mut(group) else {
+            return Ok(());
+        };
+        let leased: usize = g
+            .partitions
+            .iter()
+            .filter(|(k, _)| k.0 == topic_id)
+            .map(|(_, p)| p.in_flight())
+            .sum();
+        if leased > 0 {
+            return Err(ErrorReply::new(
+                ErrorCode::GROUP_ACTIVE,
+                format!("group {group:?} still has {leased} messages leased; wait for their invisibility to end"),
+            ));
+        }
+        g.partitions.retain(|k, _| k.0 != topic_id);
+        g.retries.remove_topic(topic_id)
+    };
+    if !dropped.is_empty() {
+        let op = WriteOp::Settle {
+            group: group.to_string(),
+            retry_puts: vec![],
+            retry_deletes: dropped,
+            dead_letters: vec![],
+            now_ms: now_ms(),
+        };
+        state.store.write(op).await.map_err(from_write)?;
+    }
+    Ok(())
+}
+
 /// Retries and policies from storage, at start-up.
 pub(crate) async fn load_acks(store: &Store) -> anyhow::Result<AckRegistry> {
     let db = store.db().clone();
@@ -158,6 +217,11 @@ pub(super) async fn receive(
         )));
     }
     let limits = clamp(state, limits)?;
+    validate_name("group", &group).map_err(invalid)?;
+    // Members only: no state is created for groups nobody joined.
+    state
+        .with_groups(|g, _| g.heartbeat(&group, member_id, Instant::now()))
+        .map_err(super::from_group)?;
     ensure_group(state, &group).await?;
     let deadline = tokio::time::Instant::now() + limits.wait;
     let mut appended = state.registry.subscribe_appended();
@@ -188,9 +252,14 @@ pub(super) async fn receive(
                     continue;
                 };
                 if let Some(g) = acks(state).groups.get_mut(&group) {
-                    g.partitions
-                        .entry(key)
-                        .or_insert_with(|| PartitionLeases::new(floor));
+                    if !g.partitions.contains_key(&key) {
+                        // Stored retries above the floor are settled already.
+                        let mut leases = PartitionLeases::new(floor);
+                        for offset in g.retries.offsets_of(key.0, key.1) {
+                            leases.settled_by_retry(offset);
+                        }
+                        g.partitions.insert(key, leases);
+                    }
                 }
             }
             // Retries that are due come first.
@@ -211,6 +280,12 @@ pub(super) async fn receive(
                     };
                     if p.lease_of(offset).is_some() {
                         continue;
+                    }
+                    // Re-check under the lock: another receive may have taken
+                    // (and settled or rescheduled) it since `due` was read.
+                    match g.retries.get((key.0, key.1, offset)) {
+                        Some(current) if current.due_ms <= now && *current == record => {}
+                        _ => continue,
                     }
                     g.retries.remove((key.0, key.1, offset));
                     p.lease(offset, record.attempt, until, nonce, true);
@@ -292,6 +367,10 @@ pub(super) async fn receive(
                 };
                 // Another receive of this group took it meanwhile.
                 if message.offset < p.next || p.lease_of(message.offset).is_some() {
+                    continue;
+                }
+                // A stored retry owns it (after a restart): not a fresh message.
+                if p.skip_settled(message.offset) {
                     continue;
                 }
                 p.lease(message.offset, 1, until, nonce, false);

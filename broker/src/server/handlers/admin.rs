@@ -60,15 +60,16 @@ fn unexpected(outcome: WriteOutcome) -> ErrorReply {
 }
 
 pub(super) async fn delete_topic(state: &BrokerState, name: String) -> Result<Reply, ErrorReply> {
-    if state.registry.get(&name).is_none() {
+    let Some(topic) = state.registry.get(&name) else {
         return Err(unknown_topic(&name));
-    }
+    };
     state
         .store
         .write(WriteOp::DeleteTopic { name: name.clone() })
         .await
         .map_err(from_write)?;
     tracing::info!(topic = %name, "topic deleted");
+    super::ack::forget_topic(state, topic.id());
     state.with_groups(|g, partitions_of| {
         g.forget_topic(&name);
         g.rebalance_all(partitions_of);

@@ -140,6 +140,11 @@ pub(super) async fn poll(
     positions: Vec<PartitionOffset>,
 ) -> Result<Reply, ErrorReply> {
     let limits = clamp(state, limits)?;
+    if super::ack::uses_acks(state, &group) {
+        return Err(invalid(format!(
+            "group {group:?} consumes with per-message acks (Receive/Ack); it cannot also Poll"
+        )));
+    }
     let client_positions: HashMap<TopicPartition, u64> = positions
         .into_iter()
         .map(|p| {
@@ -222,6 +227,11 @@ pub(super) async fn commit(
     member_id: u64,
     offsets: Vec<PartitionOffset>,
 ) -> Result<Reply, ErrorReply> {
+    if super::ack::uses_acks(state, &group) {
+        return Err(invalid(format!(
+            "group {group:?} consumes with per-message acks; the broker commits its progress"
+        )));
+    }
     let partitions: Vec<TopicPartition> = offsets
         .iter()
         .map(|o| TopicPartition {
@@ -289,6 +299,7 @@ pub(super) async fn reset_offsets(
             ),
         ));
     }
+    super::ack::prepare_reset(state, &group, topic.id()).await?;
     let mut offsets = Vec::with_capacity(topic.partition_count() as usize);
     for p in 0..topic.partition_count() {
         let o = &topic.partitions[p as usize];
