@@ -34,6 +34,7 @@ pub enum GroupError {
 #[derive(Debug, Clone)]
 pub struct NewMember {
     pub topics: Vec<String>,
+    pub filter: std::sync::Arc<crate::filter::Filter>,
     pub start: StartFrom,
     pub session_timeout: Duration,
     pub connection_id: u64,
@@ -43,6 +44,7 @@ pub struct NewMember {
 #[derive(Debug, Clone)]
 pub struct Member {
     pub topics: Vec<String>,
+    pub filter: std::sync::Arc<crate::filter::Filter>,
     pub start: StartFrom,
     pub session_timeout: Duration,
     pub last_seen: Instant,
@@ -125,6 +127,15 @@ pub struct PollTarget {
     pub start: StartFrom,
 }
 
+/// What a poll of one member should read.
+#[derive(Debug, Clone)]
+pub struct PollPlan {
+    pub assignment: Assignment,
+    pub targets: Vec<PollTarget>,
+    pub session_timeout: Duration,
+    pub filter: std::sync::Arc<crate::filter::Filter>,
+}
+
 /// Every consumer group on this broker.
 #[derive(Debug)]
 pub struct Coordinator {
@@ -180,6 +191,7 @@ impl Coordinator {
             member_id,
             Member {
                 topics: new.topics,
+                filter: new.filter,
                 start: new.start,
                 session_timeout: new.session_timeout,
                 last_seen: now,
@@ -289,7 +301,7 @@ impl Coordinator {
         group: &str,
         member_id: u64,
         now: Instant,
-    ) -> Result<(Assignment, Vec<PollTarget>, Duration), GroupError> {
+    ) -> Result<PollPlan, GroupError> {
         let g = self.group_mut(group, member_id)?;
         let assignment = g.assignment_of(member_id);
         let member = g
@@ -306,6 +318,7 @@ impl Coordinator {
         member.poll_cursor = member.poll_cursor.wrapping_add(1);
         let start = member.start;
         let session_timeout = member.session_timeout;
+        let filter = member.filter.clone();
         let targets = (0..n)
             .map(|i| {
                 let tp = &assignment.partitions[(first + i) % n];
@@ -316,7 +329,12 @@ impl Coordinator {
                 }
             })
             .collect();
-        Ok((assignment, targets, session_timeout))
+        Ok(PollPlan {
+            assignment,
+            targets,
+            session_timeout,
+            filter,
+        })
     }
 
     /// Move the read position of `tp` from `from` to `to`, only if the member
@@ -375,6 +393,7 @@ mod tests {
     fn member(conn: u64) -> NewMember {
         NewMember {
             topics: vec!["payments".into()],
+            filter: std::sync::Arc::new(crate::filter::Filter::compile(None, None).unwrap()),
             start: StartFrom::Earliest,
             session_timeout: Duration::from_secs(10),
             connection_id: conn,
@@ -443,8 +462,8 @@ mod tests {
         // Stale compare fails.
         assert!(!c.advance("g", a, &tp(0), Some(3), 12));
         let (b, _) = c.join("g", member(2), now, &four);
-        let (_, a_targets, _) = c.poll_targets("g", a, now).unwrap();
-        let (_, b_targets, _) = c.poll_targets("g", b, now).unwrap();
+        let a_targets = c.poll_targets("g", a, now).unwrap().targets;
+        let b_targets = c.poll_targets("g", b, now).unwrap().targets;
         // a kept two partitions with their positions; b starts fresh.
         assert!(a_targets.iter().all(|t| t.position == Some(10)));
         assert!(b_targets.iter().all(|t| t.position.is_none()));
@@ -465,7 +484,7 @@ mod tests {
         let (a, _) = c.join("g", member(1), now, &four);
         let firsts: BTreeSet<u32> = (0..4)
             .map(|_| {
-                c.poll_targets("g", a, now).unwrap().1[0]
+                c.poll_targets("g", a, now).unwrap().targets[0]
                     .partition
                     .partition
             })

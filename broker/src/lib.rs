@@ -4,6 +4,7 @@
 pub mod cli;
 pub mod config;
 pub mod delivery;
+pub mod filter;
 pub mod groups;
 pub mod server;
 pub mod storage;

@@ -176,6 +176,8 @@ async fn a_lost_poll_reply_is_read_again_not_skipped() -> anyhow::Result<()> {
             start: StartFrom::Earliest,
             session_timeout_ms: 10_000,
             broadcast_instance: None,
+            tag_filter: None,
+            sql_filter: None,
         })
         .await?;
     let Reply::Joined(joined) = joined else {
@@ -351,5 +353,130 @@ async fn broadcast_members_each_receive_every_message_with_their_own_progress() 
         drain(&mut d, 330, Duration::from_secs(10)).await?.len(),
         330
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tag_and_sql_filters_deliver_exactly_the_matching_messages() -> anyhow::Result<()> {
+    let broker = TestBroker::start()?;
+    let client = broker.client().await?;
+    client.create_topic("payments", 2).await?;
+    let producer = client.producer("payments");
+    let mut want_tag = BTreeSet::new();
+    let mut want_sql = BTreeSet::new();
+    let mut want_both = BTreeSet::new();
+    for i in 0..600u32 {
+        let tag = ["TagA", "TagB", "TagC"][(i % 3) as usize];
+        let amount = (i * 37) % 3000;
+        let region = ["EU", "US", "APAC"][(i % 5 % 3) as usize];
+        let mut m = NewMessage::new(format!("m{i}"))
+            .with_tag(tag)
+            .with_header("region", region);
+        if i % 7 != 0 {
+            m = m.with_header("amount", amount.to_string());
+        }
+        let has_amount = i % 7 != 0;
+        let tag_ok = tag == "TagA" || tag == "TagB";
+        let sql_ok = has_amount && amount > 1000 && region == "EU";
+        if tag_ok {
+            want_tag.insert(format!("m{i}"));
+        }
+        if sql_ok {
+            want_sql.insert(format!("m{i}"));
+        }
+        if tag_ok && sql_ok {
+            want_both.insert(format!("m{i}"));
+        }
+        producer.send_batch(vec![m]).await?;
+    }
+    let filtered = |tag: Option<&str>, sql: Option<&str>| ConsumerOptions {
+        tag_filter: tag.map(String::from),
+        sql_filter: sql.map(String::from),
+        ..options(10_000)
+    };
+    let cases = [
+        ("tags", filtered(Some("TagA || TagB"), None), &want_tag),
+        (
+            "sql",
+            filtered(None, Some("amount > 1000 AND region = 'EU'")),
+            &want_sql,
+        ),
+        (
+            "both",
+            filtered(
+                Some("TagA || TagB"),
+                Some("amount > 1000 AND region = 'EU'"),
+            ),
+            &want_both,
+        ),
+    ];
+    for (group, opts, want) in cases {
+        let mut consumer = client.consumer(group, &["payments"], opts).await?;
+        let got = drain(&mut consumer, want.len(), Duration::from_secs(10)).await?;
+        let got: BTreeSet<String> = got
+            .iter()
+            .map(|m| String::from_utf8(m.message.payload.clone()).unwrap())
+            .collect();
+        assert_eq!(&got, want, "group {group}");
+        assert!(
+            consumer.poll().await?.is_empty(),
+            "nothing more for {group}"
+        );
+        consumer.commit().await?;
+        consumer.leave().await?;
+        // Progress covers the left-out messages too: no lag.
+        let lag: u64 = client
+            .describe_topic("payments")
+            .await?
+            .groups
+            .iter()
+            .filter(|g| g.group == group)
+            .flat_map(|g| g.partitions.iter().map(|p| p.lag))
+            .sum();
+        assert_eq!(lag, 0, "group {group}");
+    }
+    // Per-message-ack consumers are filtered the same way.
+    let mut acking = client
+        .consumer(
+            "acking",
+            &["payments"],
+            filtered(None, Some("region IN ('US') AND amount IS NULL")),
+        )
+        .await?;
+    let mut got = BTreeSet::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        let batch = acking.receive(Duration::from_secs(30)).await?;
+        if batch.is_empty() && !got.is_empty() {
+            break;
+        }
+        for d in &batch {
+            got.insert(String::from_utf8(d.message.payload.clone())?);
+        }
+        acking.ack(&batch).await?;
+    }
+    let want: BTreeSet<String> = (0..600u32)
+        .filter(|i| i % 7 == 0 && i % 5 % 3 == 1)
+        .map(|i| format!("m{i}"))
+        .collect();
+    assert_eq!(got, want);
+    // Invalid expressions are refused when subscribing.
+    for (tag, sql) in [
+        (None, Some("amount >")),
+        (None, Some("region = 'EU")),
+        (Some("A || "), None),
+    ] {
+        let err = client
+            .consumer("bad", &["payments"], filtered(tag, sql))
+            .await
+            .err()
+            .expect("refused");
+        assert_eq!(
+            err.code(),
+            Some(msmq_client::ErrorCode::INVALID_ARGUMENT),
+            "{err}"
+        );
+        assert!(err.to_string().contains("filter"), "{err}");
+    }
     Ok(())
 }

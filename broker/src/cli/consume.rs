@@ -35,6 +35,12 @@ pub struct ConsumeArgs {
     /// group's messages with its other members.
     #[arg(long, value_name = "INSTANCE")]
     broadcast: Option<String>,
+    /// Only messages with these tags, e.g. 'TagA || TagB' (evaluated on the broker).
+    #[arg(long)]
+    tag: Option<String>,
+    /// Only messages whose headers match, e.g. "amount > 1000 AND region = 'EU'".
+    #[arg(long)]
+    sql: Option<String>,
     #[command(flatten)]
     client: ClientArgs,
 }
@@ -89,6 +95,8 @@ pub async fn run(args: ConsumeArgs) -> anyhow::Result<()> {
             ..FetchLimits::default()
         },
         broadcast_instance: args.broadcast.clone(),
+        tag_filter: args.tag.clone(),
+        sql_filter: args.sql.clone(),
         ..ConsumerOptions::default()
     };
     let mut consumer = client

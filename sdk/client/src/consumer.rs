@@ -32,6 +32,11 @@ pub struct ConsumerOptions {
     /// every message of the topics and keeps its own progress. `None`:
     /// clustering, each message to one member of the group.
     pub broadcast_instance: Option<String>,
+    /// Only messages with one of these tags: `*` or `TagA || TagB`.
+    pub tag_filter: Option<String>,
+    /// Only messages whose headers match, e.g. `amount > 1000 AND region = 'EU'`.
+    /// Filters run on the broker: left-out messages never cross the network.
+    pub sql_filter: Option<String>,
 }
 
 impl Default for ConsumerOptions {
@@ -41,6 +46,8 @@ impl Default for ConsumerOptions {
             session_timeout: Duration::from_secs(10),
             limits: FetchLimits::default(),
             broadcast_instance: None,
+            tag_filter: None,
+            sql_filter: None,
         }
     }
 }
@@ -149,13 +156,18 @@ impl Consumer {
         let mut out = Vec::new();
         for batch in polled.batches {
             let topic: Arc<str> = batch.topic.as_str().into();
-            if let Some(last) = batch.messages.last() {
-                let tp = TopicPartition {
-                    topic: batch.topic.clone(),
-                    partition: batch.partition,
-                };
-                self.positions.insert(tp.clone(), last.offset + 1);
-                self.uncommitted.insert(tp, last.offset + 1);
+            // Progress includes messages a filter left out.
+            let read_to = batch
+                .messages
+                .last()
+                .map_or(batch.next_offset, |m| batch.next_offset.max(m.offset + 1));
+            let tp = TopicPartition {
+                topic: batch.topic.clone(),
+                partition: batch.partition,
+            };
+            if self.positions.get(&tp) != Some(&read_to) {
+                self.positions.insert(tp.clone(), read_to);
+                self.uncommitted.insert(tp, read_to);
             }
             out.extend(batch.messages.into_iter().map(|message| ReceivedMessage {
                 topic: topic.clone(),
@@ -396,6 +408,8 @@ async fn join_request(
             start: options.start,
             session_timeout_ms: options.session_timeout.as_millis().min(u32::MAX as u128) as u32,
             broadcast_instance: options.broadcast_instance.clone(),
+            tag_filter: options.tag_filter.clone(),
+            sql_filter: options.sql_filter.clone(),
         })
         .await?;
     match reply {

@@ -46,6 +46,10 @@ pub enum Request {
         /// own progress kept under this stable instance name (e.g. a host
         /// name). `None`: clustering mode, one member per partition.
         broadcast_instance: Option<String>,
+        /// Tag filter: `*` or `TagA || TagB`. `None`: every tag.
+        tag_filter: Option<String>,
+        /// SQL92-style filter over headers, e.g. `amount > 1000 AND region = 'EU'`.
+        sql_filter: Option<String>,
     },
     /// Keep a membership alive and learn the current assignment. Reply: [`Reply::Assignment`].
     Heartbeat { group: String, member_id: u64 },
@@ -534,6 +538,10 @@ pub struct FetchedMessages {
     /// The partition's end (next offset to be written) when read.
     pub end_offset: u64,
     pub messages: Vec<Message>,
+    /// Where reading continues: one past the last message read, including
+    /// messages a subscription filter left out (so it can be past the last
+    /// message returned).
+    pub next_offset: u64,
 }
 
 /// Where a new group member starts on partitions the group has no offset for.

@@ -227,9 +227,17 @@ pub(super) async fn receive(
     let mut appended = state.registry.subscribe_appended();
     loop {
         appended.borrow_and_update();
-        let (assignment, targets, session_timeout) = state
+        let plan = state
             .with_groups(|g, _| g.poll_targets(&group, member_id, Instant::now()))
             .map_err(super::from_group)?;
+        let (assignment, targets, session_timeout, filter) = (
+            plan.assignment,
+            plan.targets,
+            plan.session_timeout,
+            plan.filter,
+        );
+        let mut filtered_floors = BTreeMap::new();
+        let mut skipped_by_filter = false;
         let now = now_ms();
         let until = now + invisibility_ms as u64;
         let mut deliveries = Vec::new();
@@ -373,6 +381,15 @@ pub(super) async fn receive(
                 if p.skip_settled(message.offset) {
                     continue;
                 }
+                // Left out by the member's filter: settled without delivery.
+                if !filter.matches(&message) {
+                    skipped_by_filter = true;
+                    p.lease(message.offset, 1, until, nonce, false);
+                    if let Some(floor) = p.settle(message.offset) {
+                        filtered_floors.insert(key, floor);
+                    }
+                    continue;
+                }
                 p.lease(message.offset, 1, until, nonce, false);
                 left -= 1;
                 bytes_left = bytes_left.saturating_sub(message.payload.len());
@@ -390,6 +407,11 @@ pub(super) async fn receive(
                     message,
                 });
             }
+        }
+        let filtered_any = !filtered_floors.is_empty() || skipped_by_filter;
+        commit_floors(state, &group, std::mem::take(&mut filtered_floors)).await;
+        if deliveries.is_empty() && filtered_any && tokio::time::Instant::now() < deadline {
+            continue; // everything read was filtered out: read on at once
         }
         // Retries fall due without an append: look again at least every 100 ms then.
         let retries_waiting = acks(state)

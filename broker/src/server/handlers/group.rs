@@ -25,8 +25,12 @@ pub(super) fn join(
     start: StartFrom,
     session_timeout_ms: u32,
     broadcast_instance: Option<String>,
+    tag_filter: Option<String>,
+    sql_filter: Option<String>,
 ) -> Result<Reply, ErrorReply> {
     validate_name("group", &group).map_err(invalid)?;
+    let filter = crate::filter::Filter::compile(tag_filter.as_deref(), sql_filter.as_deref())
+        .map_err(|e| invalid(format!("invalid subscription filter: {e}")))?;
     // Broadcast: each instance is a group of its own, so it gets every
     // partition and keeps its own offsets.
     let group = match broadcast_instance {
@@ -55,6 +59,7 @@ pub(super) fn join(
     }
     let member = NewMember {
         topics,
+        filter: std::sync::Arc::new(filter),
         start,
         session_timeout: Duration::from_millis(session_timeout_ms as u64),
         connection_id: ctx.id,
@@ -145,7 +150,7 @@ pub(super) async fn poll(
             "group {group:?} consumes with per-message acks (Receive/Ack); it cannot also Poll"
         )));
     }
-    let client_positions: HashMap<TopicPartition, u64> = positions
+    let mut client_positions: HashMap<TopicPartition, u64> = positions
         .into_iter()
         .map(|p| {
             let tp = TopicPartition {
@@ -157,12 +162,21 @@ pub(super) async fn poll(
         .collect();
     let deadline = tokio::time::Instant::now() + limits.wait;
     let mut appended = state.registry.subscribe_appended();
+    // Partitions read in earlier rounds of this poll (messages all filtered out).
+    let mut progress: Vec<FetchedMessages> = Vec::new();
+    let mut read_any = false;
     loop {
         appended.borrow_and_update();
-        let (assignment, targets, session_timeout) = state
+        let plan = state
             .with_groups(|g, _| g.poll_targets(&group, member_id, Instant::now()))
             .map_err(from_group)?;
-        let mut batches = Vec::new();
+        let (assignment, targets, session_timeout, filter) = (
+            plan.assignment,
+            plan.targets,
+            plan.session_timeout,
+            plan.filter,
+        );
+        let mut batches: Vec<FetchedMessages> = Vec::new();
         let (mut messages_left, mut bytes_left) = (limits.max_messages, limits.max_bytes);
         for target in targets {
             if messages_left == 0 || bytes_left == 0 {
@@ -197,19 +211,48 @@ pub(super) async fn poll(
             if !state.with_groups(|g, _| g.advance(&group, member_id, tp, target.position, next)) {
                 continue;
             }
+            // Later rounds of this poll continue from here, not from the client's word.
+            client_positions.insert(tp.clone(), next);
+            let messages: Vec<_> = if filter.matches_all() {
+                messages
+            } else {
+                messages.into_iter().filter(|m| filter.matches(m)).collect()
+            };
             messages_left -= messages.len();
             bytes_left = bytes_left.saturating_sub(messages.iter().map(|m| m.payload.len()).sum());
-            batches.push(FetchedMessages {
-                topic: tp.topic.clone(),
-                partition: tp.partition,
-                end_offset: topic.partition(tp.partition).map_or(next, |o| o.end()),
-                messages,
-            });
+            let end_offset = topic.partition(tp.partition).map_or(next, |o| o.end());
+            match progress
+                .iter_mut()
+                .find(|b| b.topic == tp.topic && b.partition == tp.partition)
+            {
+                Some(b) => {
+                    b.messages.extend(messages);
+                    b.next_offset = next;
+                    b.end_offset = end_offset;
+                }
+                None => progress.push(FetchedMessages {
+                    topic: tp.topic.clone(),
+                    partition: tp.partition,
+                    end_offset,
+                    messages,
+                    next_offset: next,
+                }),
+            }
+            read_any = true;
+        }
+        batches.append(&mut progress);
+        let delivered = batches.iter().any(|b| !b.messages.is_empty());
+        if !delivered && read_any && tokio::time::Instant::now() < deadline {
+            // Everything read was filtered out: read on at once, keeping the
+            // progress to report.
+            progress = batches;
+            read_any = false;
+            continue;
         }
         // Wake at least twice per session timeout so a long wait refreshes
         // the member's liveness even without separate heartbeats.
         let wake = deadline.min(tokio::time::Instant::now() + session_timeout / 2);
-        let done = !batches.is_empty()
+        let done = delivered
             || (!wait_for_append(state, &mut appended, wake).await
                 && (state.is_shutting_down() || tokio::time::Instant::now() >= deadline));
         if done {
@@ -218,6 +261,7 @@ pub(super) async fn poll(
                 batches,
             }));
         }
+        progress = batches;
     }
 }
 

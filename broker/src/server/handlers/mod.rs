@@ -54,6 +54,8 @@ pub(super) async fn handle(
             start,
             session_timeout_ms,
             broadcast_instance,
+            tag_filter,
+            sql_filter,
         } => group::join(
             state,
             ctx,
@@ -62,6 +64,8 @@ pub(super) async fn handle(
             start,
             session_timeout_ms,
             broadcast_instance,
+            tag_filter,
+            sql_filter,
         ),
         Request::Heartbeat { group, member_id } => group::heartbeat(state, group, member_id),
         Request::Poll {

@@ -129,6 +129,7 @@ pub(super) async fn fetch(
                 topic: topic_name,
                 partition,
                 end_offset: offsets.end(),
+                next_offset: messages.last().map_or(offset, |m| m.offset + 1),
                 messages,
             }));
         }
