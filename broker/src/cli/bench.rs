@@ -13,6 +13,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum ConsumeMode {
+    Offsets,
+    Acks,
+    Both,
+}
+
 #[derive(Subcommand)]
 pub enum BenchCommand {
     /// Producers send batches as fast as acknowledgements come back.
@@ -91,6 +98,10 @@ pub struct ConsumeBench {
     /// Use the topic's existing messages instead of producing a backlog first.
     #[arg(long)]
     no_prefill: bool,
+    /// Offset commits per poll, per-message acks, or both on the same backlog
+    /// (reports their ratio).
+    #[arg(long, value_enum, default_value_t = ConsumeMode::Offsets)]
+    mode: ConsumeMode,
     #[command(flatten)]
     common: Common,
 }
@@ -340,8 +351,50 @@ async fn consume(b: ConsumeBench) -> anyhow::Result<()> {
         produce_load(&fill, &topic, 4, 1, 0, prefill.clone()).await?;
         prefill.bar.finish_and_clear();
     }
-    let run = Run::new(&b.common, "consume");
-    let group = format!("bench-{}", now_micros());
+    let modes: &[bool] = match b.mode {
+        ConsumeMode::Offsets => &[false],
+        ConsumeMode::Acks => &[true],
+        ConsumeMode::Both => &[false, true],
+    };
+    let mut rates = Vec::new();
+    for &acks in modes {
+        let (run, elapsed) = drain_backlog(&b, &client, &topic, acks).await?;
+        let messages = run.done.load(Ordering::Relaxed);
+        rates.push(messages as f64 / elapsed.as_secs_f64().max(1e-9));
+        let mut extra = json!({"consumers": b.consumers, "size": b.common.size, "topic": topic,
+            "mode": if acks { "acks" } else { "offsets" },
+            "latency_is": if acks { "per receive+ack" } else { "per poll+commit" }});
+        if rates.len() == 2 {
+            extra["offsets_messages_per_sec"] = json!(rates[0]);
+            extra["acks_to_offsets_ratio"] = json!(rates[1] / rates[0].max(1e-9));
+        }
+        summary("consume", &run, messages, elapsed, extra, b.common.json);
+    }
+    if rates.len() == 2 && !b.common.json {
+        println!(
+            "per-message acks reach {:.2} of offset commits on the same backlog",
+            rates[1] / rates[0].max(1e-9)
+        );
+    }
+    Ok(())
+}
+
+type AckTask = tokio::task::JoinHandle<Result<Vec<bool>, msmq_client::ClientError>>;
+
+/// One fresh group drains the topic from the start: poll + commit, or
+/// receive + ack of every message.
+async fn drain_backlog(
+    b: &ConsumeBench,
+    client: &Client,
+    topic: &str,
+    acks: bool,
+) -> anyhow::Result<(Arc<Run>, Duration)> {
+    let run = Run::new(&b.common, if acks { "consume (acks)" } else { "consume" });
+    let group = format!(
+        "bench-{}-{}",
+        if acks { "acks" } else { "offsets" },
+        now_micros()
+    );
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..b.consumers.max(1) {
@@ -359,22 +412,48 @@ async fn consume(b: ConsumeBench) -> anyhow::Result<()> {
             },
             ..ConsumerOptions::default()
         };
-        let mut consumer = client.consumer(&group, &[&topic], options).await?;
+        let mut consumer = client.consumer(&group, &[topic], options).await?;
         let run = run.clone();
         tasks.push(tokio::spawn(async move {
+            // Acks of one batch travel while the next is received.
+            let acker = consumer.acker();
+            let mut pending_ack: Option<AckTask> = None;
             while !run.over() {
                 let t0 = Instant::now();
-                let messages = consumer.poll().await?;
-                let n = messages.len() as u64;
-                if n > 0 {
-                    let bytes: u64 = messages
+                let (n, bytes) = if acks {
+                    let deliveries = consumer.receive(Duration::from_secs(60)).await?;
+                    if let Some(previous) = pending_ack.take() {
+                        previous.await??;
+                    }
+                    let bytes = deliveries
+                        .iter()
+                        .map(|d| d.message.payload.len() as u64)
+                        .sum();
+                    let n = deliveries.len() as u64;
+                    if n > 0 {
+                        let acker = acker.clone();
+                        pending_ack =
+                            Some(tokio::spawn(async move { acker.ack(&deliveries).await }));
+                    }
+                    (n, bytes)
+                } else {
+                    let messages = consumer.poll().await?;
+                    if !messages.is_empty() {
+                        consumer.commit().await?;
+                    }
+                    let bytes = messages
                         .iter()
                         .map(|m| m.message.payload.len() as u64)
                         .sum();
-                    consumer.commit().await?;
+                    (messages.len() as u64, bytes)
+                };
+                if n > 0 {
                     run.done.fetch_add(n, Ordering::Relaxed);
                     run.record(n, bytes, t0.elapsed());
                 }
+            }
+            if let Some(last) = pending_ack.take() {
+                last.await??;
             }
             consumer.leave().await?;
             anyhow::Ok(())
@@ -383,17 +462,7 @@ async fn consume(b: ConsumeBench) -> anyhow::Result<()> {
     for t in tasks {
         t.await??;
     }
-    let elapsed = started.elapsed();
-    let messages = run.done.load(Ordering::Relaxed);
-    summary(
-        "consume",
-        &run,
-        messages,
-        elapsed,
-        json!({"consumers": b.consumers, "size": b.common.size, "topic": topic, "latency_is": "per poll+commit"}),
-        b.common.json,
-    );
-    Ok(())
+    Ok((run, started.elapsed()))
 }
 
 async fn e2e(b: E2eBench) -> anyhow::Result<()> {

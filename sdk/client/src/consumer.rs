@@ -52,6 +52,27 @@ impl Default for ConsumerOptions {
     }
 }
 
+/// Acknowledges deliveries of one group; see [`Consumer::acker`].
+#[derive(Clone)]
+pub struct Acker {
+    client: Client,
+    group: String,
+}
+
+impl Acker {
+    /// As [`Consumer::ack`].
+    pub async fn ack(&self, deliveries: &[Delivery]) -> Result<Vec<bool>, ClientError> {
+        let req = Request::Ack {
+            group: self.group.clone(),
+            receipts: deliveries.iter().map(|d| d.receipt).collect(),
+        };
+        match self.client.request(&req).await? {
+            Reply::Settled(s) => Ok(s),
+            other => Err(unexpected("Ack", other)),
+        }
+    }
+}
+
 /// One message as a group member receives it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReceivedMessage {
@@ -323,18 +344,20 @@ impl Consumer {
         }
     }
 
+    /// A handle that acknowledges for this member from another task, so a
+    /// consumer can ack one batch while it already receives the next.
+    pub fn acker(&self) -> Acker {
+        Acker {
+            client: self.client.clone(),
+            group: self.group.clone(),
+        }
+    }
+
     /// Acknowledge deliveries: settled for good. Returns, per delivery,
     /// whether its receipt was still current (false: the lease had ended and
     /// the message is or will be delivered again).
     pub async fn ack(&self, deliveries: &[Delivery]) -> Result<Vec<bool>, ClientError> {
-        let req = Request::Ack {
-            group: self.group.clone(),
-            receipts: deliveries.iter().map(|d| d.receipt).collect(),
-        };
-        match self.client.request(&req).await? {
-            Reply::Settled(s) => Ok(s),
-            other => Err(unexpected("Ack", other)),
-        }
+        self.acker().ack(deliveries).await
     }
 
     /// Give deliveries back: retried after the back-off, or dead-lettered

@@ -45,7 +45,7 @@ mod transaction;
 pub mod transport;
 
 pub use connection::{Client, ClientOptions, DEFAULT_CA_FILE, DEFAULT_SERVER};
-pub use consumer::{Consumer, ConsumerOptions, ReceivedMessage};
+pub use consumer::{Acker, Consumer, ConsumerOptions, ReceivedMessage};
 pub use error::ClientError;
 pub use msmq_protocol as protocol;
 pub use msmq_protocol::{
