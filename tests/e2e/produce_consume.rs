@@ -365,3 +365,89 @@ async fn a_deleted_topic_takes_its_messages_and_offsets_with_it() -> anyhow::Res
     assert_eq!(got[0].message.id, ack.id);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_are_found_by_id_and_by_key() -> anyhow::Result<()> {
+    use crate::harness::cli;
+    let broker = TestBroker::start()?;
+    let client = broker.client().await?;
+    client.create_topic("orders", 3).await?;
+    let producer = client.producer("orders");
+    let mut acks = Vec::new();
+    for i in 0..30 {
+        let m = NewMessage::new(format!("order-{i}")).with_key(format!("customer-{}", i % 4));
+        acks.extend(
+            producer
+                .send_batch(vec![m.clone(), NewMessage::new(format!("plain-{i}"))])
+                .await?,
+        );
+    }
+    // A transactional message keeps its id after commit.
+    let tx = client
+        .transactional_producer("pc", "orders", |_: &msmq_client::TransactionCheck| {
+            msmq_client::TxAction::Commit
+        })
+        .await?;
+    let half = tx
+        .send_half(NewMessage::new("tx-order").with_key("customer-9"))
+        .await?;
+    assert!(
+        client.get_message(half.id).await?.is_none(),
+        "a half message is not found"
+    );
+    tx.commit(half.tx_id).await?;
+    for ack in acks.iter().step_by(7) {
+        let found = client.get_message(ack.id).await?.expect("found by id");
+        assert_eq!(
+            (found.partition, found.message.offset, found.message.id),
+            (ack.partition, ack.offset, ack.id)
+        );
+    }
+    let found = client
+        .get_message(half.id)
+        .await?
+        .expect("committed transaction found by id");
+    assert_eq!(found.message.payload, b"tx-order");
+    let by_key = client.find_messages("orders", b"customer-1", 100).await?;
+    let mut payloads: Vec<String> = by_key
+        .iter()
+        .map(|f| String::from_utf8(f.message.payload.clone()).unwrap())
+        .collect();
+    payloads.sort();
+    let mut want: Vec<String> = (0..30)
+        .filter(|i| i % 4 == 1)
+        .map(|i| format!("order-{i}"))
+        .collect();
+    want.sort();
+    assert_eq!(payloads, want);
+    assert_eq!(
+        client
+            .find_messages("orders", b"customer-9", 10)
+            .await?
+            .len(),
+        1
+    );
+    assert!(client
+        .find_messages("orders", b"nobody", 10)
+        .await?
+        .is_empty());
+    // From the command line.
+    let out = cli(&broker, &["message", "get", &acks[0].id.to_string()], None)?;
+    assert!(String::from_utf8(out.stdout)?.contains("order-0"));
+    let out = cli(
+        &broker,
+        &[
+            "message",
+            "find",
+            "--topic",
+            "orders",
+            "--key",
+            "customer-2",
+        ],
+        None,
+    )?;
+    assert_eq!(String::from_utf8(out.stdout)?.matches("order-").count(), 7);
+    let out = cli(&broker, &["message", "get", "zz"], None)?;
+    assert!(!out.status.success());
+    Ok(())
+}

@@ -6,6 +6,7 @@ mod bench;
 mod consume;
 mod dlq;
 mod group;
+mod message;
 mod produce;
 mod serve;
 mod topic;
@@ -50,6 +51,9 @@ enum Command {
     /// Transactions: list pending and discarded ones, resume or commit, send one.
     #[command(subcommand)]
     Tx(tx::TxCommand),
+    /// Look messages up by id or by key.
+    #[command(subcommand)]
+    Message(message::MessageCommand),
     /// Dead letters of a group: list them, re-drive them to their topics.
     #[command(subcommand)]
     Dlq(dlq::DlqCommand),
@@ -133,6 +137,7 @@ pub fn main() -> ExitCode {
                     Command::Group(cmd) => group::run(cmd).await,
                     Command::Tx(cmd) => tx::run(cmd).await,
                     Command::Dlq(cmd) => dlq::run(cmd).await,
+                    Command::Message(cmd) => message::run(cmd).await,
                     Command::Bench(cmd) => bench::run(cmd).await,
                     Command::Serve(_) | Command::Config => unreachable!("handled above"),
                 };

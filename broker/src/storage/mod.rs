@@ -37,6 +37,22 @@ pub struct ScheduledRecord {
     pub message: msmq_protocol::NewMessage,
 }
 
+/// The hash messages are indexed by key with.
+pub fn key_hash(key: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(key)
+}
+
+/// `(index in batch, key hash)` of every keyed message of a batch.
+pub fn key_hashes<'a>(
+    messages: impl IntoIterator<Item = &'a msmq_protocol::NewMessage>,
+) -> Vec<(u32, u64)> {
+    messages
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, m)| m.key.as_ref().map(|k| (i as u32, key_hash(k))))
+        .collect()
+}
+
 /// `next_scheduled_ms` when nothing is scheduled.
 pub const NOTHING_SCHEDULED: u64 = u64::MAX;
 

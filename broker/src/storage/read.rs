@@ -191,3 +191,48 @@ pub fn group_policy(
         })
         .transpose()
 }
+
+/// Where the message with id sequence `sequence` is: (topic id, partition, offset).
+pub fn locate_by_sequence(
+    db: &Database,
+    sequence: u64,
+) -> Result<Option<(u32, u32, u64)>, StorageError> {
+    let txn = db.begin_read()?;
+    let index = txn.open_table(tables::ID_INDEX)?;
+    let found = index
+        .range(..=sequence)?
+        .next_back()
+        .transpose()?
+        .and_then(|(k, v)| {
+            let base_sequence = k.value();
+            let (topic_id, partition, base_offset, count) = v.value();
+            (sequence < base_sequence + count as u64).then_some((
+                topic_id,
+                partition,
+                base_offset + (sequence - base_sequence),
+            ))
+        });
+    Ok(found)
+}
+
+/// (partition, offset) of messages of a topic whose key hashes to `hash`,
+/// at most `limit`, oldest first per partition.
+pub fn locate_by_key_hash(
+    db: &Database,
+    topic_id: u32,
+    hash: u64,
+    limit: usize,
+) -> Result<Vec<(u32, u64)>, StorageError> {
+    let txn = db.begin_read()?;
+    let index = txn.open_table(tables::KEY_INDEX)?;
+    let mut out = Vec::new();
+    for entry in index.range((topic_id, hash, 0, 0)..=(topic_id, hash, u32::MAX, u64::MAX))? {
+        let (k, _) = entry?;
+        let (_, _, partition, offset) = k.value();
+        out.push((partition, offset));
+        if out.len() >= limit {
+            break;
+        }
+    }
+    Ok(out)
+}

@@ -29,6 +29,11 @@ pub const GROUP_POLICIES: TableDefinition<&str, &[u8]> = TableDefinition::new("g
 /// (due time in ms, message-id sequence) → postcard
 /// [`crate::storage::ScheduledRecord`]: messages waiting for their delivery time.
 pub const SCHEDULED: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("scheduled");
+/// base message-id sequence of a batch → (topic id, partition, base offset,
+/// count): finds a message by id.
+pub const ID_INDEX: TableDefinition<u64, (u32, u32, u64, u32)> = TableDefinition::new("id_index");
+/// (topic id, key hash, partition, offset) → (): finds messages by key.
+pub const KEY_INDEX: TableDefinition<(u32, u64, u32, u64), ()> = TableDefinition::new("key_index");
 /// Broker-wide counters.
 pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
@@ -52,6 +57,8 @@ pub fn create_all(db: &Database) -> Result<(), StorageError> {
     txn.open_table(HALF_MESSAGES)?;
     txn.open_table(RETRIES)?;
     txn.open_table(SCHEDULED)?;
+    txn.open_table(ID_INDEX)?;
+    txn.open_table(KEY_INDEX)?;
     txn.open_table(GROUP_POLICIES)?;
     txn.open_table(TX_OUTCOMES)?;
     let mut meta = txn.open_table(META)?;

@@ -115,6 +115,8 @@ pub enum WriteOp {
 pub struct PartitionAppend {
     pub partition: u32,
     pub count: u32,
+    /// (index in the batch, key hash) of keyed messages, for the key index.
+    pub key_hashes: Vec<(u32, u64)>,
     /// The encoded batch ([`super::batch::encode`]).
     pub value: Vec<u8>,
 }
@@ -332,6 +334,8 @@ struct Tables<'t> {
     outcomes: redb::Table<'t, u64, &'static [u8]>,
     retries: redb::Table<'t, (&'static str, u32, u32, u64), &'static [u8]>,
     scheduled: redb::Table<'t, (u64, u64), &'static [u8]>,
+    id_index: redb::Table<'t, u64, (u32, u32, u64, u32)>,
+    key_index: redb::Table<'t, (u32, u64, u32, u64), ()>,
     policies: redb::Table<'t, &'static str, &'static [u8]>,
 }
 
@@ -475,6 +479,8 @@ impl Writer {
                 outcomes: txn.open_table(tables::TX_OUTCOMES)?,
                 retries: txn.open_table(tables::RETRIES)?,
                 scheduled: txn.open_table(tables::SCHEDULED)?,
+                id_index: txn.open_table(tables::ID_INDEX)?,
+                key_index: txn.open_table(tables::KEY_INDEX)?,
                 policies: txn.open_table(tables::GROUP_POLICIES)?,
             };
             let mut scope = Scope::default();
@@ -520,6 +526,7 @@ impl Writer {
         partition: u32,
         count: u32,
         value: &[u8],
+        key_hashes: &[(u32, u64)],
     ) -> Result<u64, StorageError> {
         let key = (topic.id(), partition);
         let offsets = &topic.partitions[partition as usize];
@@ -529,8 +536,15 @@ impl Writer {
             .map(|(_, s, e)| (*s, *e))
             .unwrap_or((offsets.start(), offsets.end()));
         t.log.insert((key.0, key.1, end), value)?;
-        let timestamp_ms = batch::header(value).map(|h| h.timestamp_ms).unwrap_or(0);
-        t.batch_times.insert((key.0, key.1, end), timestamp_ms)?;
+        if let Ok(h) = batch::header(value) {
+            t.batch_times.insert((key.0, key.1, end), h.timestamp_ms)?;
+            t.id_index
+                .insert(h.base_sequence, (key.0, key.1, end, h.count))?;
+        }
+        for (i, hash) in key_hashes {
+            t.key_index
+                .insert((key.0, *hash, key.1, end + *i as u64), ())?;
+        }
         let new_end = end + count as u64;
         t.partitions.insert(key, (start, new_end))?;
         fx.ends.insert(key, (topic.clone(), start, new_end));
@@ -591,6 +605,11 @@ impl Writer {
                         t.batch_times
                             .retain_in((id, 0, 0)..=(id, u32::MAX, u64::MAX), |_, _| false)?;
                         t.retries.retain(|k, _| k.1 != id)?;
+                        t.id_index.retain(|_, v| v.0 != id)?;
+                        t.key_index.retain_in(
+                            (id, 0, 0, 0)..=(id, u64::MAX, u32::MAX, u64::MAX),
+                            |_, _| false,
+                        )?;
                         t.group_offsets.retain(|k, _| k.1 != id)?;
                         scope.deleted.insert(id);
                         fx.ends.retain(|k, _| k.0 != id);
@@ -637,6 +656,7 @@ impl Writer {
                             append.partition,
                             append.count,
                             &append.value,
+                            &append.key_hashes,
                         )?;
                         bases.push((base, sequence));
                     }
@@ -670,7 +690,8 @@ impl Writer {
                     };
                     let mut value = batch::encode(*now_ms, &[&record.message]);
                     batch::set_base_sequence(&mut value, sequence);
-                    Self::append(t, fx, &topic, record.partition, 1, &value)?;
+                    let keys = super::key_hashes([&record.message]);
+                    Self::append(t, fx, &topic, record.partition, 1, &value, &keys)?;
                     released += 1;
                 }
                 fx.next_scheduled_ms = t
@@ -867,7 +888,7 @@ impl Writer {
                     fx.counters.next_message_sequence += 1;
                     let mut value = batch::encode(*now_ms, &[message]);
                     batch::set_base_sequence(&mut value, sequence);
-                    Self::append(t, fx, topic, 0, 1, &value)?;
+                    Self::append(t, fx, topic, 0, 1, &value, &super::key_hashes([message]))?;
                 }
                 Ok(WriteOutcome::Settled)
             }
@@ -1005,7 +1026,8 @@ impl Writer {
             (true, Some(topic)) => {
                 let mut value = batch::encode(now_ms, &[&record.message]);
                 batch::set_base_sequence(&mut value, record.message_sequence);
-                let offset = Self::append(t, fx, &topic, record.partition, 1, &value)?;
+                let keys = super::key_hashes([&record.message]);
+                let offset = Self::append(t, fx, &topic, record.partition, 1, &value, &keys)?;
                 let landed = Landed {
                     partition: record.partition,
                     offset,

@@ -401,6 +401,35 @@ impl Client {
         expect_done("ConfigureGroup", self.request(&req).await?)
     }
 
+    /// A message by id (`None` if unknown or no longer stored).
+    pub async fn get_message(
+        &self,
+        id: msmq_protocol::MessageId,
+    ) -> Result<Option<msmq_protocol::FoundMessage>, ClientError> {
+        match self.request(&Request::GetMessage { id }).await? {
+            Reply::Messages(mut found) => Ok(found.pop()),
+            other => Err(unexpected("GetMessage", other)),
+        }
+    }
+
+    /// Messages of `topic` with exactly this key, at most `limit`.
+    pub async fn find_messages(
+        &self,
+        topic: &str,
+        key: &[u8],
+        limit: u32,
+    ) -> Result<Vec<msmq_protocol::FoundMessage>, ClientError> {
+        let req = Request::FindMessages {
+            topic: topic.into(),
+            key: key.to_vec(),
+            limit,
+        };
+        match self.request(&req).await? {
+            Reply::Messages(found) => Ok(found),
+            other => Err(unexpected("FindMessages", other)),
+        }
+    }
+
     /// Read one partition by offset, outside any consumer group.
     pub async fn fetch(
         &self,

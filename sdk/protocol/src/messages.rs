@@ -162,6 +162,25 @@ pub enum Request {
         max_delivery_attempts: u32,
         retry_backoff_ms: Vec<u64>,
     },
+    /// Look a message up by id. Reply: [`Reply::Messages`] (empty if unknown
+    /// or no longer stored).
+    GetMessage { id: MessageId },
+    /// Messages of `topic` with exactly this key, oldest first per
+    /// partition, at most `limit`. Reply: [`Reply::Messages`].
+    FindMessages {
+        topic: String,
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        limit: u32,
+    },
+}
+
+/// A message found by id or key, with where it is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FoundMessage {
+    pub topic: String,
+    pub partition: u32,
+    pub message: Message,
 }
 
 /// Identifies one delivery of one message to a group: where the message is
@@ -240,6 +259,7 @@ pub enum Reply {
         receipt: Receipt,
         invisible_until_ms: u64,
     },
+    Messages(Vec<FoundMessage>),
 }
 
 /// The answer to one decision of an `EndTransactions` request.

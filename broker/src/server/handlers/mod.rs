@@ -136,6 +136,10 @@ pub(super) async fn handle(
             receipt,
             invisibility_ms,
         } => ack::change_invisibility(state, group, receipt, invisibility_ms).await,
+        Request::GetMessage { id } => read::get_message(state, id).await,
+        Request::FindMessages { topic, key, limit } => {
+            read::find_messages(state, topic, key, limit).await
+        }
         Request::ConfigureGroup {
             group,
             max_delivery_attempts,

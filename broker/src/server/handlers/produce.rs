@@ -49,6 +49,7 @@ pub(super) async fn produce(
             PartitionAppend {
                 partition: *p,
                 count: records.len() as u32,
+                key_hashes: crate::storage::key_hashes(records.iter().copied()),
                 value: batch::encode(timestamp_ms, &records),
             }
         })

@@ -5,7 +5,9 @@ use super::{blocking, unknown_topic};
 use crate::server::BrokerState;
 use crate::storage::read;
 use crate::topics::Topic;
-use msmq_protocol::{ErrorCode, ErrorReply, FetchLimits, FetchedMessages, Message, Reply};
+use msmq_protocol::{
+    ErrorCode, ErrorReply, FetchLimits, FetchedMessages, FoundMessage, Message, MessageId, Reply,
+};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -134,4 +136,87 @@ pub(super) async fn fetch(
             }));
         }
     }
+}
+
+/// Most messages one `FindMessages` returns.
+pub const FIND_MESSAGES_MAX: u32 = 1000;
+
+fn topic_by_id(state: &BrokerState, topic_id: u32) -> Option<Arc<Topic>> {
+    state
+        .registry
+        .list()
+        .into_iter()
+        .find(|t| t.id() == topic_id)
+}
+
+async fn message_at(
+    state: &BrokerState,
+    topic: &Topic,
+    partition: u32,
+    offset: u64,
+) -> Result<Option<Message>, ErrorReply> {
+    let found = read_messages(state, topic, partition, offset, 1, usize::MAX).await?;
+    Ok(found.into_iter().next().filter(|m| m.offset == offset))
+}
+
+pub(super) async fn get_message(state: &BrokerState, id: MessageId) -> Result<Reply, ErrorReply> {
+    if id.store_id() != state.store.store_id() {
+        return Ok(Reply::Messages(Vec::new()));
+    }
+    let db = state.store.db().clone();
+    let sequence = id.sequence();
+    let Some((topic_id, partition, offset)) =
+        blocking(move || read::locate_by_sequence(&db, sequence)).await?
+    else {
+        return Ok(Reply::Messages(Vec::new()));
+    };
+    let Some(topic) = topic_by_id(state, topic_id) else {
+        return Ok(Reply::Messages(Vec::new()));
+    };
+    let found = message_at(state, &topic, partition, offset).await?;
+    Ok(Reply::Messages(
+        found
+            .filter(|m| m.id == id)
+            .map(|message| FoundMessage {
+                topic: topic.name.clone(),
+                partition,
+                message,
+            })
+            .into_iter()
+            .collect(),
+    ))
+}
+
+pub(super) async fn find_messages(
+    state: &BrokerState,
+    topic_name: String,
+    key: Vec<u8>,
+    limit: u32,
+) -> Result<Reply, ErrorReply> {
+    let topic = state
+        .registry
+        .get(&topic_name)
+        .ok_or_else(|| unknown_topic(&topic_name))?;
+    let limit = limit.clamp(1, FIND_MESSAGES_MAX) as usize;
+    let db = state.store.db().clone();
+    let (topic_id, hash) = (topic.id(), crate::storage::key_hash(&key));
+    // Hash collisions are possible: read more candidates than asked, keep exact keys.
+    let candidates =
+        blocking(move || read::locate_by_key_hash(&db, topic_id, hash, limit * 2)).await?;
+    let mut out = Vec::new();
+    for (partition, offset) in candidates {
+        if let Some(message) = message_at(state, &topic, partition, offset).await? {
+            if message.key.as_deref().map(|k| &k[..]) == Some(&key[..]) {
+                out.push(FoundMessage {
+                    topic: topic_name.clone(),
+                    partition,
+                    message,
+                });
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+    }
+    Ok(Reply::Messages(out))
 }
