@@ -47,6 +47,10 @@ pub struct Config {
     /// How often group members are checked for expired sessions.
     #[serde(with = "humantime_serde")]
     pub session_check_interval: Duration,
+    /// Most messages a partition may hold that its slowest consumer group has
+    /// not consumed (all stored messages if no group committed); past it
+    /// producers get `BACKLOG_FULL`. 0: no limit.
+    pub backlog_messages_max: u64,
     /// Furthest in the future a message may be scheduled for delivery.
     #[serde(with = "humantime_serde")]
     pub schedule_delay_max: Duration,
@@ -92,6 +96,7 @@ impl Default for Config {
             cache_bytes: ByteSize::mib(64),
             commit_bytes_max: ByteSize::mib(64),
             session_check_interval: Duration::from_millis(250),
+            backlog_messages_max: 0,
             schedule_delay_max: Duration::from_secs(40 * 24 * 3600),
             transaction_timeout: Duration::from_secs(6),
             transaction_check_interval: Duration::from_secs(30),

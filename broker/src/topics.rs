@@ -103,6 +103,8 @@ impl Topic {
 pub struct TopicRegistry {
     topics: RwLock<HashMap<String, Arc<Topic>>>,
     appended: watch::Sender<u64>,
+    /// (topic id, partition) → group → committed offset, for backlog limits.
+    committed: std::sync::Mutex<HashMap<(u32, u32), HashMap<String, u64>>>,
 }
 
 impl Default for TopicRegistry {
@@ -110,6 +112,7 @@ impl Default for TopicRegistry {
         TopicRegistry {
             topics: RwLock::new(HashMap::new()),
             appended: watch::Sender::new(0),
+            committed: std::sync::Mutex::new(HashMap::new()),
         }
     }
 }
@@ -144,6 +147,40 @@ impl TopicRegistry {
 
     pub(crate) fn remove(&self, name: &str) -> Option<Arc<Topic>> {
         self.topics.write().expect("topic lock").remove(name)
+    }
+
+    /// Record a group's committed offset (after the commit that stored it).
+    pub(crate) fn set_committed(&self, group: &str, topic_id: u32, partition: u32, offset: u64) {
+        self.committed
+            .lock()
+            .expect("committed lock")
+            .entry((topic_id, partition))
+            .or_default()
+            .insert(group.to_string(), offset);
+    }
+
+    /// Forget a deleted topic's committed offsets.
+    pub(crate) fn forget_committed(&self, topic_id: u32) {
+        self.committed
+            .lock()
+            .expect("committed lock")
+            .retain(|k, _| k.0 != topic_id);
+    }
+
+    /// Messages of a partition not yet consumed by its slowest group (all
+    /// stored messages when no group committed on it).
+    pub fn backlog(&self, topic: &Topic, partition: u32) -> u64 {
+        let Some(offsets) = topic.partition(partition) else {
+            return 0;
+        };
+        let slowest = self
+            .committed
+            .lock()
+            .expect("committed lock")
+            .get(&(topic.id(), partition))
+            .and_then(|groups| groups.values().min().copied())
+            .unwrap_or(offsets.start());
+        offsets.end().saturating_sub(slowest.max(offsets.start()))
     }
 
     /// Wake every long-poll: new messages were committed.

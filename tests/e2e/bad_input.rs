@@ -326,3 +326,50 @@ async fn coalesced_sends_fail_only_for_the_culprit() -> anyhow::Result<()> {
     assert_eq!(read_all(&client, "sized", 0, 0).await?.len(), 11);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_backlog_refuses_producers_until_consumers_catch_up() -> anyhow::Result<()> {
+    let broker = TestBroker::start_with(&["--backlog-messages-max", "100"])?;
+    let client = broker.client().await?;
+    client.create_topic("surge", 1).await?;
+    let producer = client.producer("surge");
+    producer.send_batch(vec![NewMessage::new("x"); 100]).await?; // at the limit
+    let full = producer
+        .send(NewMessage::new("one too many"))
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(full.code(), Some(ErrorCode::BACKLOG_FULL));
+    assert!(full.is_retryable());
+    match &full {
+        ClientError::Broker(reply) => assert_eq!(reply.retry_after_ms, Some(1000)),
+        other => panic!("{other}"),
+    }
+    // A consumer group works off half; the slowest group sets the backlog.
+    let options = msmq_client::ConsumerOptions {
+        limits: FetchLimits {
+            max_messages: 50,
+            max_bytes: 1 << 20,
+            max_wait_ms: 100,
+        },
+        ..Default::default()
+    };
+    let mut consumer = client.consumer("drain", &["surge"], options).await?;
+    assert_eq!(consumer.poll().await?.len(), 50);
+    consumer.commit().await?;
+    producer.send_batch(vec![NewMessage::new("y"); 50]).await?;
+    assert_eq!(
+        producer
+            .send(NewMessage::new("z"))
+            .await
+            .err()
+            .and_then(|e| e.code()),
+        Some(ErrorCode::BACKLOG_FULL)
+    );
+    assert_eq!(
+        read_all(&client, "surge", 0, 0).await?.len(),
+        150,
+        "refused messages were not stored"
+    );
+    Ok(())
+}

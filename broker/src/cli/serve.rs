@@ -60,6 +60,10 @@ pub struct ServeArgs {
     /// How long shutdown waits for in-flight requests, e.g. "10s".
     #[arg(long, env = "MSMQ_SHUTDOWN_GRACE", value_parser = humantime::parse_duration)]
     shutdown_grace: Option<Duration>,
+    /// Backlog per partition (unconsumed by the slowest group) past which
+    /// producers get BACKLOG_FULL; 0 for no limit.
+    #[arg(long, env = "MSMQ_BACKLOG_MESSAGES_MAX")]
+    backlog_messages_max: Option<u64>,
     /// Furthest ahead a message may be scheduled, e.g. "40days".
     #[arg(long, env = "MSMQ_SCHEDULE_DELAY_MAX", value_parser = humantime::parse_duration)]
     schedule_delay_max: Option<Duration>,
@@ -112,6 +116,7 @@ impl ServeArgs {
             commit_bytes_max,
             session_check_interval,
             shutdown_grace,
+            backlog_messages_max,
             schedule_delay_max,
             transaction_timeout,
             transaction_check_interval,

@@ -148,6 +148,9 @@ impl Store {
             })?;
         tables::create_all(&db)?;
         load_topics(&db, &registry)?;
+        for (group, topic_id, partition, offset) in read::all_group_offsets(&db)? {
+            registry.set_committed(&group, topic_id, partition, offset);
+        }
         let (store_id, counters) = load_counters(&db)?;
         let schedule = Arc::new(Mutex::new(load_schedule(&db)?));
         let next_scheduled_ms = Arc::new(std::sync::atomic::AtomicU64::new(first_scheduled(&db)?));

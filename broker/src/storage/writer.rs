@@ -316,6 +316,8 @@ struct Effects {
     ends: HashMap<(u32, u32), (Arc<Topic>, u64, u64)>,
     schedule: Vec<ScheduleChange>,
     counters: Counters,
+    /// Group offsets stored by this commit: (group, topic id, partition, offset).
+    committed: Vec<(String, u32, u32, u64)>,
     /// Earliest due time of scheduled messages after this commit.
     next_scheduled_ms: u64,
     /// `next_scheduled_ms` was recomputed from the table (not just lowered).
@@ -409,7 +411,13 @@ impl Writer {
                     self.registry.insert(topic);
                 }
                 for name in effects.deleted {
-                    self.registry.remove(&name);
+                    if let Some(topic) = self.registry.remove(&name) {
+                        self.registry.forget_committed(topic.id());
+                    }
+                }
+                for (group, topic_id, partition, offset) in effects.committed {
+                    self.registry
+                        .set_committed(&group, topic_id, partition, offset);
                 }
                 for ((_, partition), (topic, start, end)) in effects.ends {
                     topic.partitions[partition as usize].set(start, end);
@@ -465,6 +473,7 @@ impl Writer {
             counters: self.counters,
             next_scheduled_ms: self.next_scheduled_ms.load(Ordering::Acquire),
             scheduled_recomputed: false,
+            committed: Vec::new(),
         };
         let mut results = Vec::with_capacity(ops.len());
         {
@@ -706,6 +715,8 @@ impl Writer {
                 for (topic_id, partition, offset) in offsets {
                     t.group_offsets
                         .insert((group.as_str(), *topic_id, *partition), *offset)?;
+                    fx.committed
+                        .push((group.clone(), *topic_id, *partition, *offset));
                 }
                 Ok(WriteOutcome::OffsetsCommitted)
             }

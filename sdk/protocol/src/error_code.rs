@@ -79,6 +79,9 @@ codes! {
     TRANSACTION_RESOLVED = 18, retryable = false;
     /// The group has live members; stop them before resetting its offsets.
     GROUP_ACTIVE = 19, retryable = true;
+    /// The partition's backlog (messages its slowest consumer group has not
+    /// consumed) reached `backlog_messages_max`; retry after `retry_after_ms`.
+    BACKLOG_FULL = 20, retryable = true;
 }
 
 impl fmt::Debug for ErrorCode {

@@ -9,6 +9,9 @@ use msmq_protocol::{
 };
 use std::collections::BTreeMap;
 
+/// Retry hint given with `BACKLOG_FULL`.
+pub const BACKLOG_RETRY_AFTER_MS: u32 = 1000;
+
 pub(super) async fn produce(
     state: &BrokerState,
     topic_name: String,
@@ -40,6 +43,21 @@ pub(super) async fn produce(
                 scheduled_at.push(i);
             }
             _ => by_partition.entry(*p).or_default().push(i),
+        }
+    }
+    let backlog_max = state.config.backlog_messages_max;
+    if backlog_max > 0 {
+        for (p, indexes) in &by_partition {
+            let backlog = state.registry.backlog(&topic, *p);
+            if backlog + indexes.len() as u64 > backlog_max {
+                return Err(ErrorReply {
+                    code: ErrorCode::BACKLOG_FULL,
+                    message: format!(
+                        "partition {p} of {topic_name:?} holds {backlog} messages its slowest group has not consumed; backlog_messages_max is {backlog_max}"
+                    ),
+                    retry_after_ms: Some(BACKLOG_RETRY_AFTER_MS),
+                });
+            }
         }
     }
     let appends: Vec<PartitionAppend> = by_partition
