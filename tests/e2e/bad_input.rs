@@ -337,8 +337,7 @@ async fn a_full_backlog_refuses_producers_until_consumers_catch_up() -> anyhow::
     let full = producer
         .send(NewMessage::new("one too many"))
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     assert_eq!(full.code(), Some(ErrorCode::BACKLOG_FULL));
     assert!(full.is_retryable());
     match &full {
