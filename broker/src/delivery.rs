@@ -41,6 +41,9 @@ pub const RETRY_BACKOFF_MS_MAX: u64 = 7 * 24 * 3600 * 1000;
 pub struct RetryPolicy {
     pub max_delivery_attempts: u32,
     pub retry_backoff_ms: Vec<u64>,
+    /// Ordered (FIFO) per message key: a key's next message is delivered
+    /// only after the previous one is acked or dead-lettered.
+    pub ordered: bool,
 }
 
 impl Default for RetryPolicy {
@@ -48,6 +51,7 @@ impl Default for RetryPolicy {
         RetryPolicy {
             max_delivery_attempts: DEFAULT_MAX_DELIVERY_ATTEMPTS,
             retry_backoff_ms: DEFAULT_RETRY_BACKOFF_MS.to_vec(),
+            ordered: false,
         }
     }
 }
@@ -130,6 +134,12 @@ pub struct PartitionLeases {
     leases: BTreeMap<u64, Lease>,
     /// Log offsets in `floor..next` settled out of order.
     settled: BTreeSet<u64>,
+    /// Ordered mode: key hash → the offset that holds the key (leased or
+    /// waiting for its retry) until it is acked or dead-lettered.
+    key_owner: std::collections::HashMap<u64, u64>,
+    owner_key: std::collections::HashMap<u64, u64>,
+    /// Ordered mode: offsets read but waiting for their key, → key hash.
+    held: BTreeMap<u64, u64>,
 }
 
 impl PartitionLeases {
@@ -139,7 +149,59 @@ impl PartitionLeases {
             next: floor,
             leases: BTreeMap::new(),
             settled: BTreeSet::new(),
+            key_owner: std::collections::HashMap::new(),
+            owner_key: std::collections::HashMap::new(),
+            held: BTreeMap::new(),
         }
+    }
+
+    /// Ordered mode: try to take `key_hash` for `offset`; false if another
+    /// message of the key is still unsettled.
+    pub fn claim_key(&mut self, key_hash: u64, offset: u64) -> bool {
+        match self.key_owner.get(&key_hash) {
+            Some(owner) if *owner != offset => false,
+            _ => {
+                self.key_owner.insert(key_hash, offset);
+                self.owner_key.insert(offset, key_hash);
+                true
+            }
+        }
+    }
+
+    /// Ordered mode: `offset` is done for good (acked or dead-lettered).
+    pub fn release_key(&mut self, offset: u64) {
+        if let Some(key) = self.owner_key.remove(&offset) {
+            if self.key_owner.get(&key) == Some(&offset) {
+                self.key_owner.remove(&key);
+            }
+        }
+    }
+
+    /// Ordered mode: keep `offset` until its key is free.
+    pub fn hold(&mut self, offset: u64, key_hash: u64) {
+        self.held.insert(offset, key_hash);
+        self.next = self.next.max(offset + 1);
+    }
+
+    /// Ordered mode: held offsets whose key is free, the earliest per key,
+    /// removed from the held set (the caller leases them).
+    pub fn take_ready(&mut self, limit: usize) -> Vec<(u64, u64)> {
+        let mut taken_keys = BTreeSet::new();
+        let ready: Vec<(u64, u64)> = self
+            .held
+            .iter()
+            .filter(|(_, k)| {
+                let free = !self.key_owner.contains_key(k) && !taken_keys.contains(*k);
+                taken_keys.insert(**k);
+                free
+            })
+            .take(limit)
+            .map(|(o, k)| (*o, *k))
+            .collect();
+        for (o, _) in &ready {
+            self.held.remove(o);
+        }
+        ready
     }
 
     pub fn lease_of(&self, offset: u64) -> Option<&Lease> {
@@ -152,6 +214,7 @@ impl PartitionLeases {
 
     /// Hand out `offset` (from the log when `retry` is false).
     pub fn lease(&mut self, offset: u64, attempt: u32, deadline_ms: u64, nonce: u64, retry: bool) {
+        self.held.remove(&offset);
         if !retry && offset >= self.next {
             self.next = offset + 1;
         }
@@ -404,12 +467,36 @@ mod tests {
         let p = RetryPolicy {
             max_delivery_attempts: 2,
             retry_backoff_ms: vec![u64::MAX],
+            ordered: false,
         };
         assert!(p.validate().is_err());
         assert_eq!(
             p.after_failure(1, u64::MAX - 5),
             AfterFailure::RetryAt(u64::MAX)
         );
+    }
+
+    #[test]
+    fn ordered_keys_wait_for_the_previous_message() {
+        let mut p = PartitionLeases::new(0);
+        assert!(p.claim_key(7, 0));
+        p.lease(0, 1, 100, 1, false);
+        assert!(!p.claim_key(7, 1));
+        p.hold(1, 7);
+        assert!(!p.claim_key(7, 2));
+        p.hold(2, 7);
+        assert!(p.claim_key(8, 3), "another key proceeds");
+        assert!(p.take_ready(10).is_empty(), "key 7 is busy");
+        p.settle(0);
+        p.release_key(0);
+        assert_eq!(
+            p.take_ready(10),
+            vec![(1, 7)],
+            "only the earliest of the key"
+        );
+        assert!(p.claim_key(7, 1));
+        assert!(p.take_ready(10).is_empty());
+        assert_eq!(p.floor, 1, "held messages hold the floor");
     }
 
     #[test]
@@ -426,6 +513,7 @@ mod tests {
         let policy = RetryPolicy {
             max_delivery_attempts: 3,
             retry_backoff_ms: vec![100, 200],
+            ordered: false,
         };
         assert_eq!(policy.after_failure(1, 1000), AfterFailure::RetryAt(1100));
         assert_eq!(policy.after_failure(2, 1000), AfterFailure::RetryAt(1200));

@@ -25,7 +25,9 @@ async fn nacked_twice_then_acked_is_delivered_three_times_after_the_back_off() -
     let client = broker.client().await?;
     client.create_topic("payments", 1).await?;
     let backoff = [Duration::from_millis(400), Duration::from_millis(800)];
-    client.configure_group("billing", 16, &backoff).await?;
+    client
+        .configure_group("billing", 16, &backoff, false)
+        .await?;
     client
         .producer("payments")
         .send(NewMessage::new("transfer-7"))
@@ -81,7 +83,7 @@ async fn a_message_never_acked_is_dead_lettered_listed_and_re_driven() -> anyhow
     let client = broker.client().await?;
     client.create_topic("payments", 2).await?;
     client
-        .configure_group("notify", 3, &[Duration::from_millis(100)])
+        .configure_group("notify", 3, &[Duration::from_millis(100)], false)
         .await?;
     let ack = client
         .producer("payments")
@@ -177,7 +179,7 @@ async fn messages_held_by_a_crashed_member_go_to_another_after_the_invisibility(
     let admin = broker.client().await?;
     admin.create_topic("payments", 2).await?;
     admin
-        .configure_group("billing", 16, &[Duration::from_millis(100)])
+        .configure_group("billing", 16, &[Duration::from_millis(100)], false)
         .await?;
     let producer = admin.producer("payments");
     for i in 0..40 {
@@ -237,7 +239,7 @@ async fn retries_survive_a_restart_and_the_modes_do_not_mix() -> anyhow::Result<
     let client = broker.client().await?;
     client.create_topic("payments", 1).await?;
     client
-        .configure_group("billing", 5, &[Duration::from_millis(1500)])
+        .configure_group("billing", 5, &[Duration::from_millis(1500)], false)
         .await?;
     let producer = client.producer("payments");
     producer.send(NewMessage::new("first")).await?;
@@ -274,5 +276,77 @@ async fn retries_survive_a_restart_and_the_modes_do_not_mix() -> anyhow::Result<
         vec![("first".to_string(), 2), ("second".to_string(), 1)]
     );
     assert!(billing.receive(Duration::from_secs(30)).await?.is_empty());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ordered_groups_process_each_key_strictly_in_order_while_keys_interleave(
+) -> anyhow::Result<()> {
+    use rand::{Rng, SeedableRng};
+    let broker = TestBroker::start()?;
+    let client = broker.client().await?;
+    client.create_topic("ledger", 2).await?;
+    client
+        .configure_group("fifo", 1000, &[Duration::from_millis(5)], true)
+        .await?;
+    let producer = client.producer("ledger");
+    const KEYS: usize = 4;
+    const PER_KEY: usize = 1000;
+    for chunk in 0..(PER_KEY / 50) {
+        let mut batch = Vec::new();
+        for i in chunk * 50..(chunk + 1) * 50 {
+            for k in 0..KEYS {
+                batch.push(NewMessage::new(format!("{k}:{i}")).with_key(format!("account-{k}")));
+            }
+        }
+        producer.send_batch(batch).await?;
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(42);
+    let mut consumer = client.consumer("fifo", &["ledger"], options()).await?;
+    let mut expected = [0usize; KEYS];
+    let mut processed: Vec<usize> = Vec::new();
+    let (mut nacks, mut rounds) = (0, 0);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while processed.len() < KEYS * PER_KEY && Instant::now() < deadline {
+        rounds += 1;
+        let batch = consumer.receive(Duration::from_secs(30)).await?;
+        let mut in_batch = BTreeSet::new();
+        let (mut to_ack, mut to_nack) = (Vec::new(), Vec::new());
+        for d in batch {
+            let text = String::from_utf8(d.message.payload.clone())?;
+            let (k, i) = text.split_once(':').unwrap();
+            let (k, i): (usize, usize) = (k.parse()?, i.parse()?);
+            assert!(in_batch.insert(k), "two messages of key {k} out at once");
+            assert_eq!(
+                i, expected[k],
+                "key {k}: got {i} while {} is not done",
+                expected[k]
+            );
+            if rng.random_bool(0.1) {
+                nacks += 1;
+                to_nack.push(d);
+            } else {
+                expected[k] += 1;
+                processed.push(k);
+                to_ack.push(d);
+            }
+        }
+        if !to_ack.is_empty() {
+            assert!(consumer.ack(&to_ack).await?.iter().all(|ok| *ok));
+        }
+        if !to_nack.is_empty() {
+            consumer.nack(&to_nack, "try again").await?;
+        }
+    }
+    assert_eq!(
+        expected, [PER_KEY; KEYS],
+        "every message processed once, in order"
+    );
+    let switches = processed.windows(2).filter(|w| w[0] != w[1]).count();
+    assert!(switches > PER_KEY, "keys interleave ({switches} switches)");
+    println!(
+        "{} messages, {nacks} nacks, {rounds} receives, {switches} key switches",
+        processed.len()
+    );
     Ok(())
 }

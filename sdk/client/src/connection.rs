@@ -386,17 +386,20 @@ impl Client {
         }
     }
 
-    /// Set a group's retry policy for per-message acknowledgement.
+    /// Set a group's retry policy for per-message acknowledgement; with
+    /// `ordered`, each message key is consumed strictly in order (FIFO).
     pub async fn configure_group(
         &self,
         group: &str,
         max_delivery_attempts: u32,
         retry_backoff: &[Duration],
+        ordered: bool,
     ) -> Result<(), ClientError> {
         let req = Request::ConfigureGroup {
             group: group.into(),
             max_delivery_attempts,
             retry_backoff_ms: retry_backoff.iter().map(|d| d.as_millis() as u64).collect(),
+            ordered,
         };
         expect_done("ConfigureGroup", self.request(&req).await?)
     }

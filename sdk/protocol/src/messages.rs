@@ -161,6 +161,10 @@ pub enum Request {
         group: String,
         max_delivery_attempts: u32,
         retry_backoff_ms: Vec<u64>,
+        /// Ordered (FIFO) per message key: a key's next message is delivered
+        /// only after the previous one is acked or dead-lettered; different
+        /// keys proceed in parallel.
+        ordered: bool,
     },
     /// Look a message up by id. Reply: [`Reply::Messages`] (empty if unknown
     /// or no longer stored).

@@ -353,6 +353,77 @@ pub(super) async fn receive(
             if left == 0 || bytes_left == 0 {
                 break;
             }
+            // Ordered mode: messages held back for their key, whose key is free now.
+            let ordered = acks(state)
+                .groups
+                .get(&group)
+                .is_some_and(|g| g.policy.ordered);
+            if ordered {
+                let ready: Vec<(u64, u64)> = {
+                    let mut reg = acks(state);
+                    let Some(p) = reg
+                        .groups
+                        .get_mut(&group)
+                        .and_then(|g| g.partitions.get_mut(&key))
+                    else {
+                        continue;
+                    };
+                    let ready = p.take_ready(left);
+                    let nonces: Vec<u64> = ready.iter().map(|_| reg.next_nonce()).collect();
+                    let Some(p) = reg
+                        .groups
+                        .get_mut(&group)
+                        .and_then(|g| g.partitions.get_mut(&key))
+                    else {
+                        continue;
+                    };
+                    ready
+                        .into_iter()
+                        .zip(nonces)
+                        .map(|((offset, key_hash), nonce)| {
+                            p.claim_key(key_hash, offset);
+                            p.lease(offset, 1, until, nonce, false);
+                            (offset, nonce)
+                        })
+                        .collect()
+                };
+                for (offset, nonce) in ready {
+                    match message_at(state, &topic, key.1, offset).await? {
+                        Some(message) => {
+                            left = left.saturating_sub(1);
+                            bytes_left = bytes_left.saturating_sub(message.payload.len());
+                            deliveries.push(Delivery {
+                                topic: tp.topic.clone(),
+                                partition: key.1,
+                                attempt: 1,
+                                receipt: Receipt {
+                                    topic_id: key.0,
+                                    partition: key.1,
+                                    offset,
+                                    nonce,
+                                },
+                                invisible_until_ms: until,
+                                message,
+                            });
+                        }
+                        None => {
+                            // Gone from the log: nothing to deliver or wait for.
+                            let mut reg = acks(state);
+                            if let Some(p) = reg
+                                .groups
+                                .get_mut(&group)
+                                .and_then(|g| g.partitions.get_mut(&key))
+                            {
+                                p.settle(offset);
+                                p.release_key(offset);
+                            }
+                        }
+                    }
+                }
+                if left == 0 || bytes_left == 0 {
+                    break;
+                }
+            }
             // Then new messages from the log.
             let Some(from) = acks(state)
                 .groups
@@ -389,6 +460,16 @@ pub(super) async fn receive(
                         filtered_floors.insert(key, floor);
                     }
                     continue;
+                }
+                // Ordered mode: a key's next message waits for the previous one.
+                if ordered {
+                    if let Some(k) = &message.key {
+                        let key_hash = crate::storage::key_hash(k);
+                        if !p.claim_key(key_hash, message.offset) {
+                            p.hold(message.offset, key_hash);
+                            continue;
+                        }
+                    }
                 }
                 p.lease(message.offset, 1, until, nonce, false);
                 left -= 1;
@@ -476,6 +557,7 @@ pub(super) async fn ack(
                 if let Some(floor) = p.settle(r.offset) {
                     floors.insert(key, floor);
                 }
+                p.release_key(r.offset);
                 settled[i] = true;
             }
         }
@@ -495,6 +577,7 @@ pub(super) async fn ack(
                 if let Some(p) = g.partitions.get_mut(&(k.0, k.1)) {
                     if ok {
                         p.settle(k.2);
+                        p.release_key(k.2);
                         settled[i] = true;
                     } else {
                         p.mark_settling(k.2, false);
@@ -659,8 +742,10 @@ async fn fail(
                 if let Some(floor) = p.settle(key.2) {
                     floors.insert((key.0, key.1), floor);
                 }
-                if let Some(record) = retry {
-                    g.retries.insert(key, record);
+                match retry {
+                    // The key stays taken until the retry is settled.
+                    Some(record) => g.retries.insert(key, record),
+                    None => p.release_key(key.2),
                 }
                 true
             }
@@ -711,11 +796,13 @@ pub(super) async fn configure(
     group: String,
     max_delivery_attempts: u32,
     retry_backoff_ms: Vec<u64>,
+    ordered: bool,
 ) -> Result<Reply, ErrorReply> {
     validate_name("group", &group).map_err(invalid)?;
     let policy = RetryPolicy {
         max_delivery_attempts,
         retry_backoff_ms,
+        ordered,
     };
     policy.validate().map_err(invalid)?;
     state

@@ -144,7 +144,17 @@ pub(super) async fn handle(
             group,
             max_delivery_attempts,
             retry_backoff_ms,
-        } => ack::configure(state, group, max_delivery_attempts, retry_backoff_ms).await,
+            ordered,
+        } => {
+            ack::configure(
+                state,
+                group,
+                max_delivery_attempts,
+                retry_backoff_ms,
+                ordered,
+            )
+            .await
+        }
     }
 }
 
