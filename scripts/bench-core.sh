@@ -30,14 +30,19 @@ field() { sed -E "s/.*\"$1\":([0-9.e+-]+).*/\1/"; }
 median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
 : >"$WORK/produce" ; : >"$WORK/latency" ; : >"$WORK/consume" ; : >"$WORK/rss" ; : >"$WORK/tx" ; : >"$WORK/ratio"
+: >"$WORK/consume_acks" ; : >"$WORK/acks_ratio"
 for run in $(seq "$RUNS"); do
   start_broker "$WORK/b$run"
   p=$("$MSMQ" bench produce --producers 4 --batch 100 --size 1024 --count "$COUNT" --duration 120s --json)
   echo "produce  $p"; echo "$p" | field messages_per_sec >>"$WORK/produce"
   l=$("$MSMQ" bench produce --producers 1 --batch 1 --size 1024 --count 10000 --duration 60s --json)
   echo "latency  $l"; echo "$l" | field p99_ms >>"$WORK/latency"
-  c=$("$MSMQ" bench consume --count "$COUNT" --size 1024 --batch 100 --duration 300s --json)
-  echo "consume  $c"; echo "$c" | field messages_per_sec >>"$WORK/consume"
+  # Offset commits, then per-message acks on the same backlog (two JSON lines).
+  c=$("$MSMQ" bench consume --count "$COUNT" --size 1024 --batch 100 --duration 300s --mode both --json)
+  echo "consume  $c"
+  echo "$c" | head -1 | field messages_per_sec >>"$WORK/consume"
+  echo "$c" | tail -1 | field messages_per_sec >>"$WORK/consume_acks"
+  echo "$c" | tail -1 | field acks_to_offsets_ratio >>"$WORK/acks_ratio"
   t=$("$MSMQ" bench tx --producers 4 --size 1024 --count "$TX_COUNT" --duration 120s --json)
   echo "tx       $t"; echo "$t" | field messages_per_sec >>"$WORK/tx"; echo "$t" | field tx_to_plain_ratio >>"$WORK/ratio"
   stop_broker
@@ -55,6 +60,7 @@ echo "medians of $RUNS runs:"
 echo "  produce 4x100:           $(median <"$WORK/produce") messages/s"
 echo "  single-message p99:      $(median <"$WORK/latency") ms"
 echo "  consume $COUNT backlog: $(median <"$WORK/consume") messages/s"
+echo "  same, per-message acks:  $(median <"$WORK/consume_acks") messages/s (ratio to offsets $(median <"$WORK/acks_ratio"))"
 echo "  peak RSS with backlog:   $(median <"$WORK/rss") MiB"
 echo "  transactions (4 producers, half + commit): $(median <"$WORK/tx") committed/s"
 echo "  transactions / plain produce, same load:   $(median <"$WORK/ratio")"

@@ -281,8 +281,13 @@ impl PartitionLeases {
             // Retries are below the floor already.
             return None;
         }
-        self.settled.insert(offset);
         let before = self.floor;
+        if offset == self.floor {
+            // In-order acks, the common case: no bookkeeping above the floor.
+            self.floor += 1;
+        } else {
+            self.settled.insert(offset);
+        }
         while self.floor < self.next && self.settled.remove(&self.floor) {
             self.floor += 1;
         }

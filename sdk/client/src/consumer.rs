@@ -11,7 +11,7 @@
 use crate::connection::{expect_done, unexpected};
 use crate::{Client, ClientError};
 use msmq_protocol::{
-    Assignment, Delivery, ErrorCode, FetchLimits, Message, PartitionOffset, Reply, Request,
+    Assignment, ErrorCode, FetchLimits, Message, PartitionOffset, Receipt, Reply, Request,
     StartFrom, TopicPartition,
 };
 use std::collections::BTreeMap;
@@ -50,6 +50,20 @@ impl Default for ConsumerOptions {
             sql_filter: None,
         }
     }
+}
+
+/// A message received with per-message acknowledgement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    pub topic: Arc<str>,
+    pub partition: u32,
+    pub message: Message,
+    /// 1 on the first delivery to this group, then 2, 3, …
+    pub attempt: u32,
+    /// Names this lease in `ack`, `nack` and `change_invisibility`.
+    pub receipt: Receipt,
+    /// When the message becomes visible again unless acked (ms since epoch).
+    pub invisible_until_ms: u64,
 }
 
 /// Acknowledges deliveries of one group; see [`Consumer::acker`].
@@ -335,10 +349,22 @@ impl Consumer {
         match reply {
             Reply::Received {
                 assignment,
-                deliveries,
+                batches,
             } => {
                 self.set_assignment(assignment);
-                Ok(deliveries)
+                let mut out = Vec::new();
+                for batch in batches {
+                    let topic: Arc<str> = batch.topic.as_str().into();
+                    out.extend(batch.messages.into_iter().map(|m| Delivery {
+                        topic: topic.clone(),
+                        partition: batch.partition,
+                        message: m.message,
+                        attempt: m.attempt,
+                        receipt: m.receipt,
+                        invisible_until_ms: m.invisible_until_ms,
+                    }));
+                }
+                Ok(out)
             }
             other => Err(unexpected("Receive", other)),
         }

@@ -45,12 +45,12 @@ mod transaction;
 pub mod transport;
 
 pub use connection::{Client, ClientOptions, DEFAULT_CA_FILE, DEFAULT_SERVER};
-pub use consumer::{Acker, Consumer, ConsumerOptions, ReceivedMessage};
+pub use consumer::{Acker, Consumer, ConsumerOptions, Delivery, ReceivedMessage};
 pub use error::ClientError;
 pub use msmq_protocol as protocol;
 pub use msmq_protocol::{
-    Delivery, ErrorCode, FetchLimits, HalfAck, Header, Message, MessageAck, MessageId, NewMessage,
-    StartFrom, TransactionCheck, TxAction, TxEnded,
+    ErrorCode, FetchLimits, HalfAck, Header, Message, MessageAck, MessageId, NewMessage, StartFrom,
+    TransactionCheck, TxAction, TxEnded,
 };
 pub use producer::Producer;
 pub use transaction::{TransactionChecker, TransactionalProducer};

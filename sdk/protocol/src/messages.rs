@@ -197,11 +197,17 @@ pub struct Receipt {
     pub nonce: u64,
 }
 
-/// A message received with per-message acknowledgement.
+/// Leased messages of one partition (per-message acknowledgement).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Delivery {
+pub struct LeasedBatch {
     pub topic: String,
     pub partition: u32,
+    pub messages: Vec<LeasedMessage>,
+}
+
+/// A message received with per-message acknowledgement.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeasedMessage {
     pub message: Message,
     /// 1 on the first delivery to this group, then 2, 3, …
     pub attempt: u32,
@@ -254,7 +260,7 @@ pub enum Reply {
     OffsetsReset(Vec<PartitionOffset>),
     Received {
         assignment: Assignment,
-        deliveries: Vec<Delivery>,
+        batches: Vec<LeasedBatch>,
     },
     /// For each receipt in order: settled, or stale (its lease ended or was
     /// replaced, so the message is or will be delivered again).

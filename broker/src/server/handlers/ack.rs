@@ -17,8 +17,8 @@ use crate::server::BrokerState;
 use crate::storage::{read, Store, WriteError, WriteOp};
 use crate::topics::Topic;
 use msmq_protocol::{
-    names::validate_name, Delivery, ErrorCode, ErrorReply, FetchLimits, Header, Message,
-    NewMessage, Receipt, Reply,
+    names::validate_name, ErrorCode, ErrorReply, FetchLimits, Header, LeasedBatch, LeasedMessage,
+    Message, NewMessage, Receipt, Reply,
 };
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -336,19 +336,22 @@ pub(super) async fn receive(
                 };
                 left -= 1;
                 bytes_left = bytes_left.saturating_sub(message.payload.len());
-                deliveries.push(Delivery {
-                    topic: tp.topic.clone(),
-                    partition: key.1,
-                    attempt: record.attempt,
-                    receipt: Receipt {
-                        topic_id: key.0,
-                        partition: key.1,
-                        offset,
-                        nonce,
+                push_leased(
+                    &mut deliveries,
+                    &tp.topic,
+                    key.1,
+                    LeasedMessage {
+                        attempt: record.attempt,
+                        receipt: Receipt {
+                            topic_id: key.0,
+                            partition: key.1,
+                            offset,
+                            nonce,
+                        },
+                        invisible_until_ms: until,
+                        message,
                     },
-                    invisible_until_ms: until,
-                    message,
-                });
+                );
             }
             if left == 0 || bytes_left == 0 {
                 break;
@@ -392,19 +395,22 @@ pub(super) async fn receive(
                         Some(message) => {
                             left = left.saturating_sub(1);
                             bytes_left = bytes_left.saturating_sub(message.payload.len());
-                            deliveries.push(Delivery {
-                                topic: tp.topic.clone(),
-                                partition: key.1,
-                                attempt: 1,
-                                receipt: Receipt {
-                                    topic_id: key.0,
-                                    partition: key.1,
-                                    offset,
-                                    nonce,
+                            push_leased(
+                                &mut deliveries,
+                                &tp.topic,
+                                key.1,
+                                LeasedMessage {
+                                    attempt: 1,
+                                    receipt: Receipt {
+                                        topic_id: key.0,
+                                        partition: key.1,
+                                        offset,
+                                        nonce,
+                                    },
+                                    invisible_until_ms: until,
+                                    message,
                                 },
-                                invisible_until_ms: until,
-                                message,
-                            });
+                            );
                         }
                         None => {
                             // Gone from the log: nothing to deliver or wait for.
@@ -474,19 +480,22 @@ pub(super) async fn receive(
                 p.lease(message.offset, 1, until, nonce, false);
                 left -= 1;
                 bytes_left = bytes_left.saturating_sub(message.payload.len());
-                deliveries.push(Delivery {
-                    topic: tp.topic.clone(),
-                    partition: key.1,
-                    attempt: 1,
-                    receipt: Receipt {
-                        topic_id: key.0,
-                        partition: key.1,
-                        offset: message.offset,
-                        nonce,
+                push_leased(
+                    &mut deliveries,
+                    &tp.topic,
+                    key.1,
+                    LeasedMessage {
+                        attempt: 1,
+                        receipt: Receipt {
+                            topic_id: key.0,
+                            partition: key.1,
+                            offset: message.offset,
+                            nonce,
+                        },
+                        invisible_until_ms: until,
+                        message,
                     },
-                    invisible_until_ms: until,
-                    message,
-                });
+                );
             }
         }
         let filtered_any = !filtered_floors.is_empty() || skipped_by_filter;
@@ -509,9 +518,21 @@ pub(super) async fn receive(
         if done {
             return Ok(Reply::Received {
                 assignment,
-                deliveries,
+                batches: deliveries,
             });
         }
+    }
+}
+
+/// Add a leased message to the reply, grouped by partition.
+fn push_leased(batches: &mut Vec<LeasedBatch>, topic: &str, partition: u32, leased: LeasedMessage) {
+    match batches.last_mut() {
+        Some(b) if b.partition == partition && b.topic == topic => b.messages.push(leased),
+        _ => batches.push(LeasedBatch {
+            topic: topic.to_string(),
+            partition,
+            messages: vec![leased],
+        }),
     }
 }
 
