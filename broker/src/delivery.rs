@@ -183,6 +183,24 @@ impl PartitionLeases {
         self.next = self.next.max(offset + 1);
     }
 
+    /// Held offsets after the group stopped being ordered: all of them.
+    pub fn take_all_held(&mut self, limit: usize) -> Vec<(u64, u64)> {
+        let taken: Vec<(u64, u64)> = self
+            .held
+            .iter()
+            .take(limit)
+            .map(|(o, k)| (*o, *k))
+            .collect();
+        for (o, _) in &taken {
+            self.held.remove(o);
+        }
+        taken
+    }
+
+    pub fn has_held(&self) -> bool {
+        !self.held.is_empty()
+    }
+
     /// Ordered mode: held offsets whose key is free, the earliest per key,
     /// removed from the held set (the caller leases them).
     pub fn take_ready(&mut self, limit: usize) -> Vec<(u64, u64)> {

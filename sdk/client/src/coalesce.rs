@@ -22,9 +22,12 @@ pub const BYTES_PER_REQUEST_MAX: usize = 4 * 1024 * 1024;
 /// only (then each call is sent alone so only the culprit fails).
 pub(crate) fn split_on(e: &ClientError) -> bool {
     use msmq_protocol::ErrorCode;
+    // INVALID_ARGUMENT too: one message may be scheduled too far ahead.
     matches!(
         e.code(),
-        Some(ErrorCode::MESSAGE_TOO_LARGE) | Some(ErrorCode::BATCH_TOO_LARGE)
+        Some(ErrorCode::MESSAGE_TOO_LARGE)
+            | Some(ErrorCode::BATCH_TOO_LARGE)
+            | Some(ErrorCode::INVALID_ARGUMENT)
     ) || matches!(
         e,
         ClientError::Protocol(msmq_protocol::FrameError::TooLarge(_))

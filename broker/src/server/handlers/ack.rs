@@ -361,7 +361,12 @@ pub(super) async fn receive(
                 .groups
                 .get(&group)
                 .is_some_and(|g| g.policy.ordered);
-            if ordered {
+            let held = acks(state)
+                .groups
+                .get(&group)
+                .and_then(|g| g.partitions.get(&key))
+                .is_some_and(|p| p.has_held());
+            if ordered || held {
                 let ready: Vec<(u64, u64)> = {
                     let mut reg = acks(state);
                     let Some(p) = reg
@@ -371,7 +376,12 @@ pub(super) async fn receive(
                     else {
                         continue;
                     };
-                    let ready = p.take_ready(left);
+                    // No longer ordered: what was held goes out now.
+                    let ready = if ordered {
+                        p.take_ready(left)
+                    } else {
+                        p.take_all_held(left)
+                    };
                     let nonces: Vec<u64> = ready.iter().map(|_| reg.next_nonce()).collect();
                     let Some(p) = reg
                         .groups
@@ -384,7 +394,9 @@ pub(super) async fn receive(
                         .into_iter()
                         .zip(nonces)
                         .map(|((offset, key_hash), nonce)| {
-                            p.claim_key(key_hash, offset);
+                            if ordered {
+                                p.claim_key(key_hash, offset);
+                            }
                             p.lease(offset, 1, until, nonce, false);
                             (offset, nonce)
                         })
