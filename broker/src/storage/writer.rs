@@ -781,98 +781,80 @@ impl Writer {
             WriteOp::CountCheck {
                 tx_id,
                 next_check_at_ms,
-            } => {
-                let half = t.halves.get(*tx_id)?.map(|v| v.value().to_vec());
-                match half {
-                    Some(bytes) => {
-                        let mut record: HalfRecord = match decode(&bytes, "half message") {
-                            Ok(r) => r,
-                            Err(e) => return Ok(Err(WriteError::Corrupt(e.to_string()))),
-                        };
-                        if record.discarded {
-                            Ok(WriteOutcome::CheckCounted(None))
-                        } else {
-                            record.check_count += 1;
-                            record.next_check_at_ms = *next_check_at_ms;
-                            t.halves.insert(*tx_id, encode(&record).as_slice())?;
-                            fx.schedule.push(ScheduleChange::Upsert(
-                                *tx_id,
-                                PendingTx {
-                                    producer_group: record.producer_group.clone(),
-                                    check_count: record.check_count,
-                                    next_check_at_ms: *next_check_at_ms,
-                                },
-                            ));
-                            Ok(WriteOutcome::CheckCounted(Some(record.check_count)))
-                        }
-                    }
-                    None => Ok(WriteOutcome::CheckCounted(None)),
-                }
-            }
-            WriteOp::Discard { tx_id, now_ms } => {
-                let half = t.halves.get(*tx_id)?.map(|v| v.value().to_vec());
-                match half {
-                    Some(bytes) => {
-                        let mut record: HalfRecord = match decode(&bytes, "half message") {
-                            Ok(r) => r,
-                            Err(e) => return Ok(Err(WriteError::Corrupt(e.to_string()))),
-                        };
-                        if record.discarded {
-                            Ok(WriteOutcome::Discarded(false))
-                        } else {
-                            record.discarded = true;
-                            t.halves.insert(*tx_id, encode(&record).as_slice())?;
-                            let outcome = OutcomeRecord {
-                                outcome: TxOutcome::Discarded {
-                                    checks: record.check_count,
-                                },
-                                resolved_at_ms: *now_ms,
+            } => match load_half(t, *tx_id)? {
+                Err(e) => Err(e),
+                Ok(Some(mut record)) => {
+                    if record.discarded {
+                        Ok(WriteOutcome::CheckCounted(None))
+                    } else {
+                        record.check_count += 1;
+                        record.next_check_at_ms = *next_check_at_ms;
+                        t.halves.insert(*tx_id, encode(&record).as_slice())?;
+                        fx.schedule.push(ScheduleChange::Upsert(
+                            *tx_id,
+                            PendingTx {
                                 producer_group: record.producer_group.clone(),
-                            };
-                            t.outcomes.insert(*tx_id, encode(&outcome).as_slice())?;
-                            fx.schedule.push(ScheduleChange::Remove(*tx_id));
-                            Ok(WriteOutcome::Discarded(true))
-                        }
+                                check_count: record.check_count,
+                                next_check_at_ms: *next_check_at_ms,
+                            },
+                        ));
+                        Ok(WriteOutcome::CheckCounted(Some(record.check_count)))
                     }
-                    None => Ok(WriteOutcome::Discarded(false)),
                 }
-            }
+                Ok(None) => Ok(WriteOutcome::CheckCounted(None)),
+            },
+            WriteOp::Discard { tx_id, now_ms } => match load_half(t, *tx_id)? {
+                Err(e) => Err(e),
+                Ok(Some(mut record)) => {
+                    if record.discarded {
+                        Ok(WriteOutcome::Discarded(false))
+                    } else {
+                        record.discarded = true;
+                        t.halves.insert(*tx_id, encode(&record).as_slice())?;
+                        let outcome = OutcomeRecord {
+                            outcome: TxOutcome::Discarded {
+                                checks: record.check_count,
+                            },
+                            resolved_at_ms: *now_ms,
+                            producer_group: record.producer_group.clone(),
+                        };
+                        t.outcomes.insert(*tx_id, encode(&outcome).as_slice())?;
+                        fx.schedule.push(ScheduleChange::Remove(*tx_id));
+                        Ok(WriteOutcome::Discarded(true))
+                    }
+                }
+                Ok(None) => Ok(WriteOutcome::Discarded(false)),
+            },
             WriteOp::Resume {
                 tx_id,
                 next_check_at_ms,
-            } => {
-                let half = t.halves.get(*tx_id)?.map(|v| v.value().to_vec());
-                match half {
-                    Some(bytes) => {
-                        let mut record: HalfRecord = match decode(&bytes, "half message") {
-                            Ok(r) => r,
-                            Err(e) => return Ok(Err(WriteError::Corrupt(e.to_string()))),
-                        };
-                        if !record.discarded {
-                            Err(WriteError::TransactionResolved {
-                                tx_id: *tx_id,
-                                reason: "is pending, not discarded: nothing to resume".into(),
-                            })
-                        } else {
-                            record.discarded = false;
-                            record.check_count = 0;
-                            record.next_check_at_ms = *next_check_at_ms;
-                            t.halves.insert(*tx_id, encode(&record).as_slice())?;
-                            t.outcomes.remove(*tx_id)?;
-                            fx.schedule.push(ScheduleChange::Upsert(
-                                *tx_id,
-                                PendingTx {
-                                    producer_group: record.producer_group,
-                                    check_count: 0,
-                                    next_check_at_ms: *next_check_at_ms,
-                                },
-                            ));
-                            Ok(WriteOutcome::Resumed)
-                        }
+            } => match load_half(t, *tx_id)? {
+                Err(e) => Err(e),
+                Ok(Some(mut record)) => {
+                    if !record.discarded {
+                        Err(WriteError::TransactionResolved {
+                            tx_id: *tx_id,
+                            reason: "is pending, not discarded: nothing to resume".into(),
+                        })
+                    } else {
+                        record.discarded = false;
+                        record.check_count = 0;
+                        record.next_check_at_ms = *next_check_at_ms;
+                        t.halves.insert(*tx_id, encode(&record).as_slice())?;
+                        t.outcomes.remove(*tx_id)?;
+                        fx.schedule.push(ScheduleChange::Upsert(
+                            *tx_id,
+                            PendingTx {
+                                producer_group: record.producer_group,
+                                check_count: 0,
+                                next_check_at_ms: *next_check_at_ms,
+                            },
+                        ));
+                        Ok(WriteOutcome::Resumed)
                     }
-                    None => Err(WriteError::UnknownTransaction(*tx_id)),
                 }
-            }
+                Ok(None) => Err(WriteError::UnknownTransaction(*tx_id)),
+            },
             WriteOp::Settle {
                 group,
                 retry_puts,
@@ -1067,6 +1049,21 @@ impl Writer {
         t.outcomes.insert(tx_id, encode(&outcome).as_slice())?;
         Ok(result)
     }
+}
+
+/// A stored half message; a record that does not decode fails only the
+/// request that touched it.
+#[allow(clippy::type_complexity)]
+fn load_half(
+    t: &Tables,
+    tx_id: u64,
+) -> Result<Result<Option<HalfRecord>, WriteError>, StorageError> {
+    let Some(bytes) = t.halves.get(tx_id)?.map(|v| v.value().to_vec()) else {
+        return Ok(Ok(None));
+    };
+    Ok(decode(&bytes, "half message")
+        .map(Some)
+        .map_err(|e| WriteError::Corrupt(e.to_string())))
 }
 
 /// A discarded transaction keeps its half record, so its outcome is never

@@ -7,7 +7,7 @@
 //! a message that is neither acked, nor scheduled for retry, nor dead-lettered.
 
 use super::group::initial_position;
-use super::read::{clamp, read_messages, wait_for_append};
+use super::read::{clamp, message_at, read_messages, topic_by_id, wait_for_append};
 use super::{blocking, from_write, invalid, now_ms, unknown_topic};
 use crate::delivery::{
     AckRegistry, AfterFailure, GroupAcks, Lease, PartitionLeases, RetryPolicy, RetryRecord,
@@ -18,7 +18,7 @@ use crate::storage::{read, Store, WriteError, WriteOp};
 use crate::topics::Topic;
 use msmq_protocol::{
     names::validate_name, ErrorCode, ErrorReply, FetchLimits, Header, LeasedBatch, LeasedMessage,
-    Message, NewMessage, Receipt, Reply,
+    NewMessage, Receipt, Reply,
 };
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -159,25 +159,6 @@ fn stale_or_missing(group: &str) -> ErrorReply {
         ErrorCode::UNKNOWN_GROUP,
         format!("group {group:?} has received nothing with per-message acks"),
     )
-}
-
-/// The message at `offset`, if the log still has it.
-async fn message_at(
-    state: &BrokerState,
-    topic: &Topic,
-    partition: u32,
-    offset: u64,
-) -> Result<Option<Message>, ErrorReply> {
-    let mut found = read_messages(state, topic, partition, offset, 1, usize::MAX).await?;
-    Ok(found.pop().filter(|m| m.offset == offset))
-}
-
-fn topic_by_id(state: &BrokerState, topic_id: u32) -> Option<Arc<Topic>> {
-    state
-        .registry
-        .list()
-        .into_iter()
-        .find(|t| t.id() == topic_id)
 }
 
 /// The group's dead-letter topic, created on first use.

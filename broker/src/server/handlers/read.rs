@@ -141,7 +141,8 @@ pub(super) async fn fetch(
 /// Most messages one `FindMessages` returns.
 pub const FIND_MESSAGES_MAX: u32 = 1000;
 
-fn topic_by_id(state: &BrokerState, topic_id: u32) -> Option<Arc<Topic>> {
+/// A live topic by its id.
+pub(super) fn topic_by_id(state: &BrokerState, topic_id: u32) -> Option<Arc<Topic>> {
     state
         .registry
         .list()
@@ -149,7 +150,8 @@ fn topic_by_id(state: &BrokerState, topic_id: u32) -> Option<Arc<Topic>> {
         .find(|t| t.id() == topic_id)
 }
 
-async fn message_at(
+/// The message at `offset`, if the log still has it.
+pub(super) async fn message_at(
     state: &BrokerState,
     topic: &Topic,
     partition: u32,
