@@ -942,14 +942,8 @@ impl Writer {
                 Ok(r) => r,
                 Err(e) => return Ok(Err(WriteError::Corrupt(e.to_string()))),
             };
-            if let Some(requester) = requester {
-                if requester != record.producer_group {
-                    return Ok(Err(WriteError::WrongProducerGroup {
-                        tx_id,
-                        owner: record.producer_group,
-                        requester: requester.to_string(),
-                    }));
-                }
+            if let Some(e) = wrong_group(tx_id, requester, &record.producer_group) {
+                return Ok(Err(e));
             }
             return Ok(match (record.outcome, commit) {
                 (
@@ -980,14 +974,8 @@ impl Writer {
             Ok(r) => r,
             Err(e) => return Ok(Err(WriteError::Corrupt(e.to_string()))),
         };
-        if let Some(requester) = requester {
-            if requester != record.producer_group {
-                return Ok(Err(WriteError::WrongProducerGroup {
-                    tx_id,
-                    owner: record.producer_group,
-                    requester: requester.to_string(),
-                }));
-            }
+        if let Some(e) = wrong_group(tx_id, requester, &record.producer_group) {
+            return Ok(Err(e));
         }
         if source == TxSource::Operator && !record.discarded {
             return Ok(Err(WriteError::TransactionResolved {
@@ -1049,6 +1037,17 @@ impl Writer {
         t.outcomes.insert(tx_id, encode(&outcome).as_slice())?;
         Ok(result)
     }
+}
+
+/// The error when a producer group decides another group's transaction.
+fn wrong_group(tx_id: u64, requester: Option<&str>, owner: &str) -> Option<WriteError> {
+    requester
+        .filter(|r| *r != owner)
+        .map(|r| WriteError::WrongProducerGroup {
+            tx_id,
+            owner: owner.to_string(),
+            requester: r.to_string(),
+        })
 }
 
 /// A stored half message; a record that does not decode fails only the

@@ -18,7 +18,7 @@ use crate::storage::{read, Store, WriteError, WriteOp};
 use crate::topics::Topic;
 use msmq_protocol::{
     names::validate_name, ErrorCode, ErrorReply, FetchLimits, Header, LeasedBatch, LeasedMessage,
-    NewMessage, Receipt, Reply,
+    Message, NewMessage, Receipt, Reply,
 };
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -320,18 +320,14 @@ pub(super) async fn receive(
                 push_leased(
                     &mut deliveries,
                     &tp.topic,
-                    key.1,
-                    LeasedMessage {
+                    key,
+                    Handout {
+                        offset,
+                        nonce,
                         attempt: record.attempt,
-                        receipt: Receipt {
-                            topic_id: key.0,
-                            partition: key.1,
-                            offset,
-                            nonce,
-                        },
-                        invisible_until_ms: until,
-                        message,
+                        until,
                     },
+                    message,
                 );
             }
             if left == 0 || bytes_left == 0 {
@@ -391,18 +387,14 @@ pub(super) async fn receive(
                             push_leased(
                                 &mut deliveries,
                                 &tp.topic,
-                                key.1,
-                                LeasedMessage {
+                                key,
+                                Handout {
+                                    offset,
+                                    nonce,
                                     attempt: 1,
-                                    receipt: Receipt {
-                                        topic_id: key.0,
-                                        partition: key.1,
-                                        offset,
-                                        nonce,
-                                    },
-                                    invisible_until_ms: until,
-                                    message,
+                                    until,
                                 },
+                                message,
                             );
                         }
                         None => {
@@ -476,18 +468,14 @@ pub(super) async fn receive(
                 push_leased(
                     &mut deliveries,
                     &tp.topic,
-                    key.1,
-                    LeasedMessage {
+                    key,
+                    Handout {
+                        offset: message.offset,
+                        nonce,
                         attempt: 1,
-                        receipt: Receipt {
-                            topic_id: key.0,
-                            partition: key.1,
-                            offset: message.offset,
-                            nonce,
-                        },
-                        invisible_until_ms: until,
-                        message,
+                        until,
                     },
+                    message,
                 );
             }
         }
@@ -517,8 +505,33 @@ pub(super) async fn receive(
     }
 }
 
+/// One lease being handed out in a reply.
+struct Handout {
+    offset: u64,
+    nonce: u64,
+    attempt: u32,
+    until: u64,
+}
+
 /// Add a leased message to the reply, grouped by partition.
-fn push_leased(batches: &mut Vec<LeasedBatch>, topic: &str, partition: u32, leased: LeasedMessage) {
+fn push_leased(
+    batches: &mut Vec<LeasedBatch>,
+    topic: &str,
+    (topic_id, partition): (u32, u32),
+    lease: Handout,
+    message: Message,
+) {
+    let leased = LeasedMessage {
+        attempt: lease.attempt,
+        receipt: Receipt {
+            topic_id,
+            partition,
+            offset: lease.offset,
+            nonce: lease.nonce,
+        },
+        invisible_until_ms: lease.until,
+        message,
+    };
     match batches.last_mut() {
         Some(b) if b.partition == partition && b.topic == topic => b.messages.push(leased),
         _ => batches.push(LeasedBatch {
