@@ -33,6 +33,10 @@ pub const INVISIBILITY_MS_MAX: u32 = 12 * 3600 * 1000;
 pub const MAX_DELIVERY_ATTEMPTS_MAX: u32 = 1000;
 /// Most steps a configured back-off schedule may have.
 pub const RETRY_BACKOFF_STEPS_MAX: usize = 64;
+/// Most messages of one partition a group may have handed out and not yet
+/// settled (leased or held for their key): bounds broker memory when a
+/// consumer receives without acking; it gets nothing new until leases end.
+pub const UNSETTLED_PER_PARTITION_MAX: usize = 100_000;
 /// Longest single back-off step (7 days).
 pub const RETRY_BACKOFF_MS_MAX: u64 = 7 * 24 * 3600 * 1000;
 
@@ -228,6 +232,11 @@ impl PartitionLeases {
 
     pub fn in_flight(&self) -> usize {
         self.leases.len()
+    }
+
+    /// How many more fresh messages may be handed out, under `max` unsettled.
+    pub fn room(&self, max: usize) -> usize {
+        max.saturating_sub(self.leases.len() + self.held.len())
     }
 
     /// Hand out `offset` (from the log when `retry` is false).
@@ -520,6 +529,27 @@ mod tests {
         assert!(p.claim_key(7, 1));
         assert!(p.take_ready(10).is_empty());
         assert_eq!(p.floor, 1, "held messages hold the floor");
+    }
+
+    #[test]
+    fn unsettled_messages_are_capped() {
+        let mut p = PartitionLeases::new(0);
+        for o in 0..3 {
+            p.lease(o, 1, 100, o, false);
+        }
+        p.hold(3, 9);
+        assert_eq!(p.room(5), 1, "one below the limit");
+        p.lease(4, 1, 100, 4, false);
+        assert_eq!(p.room(5), 0, "at the limit");
+        p.lease(5, 1, 100, 5, false);
+        assert_eq!(
+            p.room(5),
+            0,
+            "past the limit there is no room, not an underflow"
+        );
+        p.settle(0);
+        p.settle(1);
+        assert_eq!(p.room(5), 1);
     }
 
     #[test]

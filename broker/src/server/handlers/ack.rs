@@ -11,7 +11,7 @@ use super::read::{clamp, message_at, read_messages, topic_by_id, wait_for_append
 use super::{blocking, from_write, invalid, now_ms, unknown_topic};
 use crate::delivery::{
     AckRegistry, AfterFailure, GroupAcks, Lease, PartitionLeases, RetryPolicy, RetryRecord,
-    INVISIBILITY_MS_MAX, INVISIBILITY_MS_MIN,
+    INVISIBILITY_MS_MAX, INVISIBILITY_MS_MIN, UNSETTLED_PER_PARTITION_MAX,
 };
 use crate::server::BrokerState;
 use crate::storage::{read, Store, WriteError, WriteOp};
@@ -415,16 +415,20 @@ pub(super) async fn receive(
                     break;
                 }
             }
-            // Then new messages from the log.
-            let Some(from) = acks(state)
+            // Then new messages from the log, while the partition has room.
+            let Some((from, room)) = acks(state)
                 .groups
                 .get(&group)
                 .and_then(|g| g.partitions.get(&key))
-                .map(|p| p.next)
+                .map(|p| (p.next, p.room(UNSETTLED_PER_PARTITION_MAX)))
             else {
                 continue;
             };
-            let messages = read_messages(state, &topic, key.1, from, left, bytes_left).await?;
+            if room == 0 {
+                continue;
+            }
+            let messages =
+                read_messages(state, &topic, key.1, from, left.min(room), bytes_left).await?;
             let mut reg = acks(state);
             for message in messages {
                 let nonce = reg.next_nonce();
