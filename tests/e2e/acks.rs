@@ -350,3 +350,42 @@ async fn ordered_groups_process_each_key_strictly_in_order_while_keys_interleave
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ordered_key_waiting_for_its_retry_stays_held_across_a_restart() -> anyhow::Result<()> {
+    let mut broker = TestBroker::start()?;
+    let client = broker.client().await?;
+    client.create_topic("ledger", 1).await?;
+    client
+        .configure_group("fifo", 10, &[Duration::from_millis(1500)], true)
+        .await?;
+    let producer = client.producer("ledger");
+    for i in 0..3 {
+        producer
+            .send(NewMessage::new(format!("k:{i}")).with_key("account"))
+            .await?;
+    }
+    let mut consumer = client.consumer("fifo", &["ledger"], options()).await?;
+    let first = consumer.receive(Duration::from_secs(30)).await?;
+    assert_eq!(first.len(), 1, "one message of the key at a time");
+    assert_eq!(first[0].message.payload, b"k:0");
+    consumer.nack(&first, "later").await?;
+    broker.kill9();
+    broker.restart()?;
+    let client = broker.client().await?;
+    let mut consumer = client.consumer("fifo", &["ledger"], options()).await?;
+    let mut order = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while order.len() < 3 && Instant::now() < deadline {
+        for d in consumer.receive(Duration::from_secs(30)).await? {
+            order.push(String::from_utf8(d.message.payload.clone())?);
+            consumer.ack(&[d]).await?;
+        }
+    }
+    assert_eq!(
+        order,
+        vec!["k:0", "k:1", "k:2"],
+        "k:1 waited for the retry of k:0"
+    );
+    Ok(())
+}

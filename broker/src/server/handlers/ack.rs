@@ -240,12 +240,33 @@ pub(super) async fn receive(
                 let Some(floor) = initial_position(state, &group, tp, target.start).await? else {
                     continue;
                 };
+                let (retried, ordered) = acks(state)
+                    .groups
+                    .get(&group)
+                    .map(|g| (g.retries.offsets_of(key.0, key.1), g.policy.ordered))
+                    .unwrap_or_default();
+                // Ordered groups: a message waiting for its retry keeps its key
+                // across restarts, so later messages of the key wait too.
+                let mut retry_keys = Vec::new();
+                if ordered {
+                    for offset in &retried {
+                        if let Some(k) = message_at(state, &topic, key.1, *offset)
+                            .await?
+                            .and_then(|m| m.key)
+                        {
+                            retry_keys.push((*offset, crate::storage::key_hash(&k)));
+                        }
+                    }
+                }
                 if let Some(g) = acks(state).groups.get_mut(&group) {
                     if !g.partitions.contains_key(&key) {
                         // Stored retries above the floor are settled already.
                         let mut leases = PartitionLeases::new(floor);
-                        for offset in g.retries.offsets_of(key.0, key.1) {
+                        for offset in retried {
                             leases.settled_by_retry(offset);
+                        }
+                        for (offset, key_hash) in retry_keys {
+                            leases.claim_key(key_hash, offset);
                         }
                         g.partitions.insert(key, leases);
                     }
