@@ -259,7 +259,7 @@ pub(super) async fn receive(
                     }
                 }
                 if let Some(g) = acks(state).groups.get_mut(&group) {
-                    if !g.partitions.contains_key(&key) {
+                    g.partitions.entry(key).or_insert_with(|| {
                         // Stored retries above the floor are settled already.
                         let mut leases = PartitionLeases::new(floor);
                         for offset in retried {
@@ -268,8 +268,8 @@ pub(super) async fn receive(
                         for (offset, key_hash) in retry_keys {
                             leases.claim_key(key_hash, offset);
                         }
-                        g.partitions.insert(key, leases);
-                    }
+                        leases
+                    });
                 }
             }
             // Retries that are due come first.
