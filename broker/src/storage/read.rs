@@ -82,20 +82,35 @@ pub fn all_group_offsets(db: &Database) -> Result<Vec<(String, u32, u32, u64)>, 
     Ok(out)
 }
 
+/// Decode a stored postcard record; `what` names it in the error.
+fn decode<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    what: impl std::fmt::Display,
+) -> Result<T, StorageError> {
+    postcard::from_bytes(bytes).map_err(|e| StorageError::Corrupt(format!("{what}: {e}")))
+}
+
+/// One postcard record of a table keyed by u64.
+fn get_record<T: serde::de::DeserializeOwned>(
+    db: &Database,
+    table: redb::TableDefinition<u64, &[u8]>,
+    key: u64,
+    what: &str,
+) -> Result<Option<T>, StorageError> {
+    let txn = db.begin_read()?;
+    let table = txn.open_table(table)?;
+    let value = table.get(key)?;
+    value
+        .map(|v| decode(v.value(), format_args!("{what} {key}")))
+        .transpose()
+}
+
 /// One half message by transaction id.
 pub fn half_message(
     db: &Database,
     tx_id: u64,
 ) -> Result<Option<crate::transactions::HalfRecord>, StorageError> {
-    let txn = db.begin_read()?;
-    let table = txn.open_table(tables::HALF_MESSAGES)?;
-    table
-        .get(tx_id)?
-        .map(|v| {
-            postcard::from_bytes(v.value())
-                .map_err(|e| StorageError::Corrupt(format!("half message {tx_id}: {e}")))
-        })
-        .transpose()
+    get_record(db, tables::HALF_MESSAGES, tx_id, "half message")
 }
 
 /// Half messages, discarded or pending, oldest first, at most `limit`.
@@ -109,8 +124,8 @@ pub fn half_messages(
     let mut out = Vec::new();
     for entry in table.iter()? {
         let (k, v) = entry?;
-        let record: crate::transactions::HalfRecord = postcard::from_bytes(v.value())
-            .map_err(|e| StorageError::Corrupt(format!("half message {}: {e}", k.value())))?;
+        let record: crate::transactions::HalfRecord =
+            decode(v.value(), format_args!("half message {}", k.value()))?;
         if record.discarded == discarded {
             out.push((k.value(), record));
             if out.len() >= limit {
@@ -126,15 +141,7 @@ pub fn tx_outcome(
     db: &Database,
     tx_id: u64,
 ) -> Result<Option<crate::transactions::OutcomeRecord>, StorageError> {
-    let txn = db.begin_read()?;
-    let table = txn.open_table(tables::TX_OUTCOMES)?;
-    table
-        .get(tx_id)?
-        .map(|v| {
-            postcard::from_bytes(v.value())
-                .map_err(|e| StorageError::Corrupt(format!("outcome {tx_id}: {e}")))
-        })
-        .transpose()
+    get_record(db, tables::TX_OUTCOMES, tx_id, "outcome")
 }
 
 /// The first offset of a partition whose message was appended at or after
@@ -185,10 +192,7 @@ pub fn group_policy(
     let table = txn.open_table(tables::GROUP_POLICIES)?;
     table
         .get(group)?
-        .map(|v| {
-            postcard::from_bytes(v.value())
-                .map_err(|e| StorageError::Corrupt(format!("policy of group {group}: {e}")))
-        })
+        .map(|v| decode(v.value(), format_args!("policy of group {group}")))
         .transpose()
 }
 

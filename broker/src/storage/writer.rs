@@ -268,6 +268,15 @@ pub(super) struct Counters {
     pub next_tx_id: u64,
 }
 
+impl Counters {
+    /// Hand out `count` consecutive message-id sequences; returns the first.
+    fn take_sequences(&mut self, count: u64) -> u64 {
+        let first = self.next_message_sequence;
+        self.next_message_sequence += count;
+        first
+    }
+}
+
 pub(super) fn start(
     db: Arc<Database>,
     registry: Arc<TopicRegistry>,
@@ -637,8 +646,7 @@ impl Writer {
                 } else {
                     let mut sequences = Vec::with_capacity(scheduled.len());
                     for (partition, due_ms, message) in scheduled.iter() {
-                        let sequence = fx.counters.next_message_sequence;
-                        fx.counters.next_message_sequence += 1;
+                        let sequence = fx.counters.take_sequences(1);
                         let record = super::ScheduledRecord {
                             topic_id: topic.id(),
                             topic: topic.name.clone(),
@@ -655,8 +663,7 @@ impl Writer {
                     }
                     let mut bases = Vec::with_capacity(appends.len());
                     for append in appends.iter_mut() {
-                        let sequence = fx.counters.next_message_sequence;
-                        fx.counters.next_message_sequence += append.count as u64;
+                        let sequence = fx.counters.take_sequences(append.count as u64);
                         batch::set_base_sequence(&mut append.value, sequence);
                         let base = Self::append(
                             t,
@@ -734,8 +741,7 @@ impl Writer {
                     for (partition, message) in halves {
                         let tx_id = fx.counters.next_tx_id;
                         fx.counters.next_tx_id += 1;
-                        let sequence = fx.counters.next_message_sequence;
-                        fx.counters.next_message_sequence += 1;
+                        let sequence = fx.counters.take_sequences(1);
                         let record = HalfRecord {
                             producer_group: producer_group.clone(),
                             topic_id: topic.id(),
@@ -877,8 +883,7 @@ impl Writer {
                     t.retries.remove((group.as_str(), key.0, key.1, key.2))?;
                 }
                 for (topic, message) in dead_letters.iter() {
-                    let sequence = fx.counters.next_message_sequence;
-                    fx.counters.next_message_sequence += 1;
+                    let sequence = fx.counters.take_sequences(1);
                     let mut value = batch::encode(*now_ms, &[message]);
                     batch::set_base_sequence(&mut value, sequence);
                     Self::append(t, fx, topic, 0, 1, &value, &super::key_hashes([message]))?;

@@ -221,10 +221,13 @@ pub(super) async fn receive(
         let mut skipped_by_filter = false;
         let now = now_ms();
         let until = now + invisibility_ms as u64;
-        let mut deliveries = Vec::new();
-        let (mut left, mut bytes_left) = (limits.max_messages, limits.max_bytes);
+        let mut out = Handouts {
+            batches: Vec::new(),
+            left: limits.max_messages,
+            bytes_left: limits.max_bytes,
+        };
         for target in targets {
-            if left == 0 || bytes_left == 0 {
+            if out.full() {
                 break;
             }
             let tp = &target.partition;
@@ -276,7 +279,7 @@ pub(super) async fn receive(
             let due = acks(state)
                 .groups
                 .get(&group)
-                .map(|g| g.retries.due(key.0, key.1, now, left))
+                .map(|g| g.retries.due(key.0, key.1, now, out.left))
                 .unwrap_or_default();
             for (offset, record) in due {
                 let nonce = {
@@ -336,10 +339,7 @@ pub(super) async fn receive(
                     }
                     continue;
                 };
-                left -= 1;
-                bytes_left = bytes_left.saturating_sub(message.payload.len());
-                push_leased(
-                    &mut deliveries,
+                out.push(
                     &tp.topic,
                     key,
                     Handout {
@@ -351,7 +351,7 @@ pub(super) async fn receive(
                     message,
                 );
             }
-            if left == 0 || bytes_left == 0 {
+            if out.full() {
                 break;
             }
             // Ordered mode: messages held back for their key, whose key is free now.
@@ -376,9 +376,9 @@ pub(super) async fn receive(
                     };
                     // No longer ordered: what was held goes out now.
                     let ready = if ordered {
-                        p.take_ready(left)
+                        p.take_ready(out.left)
                     } else {
-                        p.take_all_held(left)
+                        p.take_all_held(out.left)
                     };
                     let nonces: Vec<u64> = ready.iter().map(|_| reg.next_nonce()).collect();
                     let Some(p) = reg
@@ -403,10 +403,7 @@ pub(super) async fn receive(
                 for (offset, nonce) in ready {
                     match message_at(state, &topic, key.1, offset).await? {
                         Some(message) => {
-                            left = left.saturating_sub(1);
-                            bytes_left = bytes_left.saturating_sub(message.payload.len());
-                            push_leased(
-                                &mut deliveries,
+                            out.push(
                                 &tp.topic,
                                 key,
                                 Handout {
@@ -432,7 +429,7 @@ pub(super) async fn receive(
                         }
                     }
                 }
-                if left == 0 || bytes_left == 0 {
+                if out.full() {
                     break;
                 }
             }
@@ -448,8 +445,15 @@ pub(super) async fn receive(
             if room == 0 {
                 continue;
             }
-            let messages =
-                read_messages(state, &topic, key.1, from, left.min(room), bytes_left).await?;
+            let messages = read_messages(
+                state,
+                &topic,
+                key.1,
+                from,
+                out.left.min(room),
+                out.bytes_left,
+            )
+            .await?;
             let mut reg = acks(state);
             for message in messages {
                 let nonce = reg.next_nonce();
@@ -488,10 +492,7 @@ pub(super) async fn receive(
                     }
                 }
                 p.lease(message.offset, 1, until, nonce, false);
-                left -= 1;
-                bytes_left = bytes_left.saturating_sub(message.payload.len());
-                push_leased(
-                    &mut deliveries,
+                out.push(
                     &tp.topic,
                     key,
                     Handout {
@@ -506,7 +507,7 @@ pub(super) async fn receive(
         }
         let filtered_any = !filtered_floors.is_empty() || skipped_by_filter;
         commit_floors(state, &group, std::mem::take(&mut filtered_floors)).await;
-        if deliveries.is_empty() && filtered_any && tokio::time::Instant::now() < deadline {
+        if out.batches.is_empty() && filtered_any && tokio::time::Instant::now() < deadline {
             continue; // everything read was filtered out: read on at once
         }
         // Retries fall due without an append: look again at least every 100 ms then.
@@ -518,13 +519,13 @@ pub(super) async fn receive(
         if retries_waiting {
             wake = wake.min(tokio::time::Instant::now() + Duration::from_millis(100));
         }
-        let done = !deliveries.is_empty()
+        let done = !out.batches.is_empty()
             || (!wait_for_append(state, &mut appended, wake).await
                 && (state.is_shutting_down() || tokio::time::Instant::now() >= deadline));
         if done {
             return Ok(Reply::Received {
                 assignment,
-                batches: deliveries,
+                batches: out.batches,
             });
         }
     }
@@ -538,32 +539,48 @@ struct Handout {
     until: u64,
 }
 
-/// Add a leased message to the reply, grouped by partition.
-fn push_leased(
-    batches: &mut Vec<LeasedBatch>,
-    topic: &str,
-    (topic_id, partition): (u32, u32),
-    lease: Handout,
-    message: Message,
-) {
-    let leased = LeasedMessage {
-        attempt: lease.attempt,
-        receipt: Receipt {
-            topic_id,
-            partition,
-            offset: lease.offset,
-            nonce: lease.nonce,
-        },
-        invisible_until_ms: lease.until,
-        message,
-    };
-    match batches.last_mut() {
-        Some(b) if b.partition == partition && b.topic == topic => b.messages.push(leased),
-        _ => batches.push(LeasedBatch {
-            topic: topic.to_string(),
-            partition,
-            messages: vec![leased],
-        }),
+/// The reply being built: leased messages grouped by partition, and what
+/// is left of the request's message and byte budget.
+struct Handouts {
+    batches: Vec<LeasedBatch>,
+    left: usize,
+    bytes_left: usize,
+}
+
+impl Handouts {
+    fn full(&self) -> bool {
+        self.left == 0 || self.bytes_left == 0
+    }
+
+    /// Add a leased message, charging it to the budget.
+    fn push(
+        &mut self,
+        topic: &str,
+        (topic_id, partition): (u32, u32),
+        lease: Handout,
+        message: Message,
+    ) {
+        self.left = self.left.saturating_sub(1);
+        self.bytes_left = self.bytes_left.saturating_sub(message.payload.len());
+        let leased = LeasedMessage {
+            attempt: lease.attempt,
+            receipt: Receipt {
+                topic_id,
+                partition,
+                offset: lease.offset,
+                nonce: lease.nonce,
+            },
+            invisible_until_ms: lease.until,
+            message,
+        };
+        match self.batches.last_mut() {
+            Some(b) if b.partition == partition && b.topic == topic => b.messages.push(leased),
+            _ => self.batches.push(LeasedBatch {
+                topic: topic.to_string(),
+                partition,
+                messages: vec![leased],
+            }),
+        }
     }
 }
 
