@@ -74,6 +74,11 @@ pub struct Config {
     /// How long shutdown waits for in-flight requests.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// Largest plugin component a deploy accepts.
+    pub plugin_component_bytes_max: ByteSize,
+    /// A directory watched for plugins: `NAME.wasm` with a `NAME.toml`
+    /// manifest beside it is deployed, replaced or removed as the files are.
+    pub plugin_dir: Option<PathBuf>,
     /// Log filter (`info`, `msmq_broker=debug`, …); `RUST_LOG` wins.
     pub log: String,
 }
@@ -105,6 +110,8 @@ impl Default for Config {
             transaction_check_reply_timeout: Duration::from_secs(5),
             transaction_outcome_retention: Duration::from_secs(3600),
             shutdown_grace: Duration::from_secs(10),
+            plugin_component_bytes_max: ByteSize::mib(32),
+            plugin_dir: None,
             log: "info".into(),
         }
     }
@@ -172,6 +179,11 @@ impl Config {
         anyhow::ensure!(
             self.transaction_check_reply_timeout >= Duration::from_millis(10),
             "transaction_check_reply_timeout must be at least 10ms"
+        );
+        anyhow::ensure!(
+            self.plugin_component_bytes_max.as_u64() <= frame_max / 2,
+            "plugin_component_bytes_max must be at most {}",
+            ByteSize(frame_max / 2)
         );
         anyhow::ensure!(
             self.tls_cert.is_some() == self.tls_key.is_some(),

@@ -159,6 +159,13 @@ impl TopicRegistry {
             .insert(group.to_string(), offset);
     }
 
+    /// Forget a removed group's committed offsets.
+    pub(crate) fn forget_group(&self, group: &str) {
+        for groups in self.committed.lock().expect("committed lock").values_mut() {
+            groups.remove(group);
+        }
+    }
+
     /// Forget a deleted topic's committed offsets.
     pub(crate) fn forget_committed(&self, topic_id: u32) {
         self.committed

@@ -9,5 +9,6 @@ mod crash;
 mod delayed;
 mod groups;
 mod harness;
+mod plugins;
 mod produce_consume;
 mod transactions;

@@ -7,6 +7,7 @@ mod consume;
 mod dlq;
 mod group;
 mod message;
+mod plugin;
 mod produce;
 mod serve;
 mod topic;
@@ -57,6 +58,9 @@ enum Command {
     /// Dead letters of a group: list them, re-drive them to their topics.
     #[command(subcommand)]
     Dlq(dlq::DlqCommand),
+    /// Consumer plugins (Wasm components): deploy, list, stats, pause, resume, remove.
+    #[command(subcommand)]
+    Plugin(plugin::PluginCommand),
     /// Measure throughput and latency against a running broker.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -139,6 +143,7 @@ pub fn main() -> ExitCode {
                     Command::Dlq(cmd) => dlq::run(cmd).await,
                     Command::Message(cmd) => message::run(cmd).await,
                     Command::Bench(cmd) => bench::run(cmd).await,
+                    Command::Plugin(cmd) => plugin::run(cmd).await,
                     Command::Serve(_) | Command::Config => unreachable!("handled above"),
                 };
                 close_clients().await;

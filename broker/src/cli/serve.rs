@@ -88,6 +88,13 @@ pub struct ServeArgs {
     /// redb page cache, e.g. "64 MiB".
     #[arg(long, env = "MSMQ_CACHE_BYTES")]
     cache_bytes: Option<ByteSize>,
+    /// Largest plugin component a deploy accepts, e.g. "32 MiB".
+    #[arg(long, env = "MSMQ_PLUGIN_COMPONENT_BYTES_MAX")]
+    plugin_component_bytes_max: Option<ByteSize>,
+    /// Watch this directory for plugins: NAME.wasm plus a NAME.toml manifest
+    /// is deployed; replacing or deleting the .wasm upgrades or removes it.
+    #[arg(long, env = "MSMQ_PLUGIN_DIR")]
+    plugin_dir: Option<PathBuf>,
     /// Log filter, e.g. "info" or "msmq_broker=debug"; RUST_LOG wins.
     #[arg(long, env = "MSMQ_LOG")]
     log: Option<String>,
@@ -125,8 +132,12 @@ impl ServeArgs {
             transaction_check_reply_timeout,
             transaction_outcome_retention,
             cache_bytes,
+            plugin_component_bytes_max,
             log
         );
+        if self.plugin_dir.is_some() {
+            c.plugin_dir = self.plugin_dir;
+        }
         if self.tls_cert.is_some() {
             c.tls_cert = self.tls_cert;
             c.tls_key = self.tls_key;

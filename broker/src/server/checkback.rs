@@ -30,12 +30,7 @@ const PRUNE_ROWS_MAX: u64 = 20_000;
 /// Largest answer to a check-back the broker reads (answers are tiny).
 pub const CHECK_REPLY_BYTES_MAX: usize = 64 * 1024;
 
-pub(super) fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+pub(super) use super::now_ms;
 
 pub(super) async fn run(state: Arc<BrokerState>) {
     let config = &state.config;

@@ -83,7 +83,7 @@ fn close_for_framing(conn: &quinn::Connection, code: ErrorCode, reason: String) 
 }
 
 async fn serve_stream(
-    state: &BrokerState,
+    state: &Arc<BrokerState>,
     ctx: &ConnectionContext,
     conn: &quinn::Connection,
     mut send: quinn::SendStream,

@@ -10,7 +10,7 @@
 
 mod checkback;
 mod connection;
-mod handlers;
+pub(crate) mod handlers;
 mod producers;
 mod scheduler;
 
@@ -35,6 +35,8 @@ pub struct BrokerState {
     /// Leases, retries and policies of groups using per-message acks.
     pub acks: Mutex<crate::delivery::AckRegistry>,
     pub producers: producers::ProducerRegistry,
+    /// Deployed plugins and their runners.
+    pub plugins: crate::plugins::PluginManager,
     /// Signalled when a message is scheduled, so the scheduler looks again.
     pub scheduler_wake: tokio::sync::Notify,
     shutting_down: AtomicBool,
@@ -92,6 +94,14 @@ impl RunningBroker {
                 .await
                 .context("opening storage")??;
         let acks = handlers::load_acks(&store).await?;
+        let plugin_engine = {
+            let data_dir = config.data_dir.clone();
+            tokio::task::spawn_blocking(move || {
+                crate::plugins::engine::PluginEngine::new(&data_dir)
+            })
+            .await
+            .context("starting the plugin engine")??
+        };
 
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut tls = rustls::ServerConfig::builder_with_provider(provider)
@@ -126,12 +136,19 @@ impl RunningBroker {
             groups: Mutex::new(Coordinator::default()),
             acks: Mutex::new(acks),
             producers: producers::ProducerRegistry::default(),
+            plugins: crate::plugins::PluginManager::new(plugin_engine),
             scheduler_wake: tokio::sync::Notify::new(),
             shutting_down: AtomicBool::new(false),
             next_connection_id: AtomicU64::new(1),
         });
+        let loaded = crate::plugins::PluginManager::start_stored(&state)
+            .await
+            .context("loading plugins")?;
+        if loaded > 0 {
+            tracing::info!(plugins = loaded, "plugins loaded");
+        }
         let requests = TaskTracker::new();
-        let background = vec![
+        let mut background = vec![
             tokio::spawn(connection::accept_loop(
                 state.clone(),
                 endpoint.clone(),
@@ -142,6 +159,11 @@ impl RunningBroker {
             tokio::spawn(handlers::expire_leases(state.clone())),
             tokio::spawn(scheduler::run(state.clone())),
         ];
+        if let Some(dir) = state.config.plugin_dir.clone() {
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("creating plugin directory {}", dir.display()))?;
+            background.push(tokio::spawn(crate::plugins::watch::run(state.clone(), dir)));
+        }
         tracing::info!(addr = %local_addr, durability = ?state.config.durability,
             data_dir = %state.config.data_dir.display(), "broker listening");
         Ok(RunningBroker {
@@ -174,6 +196,8 @@ impl RunningBroker {
                 "in-flight requests did not finish within {grace:?}"
             );
         }
+        let state = self.state.clone();
+        let _ = tokio::task::spawn_blocking(move || state.plugins.stop_all(grace)).await;
         self.state.store.shutdown(grace).await;
         for task in &self.background {
             task.abort();
@@ -186,6 +210,14 @@ impl RunningBroker {
             .await;
         tracing::info!("broker stopped");
     }
+}
+
+/// Wall-clock time in ms since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// Drop group members that stopped heartbeating.

@@ -26,7 +26,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use thiserror::Error;
-pub use writer::{Landed, PartitionAppend, WriteError, WriteOp, WriteOutcome};
+pub use writer::{Landed, PartitionAppend, PluginCommit, WriteError, WriteOp, WriteOutcome};
 
 /// A message waiting for its delivery time.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

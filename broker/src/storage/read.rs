@@ -240,3 +240,84 @@ pub fn locate_by_key_hash(
     }
     Ok(out)
 }
+
+/// Every deployed plugin's record.
+pub fn plugin_records(db: &Database) -> Result<Vec<crate::plugins::PluginRecord>, StorageError> {
+    let txn = db.begin_read()?;
+    let table = txn.open_table(tables::PLUGINS)?;
+    let mut out = Vec::new();
+    for entry in table.iter()? {
+        let (k, v) = entry?;
+        out.push(decode(v.value(), format_args!("plugin {}", k.value()))?);
+    }
+    Ok(out)
+}
+
+/// A stored plugin component by its SHA-256 (hex).
+pub fn plugin_component(db: &Database, sha256: &str) -> Result<Option<Vec<u8>>, StorageError> {
+    let txn = db.begin_read()?;
+    let table = txn.open_table(tables::PLUGIN_COMPONENTS)?;
+    Ok(table.get(sha256)?.map(|v| v.value().to_vec()))
+}
+
+/// State entries: (key, value).
+pub type StateEntries = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// Up to `limit` state entries of `plugin` whose key starts with `prefix`,
+/// in key order, after `start_after` when given.
+pub fn plugin_state_scan(
+    txn: &redb::ReadTransaction,
+    plugin: &str,
+    prefix: &[u8],
+    start_after: Option<&[u8]>,
+    limit: usize,
+) -> Result<StateEntries, StorageError> {
+    let table = txn.open_table(tables::PLUGIN_STATE)?;
+    let from: &[u8] = match start_after {
+        Some(after) if after >= prefix => after,
+        _ => prefix,
+    };
+    let mut out = Vec::new();
+    for entry in table.range((plugin, from)..)? {
+        if out.len() >= limit {
+            break;
+        }
+        let (k, v) = entry?;
+        let (owner, key) = k.value();
+        if owner != plugin || !key.starts_with(prefix) {
+            break;
+        }
+        if start_after.is_some_and(|after| key <= after) {
+            continue;
+        }
+        out.push((key.to_vec(), v.value().to_vec()));
+    }
+    Ok(out)
+}
+
+/// One state value of `plugin`.
+pub fn plugin_state_get(
+    txn: &redb::ReadTransaction,
+    plugin: &str,
+    key: &[u8],
+) -> Result<Option<Vec<u8>>, StorageError> {
+    let table = txn.open_table(tables::PLUGIN_STATE)?;
+    Ok(table.get((plugin, key))?.map(|v| v.value().to_vec()))
+}
+
+/// A plugin's pending retries: ((topic id, partition, offset), (due ms, attempt)).
+#[allow(clippy::type_complexity)]
+pub fn plugin_retries(
+    db: &Database,
+    plugin: &str,
+) -> Result<Vec<((u32, u32, u64), (u64, u32))>, StorageError> {
+    let txn = db.begin_read()?;
+    let table = txn.open_table(tables::PLUGIN_RETRIES)?;
+    let mut out = Vec::new();
+    for entry in table.range((plugin, 0, 0, 0)..=(plugin, u32::MAX, u32::MAX, u64::MAX))? {
+        let (k, v) = entry?;
+        let (_, t, p, o) = k.value();
+        out.push(((t, p, o), v.value()));
+    }
+    Ok(out)
+}

@@ -34,6 +34,18 @@ pub const SCHEDULED: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("
 pub const ID_INDEX: TableDefinition<u64, (u32, u32, u64, u32)> = TableDefinition::new("id_index");
 /// (topic id, key hash, partition, offset) → (): finds messages by key.
 pub const KEY_INDEX: TableDefinition<(u32, u64, u32, u64), ()> = TableDefinition::new("key_index");
+/// plugin name → postcard [`crate::plugins::PluginRecord`].
+pub const PLUGINS: TableDefinition<&str, &[u8]> = TableDefinition::new("plugins");
+/// component SHA-256 (hex) → the component's bytes, as deployed.
+pub const PLUGIN_COMPONENTS: TableDefinition<&str, &[u8]> =
+    TableDefinition::new("plugin_components");
+/// (plugin name, key) → value: each plugin's key-value state.
+pub const PLUGIN_STATE: TableDefinition<(&str, &[u8]), &[u8]> =
+    TableDefinition::new("plugin_state");
+/// (plugin name, topic id, partition, offset) → (due time in ms, delivery
+/// attempt): messages a plugin asked to see again.
+pub const PLUGIN_RETRIES: TableDefinition<(&str, u32, u32, u64), (u64, u32)> =
+    TableDefinition::new("plugin_retries");
 /// Broker-wide counters.
 pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
@@ -61,6 +73,10 @@ pub fn create_all(db: &Database) -> Result<(), StorageError> {
     txn.open_table(KEY_INDEX)?;
     txn.open_table(GROUP_POLICIES)?;
     txn.open_table(TX_OUTCOMES)?;
+    txn.open_table(PLUGINS)?;
+    txn.open_table(PLUGIN_COMPONENTS)?;
+    txn.open_table(PLUGIN_STATE)?;
+    txn.open_table(PLUGIN_RETRIES)?;
     let mut meta = txn.open_table(META)?;
     if meta.get(META_STORE_ID)?.is_none() {
         // Never 0, so an id from this store is never all zeros.

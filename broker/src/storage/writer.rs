@@ -103,12 +103,47 @@ pub enum WriteOp {
         group: String,
         policy: RetryPolicy,
     },
+    /// Store a plugin's record (deploy, upgrade, pause, resume), with its
+    /// component when that is new. Components no record uses are dropped.
+    PluginPut {
+        record: Box<crate::plugins::PluginRecord>,
+        component: Option<Vec<u8>>,
+    },
+    /// Forget a plugin: record, state, retries and its group's offsets.
+    PluginRemove {
+        name: String,
+        group: String,
+    },
+    /// Everything one plugin batch did, atomically.
+    PluginCommit(Box<PluginCommit>),
     /// Forget outcomes resolved before `resolved_before_ms`, oldest
     /// transaction ids first, at most `rows_max`.
     PruneOutcomes {
         resolved_before_ms: u64,
         rows_max: u64,
     },
+}
+
+/// A plugin retry: (topic id, partition, offset) → (due ms, attempt).
+pub type PluginRetryPut = ((u32, u32, u64), (u64, u32));
+
+/// The effects of one plugin batch: its group's progress, its state writes,
+/// the messages it published, its retries and its dead letters. Refused
+/// (nothing written) when the plugin was removed or redeployed from scratch
+/// since the batch started (`incarnation` differs).
+pub struct PluginCommit {
+    pub plugin: String,
+    pub incarnation: u64,
+    pub group: String,
+    /// (topic id, partition, next offset).
+    pub offsets: Vec<(u32, u32, u64)>,
+    /// key → new value, or `None` to delete.
+    pub state: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    pub publishes: Vec<(Arc<Topic>, Vec<PartitionAppend>)>,
+    pub retry_puts: Vec<PluginRetryPut>,
+    pub retry_deletes: Vec<(u32, u32, u64)>,
+    pub dead_letters: Vec<(Arc<Topic>, NewMessage)>,
+    pub now_ms: u64,
 }
 
 /// One stored batch for one partition.
@@ -134,6 +169,18 @@ impl WriteOp {
                         .sum::<usize>()
             }
             WriteOp::StoreHalf { halves, .. } => halves.iter().map(|(_, m)| m.size_bytes()).sum(),
+            WriteOp::PluginPut { component, .. } => component.as_ref().map_or(64, |c| c.len()),
+            WriteOp::PluginCommit(c) => {
+                c.publishes
+                    .iter()
+                    .flat_map(|(_, a)| a.iter().map(|a| a.value.len()))
+                    .sum::<usize>()
+                    + c.state
+                        .iter()
+                        .map(|(k, v)| k.len() + v.as_ref().map_or(0, |v| v.len()))
+                        .sum::<usize>()
+                    + 64
+            }
             WriteOp::Settle { dead_letters, .. } => {
                 dead_letters
                     .iter()
@@ -178,6 +225,9 @@ pub enum WriteOutcome {
     Pruned(u64),
     Settled,
     PolicySet,
+    PluginStored,
+    PluginRemoved(bool),
+    PluginCommitted,
 }
 
 #[derive(Debug, Error, Clone)]
@@ -198,6 +248,8 @@ pub enum WriteError {
         owner: String,
         requester: String,
     },
+    #[error("plugin {0:?} was removed or redeployed; the batch's effects were not written")]
+    PluginGone(String),
     #[error("storage failure, nothing was written: {0}")]
     Storage(String),
     #[error("a stored record could not be read, nothing was written: {0}")]
@@ -327,6 +379,8 @@ struct Effects {
     counters: Counters,
     /// Group offsets stored by this commit: (group, topic id, partition, offset).
     committed: Vec<(String, u32, u32, u64)>,
+    /// Groups whose offsets this commit deleted.
+    forgotten_groups: Vec<String>,
     /// Earliest due time of scheduled messages after this commit.
     next_scheduled_ms: u64,
     /// `next_scheduled_ms` was recomputed from the table (not just lowered).
@@ -348,6 +402,10 @@ struct Tables<'t> {
     id_index: redb::Table<'t, u64, (u32, u32, u64, u32)>,
     key_index: redb::Table<'t, (u32, u64, u32, u64), ()>,
     policies: redb::Table<'t, &'static str, &'static [u8]>,
+    plugins: redb::Table<'t, &'static str, &'static [u8]>,
+    plugin_components: redb::Table<'t, &'static str, &'static [u8]>,
+    plugin_state: redb::Table<'t, (&'static str, &'static [u8]), &'static [u8]>,
+    plugin_retries: redb::Table<'t, (&'static str, u32, u32, u64), (u64, u32)>,
 }
 
 fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
@@ -424,6 +482,9 @@ impl Writer {
                         self.registry.forget_committed(topic.id());
                     }
                 }
+                for group in effects.forgotten_groups {
+                    self.registry.forget_group(&group);
+                }
                 for (group, topic_id, partition, offset) in effects.committed {
                     self.registry
                         .set_committed(&group, topic_id, partition, offset);
@@ -483,6 +544,7 @@ impl Writer {
             next_scheduled_ms: self.next_scheduled_ms.load(Ordering::Acquire),
             scheduled_recomputed: false,
             committed: Vec::new(),
+            forgotten_groups: Vec::new(),
         };
         let mut results = Vec::with_capacity(ops.len());
         {
@@ -500,6 +562,10 @@ impl Writer {
                 id_index: txn.open_table(tables::ID_INDEX)?,
                 key_index: txn.open_table(tables::KEY_INDEX)?,
                 policies: txn.open_table(tables::GROUP_POLICIES)?,
+                plugins: txn.open_table(tables::PLUGINS)?,
+                plugin_components: txn.open_table(tables::PLUGIN_COMPONENTS)?,
+                plugin_state: txn.open_table(tables::PLUGIN_STATE)?,
+                plugin_retries: txn.open_table(tables::PLUGIN_RETRIES)?,
             };
             let mut scope = Scope::default();
             for op in ops.iter_mut() {
@@ -525,6 +591,91 @@ impl Writer {
             self.last_sync = Instant::now();
         }
         Ok((results, fx))
+    }
+
+    /// Delete stored components no plugin record refers to.
+    fn drop_unused_components(t: &mut Tables) -> Result<(), StorageError> {
+        let mut used = HashSet::new();
+        for entry in t.plugins.iter()? {
+            let (_, v) = entry?;
+            let record: crate::plugins::PluginRecord = decode(v.value(), "plugin record")?;
+            used.insert(record.component_sha256);
+        }
+        t.plugin_components.retain(|hash, _| used.contains(hash))?;
+        Ok(())
+    }
+
+    fn plugin_commit(
+        &self,
+        c: &mut PluginCommit,
+        t: &mut Tables,
+        fx: &mut Effects,
+        scope: &Scope,
+    ) -> Result<Result<WriteOutcome, WriteError>, StorageError> {
+        // Check first: a refused commit must change nothing.
+        let live = match t.plugins.get(c.plugin.as_str())? {
+            Some(v) => {
+                let record: crate::plugins::PluginRecord = decode(v.value(), "plugin record")?;
+                record.incarnation == c.incarnation
+            }
+            None => false,
+        };
+        if !live {
+            return Ok(Err(WriteError::PluginGone(c.plugin.clone())));
+        }
+        let dead_topic = c
+            .publishes
+            .iter()
+            .map(|(t, _)| t)
+            .chain(c.dead_letters.iter().map(|(t, _)| t))
+            .find(|t| !self.is_live(t, scope));
+        if let Some(topic) = dead_topic {
+            return Ok(Err(WriteError::UnknownTopic(topic.name.clone())));
+        }
+        let plugin = c.plugin.as_str();
+        for (key, value) in &c.state {
+            match value {
+                Some(v) => t
+                    .plugin_state
+                    .insert((plugin, key.as_slice()), v.as_slice())?,
+                None => t.plugin_state.remove((plugin, key.as_slice()))?,
+            };
+        }
+        for (key, (due, attempt)) in &c.retry_puts {
+            t.plugin_retries
+                .insert((plugin, key.0, key.1, key.2), (*due, *attempt))?;
+        }
+        for key in &c.retry_deletes {
+            t.plugin_retries.remove((plugin, key.0, key.1, key.2))?;
+        }
+        for (topic, appends) in c.publishes.iter_mut() {
+            for append in appends.iter_mut() {
+                let sequence = fx.counters.take_sequences(append.count as u64);
+                batch::set_base_sequence(&mut append.value, sequence);
+                Self::append(
+                    t,
+                    fx,
+                    topic,
+                    append.partition,
+                    append.count,
+                    &append.value,
+                    &append.key_hashes,
+                )?;
+            }
+        }
+        for (topic, message) in &c.dead_letters {
+            let sequence = fx.counters.take_sequences(1);
+            let mut value = batch::encode(c.now_ms, &[message]);
+            batch::set_base_sequence(&mut value, sequence);
+            Self::append(t, fx, topic, 0, 1, &value, &super::key_hashes([message]))?;
+        }
+        for (topic_id, partition, offset) in &c.offsets {
+            t.group_offsets
+                .insert((c.group.as_str(), *topic_id, *partition), *offset)?;
+            fx.committed
+                .push((c.group.clone(), *topic_id, *partition, *offset));
+        }
+        Ok(Ok(WriteOutcome::PluginCommitted))
     }
 
     /// Whether `topic` is still the live topic of its name in this transaction.
@@ -623,6 +774,7 @@ impl Writer {
                         t.batch_times
                             .retain_in((id, 0, 0)..=(id, u32::MAX, u64::MAX), |_, _| false)?;
                         t.retries.retain(|k, _| k.1 != id)?;
+                        t.plugin_retries.retain(|k, _| k.1 != id)?;
                         t.id_index.retain(|_, v| v.0 != id)?;
                         t.key_index.retain_in(
                             (id, 0, 0, 0)..=(id, u64::MAX, u32::MAX, u64::MAX),
@@ -890,6 +1042,27 @@ impl Writer {
                 }
                 Ok(WriteOutcome::Settled)
             }
+            WriteOp::PluginPut { record, component } => {
+                if let Some(bytes) = component {
+                    t.plugin_components
+                        .insert(record.component_sha256.as_str(), bytes.as_slice())?;
+                }
+                t.plugins
+                    .insert(record.spec.name.as_str(), encode(&**record).as_slice())?;
+                Self::drop_unused_components(t)?;
+                Ok(WriteOutcome::PluginStored)
+            }
+            WriteOp::PluginRemove { name, group } => {
+                let existed = t.plugins.remove(name.as_str())?.is_some();
+                let plugin = name.as_str();
+                t.plugin_state.retain(|k, _| k.0 != plugin)?;
+                t.plugin_retries.retain(|k, _| k.0 != plugin)?;
+                t.group_offsets.retain(|k, _| k.0 != group.as_str())?;
+                Self::drop_unused_components(t)?;
+                fx.forgotten_groups.push(group.clone());
+                Ok(WriteOutcome::PluginRemoved(existed))
+            }
+            WriteOp::PluginCommit(c) => self.plugin_commit(c, t, fx, scope)?,
             WriteOp::SetPolicy { group, policy } => {
                 t.policies
                     .insert(group.as_str(), encode(policy).as_slice())?;

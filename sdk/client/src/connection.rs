@@ -331,6 +331,108 @@ impl Client {
         )
     }
 
+    /// Deploy a plugin component, or upgrade the running plugin of that
+    /// name (hot reload at the next batch boundary).
+    pub async fn deploy_plugin(
+        &self,
+        spec: msmq_protocol::PluginSpec,
+        component: Vec<u8>,
+    ) -> Result<msmq_protocol::PluginDeployed, ClientError> {
+        match self
+            .request(&Request::DeployPlugin { spec, component })
+            .await?
+        {
+            Reply::PluginDeployed(d) => Ok(d),
+            other => Err(unexpected("DeployPlugin", other)),
+        }
+    }
+
+    pub async fn list_plugins(&self) -> Result<Vec<msmq_protocol::PluginInfo>, ClientError> {
+        match self.request(&Request::ListPlugins).await? {
+            Reply::Plugins(p) => Ok(p),
+            other => Err(unexpected("ListPlugins", other)),
+        }
+    }
+
+    pub async fn plugin_stats(
+        &self,
+        name: &str,
+    ) -> Result<msmq_protocol::PluginStats, ClientError> {
+        match self
+            .request(&Request::PluginStats { name: name.into() })
+            .await?
+        {
+            Reply::PluginStats(s) => Ok(s),
+            other => Err(unexpected("PluginStats", other)),
+        }
+    }
+
+    pub async fn pause_plugin(&self, name: &str) -> Result<(), ClientError> {
+        expect_done(
+            "PausePlugin",
+            self.request(&Request::PausePlugin { name: name.into() })
+                .await?,
+        )
+    }
+
+    pub async fn resume_plugin(&self, name: &str) -> Result<(), ClientError> {
+        expect_done(
+            "ResumePlugin",
+            self.request(&Request::ResumePlugin { name: name.into() })
+                .await?,
+        )
+    }
+
+    /// Stop a plugin and forget its state and progress.
+    pub async fn remove_plugin(&self, name: &str) -> Result<(), ClientError> {
+        expect_done(
+            "RemovePlugin",
+            self.request(&Request::RemovePlugin { name: name.into() })
+                .await?,
+        )
+    }
+
+    /// Read up to `limit` committed state entries of a plugin whose key
+    /// starts with `prefix`, after `start_after` when given.
+    pub async fn plugin_state(
+        &self,
+        name: &str,
+        prefix: &[u8],
+        start_after: Option<&[u8]>,
+        limit: u32,
+    ) -> Result<Vec<msmq_protocol::StateEntry>, ClientError> {
+        let req = Request::PluginState {
+            name: name.into(),
+            prefix: prefix.to_vec(),
+            start_after: start_after.map(|a| msmq_protocol::serde_bytes::ByteBuf::from(a.to_vec())),
+            limit,
+        };
+        match self.request(&req).await? {
+            Reply::PluginState(entries) => Ok(entries),
+            other => Err(unexpected("PluginState", other)),
+        }
+    }
+
+    /// Every committed state entry of a plugin whose key starts with
+    /// `prefix`, paging through the broker's per-request limit.
+    pub async fn plugin_state_all(
+        &self,
+        name: &str,
+        prefix: &[u8],
+    ) -> Result<Vec<msmq_protocol::StateEntry>, ClientError> {
+        let mut all: Vec<msmq_protocol::StateEntry> = Vec::new();
+        loop {
+            let after = all.last().map(|e| e.key.clone());
+            let page = self
+                .plugin_state(name, prefix, after.as_deref(), 10_000)
+                .await?;
+            if page.is_empty() {
+                return Ok(all);
+            }
+            all.extend(page);
+        }
+    }
+
     pub async fn list_topics(&self) -> Result<Vec<TopicInfo>, ClientError> {
         match self.request(&Request::ListTopics).await? {
             Reply::Topics(topics) => Ok(topics),

@@ -82,6 +82,11 @@ codes! {
     /// The partition's backlog (messages its slowest consumer group has not
     /// consumed) reached `backlog_messages_max`; retry after `retry_after_ms`.
     BACKLOG_FULL = 20, retryable = true;
+    /// No plugin of that name is deployed.
+    UNKNOWN_PLUGIN = 21, retryable = false;
+    /// The plugin component was refused: not a component, wrong world,
+    /// imports it may not have, too large, or its `init` failed.
+    PLUGIN_REFUSED = 22, retryable = false;
 }
 
 impl fmt::Debug for ErrorCode {

@@ -17,6 +17,7 @@ pub mod error_code;
 pub mod frame;
 pub mod messages;
 pub mod names;
+pub mod plugins;
 
 pub use error_code::ErrorCode;
 pub use frame::{
@@ -24,6 +25,8 @@ pub use frame::{
     FRAME_HEADER_BYTES,
 };
 pub use messages::*;
+pub use plugins::*;
+pub use serde_bytes;
 
 /// ALPN protocol id negotiated in the TLS handshake; it carries the protocol
 /// version, so an incompatible client fails at connect time.

@@ -12,13 +12,20 @@ pub enum Request {
     /// Liveness and version check. Reply: [`Reply::Pong`].
     Ping,
     /// Reply: [`Reply::TopicCreated`].
-    CreateTopic { name: String, partitions: u32 },
+    CreateTopic {
+        name: String,
+        partitions: u32,
+    },
     /// Delete a topic, its log and its group offsets. Reply: [`Reply::Done`].
-    DeleteTopic { name: String },
+    DeleteTopic {
+        name: String,
+    },
     /// Reply: [`Reply::Topics`].
     ListTopics,
     /// Partitions with their offsets and the lag of every group. Reply: [`Reply::TopicDescription`].
-    DescribeTopic { name: String },
+    DescribeTopic {
+        name: String,
+    },
     /// Append messages. With `partition` set every message goes there;
     /// otherwise a message with a key goes to `hash(key) % partitions` and the
     /// keyless ones of one request go together to the next partition in turn.
@@ -52,7 +59,10 @@ pub enum Request {
         sql_filter: Option<String>,
     },
     /// Keep a membership alive and learn the current assignment. Reply: [`Reply::Assignment`].
-    Heartbeat { group: String, member_id: u64 },
+    Heartbeat {
+        group: String,
+        member_id: u64,
+    },
     /// Take the next messages from the member's assigned partitions, waiting
     /// up to `limits.max_wait_ms` when none is ready. Counts as a heartbeat.
     /// `positions` is where the member wants to continue on partitions it
@@ -76,15 +86,22 @@ pub enum Request {
         offsets: Vec<PartitionOffset>,
     },
     /// Leave the group at once (partitions are rebalanced). Reply: [`Reply::Done`].
-    LeaveGroup { group: String, member_id: u64 },
+    LeaveGroup {
+        group: String,
+        member_id: u64,
+    },
     /// Reply: [`Reply::Groups`].
     ListGroups,
     /// Reply: [`Reply::GroupDescription`].
-    DescribeGroup { group: String },
+    DescribeGroup {
+        group: String,
+    },
     /// Declare this connection a live producer of `producer_group`: the
     /// broker may send it [`BrokerRequest::CheckTransaction`] on streams it
     /// opens. Holds until the connection closes. Reply: [`Reply::Done`].
-    RegisterProducer { producer_group: String },
+    RegisterProducer {
+        producer_group: String,
+    },
     /// Store half messages, one transaction each, invisible to consumers
     /// until committed. Routed like `Produce`. The first check-back comes
     /// after the broker's `transaction_timeout` or `check_immunity_ms`,
@@ -107,11 +124,17 @@ pub enum Request {
     },
     /// Pending (or, with `discarded`, discarded) transactions, oldest first,
     /// at most `limit`. Reply: [`Reply::Transactions`].
-    ListTransactions { discarded: bool, limit: u32 },
+    ListTransactions {
+        discarded: bool,
+        limit: u32,
+    },
     /// Operator action on a discarded transaction: back to pending for a
     /// new round of checks, or commit it by hand.
     /// Reply: [`Reply::TransactionEnded`].
-    ResolveDiscarded { tx_id: u64, action: DiscardedAction },
+    ResolveDiscarded {
+        tx_id: u64,
+        action: DiscardedAction,
+    },
     /// Several `EndTransaction`s in one request, each applied (and answered)
     /// on its own. Reply: [`Reply::TransactionsEnded`], in request order.
     EndTransactions {
@@ -168,13 +191,43 @@ pub enum Request {
     },
     /// Look a message up by id. Reply: [`Reply::Messages`] (empty if unknown
     /// or no longer stored).
-    GetMessage { id: MessageId },
+    GetMessage {
+        id: MessageId,
+    },
     /// Messages of `topic` with exactly this key, oldest first per
     /// partition, at most `limit`. Reply: [`Reply::Messages`].
     FindMessages {
         topic: String,
         #[serde(with = "serde_bytes")]
         key: Vec<u8>,
+        limit: u32,
+    },
+    /// Deploy a plugin, or upgrade the running plugin of that name.
+    DeployPlugin {
+        spec: crate::PluginSpec,
+        #[serde(with = "serde_bytes")]
+        component: Vec<u8>,
+    },
+    ListPlugins,
+    PluginStats {
+        name: String,
+    },
+    PausePlugin {
+        name: String,
+    },
+    ResumePlugin {
+        name: String,
+    },
+    RemovePlugin {
+        name: String,
+    },
+    /// Read a plugin's committed state: up to `limit` entries whose key
+    /// starts with `prefix`, after `start_after` when given.
+    PluginState {
+        name: String,
+        #[serde(with = "serde_bytes")]
+        prefix: Vec<u8>,
+        start_after: Option<serde_bytes::ByteBuf>,
         limit: u32,
     },
 }
@@ -270,6 +323,10 @@ pub enum Reply {
         invisible_until_ms: u64,
     },
     Messages(Vec<FoundMessage>),
+    PluginDeployed(crate::PluginDeployed),
+    Plugins(Vec<crate::PluginInfo>),
+    PluginStats(crate::PluginStats),
+    PluginState(Vec<crate::StateEntry>),
 }
 
 /// The answer to one decision of an `EndTransactions` request.

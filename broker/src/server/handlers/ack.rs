@@ -41,6 +41,38 @@ pub mod dlq_headers {
     pub const ATTEMPTS: &str = "msmq.dlq.attempts";
 }
 
+/// A dead letter: the message as it was, with headers saying where it came
+/// from and why it was given up.
+pub(crate) fn dead_letter(
+    m: msmq_protocol::Message,
+    reason: &str,
+    topic: &str,
+    partition: u32,
+    attempts: u32,
+) -> NewMessage {
+    let mut letter = NewMessage {
+        payload: m.payload,
+        key: m.key,
+        tag: m.tag,
+        headers: m.headers,
+        deliver_at_ms: None,
+    };
+    for (name, value) in [
+        (dlq_headers::REASON, reason.to_string()),
+        (dlq_headers::TOPIC, topic.to_string()),
+        (dlq_headers::PARTITION, partition.to_string()),
+        (dlq_headers::OFFSET, m.offset.to_string()),
+        (dlq_headers::ID, m.id.to_string()),
+        (dlq_headers::ATTEMPTS, attempts.to_string()),
+    ] {
+        letter.headers.push(Header {
+            name: name.to_string(),
+            value,
+        });
+    }
+    letter
+}
+
 /// Whether `group` consumes with per-message acks (then offset commits and
 /// polls would undo its floor).
 pub(super) fn uses_acks(state: &BrokerState, group: &str) -> bool {
@@ -162,7 +194,7 @@ fn stale_or_missing(group: &str) -> ErrorReply {
 }
 
 /// The group's dead-letter topic, created on first use.
-async fn dlq_topic(state: &BrokerState, group: &str) -> Result<Arc<Topic>, ErrorReply> {
+pub(crate) async fn dlq_topic(state: &BrokerState, group: &str) -> Result<Arc<Topic>, ErrorReply> {
     let name = format!("{DLQ_PREFIX}{group}");
     if let Some(t) = state.registry.get(&name) {
         return Ok(t);
@@ -757,26 +789,7 @@ async fn fail(
                 let mut dead_letters = Vec::new();
                 if let (Some(topic), Some(m)) = (topic, message) {
                     let dlq = dlq_topic(state, group).await.map_err(|e| e.to_string())?;
-                    let mut letter = NewMessage {
-                        payload: m.payload,
-                        key: m.key,
-                        tag: m.tag,
-                        headers: m.headers,
-                        deliver_at_ms: None,
-                    };
-                    for (name, value) in [
-                        (dlq_headers::REASON, reason.clone()),
-                        (dlq_headers::TOPIC, topic.name.clone()),
-                        (dlq_headers::PARTITION, key.1.to_string()),
-                        (dlq_headers::OFFSET, key.2.to_string()),
-                        (dlq_headers::ID, m.id.to_string()),
-                        (dlq_headers::ATTEMPTS, lease.attempt.to_string()),
-                    ] {
-                        letter.headers.push(Header {
-                            name: name.to_string(),
-                            value,
-                        });
-                    }
+                    let letter = dead_letter(m, &reason, &topic.name, key.1, lease.attempt);
                     dead_letters.push((dlq, letter));
                 }
                 state

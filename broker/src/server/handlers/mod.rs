@@ -1,9 +1,10 @@
 //! One handler per request. Each returns the reply or an [`ErrorReply`] with
 //! a stable code; none panics on client input.
 
-mod ack;
+pub(crate) mod ack;
 mod admin;
 mod group;
+mod plugin;
 mod produce;
 mod read;
 mod tx;
@@ -17,7 +18,7 @@ use msmq_protocol::{ErrorCode, ErrorReply, Reply, Request};
 pub(super) use ack::{expire_leases, load_acks};
 
 pub(super) async fn handle(
-    state: &BrokerState,
+    state: &std::sync::Arc<BrokerState>,
     ctx: &ConnectionContext,
     request: Request,
 ) -> Result<Reply, ErrorReply> {
@@ -29,6 +30,27 @@ pub(super) async fn handle(
     }
     match request {
         Request::Ping => Ok(admin::ping()),
+        Request::DeployPlugin { spec, component } => plugin::deploy(state, spec, component).await,
+        Request::ListPlugins => Ok(Reply::Plugins(state.plugins.list())),
+        Request::PluginStats { name } => plugin::stats(state, &name),
+        Request::PausePlugin { name } => plugin::set_paused(state, &name, true).await,
+        Request::ResumePlugin { name } => plugin::set_paused(state, &name, false).await,
+        Request::RemovePlugin { name } => plugin::remove(state, &name).await,
+        Request::PluginState {
+            name,
+            prefix,
+            start_after,
+            limit,
+        } => {
+            plugin::state(
+                state,
+                name,
+                prefix,
+                start_after.map(|b| b.into_vec()),
+                limit,
+            )
+            .await
+        }
         Request::CreateTopic { name, partitions } => {
             admin::create_topic(state, name, partitions).await
         }
@@ -173,6 +195,7 @@ fn from_write(e: WriteError) -> ErrorReply {
     let code = match &e {
         WriteError::TopicExists(_) => ErrorCode::TOPIC_EXISTS,
         WriteError::UnknownTopic(_) => ErrorCode::UNKNOWN_TOPIC,
+        WriteError::PluginGone(_) => ErrorCode::UNKNOWN_PLUGIN,
         WriteError::Storage(_) | WriteError::Corrupt(_) => ErrorCode::STORAGE_ERROR,
         WriteError::ShuttingDown => ErrorCode::SHUTTING_DOWN,
         WriteError::UnknownTransaction(_) => ErrorCode::UNKNOWN_TRANSACTION,
@@ -205,9 +228,4 @@ async fn blocking<T: Send + 'static>(
         .map_err(from_storage)
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+use super::now_ms;

@@ -1,0 +1,257 @@
+//! The one wasmtime [`Engine`] of the broker: compiling, caching and checking
+//! plugin components, and linking what a plugin may import.
+//!
+//! Owns: the engine, its epoch ticker thread, the on-disk cache of compiled
+//! components (`<data dir>/plugin-cache/<sha256>-<engine hash>.cwasm`).
+//!
+//! Invariants:
+//! - A component is compiled at most once per engine build: later deploys and
+//!   broker restarts load the cached machine code.
+//! - A component is accepted only if it targets the `consumer` world and
+//!   imports nothing but `msmq:plugin` interfaces and the harmless WASI
+//!   interfaces toolchains link in anyway (cli, io, clocks, random). Those
+//!   WASI functions trap when called, except an empty environment and an
+//!   insecure random seed (Rust's `HashMap` asks for one). Filesystem,
+//!   sockets, HTTP and anything unknown are refused at deploy.
+
+use super::host::{ConsumerPre, HostState};
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use thiserror::Error;
+use wasmtime::component::{Component, Linker};
+use wasmtime::Engine;
+
+/// Interval of the epoch ticker: the granularity of batch time limits.
+pub const EPOCH_TICK_MS: u64 = 10;
+
+/// Why a component was refused.
+#[derive(Debug, Error)]
+pub enum RefusedComponent {
+    #[error("the file is not WebAssembly (no \\0asm header)")]
+    NotWasm,
+    #[error("the file is a core WebAssembly module, not a component; build for wasm32-wasip2 or wrap it with `wasm-tools component new`")]
+    CoreModule,
+    #[error("the component is {size} bytes; plugin_component_bytes_max is {max}")]
+    TooLarge { size: usize, max: usize },
+    #[error("the component is invalid: {0}")]
+    Invalid(String),
+    #[error("the component imports {0}, which MSMQ does not grant plugins ({1})")]
+    ForbiddenImport(String, &'static str),
+    #[error("the component does not target the msmq:plugin/consumer world: {0}")]
+    WrongWorld(String),
+    #[error("the plugin's init failed: {0}")]
+    InitFailed(String),
+}
+
+/// A compiled, checked component, ready to instantiate.
+#[derive(Clone)]
+pub struct Prepared {
+    pub sha256: String,
+    pub bytes_len: usize,
+    pub pre: ConsumerPre<HostState>,
+    /// Time spent compiling (zero when loaded from the cache).
+    pub compile_time: Duration,
+}
+
+/// The broker's wasmtime engine and component cache.
+#[derive(Clone)]
+pub struct PluginEngine {
+    engine: Engine,
+    cache_dir: PathBuf,
+    engine_hash: String,
+}
+
+impl PluginEngine {
+    pub fn new(data_dir: &Path) -> anyhow::Result<PluginEngine> {
+        let mut config = wasmtime::Config::new();
+        config.wasm_component_model(true);
+        config.epoch_interruption(true);
+        config.cranelift_opt_level(wasmtime::OptLevel::Speed);
+        let engine =
+            Engine::new(&config).map_err(|e| anyhow::anyhow!("starting wasmtime: {e:#}"))?;
+        let ticker = engine.weak();
+        std::thread::Builder::new()
+            .name("msmq-plugin-epoch".into())
+            .spawn(move || {
+                while let Some(engine) = ticker.upgrade() {
+                    engine.increment_epoch();
+                    drop(engine);
+                    std::thread::sleep(Duration::from_millis(EPOCH_TICK_MS));
+                }
+            })?;
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        engine.precompile_compatibility_hash().hash(&mut hasher);
+        let cache_dir = data_dir.join("plugin-cache");
+        std::fs::create_dir_all(&cache_dir)?;
+        Ok(PluginEngine {
+            engine,
+            cache_dir,
+            engine_hash: format!("{:016x}", hasher.finish()),
+        })
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Check, compile (or load compiled) and link a component. Blocking.
+    pub fn prepare(&self, bytes: &[u8], size_max: usize) -> Result<Prepared, RefusedComponent> {
+        if bytes.len() > size_max {
+            return Err(RefusedComponent::TooLarge {
+                size: bytes.len(),
+                max: size_max,
+            });
+        }
+        if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
+            return Err(RefusedComponent::NotWasm);
+        }
+        if bytes[4..8] == [1, 0, 0, 0] {
+            return Err(RefusedComponent::CoreModule);
+        }
+        let sha256 = sha256_hex(bytes);
+        let started = Instant::now();
+        let (component, compiled) = self.load_or_compile(&sha256, bytes)?;
+        let compile_time = if compiled {
+            started.elapsed()
+        } else {
+            Duration::ZERO
+        };
+        let linker = self.linker_for(&component)?;
+        let instance_pre = linker
+            .instantiate_pre(&component)
+            .map_err(|e| RefusedComponent::WrongWorld(format!("{e:#}")))?;
+        let pre = ConsumerPre::new(instance_pre)
+            .map_err(|e| RefusedComponent::WrongWorld(format!("{e:#}")))?;
+        Ok(Prepared {
+            sha256,
+            bytes_len: bytes.len(),
+            pre,
+            compile_time,
+        })
+    }
+
+    /// The compiled component and whether it had to be compiled now.
+    fn load_or_compile(
+        &self,
+        sha256: &str,
+        bytes: &[u8],
+    ) -> Result<(Component, bool), RefusedComponent> {
+        let cached = self
+            .cache_dir
+            .join(format!("{sha256}-{}.cwasm", self.engine_hash));
+        if cached.exists() {
+            // SAFETY: the file was written by `Component::serialize` of this
+            // engine build (its compatibility hash is in the name) into the
+            // broker's own data directory.
+            match unsafe { Component::deserialize_file(&self.engine, &cached) } {
+                Ok(component) => return Ok((component, false)),
+                Err(e) => {
+                    tracing::warn!(file = %cached.display(), error = %e, "compiled plugin cache unusable; recompiling");
+                }
+            }
+        }
+        let component = Component::new(&self.engine, bytes)
+            .map_err(|e| RefusedComponent::Invalid(format!("{e:#}")))?;
+        match component.serialize() {
+            Ok(code) => {
+                let tmp = cached.with_extension("tmp");
+                if let Err(e) =
+                    std::fs::write(&tmp, code).and_then(|_| std::fs::rename(&tmp, &cached))
+                {
+                    tracing::warn!(file = %cached.display(), error = %e, "could not cache compiled plugin");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not serialise compiled plugin"),
+        }
+        Ok((component, true))
+    }
+
+    /// A linker with the host interface, the granted WASI stubs, and traps
+    /// for the other harmless WASI imports of this component.
+    fn linker_for(&self, component: &Component) -> Result<Linker<HostState>, RefusedComponent> {
+        let mut linker: Linker<HostState> = Linker::new(&self.engine);
+        super::host::Consumer::add_to_linker::<HostState, wasmtime::component::HasSelf<HostState>>(
+            &mut linker,
+            |s| s,
+        )
+        .map_err(|e| RefusedComponent::Invalid(format!("{e:#}")))?;
+        let ty = component.component_type();
+        for (name, _) in ty.imports(&self.engine) {
+            let interface = name.split('@').next().unwrap_or(name);
+            match interface {
+                "msmq:plugin/host" | "msmq:plugin/types" => {
+                    let major_one = name.split('@').nth(1).is_some_and(|v| v.starts_with("1."));
+                    if !major_one {
+                        return Err(RefusedComponent::WrongWorld(format!(
+                            "it imports {name}; this broker speaks msmq:plugin@1.x"
+                        )));
+                    }
+                }
+                "wasi:random/insecure-seed" => {
+                    let mut inst = linker
+                        .instance(name)
+                        .map_err(|e| RefusedComponent::Invalid(format!("{e:#}")))?;
+                    inst.func_wrap("insecure-seed", |_, (): ()| {
+                        Ok(((rand::random::<u64>(), rand::random::<u64>()),))
+                    })
+                    .map_err(|e| RefusedComponent::Invalid(format!("{e:#}")))?;
+                }
+                "wasi:cli/environment" => {
+                    let mut inst = linker
+                        .instance(name)
+                        .map_err(|e| RefusedComponent::Invalid(format!("{e:#}")))?;
+                    let wrap = |e: wasmtime::Error| RefusedComponent::Invalid(format!("{e:#}"));
+                    inst.func_wrap("get-environment", |_, (): ()| {
+                        Ok((Vec::<(String, String)>::new(),))
+                    })
+                    .map_err(wrap)?;
+                    inst.func_wrap("get-arguments", |_, (): ()| Ok((Vec::<String>::new(),)))
+                        .map_err(wrap)?;
+                    inst.func_wrap("initial-cwd", |_, (): ()| Ok((None::<String>,)))
+                        .map_err(wrap)?;
+                }
+                _ => check_import(name, interface)?,
+            }
+        }
+        linker
+            .define_unknown_imports_as_traps(component)
+            .map_err(|e| RefusedComponent::Invalid(format!("{e:#}")))?;
+        Ok(linker)
+    }
+}
+
+/// Refuse imports that would reach outside the sandbox.
+fn check_import(name: &str, interface: &str) -> Result<(), RefusedComponent> {
+    let package = interface.split('/').next().unwrap_or(interface);
+    match package {
+        "wasi:filesystem" => Err(RefusedComponent::ForbiddenImport(
+            name.into(),
+            "plugins get no filesystem",
+        )),
+        "wasi:sockets" => Err(RefusedComponent::ForbiddenImport(
+            name.into(),
+            "plugins get no network",
+        )),
+        "wasi:http" => Err(RefusedComponent::ForbiddenImport(
+            name.into(),
+            "plugins get no network",
+        )),
+        // Linked in by toolchains whether used or not; calls trap.
+        "wasi:cli" | "wasi:io" | "wasi:clocks" | "wasi:random" => Ok(()),
+        _ => Err(RefusedComponent::ForbiddenImport(
+            name.into(),
+            "only msmq:plugin/host is offered",
+        )),
+    }
+}
+
+/// SHA-256 of `bytes`, lowercase hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
+    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Shared by the manager and its runners.
+pub type SharedEngine = Arc<PluginEngine>;

@@ -1,0 +1,319 @@
+//! What a plugin instance sees of the broker: the host functions of the
+//! `msmq:plugin/host` interface, backed by one batch's pending effects.
+//!
+//! Owns: [`HostState`], the data of one plugin `Store`.
+//!
+//! Invariants:
+//! - Nothing a host function does is visible outside the plugin until the
+//!   runner commits the batch: state writes go to an overlay that reads see
+//!   first, publishes are buffered. A failed batch drops both.
+//! - A plugin publishes only to the topics it was deployed with.
+//! - Memory growth past the plugin's limit traps the call.
+
+use crate::storage::read;
+use crate::topics::TopicRegistry;
+use redb::{Database, ReadableDatabase};
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+
+wasmtime::component::bindgen!({
+    world: "consumer",
+    path: "../wit",
+});
+
+pub use msmq::plugin::types::{Header, HostError, LogLevel, Message, MessageId, NewMessage};
+
+/// Longest state key a plugin may write.
+pub const STATE_KEY_BYTES_MAX: usize = 1024;
+/// Largest state value a plugin may write.
+pub const STATE_VALUE_BYTES_MAX: usize = 1024 * 1024;
+/// Most bytes of state writes and publishes one batch may leave behind.
+pub const BATCH_EFFECT_BYTES_MAX: usize = 32 * 1024 * 1024;
+/// Longest log line kept from a plugin.
+pub const LOG_LINE_BYTES_MAX: usize = 4096;
+/// Most entries one `state-scan` returns.
+pub const STATE_SCAN_ENTRIES_MAX: u32 = 10_000;
+
+/// The data of one plugin's `Store`.
+pub struct HostState {
+    pub plugin: Arc<str>,
+    db: Arc<Database>,
+    registry: Arc<TopicRegistry>,
+    allowed_topics: HashSet<String>,
+    message_bytes_max: usize,
+    /// A snapshot for this batch's state reads, opened on first use.
+    snapshot: Option<redb::ReadTransaction>,
+    /// This batch's state writes: key → value, `None` for a delete.
+    pub overlay: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// This batch's publishes.
+    pub publishes: Vec<(String, msmq_protocol::NewMessage)>,
+    effect_bytes: usize,
+    /// Refused publishes and state writes of this batch.
+    pub refusals: u64,
+    pub memory: MemoryLimiter,
+}
+
+/// Caps linear memory and tables, and remembers the current size.
+pub struct MemoryLimiter {
+    pub limit_bytes: usize,
+    pub current_bytes: usize,
+}
+
+impl wasmtime::ResourceLimiter for MemoryLimiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.limit_bytes {
+            return Err(wasmtime::Error::msg(format!(
+                "plugin memory limit of {} reached (it asked for {})",
+                bytesize::ByteSize(self.limit_bytes as u64),
+                bytesize::ByteSize(desired as u64)
+            )));
+        }
+        self.current_bytes = desired;
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        // A table element is at most a pointer pair; count it against memory.
+        Ok(desired.saturating_mul(16) <= self.limit_bytes)
+    }
+}
+
+impl HostState {
+    pub fn new(
+        plugin: Arc<str>,
+        db: Arc<Database>,
+        registry: Arc<TopicRegistry>,
+        allowed_topics: HashSet<String>,
+        message_bytes_max: usize,
+        memory_bytes_max: usize,
+    ) -> Self {
+        HostState {
+            plugin,
+            db,
+            registry,
+            allowed_topics,
+            message_bytes_max,
+            snapshot: None,
+            overlay: BTreeMap::new(),
+            publishes: Vec::new(),
+            effect_bytes: 0,
+            refusals: 0,
+            memory: MemoryLimiter {
+                limit_bytes: memory_bytes_max,
+                current_bytes: 0,
+            },
+        }
+    }
+
+    /// Forget the pending effects and the read snapshot (after a commit or
+    /// a failure).
+    pub fn reset_batch(&mut self) {
+        self.snapshot = None;
+        self.overlay.clear();
+        self.publishes.clear();
+        self.effect_bytes = 0;
+        self.refusals = 0;
+    }
+
+    /// Take the batch's effects: (state writes, publishes).
+    #[allow(clippy::type_complexity)]
+    pub fn take_effects(
+        &mut self,
+    ) -> (
+        Vec<(Vec<u8>, Option<Vec<u8>>)>,
+        Vec<(String, msmq_protocol::NewMessage)>,
+    ) {
+        let state = std::mem::take(&mut self.overlay).into_iter().collect();
+        let publishes = std::mem::take(&mut self.publishes);
+        self.reset_batch();
+        (state, publishes)
+    }
+
+    fn snapshot(&mut self) -> Option<&redb::ReadTransaction> {
+        if self.snapshot.is_none() {
+            match self.db.begin_read() {
+                Ok(txn) => self.snapshot = Some(txn),
+                Err(e) => {
+                    tracing::error!(plugin = %self.plugin, error = %e, "state read failed");
+                    return None;
+                }
+            }
+        }
+        self.snapshot.as_ref()
+    }
+
+    fn charge(&mut self, bytes: usize) -> Result<(), HostError> {
+        if self.effect_bytes + bytes > BATCH_EFFECT_BYTES_MAX {
+            self.refusals += 1;
+            return Err(HostError::TooLarge(format!(
+                "this batch's state writes and publishes would exceed {BATCH_EFFECT_BYTES_MAX} bytes"
+            )));
+        }
+        self.effect_bytes += bytes;
+        Ok(())
+    }
+
+    fn refuse(&mut self, error: HostError) -> Result<(), HostError> {
+        self.refusals += 1;
+        tracing::warn!(plugin = %self.plugin, error = ?error, "plugin request refused");
+        Err(error)
+    }
+}
+
+impl msmq::plugin::types::Host for HostState {}
+
+impl msmq::plugin::host::Host for HostState {
+    fn log(&mut self, level: LogLevel, mut message: String) {
+        if message.len() > LOG_LINE_BYTES_MAX {
+            let mut cut = LOG_LINE_BYTES_MAX;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+            message.push('…');
+        }
+        let plugin = &*self.plugin;
+        match level {
+            LogLevel::Trace => tracing::trace!(plugin, "{message}"),
+            LogLevel::Debug => tracing::debug!(plugin, "{message}"),
+            LogLevel::Info => tracing::info!(plugin, "{message}"),
+            LogLevel::Warn => tracing::warn!(plugin, "{message}"),
+            LogLevel::Error => tracing::error!(plugin, "{message}"),
+        }
+    }
+
+    fn publish(&mut self, message: NewMessage) -> Result<(), HostError> {
+        if !self.allowed_topics.contains(&message.topic) {
+            return self.refuse(HostError::NotAllowed(format!(
+                "plugin {} may not publish to topic {:?} (deploy it with --publish-to {})",
+                self.plugin, message.topic, message.topic
+            )));
+        }
+        if self.registry.get(&message.topic).is_none() {
+            return self.refuse(HostError::UnknownTopic(message.topic));
+        }
+        let new = msmq_protocol::NewMessage {
+            payload: message.payload,
+            key: message.key.map(Into::into),
+            tag: message.tag,
+            headers: message
+                .headers
+                .into_iter()
+                .map(|h| msmq_protocol::Header {
+                    name: h.name,
+                    value: h.value,
+                })
+                .collect(),
+            deliver_at_ms: None,
+        };
+        let size = new.size_bytes();
+        if size > self.message_bytes_max {
+            return self.refuse(HostError::TooLarge(format!(
+                "message of {size} bytes exceeds message_bytes_max ({})",
+                self.message_bytes_max
+            )));
+        }
+        self.charge(size)?;
+        self.publishes.push((message.topic, new));
+        Ok(())
+    }
+
+    fn state_get(&mut self, key: Vec<u8>) -> Option<Vec<u8>> {
+        if let Some(pending) = self.overlay.get(&key) {
+            return pending.clone();
+        }
+        let plugin = self.plugin.clone();
+        let txn = self.snapshot()?;
+        read::plugin_state_get(txn, &plugin, &key).unwrap_or_else(|e| {
+            tracing::error!(%plugin, error = %e, "state read failed");
+            None
+        })
+    }
+
+    fn state_put(&mut self, key: Vec<u8>, value: Vec<u8>) -> Result<(), HostError> {
+        if key.len() > STATE_KEY_BYTES_MAX {
+            return self.refuse(HostError::TooLarge(format!(
+                "state key of {} bytes exceeds {STATE_KEY_BYTES_MAX}",
+                key.len()
+            )));
+        }
+        if value.len() > STATE_VALUE_BYTES_MAX {
+            return self.refuse(HostError::TooLarge(format!(
+                "state value of {} bytes exceeds {STATE_VALUE_BYTES_MAX}",
+                value.len()
+            )));
+        }
+        self.charge(key.len() + value.len())?;
+        self.overlay.insert(key, Some(value));
+        Ok(())
+    }
+
+    fn state_delete(&mut self, key: Vec<u8>) {
+        if key.len() <= STATE_KEY_BYTES_MAX && self.charge(key.len()).is_ok() {
+            self.overlay.insert(key, None);
+        }
+    }
+
+    fn state_scan(
+        &mut self,
+        prefix: Vec<u8>,
+        start_after: Option<Vec<u8>>,
+        limit: u32,
+    ) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let limit = limit.min(STATE_SCAN_ENTRIES_MAX) as usize;
+        let plugin = self.plugin.clone();
+        // Stored entries, then this batch's writes on top, in key order.
+        let pending_deletes = self.overlay.values().filter(|v| v.is_none()).count();
+        let stored = match self.snapshot() {
+            Some(txn) => read::plugin_state_scan(
+                txn,
+                &plugin,
+                &prefix,
+                start_after.as_deref(),
+                limit + pending_deletes,
+            )
+            .unwrap_or_else(|e| {
+                tracing::error!(%plugin, error = %e, "state scan failed");
+                Vec::new()
+            }),
+            None => Vec::new(),
+        };
+        // When the stored window was cut short, pending writes past its end
+        // could hide stored keys before them: leave those out.
+        let window_end = (stored.len() >= limit + pending_deletes)
+            .then(|| stored.last().map(|(k, _)| k.clone()))
+            .flatten();
+        let mut merged: BTreeMap<Vec<u8>, Vec<u8>> = stored.into_iter().collect();
+        for (k, v) in self.overlay.range(prefix.clone()..) {
+            if !k.starts_with(&prefix) || window_end.as_ref().is_some_and(|end| k > end) {
+                break;
+            }
+            if start_after.as_ref().is_some_and(|after| k <= after) {
+                continue;
+            }
+            match v {
+                Some(v) => {
+                    merged.insert(k.clone(), v.clone());
+                }
+                None => {
+                    merged.remove(k);
+                }
+            }
+        }
+        merged.into_iter().take(limit).collect()
+    }
+
+    fn now_ms(&mut self) -> u64 {
+        crate::server::now_ms()
+    }
+}
