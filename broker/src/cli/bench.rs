@@ -2,6 +2,8 @@
 //! messages/s, MB/s and latency percentiles (HdrHistogram). Every run is
 //! bounded by a message count and a duration, whichever comes first.
 
+mod plugin;
+
 use super::ClientArgs;
 use anyhow::Context;
 use clap::{Args, Subcommand};
@@ -31,6 +33,11 @@ pub enum BenchCommand {
     /// Transactions: half message + commit round trips, then the same load
     /// as plain one-message produces for comparison.
     Tx(TxBench),
+    /// A plugin draining a backlog, against a native consumer draining the
+    /// same backlog; host cost per batch; optionally beside misbehaving plugins.
+    Plugin(plugin::PluginBench),
+    /// Deploy N plugins on one idle topic and report deploy times.
+    PluginDeploy(plugin::PluginDeployBench),
 }
 
 #[derive(Args, Clone)]
@@ -125,6 +132,8 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Consume(b) => consume(b).await,
         BenchCommand::E2e(b) => e2e(b).await,
         BenchCommand::Tx(b) => tx(b).await,
+        BenchCommand::Plugin(b) => plugin::plugin(b).await,
+        BenchCommand::PluginDeploy(b) => plugin::deploy(b).await,
     }
 }
 

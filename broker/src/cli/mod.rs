@@ -4,6 +4,7 @@
 
 mod bench;
 mod consume;
+mod demo;
 mod dlq;
 mod group;
 mod message;
@@ -39,6 +40,9 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Print the default configuration file, with comments.
     Config,
+    /// Run the payment-transfer scenario end to end on an embedded broker:
+    /// plugins, transactions, a flash-sale burst, and a consistency check.
+    Demo(demo::DemoArgs),
     /// Create, list, describe and delete topics.
     #[command(subcommand)]
     Topic(topic::TopicCommand),
@@ -128,6 +132,10 @@ pub fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Serve(args) => serve::run(args).await,
+            Command::Demo(args) => {
+                init_client_logging();
+                demo::run(args).await
+            }
             Command::Config => {
                 print!("{}", crate::config::Config::default_toml());
                 Ok(())
@@ -144,7 +152,9 @@ pub fn main() -> ExitCode {
                     Command::Message(cmd) => message::run(cmd).await,
                     Command::Bench(cmd) => bench::run(cmd).await,
                     Command::Plugin(cmd) => plugin::run(cmd).await,
-                    Command::Serve(_) | Command::Config => unreachable!("handled above"),
+                    Command::Serve(_) | Command::Config | Command::Demo(_) => {
+                        unreachable!("handled above")
+                    }
                 };
                 close_clients().await;
                 result

@@ -221,3 +221,67 @@ async fn plugins_state_and_pauses_survive_a_restart() -> anyhow::Result<()> {
     assert!(client.plugin_stats("rec").await.is_err());
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_plugin_cli_deploys_inspects_and_removes() -> anyhow::Result<()> {
+    use crate::harness::cli;
+    let broker = TestBroker::start()?;
+    let client = broker.client().await?;
+    client.create_topic("transfers", 2).await?;
+    let billing = rust_component("billing")?;
+    let billing = billing.to_str().expect("utf-8 path");
+    let run = |args: &[&str]| -> anyhow::Result<String> {
+        let out = cli(&broker, args, None)?;
+        anyhow::ensure!(
+            out.status.success(),
+            "msmq {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8(out.stdout)?)
+    };
+    let out = run(&[
+        "plugin",
+        "deploy",
+        "billing",
+        billing,
+        "--topic",
+        "transfers",
+        "--messages-per-second",
+        "500",
+        "--memory",
+        "32 MiB",
+        "--batch-time",
+        "500ms",
+    ])?;
+    assert!(out.starts_with("deployed billing version 1"), "{out}");
+    run(&[
+        "produce",
+        "transfers",
+        "tx-1|alice|bob|700",
+        "not a transfer",
+    ])?;
+    wait_stats(&client, "billing", Duration::from_secs(30), |s| {
+        s.processed == 2
+    })
+    .await?;
+
+    let list = run(&["plugin", "list"])?;
+    assert!(
+        list.contains("billing") && list.contains("running"),
+        "{list}"
+    );
+    let stats = run(&["plugin", "stats", "billing"])?;
+    assert!(stats.contains("dead-lettered 1"), "{stats}");
+    let state = run(&["plugin", "state", "billing", "--prefix", "bill/"])?;
+    assert_eq!(state, "bill/alice = -700\nbill/bob = 700\n");
+    run(&["plugin", "pause", "billing"])?;
+    assert!(run(&["plugin", "list"])?.contains("paused"));
+    run(&["plugin", "resume", "billing"])?;
+    run(&["plugin", "remove", "billing"])?;
+    let out = cli(&broker, &["plugin", "stats", "billing"], None)?;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("UNKNOWN_PLUGIN"));
+    let spec_limits = client.list_plugins().await?;
+    assert!(spec_limits.is_empty());
+    Ok(())
+}

@@ -129,3 +129,36 @@ async fn payment_scenario(points_component: PathBuf) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn msmq_demo_runs_the_scenario_and_checks_it() -> anyhow::Result<()> {
+    let dir = rust_component("billing")?
+        .parent()
+        .expect("a directory")
+        .to_path_buf();
+    let out = std::process::Command::new(crate::harness::MSMQ)
+        .args([
+            "demo",
+            "--transfers",
+            "30",
+            "--burst",
+            "1000",
+            "--quota",
+            "5000",
+        ])
+        .arg("--plugins")
+        .arg(&dir)
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "demo failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("demo OK"), "{stdout}");
+    assert!(
+        stdout.contains("26 transfers committed, 4 rolled back"),
+        "{stdout}"
+    );
+    Ok(())
+}
