@@ -42,7 +42,7 @@ start_broker() { # dir -> sets PID, ADDR, START_MS (time to the listening line)
 stop_broker() { kill -TERM "$PID"; wait "$PID" || true; }
 rss_mib() { awk '/VmRSS/ {printf "%.1f", $2/1024}' "/proc/$PID/status"; }
 field() { sed -E "s/.*\"$1\":([0-9.e+-]+).*/\1/"; }
-median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+median() { sort -g | awk '{a[NR]=$1} END {v=a[int((NR+1)/2)]; if (v+0 >= 100) printf "%.0f\n", v; else printf "%.2f\n", v}'; }
 
 for f in native plugin1000 ratio1000 plugin100 ratio100 batch_us call_us host_us beside first_deploy compile cached restart rss_before rss_idle rss_restart; do
   : >"$WORK/$f"

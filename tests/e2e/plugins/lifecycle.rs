@@ -35,6 +35,14 @@ async fn bad_components_and_specs_are_refused_with_clear_errors() -> anyhow::Res
         "{e}"
     );
 
+    let e = refusal(deploy(&client, spec("x", "t"), &rust_component("wrong-world")?).await);
+    assert_eq!(e.code(), Some(ErrorCode::PLUGIN_REFUSED));
+    assert!(
+        e.to_string()
+            .contains("does not target the msmq:plugin/consumer world"),
+        "{e}"
+    );
+
     // The size limit: ack-all is under 60 000 bytes, recorder-v1 is over.
     let small = rust_component("ack-all")?;
     let large = rust_component("recorder-v1")?;
