@@ -29,6 +29,10 @@ pub const STATE_KEY_BYTES_MAX: usize = 1024;
 pub const STATE_VALUE_BYTES_MAX: usize = 1024 * 1024;
 /// Most bytes of state writes and publishes one batch may leave behind.
 pub const BATCH_EFFECT_BYTES_MAX: usize = 32 * 1024 * 1024;
+/// What each publish, state write or delete costs against
+/// [`BATCH_EFFECT_BYTES_MAX`] beyond its own bytes: the broker's bookkeeping
+/// of it, so even empty entries are bounded.
+pub const EFFECT_ENTRY_OVERHEAD_BYTES: usize = 64;
 /// Longest log line kept from a plugin.
 pub const LOG_LINE_BYTES_MAX: usize = 4096;
 /// Most entries one `state-scan` returns.
@@ -153,6 +157,7 @@ impl HostState {
     }
 
     fn charge(&mut self, bytes: usize) -> Result<(), HostError> {
+        let bytes = bytes + EFFECT_ENTRY_OVERHEAD_BYTES;
         if self.effect_bytes + bytes > BATCH_EFFECT_BYTES_MAX {
             self.refusals += 1;
             return Err(HostError::TooLarge(format!(

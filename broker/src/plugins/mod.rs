@@ -94,6 +94,8 @@ pub struct PluginManager {
     runners: Mutex<HashMap<String, runner::RunnerHandle>>,
     /// Serialises deploys, removes, pauses and resumes.
     admin: tokio::sync::Mutex<()>,
+    /// Set at shutdown: no runner starts any more.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl PluginManager {
@@ -102,6 +104,7 @@ impl PluginManager {
             engine,
             runners: Mutex::new(HashMap::new()),
             admin: tokio::sync::Mutex::new(()),
+            closed: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -145,12 +148,12 @@ impl PluginManager {
     }
 
     fn spawn(&self, state: &Arc<BrokerState>, record: PluginRecord, prepared: Prepared) {
+        let mut runners = self.runners.lock().expect("runner lock");
+        if self.closed.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
         let name = record.spec.name.clone();
-        let handle = runner::spawn(state.clone(), record, prepared);
-        self.runners
-            .lock()
-            .expect("runner lock")
-            .insert(name, handle);
+        runners.insert(name, runner::spawn(state.clone(), record, prepared));
     }
 
     /// Deploy a new plugin or upgrade a running one.
@@ -192,6 +195,18 @@ impl PluginManager {
             .map_err(|e| PluginError::Internal(e.to_string()))??
         };
         let upgraded = previous.is_some();
+        let group = spec.group_name();
+        if let Some(owner) = manager.group_owner(&group).filter(|o| *o != spec.name) {
+            return Err(PluginError::Invalid(format!(
+                "group {group:?} already holds the progress of plugin {owner:?}"
+            )));
+        }
+        let members = state.with_groups(|g, _| g.group(&group).map_or(0, |g| g.members.len()));
+        if members > 0 {
+            return Err(PluginError::Invalid(format!(
+                "group {group:?} has {members} live consumers; a plugin needs a group of its own"
+            )));
+        }
         if let Some(prev) = &previous {
             if prev.spec.topic != spec.topic || prev.spec.group_name() != spec.group_name() {
                 return Err(PluginError::Invalid(format!(
@@ -257,16 +272,16 @@ impl PluginManager {
         let manager = &state.plugins;
         let _admin = manager.admin.lock().await;
         let shared = manager.shared(name)?;
-        let mut record = shared.record();
-        record.paused = pause.then(String::new);
+        let paused = pause.then(String::new);
         state
             .store
-            .write(crate::storage::WriteOp::PluginPut {
-                record: Box::new(record.clone()),
-                component: None,
+            .write(crate::storage::WriteOp::PluginSetPaused {
+                name: name.to_string(),
+                incarnation: shared.record().incarnation,
+                paused: paused.clone(),
             })
             .await?;
-        shared.set_record_paused(record.paused.clone());
+        shared.set_record_paused(paused);
         tracing::info!(
             plugin = name,
             "plugin {}",
@@ -286,6 +301,25 @@ impl PluginManager {
             .remove(name)
             .ok_or_else(|| PluginError::Unknown(name.to_string()))?;
         let group = handle.shared.record().spec.group_name();
+        handle.shared.request_stop();
+        let written = state
+            .store
+            .write(crate::storage::WriteOp::PluginRemove {
+                name: name.to_string(),
+                group,
+            })
+            .await;
+        if let Err(e) = written {
+            // Nothing was removed: the plugin goes on as it was.
+            handle.shared.cancel_stop();
+            manager
+                .runners
+                .lock()
+                .expect("runner lock")
+                .insert(name.to_string(), handle);
+            return Err(e.into());
+        }
+        // From here on a late commit of its last batch is fenced off.
         let stopped = tokio::task::spawn_blocking(move || {
             handle.stop(Duration::from_millis(PLUGIN_STOP_WAIT_MS))
         })
@@ -294,16 +328,9 @@ impl PluginManager {
         if !stopped {
             tracing::warn!(
                 plugin = name,
-                "plugin did not stop in time; its last batch will not commit"
+                "plugin did not stop in time; its last batch cannot commit"
             );
         }
-        state
-            .store
-            .write(crate::storage::WriteOp::PluginRemove {
-                name: name.to_string(),
-                group,
-            })
-            .await?;
         tracing::info!(plugin = name, "plugin removed");
         Ok(())
     }
@@ -343,6 +370,17 @@ impl PluginManager {
         Ok(self.shared(name)?.stats(state))
     }
 
+    /// The plugin whose progress is stored under `group`, if any.
+    pub fn group_owner(&self, group: &str) -> Option<String> {
+        self.runners
+            .lock()
+            .expect("runner lock")
+            .values()
+            .map(|h| h.shared.record().spec)
+            .find(|spec| spec.group_name() == group)
+            .map(|spec| spec.name)
+    }
+
     pub fn names(&self) -> Vec<String> {
         self.runners
             .lock()
@@ -352,20 +390,21 @@ impl PluginManager {
             .collect()
     }
 
-    /// Stop every runner after its current batch (broker shutdown).
+    /// Stop every runner after its current batch (broker shutdown); no new
+    /// runner starts afterwards.
     pub fn stop_all(&self, wait: Duration) {
-        let handles: Vec<_> = self
-            .runners
-            .lock()
-            .expect("runner lock")
-            .drain()
-            .map(|(_, h)| h)
-            .collect();
+        let handles: Vec<_> = {
+            let mut runners = self.runners.lock().expect("runner lock");
+            self.closed
+                .store(true, std::sync::atomic::Ordering::Release);
+            runners.drain().map(|(_, h)| h).collect()
+        };
         for h in &handles {
             h.shared.request_stop();
         }
+        let deadline = std::time::Instant::now() + wait;
         for h in handles {
-            h.stop(wait);
+            h.stop(deadline.saturating_duration_since(std::time::Instant::now()));
         }
     }
 }

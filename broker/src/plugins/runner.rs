@@ -19,7 +19,7 @@ use super::host::{Batch, Consumer, Header, HostState, Message, MessageId, Outcom
 use super::quota::TokenBucket;
 use super::PluginRecord;
 use crate::server::BrokerState;
-use crate::storage::{batch, read, PartitionAppend, PluginCommit, WriteOp};
+use crate::storage::{batch, read, PartitionAppend, PluginCommit, WriteError, WriteOp};
 use crate::topics::Topic;
 use msmq_protocol::{PluginSpec, PluginStats};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -38,6 +38,10 @@ const IDLE_RECHECK_MS: u64 = 1_000;
 const ERROR_TEXT_BYTES_MAX: usize = 1024;
 /// Window of the recent-throughput figure.
 const RATE_WINDOW_MS: u64 = 3_000;
+/// Longest dead-letter reason kept from a plugin.
+const DLQ_REASON_BYTES_MAX: usize = 1024;
+/// Most published messages stored as one batch in the log.
+const PUBLISHED_PER_STORED_BATCH_MAX: usize = 1000;
 /// Payload bytes read for one batch at most.
 const BATCH_READ_BYTES_MAX: usize = 16 * 1024 * 1024;
 
@@ -126,6 +130,11 @@ impl RunnerShared {
         self.wake.notify_one();
     }
 
+    /// Undo a stop request that was not acted on (a remove that failed).
+    pub fn cancel_stop(&self) {
+        self.control.lock().expect("control lock").stop = false;
+    }
+
     pub fn request_stop(&self) {
         self.control.lock().expect("control lock").stop = true;
         self.wake.notify_one();
@@ -182,13 +191,7 @@ impl RunnerShared {
 
     fn note_error(&self, error: &str) {
         let mut text = error.to_string();
-        if text.len() > ERROR_TEXT_BYTES_MAX {
-            let mut cut = ERROR_TEXT_BYTES_MAX;
-            while !text.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            text.truncate(cut);
-        }
+        truncate(&mut text, ERROR_TEXT_BYTES_MAX);
         *self.last_error.lock().expect("error lock") = Some(text);
     }
 }
@@ -532,11 +535,13 @@ impl Runner {
                         origin: Origin::Retry,
                     });
                 }
-                _ => {
-                    // The message is gone (its topic was trimmed): nothing to retry.
-                    tracing::warn!(plugin = %self.name(), partition, offset, "retry of a message that no longer exists dropped");
-                    self.retries.remove(&key);
+                Some(_) => {
+                    // Past the partition's end: only a corrupt retry row
+                    // points there. Keep it (and say so) rather than lose it.
+                    tracing::warn!(plugin = %self.name(), partition, offset, "retry of a message that does not exist; skipped");
+                    break;
                 }
+                None => break,
             }
             if failed_before {
                 break;
@@ -693,7 +698,7 @@ impl Runner {
         };
         match self.group_publishes(publishes, now_ms) {
             Ok(p) => commit.publishes = p,
-            Err(error) => return self.failed_call(topic, handed, error),
+            Err(error) => return self.retry_later(&error),
         }
         let (mut acked, mut retried, mut dead) = (0u64, 0u64, 0u64);
         let mut new_retries = Vec::new();
@@ -723,7 +728,10 @@ impl Runner {
                     "the plugin asked for a retry after delivery {} of {attempts_max}",
                     h.attempt
                 ),
-                Outcome::DeadLetter(reason) => reason,
+                Outcome::DeadLetter(mut reason) => {
+                    truncate(&mut reason, DLQ_REASON_BYTES_MAX);
+                    reason
+                }
             };
             dead += 1;
             if let Origin::Retry = h.origin {
@@ -736,7 +744,7 @@ impl Runner {
                         dlq = Some(t.clone());
                         t
                     }
-                    Err(e) => return self.commit_failed(&e),
+                    Err(e) => return self.retry_later(&e),
                 },
             };
             let letter = crate::server::handlers::ack::dead_letter(
@@ -763,15 +771,15 @@ impl Runner {
                 .write(WriteOp::PluginCommit(Box::new(commit))),
         ) {
             Ok(_) => {}
-            Err(e) => return self.commit_failed(&e.to_string()),
+            Err(e) => return self.commit_failed(&e),
         }
         // Committed: now the in-memory mirror follows.
         if let Some((p, end)) = fresh_end {
             self.positions[p as usize] = end;
             self.shared.positions.lock().expect("positions lock")[p as usize] = end;
         }
-        self.retries
-            .retain(|k, _| !done_retries.contains(&(k.1, k.2)));
+        let done: HashSet<(u32, u64)> = done_retries.into_iter().collect();
+        self.retries.retain(|k, _| !done.contains(&(k.1, k.2)));
         self.retries.extend(new_retries);
         for h in handed {
             self.failed.remove(&(h.partition, h.message.offset));
@@ -834,14 +842,20 @@ impl Runner {
             .map(|(topic, parts)| {
                 let appends = parts
                     .into_iter()
-                    .map(|(p, messages)| {
-                        let records: Vec<&msmq_protocol::NewMessage> = messages.iter().collect();
-                        PartitionAppend {
-                            partition: p,
-                            count: records.len() as u32,
-                            key_hashes: crate::storage::key_hashes(records.iter().copied()),
-                            value: batch::encode(now_ms, &records),
-                        }
+                    .flat_map(|(p, messages)| {
+                        messages
+                            .chunks(PUBLISHED_PER_STORED_BATCH_MAX)
+                            .map(|chunk| {
+                                let records: Vec<&msmq_protocol::NewMessage> =
+                                    chunk.iter().collect();
+                                PartitionAppend {
+                                    partition: p,
+                                    count: records.len() as u32,
+                                    key_hashes: crate::storage::key_hashes(records.iter().copied()),
+                                    value: batch::encode(now_ms, &records),
+                                }
+                            })
+                            .collect::<Vec<_>>()
                     })
                     .collect();
                 (topic, appends)
@@ -855,16 +869,23 @@ impl Runner {
             .map_err(|e| e.to_string())
     }
 
-    /// Storage refused the batch's effects: nothing happened; try again.
-    fn commit_failed(&mut self, error: &str) {
+    /// Storage refused the batch's effects: nothing happened; try again
+    /// (or stop, when the plugin was removed meanwhile).
+    fn commit_failed(&mut self, error: &WriteError) {
+        if let WriteError::PluginGone(_) = error {
+            tracing::info!(plugin = %self.name(), "plugin removed; its runner stops without committing its last batch");
+            self.shared.request_stop();
+            return;
+        }
+        self.retry_later(&error.to_string());
+    }
+
+    /// Something outside the plugin failed; nothing was kept. Wait a little.
+    fn retry_later(&mut self, error: &str) {
         tracing::warn!(plugin = %self.name(), error, "committing a plugin batch failed; it will be handed out again");
         self.shared.note_error(error);
         // The instance may hold in-memory results of the lost batch.
         self.instance = None;
-        if error.contains("was removed or redeployed") {
-            self.shared.request_stop();
-            return;
-        }
         self.wait(Duration::from_millis(FAILURE_BACKOFF_MS_FIRST * 4), false);
     }
 
@@ -895,28 +916,23 @@ impl Runner {
         if consecutive >= limit {
             let why = format!("{consecutive} consecutive failed calls; last: {error}");
             tracing::error!(plugin = %self.name(), "plugin paused: {why}");
-            let mut record = self.record.clone();
-            record.paused = Some(why.clone());
             match self
                 .runtime
-                .block_on(self.state.store.write(WriteOp::PluginPut {
-                    record: Box::new(record.clone()),
-                    component: None,
+                .block_on(self.state.store.write(WriteOp::PluginSetPaused {
+                    name: self.record.spec.name.clone(),
+                    incarnation: self.record.incarnation,
+                    paused: Some(why.clone()),
                 })) {
                 Ok(_) => {
                     self.record.paused = Some(why.clone());
-                    self.shared
-                        .control
-                        .lock()
-                        .expect("control lock")
-                        .record
-                        .paused = Some(why);
+                    self.shared.set_record_paused(Some(why));
+                    return;
                 }
+                Err(e @ WriteError::PluginGone(_)) => return self.commit_failed(&e),
                 Err(e) => {
-                    tracing::error!(plugin = %self.name(), error = %e, "could not store the pause")
+                    tracing::error!(plugin = %self.name(), error = %e, "could not store the pause; backing off");
                 }
             }
-            return;
         }
         let backoff = FAILURE_BACKOFF_MS_FIRST
             .saturating_mul(1 << (consecutive - 1).min(16))
@@ -928,7 +944,7 @@ impl Runner {
         let group = self.record.spec.group_name();
         let dlq = match self.dlq_topic(&group) {
             Ok(t) => t,
-            Err(e) => return self.commit_failed(&e),
+            Err(e) => return self.retry_later(&e),
         };
         let key = (topic.id(), h.partition, h.message.offset);
         let reason = format!("failed {} deliveries: {error}", h.attempt);
@@ -961,7 +977,7 @@ impl Runner {
                 .store
                 .write(WriteOp::PluginCommit(Box::new(commit))),
         ) {
-            return self.commit_failed(&e.to_string());
+            return self.commit_failed(&e);
         }
         tracing::warn!(plugin = %self.name(), partition = h.partition, offset = h.message.offset, "poison message dead-lettered: {reason}");
         if fresh {
@@ -978,6 +994,17 @@ impl Runner {
         c.processed.fetch_add(1, Ordering::Relaxed);
         c.pending_retries
             .store(self.retries.len() as u64, Ordering::Relaxed);
+    }
+}
+
+/// Cut `text` to at most `max` bytes at a character boundary.
+fn truncate(text: &mut String, max: usize) {
+    if text.len() > max {
+        let mut cut = max;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
     }
 }
 

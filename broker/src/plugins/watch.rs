@@ -9,7 +9,7 @@
 //! and removed when its `.wasm` is deleted. Plugins deployed otherwise are
 //! never touched. A bad file is logged and skipped; the others go on.
 
-use super::PluginManager;
+use super::{PluginError, PluginManager};
 use crate::server::BrokerState;
 use bytesize::ByteSize;
 use msmq_protocol::{PluginLimits, PluginSpec};
@@ -55,9 +55,10 @@ impl Manifest {
             config: self.config.into_iter().collect(),
             limits: PluginLimits {
                 memory_bytes_max: self.memory.map_or(d.memory_bytes_max, |b| b.as_u64()),
-                batch_time_ms_max: self
-                    .batch_time
-                    .map_or(d.batch_time_ms_max, |t| t.as_millis() as u32),
+                batch_time_ms_max: self.batch_time.map_or(d.batch_time_ms_max, |t| {
+                    // Too long for u32 ms: out of range, refused at deploy.
+                    u32::try_from(t.as_millis()).unwrap_or(u32::MAX)
+                }),
                 batch_messages_max: self.batch_messages_max.unwrap_or(d.batch_messages_max),
                 messages_per_second: self.messages_per_second.unwrap_or(0),
                 bytes_per_second: self.bytes_per_second.map_or(0, |b| b.as_u64()),
@@ -91,13 +92,18 @@ pub async fn run(state: Arc<BrokerState>, dir: PathBuf) {
         }
     };
     tracing::info!(dir = %dir.display(), "watching the plugin directory");
-    // name → (component sha256, manifest) last applied.
-    let mut applied: HashMap<String, (String, Manifest)> = HashMap::new();
-    // Plugins already deployed from here in an earlier run count as applied.
+    let mut applied = Applied::default();
+    // Plugins deployed from here in an earlier run, with the same files,
+    // count as applied; changed files are deployed again.
     for info in state.plugins.list() {
-        if dir.join(format!("{}.wasm", info.spec.name)).exists() {
-            if let Ok(Some((_, manifest))) = read_pair(&dir, &info.spec.name) {
-                applied.insert(info.spec.name.clone(), (info.component_sha256, manifest));
+        if let Ok(Some((bytes, manifest))) = read_pair(&dir, &info.spec.name) {
+            let sha = super::engine::sha256_hex(&bytes);
+            if manifest.clone().into_spec(info.spec.name.clone()) == info.spec
+                && sha == info.component_sha256
+            {
+                applied
+                    .deployed
+                    .insert(info.spec.name.clone(), (sha, manifest));
             }
         }
     }
@@ -116,6 +122,16 @@ pub async fn run(state: Arc<BrokerState>, dir: PathBuf) {
     }
 }
 
+/// What the watcher did with each file pair.
+#[derive(Default)]
+struct Applied {
+    /// Deployed from here: name → (component sha256, manifest).
+    deployed: HashMap<String, (String, Manifest)>,
+    /// Refused for good (bad component or manifest): not retried until the
+    /// files change, never removed by this watcher.
+    refused: HashMap<String, (String, Manifest)>,
+}
+
 /// The component and manifest of `name`, if both exist.
 fn read_pair(dir: &Path, name: &str) -> anyhow::Result<Option<(Vec<u8>, Manifest)>> {
     let wasm = dir.join(format!("{name}.wasm"));
@@ -130,11 +146,7 @@ fn read_pair(dir: &Path, name: &str) -> anyhow::Result<Option<(Vec<u8>, Manifest
     Ok(Some((bytes, manifest)))
 }
 
-async fn scan(
-    state: &Arc<BrokerState>,
-    dir: &Path,
-    applied: &mut HashMap<String, (String, Manifest)>,
-) {
+async fn scan(state: &Arc<BrokerState>, dir: &Path, applied: &mut Applied) {
     let mut present = Vec::new();
     if let Ok(entries) = std::fs::read_dir(dir) {
         for entry in entries.flatten() {
@@ -156,32 +168,38 @@ async fn scan(
             }
         };
         let sha = super::engine::sha256_hex(&bytes);
-        if applied
-            .get(name)
-            .is_some_and(|(s, m)| *s == sha && *m == manifest)
-        {
+        let same = |seen: Option<&(String, Manifest)>| {
+            seen.is_some_and(|(s, m)| *s == sha && *m == manifest)
+        };
+        if same(applied.deployed.get(name)) || same(applied.refused.get(name)) {
             continue;
         }
         let spec = manifest.clone().into_spec(name.clone());
         match PluginManager::deploy(state, spec, bytes).await {
             Ok(done) => {
                 tracing::info!(plugin = %name, version = done.version, upgraded = done.upgraded, "deployed from the plugin directory");
-                applied.insert(name.clone(), (sha, manifest));
+                applied.refused.remove(name);
+                applied.deployed.insert(name.clone(), (sha, manifest));
+            }
+            Err(e @ (PluginError::Refused(_) | PluginError::Invalid(_))) => {
+                tracing::warn!(plugin = %name, error = %e, "plugin directory deploy refused; fix the files to try again");
+                applied.refused.insert(name.clone(), (sha, manifest));
             }
             Err(e) => {
-                tracing::warn!(plugin = %name, error = %e, "plugin directory deploy refused");
-                // Remember the refusal so it is not retried until the files change.
-                applied.insert(name.clone(), (sha, manifest));
+                // Perhaps its topic does not exist yet: try again next scan.
+                tracing::warn!(plugin = %name, error = %e, "plugin directory deploy failed; will retry");
             }
         }
     }
+    applied.refused.retain(|n, _| present.contains(n));
     let gone: Vec<String> = applied
+        .deployed
         .keys()
         .filter(|n| !present.contains(n))
         .cloned()
         .collect();
     for name in gone {
-        applied.remove(&name);
+        applied.deployed.remove(&name);
         match PluginManager::remove(state, &name).await {
             Ok(()) => tracing::info!(plugin = %name, "removed: its file left the plugin directory"),
             Err(e) => {

@@ -109,6 +109,14 @@ pub enum WriteOp {
         record: Box<crate::plugins::PluginRecord>,
         component: Option<Vec<u8>>,
     },
+    /// Pause (`Some(why)`, `""` for an operator) or resume a plugin, only if
+    /// it is still the incarnation the caller knows; the rest of the stored
+    /// record (its current version) is kept.
+    PluginSetPaused {
+        name: String,
+        incarnation: u64,
+        paused: Option<String>,
+    },
     /// Forget a plugin: record, state, retries and its group's offsets.
     PluginRemove {
         name: String,
@@ -1052,12 +1060,43 @@ impl Writer {
                 Self::drop_unused_components(t)?;
                 Ok(WriteOutcome::PluginStored)
             }
+            WriteOp::PluginSetPaused {
+                name,
+                incarnation,
+                paused,
+            } => {
+                let stored = match t.plugins.get(name.as_str())? {
+                    Some(v) => Some(decode::<crate::plugins::PluginRecord>(
+                        v.value(),
+                        "plugin record",
+                    )?),
+                    None => None,
+                };
+                match stored {
+                    Some(mut record) if record.incarnation == *incarnation => {
+                        record.paused = paused.clone();
+                        t.plugins
+                            .insert(name.as_str(), encode(&record).as_slice())?;
+                        Ok(WriteOutcome::PluginStored)
+                    }
+                    _ => Err(WriteError::PluginGone(name.clone())),
+                }
+            }
             WriteOp::PluginRemove { name, group } => {
                 let existed = t.plugins.remove(name.as_str())?.is_some();
                 let plugin = name.as_str();
-                t.plugin_state.retain(|k, _| k.0 != plugin)?;
-                t.plugin_retries.retain(|k, _| k.0 != plugin)?;
-                t.group_offsets.retain(|k, _| k.0 != group.as_str())?;
+                t.plugin_state.retain_in(
+                    (plugin, &[][..])..(plugin_successor(plugin).as_str(), &[][..]),
+                    |_, _| false,
+                )?;
+                t.plugin_retries.retain_in(
+                    (plugin, 0, 0, 0)..=(plugin, u32::MAX, u32::MAX, u64::MAX),
+                    |_, _| false,
+                )?;
+                t.group_offsets.retain_in(
+                    (group.as_str(), 0, 0)..=(group.as_str(), u32::MAX, u32::MAX),
+                    |_, _| false,
+                )?;
                 Self::drop_unused_components(t)?;
                 fx.forgotten_groups.push(group.clone());
                 Ok(WriteOutcome::PluginRemoved(existed))
@@ -1253,6 +1292,12 @@ fn unreachable_discarded(tx_id: u64) -> Result<WriteOutcome, WriteError> {
 }
 
 /// Names and ids created or deleted earlier in the same transaction.
+/// The smallest string greater than every `(name, …)` key of `name`: the
+/// name with a NUL appended (names never contain NUL).
+fn plugin_successor(name: &str) -> String {
+    format!("{name}\0")
+}
+
 #[derive(Default)]
 struct Scope {
     created: HashSet<String>,

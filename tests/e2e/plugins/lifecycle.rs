@@ -60,6 +60,27 @@ async fn bad_components_and_specs_are_refused_with_clear_errors() -> anyhow::Res
     assert_eq!(e.code(), Some(ErrorCode::INVALID_ARGUMENT));
     assert!(e.to_string().contains("batch_messages_max"), "{e}");
 
+    // A group belongs to one plugin, and consumers cannot join it.
+    let mut shared = spec("other", "t");
+    shared.group = Some("plugin.small".into());
+    let e = refusal(deploy(&client, shared, &small).await);
+    assert_eq!(e.code(), Some(ErrorCode::INVALID_ARGUMENT));
+    assert!(
+        e.to_string()
+            .contains("already holds the progress of plugin \"small\""),
+        "{e}"
+    );
+    let Err(e) = client
+        .consumer("plugin.small", &["t"], Default::default())
+        .await
+    else {
+        anyhow::bail!("joining a plugin's group must be refused");
+    };
+    assert!(
+        e.to_string().contains("holds the progress of plugin"),
+        "{e}"
+    );
+
     let e = client.plugin_stats("nobody").await.expect_err("unknown");
     assert_eq!(e.code(), Some(ErrorCode::UNKNOWN_PLUGIN));
     assert_eq!(client.list_plugins().await?.len(), 1);
@@ -126,9 +147,6 @@ async fn the_plugin_directory_deploys_replaces_and_removes() -> anyhow::Result<(
     let dir = plugins.path().to_str().expect("utf-8 path").to_string();
     let broker = TestBroker::start_with(&["--plugin-dir", &dir])?;
     let client = broker.client().await?;
-    client.create_topic("orders", 1).await?;
-    let batch: Vec<NewMessage> = (0..50).map(|i| NewMessage::new(format!("o-{i}"))).collect();
-    client.producer("orders").send_batch(batch).await?;
 
     // Manifest first, then the component by rename, as a deploy tool would.
     std::fs::write(plugins.path().join("rec.toml"), "topic = \"orders\"\n")?;
@@ -138,7 +156,13 @@ async fn the_plugin_directory_deploys_replaces_and_removes() -> anyhow::Result<(
         std::fs::rename(&tmp, plugins.path().join("rec.wasm"))?;
         Ok(())
     };
+    // Dropped before its topic exists: deployed once the topic is there.
     drop_in(&rust_component("recorder-v1")?)?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(client.list_plugins().await?.is_empty());
+    client.create_topic("orders", 1).await?;
+    let batch: Vec<NewMessage> = (0..50).map(|i| NewMessage::new(format!("o-{i}"))).collect();
+    client.producer("orders").send_batch(batch).await?;
     let deadline = Duration::from_secs(30);
     let s = wait_stats_appear(&client, "rec", deadline).await?;
     assert_eq!(s.version, 1);

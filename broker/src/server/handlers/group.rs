@@ -16,6 +16,17 @@ use std::time::{Duration, Instant};
 /// Separates a broadcast group from its member's instance name.
 pub const BROADCAST_SEPARATOR: char = '%';
 
+/// A plugin's group belongs to its runner: clients may not join it or move
+/// its offsets.
+fn refuse_plugin_group(state: &BrokerState, group: &str) -> Result<(), ErrorReply> {
+    match state.plugins.group_owner(group) {
+        Some(plugin) => Err(invalid(format!(
+            "group {group:?} holds the progress of plugin {plugin:?}; consumers cannot join it or move its offsets"
+        ))),
+        None => Ok(()),
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 pub(super) fn join(
     state: &BrokerState,
@@ -29,6 +40,7 @@ pub(super) fn join(
     sql_filter: Option<String>,
 ) -> Result<Reply, ErrorReply> {
     validate_name("group", &group).map_err(invalid)?;
+    refuse_plugin_group(state, &group)?;
     let filter = crate::filter::Filter::compile(tag_filter.as_deref(), sql_filter.as_deref())
         .map_err(|e| invalid(format!("invalid subscription filter: {e}")))?;
     // Broadcast: each instance is a group of its own, so it gets every
@@ -330,6 +342,7 @@ pub(super) async fn reset_offsets(
     to: ResetTo,
 ) -> Result<Reply, ErrorReply> {
     validate_name("group", &group).map_err(invalid)?;
+    refuse_plugin_group(state, &group)?;
     let topic = state
         .registry
         .get(&topic_name)
