@@ -747,14 +747,9 @@ impl Runner {
                     Err(e) => return self.retry_later(&e),
                 },
             };
-            let letter = crate::server::handlers::ack::dead_letter(
-                h.message.clone(),
-                &reason,
-                &topic.name,
-                h.partition,
-                h.attempt,
-            );
-            commit.dead_letters.push((dlq_topic, letter));
+            commit
+                .dead_letters
+                .push((dlq_topic, letter(topic, h, &reason)));
         }
         // Fresh messages are contiguous from the partition's position.
         let fresh_end = handed
@@ -948,13 +943,7 @@ impl Runner {
         };
         let key = (topic.id(), h.partition, h.message.offset);
         let reason = format!("failed {} deliveries: {error}", h.attempt);
-        let letter = crate::server::handlers::ack::dead_letter(
-            h.message.clone(),
-            &reason,
-            &topic.name,
-            h.partition,
-            h.attempt,
-        );
+        let letter = letter(topic, h, &reason);
         let fresh = matches!(h.origin, Origin::Fresh);
         let commit = PluginCommit {
             plugin: self.record.spec.name.clone(),
@@ -995,6 +984,17 @@ impl Runner {
         c.pending_retries
             .store(self.retries.len() as u64, Ordering::Relaxed);
     }
+}
+
+/// The dead letter of a handed-out message.
+fn letter(topic: &Topic, h: &Handed, reason: &str) -> msmq_protocol::NewMessage {
+    crate::server::handlers::ack::dead_letter(
+        h.message.clone(),
+        reason,
+        &topic.name,
+        h.partition,
+        h.attempt,
+    )
 }
 
 /// Cut `text` to at most `max` bytes at a character boundary.

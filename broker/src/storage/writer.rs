@@ -658,17 +658,7 @@ impl Writer {
         }
         for (topic, appends) in c.publishes.iter_mut() {
             for append in appends.iter_mut() {
-                let sequence = fx.counters.take_sequences(append.count as u64);
-                batch::set_base_sequence(&mut append.value, sequence);
-                Self::append(
-                    t,
-                    fx,
-                    topic,
-                    append.partition,
-                    append.count,
-                    &append.value,
-                    &append.key_hashes,
-                )?;
+                Self::append_with_ids(t, fx, topic, append)?;
             }
         }
         for (topic, message) in &c.dead_letters {
@@ -693,6 +683,28 @@ impl Writer {
                 .registry
                 .get(&topic.name)
                 .is_some_and(|t| t.id() == topic.id())
+    }
+
+    /// Give a batch its message ids and append it; returns (base offset,
+    /// base message-id sequence).
+    fn append_with_ids(
+        t: &mut Tables,
+        fx: &mut Effects,
+        topic: &Arc<Topic>,
+        append: &mut PartitionAppend,
+    ) -> Result<(u64, u64), StorageError> {
+        let sequence = fx.counters.take_sequences(append.count as u64);
+        batch::set_base_sequence(&mut append.value, sequence);
+        let base = Self::append(
+            t,
+            fx,
+            topic,
+            append.partition,
+            append.count,
+            &append.value,
+            &append.key_hashes,
+        )?;
+        Ok((base, sequence))
     }
 
     /// Append one stored batch; returns its base offset.
@@ -823,18 +835,7 @@ impl Writer {
                     }
                     let mut bases = Vec::with_capacity(appends.len());
                     for append in appends.iter_mut() {
-                        let sequence = fx.counters.take_sequences(append.count as u64);
-                        batch::set_base_sequence(&mut append.value, sequence);
-                        let base = Self::append(
-                            t,
-                            fx,
-                            topic,
-                            append.partition,
-                            append.count,
-                            &append.value,
-                            &append.key_hashes,
-                        )?;
-                        bases.push((base, sequence));
+                        bases.push(Self::append_with_ids(t, fx, topic, append)?);
                     }
                     Ok(WriteOutcome::Appended(bases, sequences))
                 }
