@@ -159,6 +159,15 @@ impl TopicRegistry {
             .insert(group.to_string(), offset);
     }
 
+    /// A group's committed offset on a partition, as last stored.
+    pub fn committed_offset(&self, group: &str, topic_id: u32, partition: u32) -> Option<u64> {
+        self.committed
+            .lock()
+            .expect("committed lock")
+            .get(&(topic_id, partition))
+            .and_then(|groups| groups.get(group).copied())
+    }
+
     /// Forget a removed group's committed offsets.
     pub(crate) fn forget_group(&self, group: &str) {
         for groups in self.committed.lock().expect("committed lock").values_mut() {

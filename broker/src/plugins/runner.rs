@@ -143,12 +143,21 @@ impl RunnerShared {
     pub fn stats(&self, state: &BrokerState) -> PluginStats {
         let record = self.record();
         let c = &self.counters;
+        let group = record.spec.group_name();
         let lag = state.registry.get(&record.spec.topic).map_or(0, |topic| {
             let positions = self.positions.lock().expect("positions lock");
             (0..topic.partition_count())
                 .map(|p| {
-                    let end = topic.partition(p).map_or(0, |o| o.end());
-                    end.saturating_sub(positions.get(p as usize).copied().unwrap_or(0))
+                    let offsets = topic.partition(p);
+                    let end = offsets.map_or(0, |o| o.end());
+                    // Before the runner loaded its positions: the stored ones.
+                    let position = positions.get(p as usize).copied().unwrap_or_else(|| {
+                        state
+                            .registry
+                            .committed_offset(&group, topic.id(), p)
+                            .unwrap_or_else(|| offsets.map_or(0, |o| o.start()))
+                    });
+                    end.saturating_sub(position)
                 })
                 .sum::<u64>()
         }) + c.pending_retries.load(Ordering::Relaxed);
