@@ -74,6 +74,16 @@ pub struct Config {
     /// How long shutdown waits for in-flight requests.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// How long a topic keeps messages unless it sets its own retention
+    /// (`0s`: forever). Whole batches older than this are removed.
+    #[serde(with = "humantime_serde")]
+    pub retention_default: Duration,
+    /// How many bytes each partition of a topic keeps unless the topic sets
+    /// its own (0: no size limit). The oldest whole batches go first.
+    pub retention_bytes_default: ByteSize,
+    /// How often retention looks for expired batches.
+    #[serde(with = "humantime_serde")]
+    pub retention_check_interval: Duration,
     /// Largest plugin component a deploy accepts.
     pub plugin_component_bytes_max: ByteSize,
     /// A directory watched for plugins: `NAME.wasm` with a `NAME.toml`
@@ -110,6 +120,9 @@ impl Default for Config {
             transaction_check_reply_timeout: Duration::from_secs(5),
             transaction_outcome_retention: Duration::from_secs(3600),
             shutdown_grace: Duration::from_secs(10),
+            retention_default: Duration::from_secs(72 * 3600),
+            retention_bytes_default: ByteSize(0),
+            retention_check_interval: Duration::from_secs(1),
             plugin_component_bytes_max: ByteSize::mib(32),
             plugin_dir: None,
             log: "info".into(),
@@ -179,6 +192,10 @@ impl Config {
         anyhow::ensure!(
             self.transaction_check_reply_timeout >= Duration::from_millis(10),
             "transaction_check_reply_timeout must be at least 10ms"
+        );
+        anyhow::ensure!(
+            self.retention_check_interval >= Duration::from_millis(10),
+            "retention_check_interval must be at least 10ms"
         );
         anyhow::ensure!(
             self.plugin_component_bytes_max.as_u64() <= frame_max / 2,

@@ -11,4 +11,5 @@ mod groups;
 mod harness;
 mod plugins;
 mod produce_consume;
+mod retention;
 mod transactions;

@@ -88,6 +88,17 @@ pub struct ServeArgs {
     /// redb page cache, e.g. "64 MiB".
     #[arg(long, env = "MSMQ_CACHE_BYTES")]
     cache_bytes: Option<ByteSize>,
+    /// How long topics keep messages unless they set their own retention,
+    /// e.g. "72h"; "0s" keeps them forever.
+    #[arg(long, env = "MSMQ_RETENTION_DEFAULT", value_parser = humantime::parse_duration)]
+    retention_default: Option<Duration>,
+    /// Bytes each partition keeps unless its topic sets its own, e.g.
+    /// "10 GiB"; 0 for no size limit.
+    #[arg(long, env = "MSMQ_RETENTION_BYTES_DEFAULT")]
+    retention_bytes_default: Option<ByteSize>,
+    /// How often retention looks for expired batches, e.g. "1s".
+    #[arg(long, env = "MSMQ_RETENTION_CHECK_INTERVAL", value_parser = humantime::parse_duration)]
+    retention_check_interval: Option<Duration>,
     /// Largest plugin component a deploy accepts, e.g. "32 MiB".
     #[arg(long, env = "MSMQ_PLUGIN_COMPONENT_BYTES_MAX")]
     plugin_component_bytes_max: Option<ByteSize>,
@@ -133,6 +144,9 @@ impl ServeArgs {
             transaction_outcome_retention,
             cache_bytes,
             plugin_component_bytes_max,
+            retention_default,
+            retention_bytes_default,
+            retention_check_interval,
             log
         );
         if self.plugin_dir.is_some() {

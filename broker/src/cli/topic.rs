@@ -25,6 +25,22 @@ pub enum TopicCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Show a topic's retention, or set it with --max-age / --max-bytes
+    /// (0 for no limit), or return it to the broker default with --default.
+    Retention {
+        name: String,
+        /// Keep messages this long, e.g. "72h", "10s"; "0s" for ever.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        max_age: Option<std::time::Duration>,
+        /// Keep at most this much per partition, e.g. "10 GiB"; 0 for no limit.
+        #[arg(long)]
+        max_bytes: Option<bytesize::ByteSize>,
+        /// Use the broker's default retention again.
+        #[arg(long, conflicts_with_all = ["max_age", "max_bytes"])]
+        default: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Delete a topic with its messages and group offsets.
     Delete {
         name: String,
@@ -48,6 +64,38 @@ pub async fn run(cmd: TopicCommand) -> anyhow::Result<()> {
             println!(
                 "created topic {} with {} partitions",
                 info.name, info.partitions
+            );
+        }
+        TopicCommand::Retention {
+            name,
+            max_age,
+            max_bytes,
+            default,
+            client,
+        } => {
+            let client = client.connect().await?;
+            if default {
+                client.set_topic_retention(&name, None).await?;
+            } else if max_age.is_some() || max_bytes.is_some() {
+                let (current, _) = client.topic_retention(&name).await?;
+                let retention = msmq_client::protocol::Retention {
+                    max_age_ms: max_age.map_or(current.max_age_ms, |d| d.as_millis() as u64),
+                    max_bytes: max_bytes.map_or(current.max_bytes, |b| b.as_u64()),
+                };
+                client.set_topic_retention(&name, Some(retention)).await?;
+            }
+            let (r, is_default) = client.topic_retention(&name).await?;
+            let age = match r.max_age_ms {
+                0 => "forever".to_string(),
+                ms => humantime::format_duration(std::time::Duration::from_millis(ms)).to_string(),
+            };
+            let bytes = match r.max_bytes {
+                0 => "no size limit".to_string(),
+                b => format!("at most {} per partition", bytesize::ByteSize(b)),
+            };
+            println!(
+                "{name}: keeps messages {age}, {bytes}{}",
+                if is_default { " (broker default)" } else { "" }
             );
         }
         TopicCommand::List { client } => {

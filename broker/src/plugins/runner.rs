@@ -527,8 +527,14 @@ impl Runner {
             return None;
         }
         let mut handed = Vec::new();
+        let mut expired = Vec::new();
         for key in due {
             let (_, partition, offset) = key;
+            if offset < topic.partition(partition).map_or(0, |o| o.start()) {
+                // Retention removed the message: there is nothing to retry.
+                expired.push(key);
+                continue;
+            }
             let failed_before = self.failed.contains_key(&(partition, offset));
             if failed_before && !handed.is_empty() {
                 break;
@@ -556,7 +562,46 @@ impl Runner {
                 break;
             }
         }
+        if !expired.is_empty() {
+            self.forget_retries(topic, expired);
+        }
         (!handed.is_empty()).then_some(handed)
+    }
+
+    /// Delete retries of messages retention removed.
+    fn forget_retries(&mut self, topic: &Topic, keys: Vec<(u64, u32, u64)>) {
+        let commit = PluginCommit {
+            plugin: self.record.spec.name.clone(),
+            incarnation: self.record.incarnation,
+            group: self.record.spec.group_name(),
+            offsets: vec![],
+            state: vec![],
+            publishes: vec![],
+            retry_puts: vec![],
+            retry_deletes: keys.iter().map(|k| (topic.id(), k.1, k.2)).collect(),
+            dead_letters: vec![],
+            now_ms: crate::server::now_ms(),
+        };
+        match self.runtime.block_on(
+            self.state
+                .store
+                .write(WriteOp::PluginCommit(Box::new(commit))),
+        ) {
+            Ok(_) => {
+                tracing::info!(plugin = %self.name(), retries = keys.len(), "retries of messages removed by retention dropped");
+                for key in keys {
+                    self.retries.remove(&key);
+                    self.failed.remove(&(key.1, key.2));
+                }
+                self.shared
+                    .counters
+                    .pending_retries
+                    .store(self.retries.len() as u64, Ordering::Relaxed);
+            }
+            Err(e) => {
+                tracing::warn!(plugin = %self.name(), error = %e, "could not drop expired retries; will try again")
+            }
+        }
     }
 
     fn fresh(&mut self, topic: &Topic, max: usize) -> Option<Vec<Handed>> {

@@ -12,6 +12,7 @@ mod checkback;
 mod connection;
 pub(crate) mod handlers;
 mod producers;
+pub mod retention;
 mod scheduler;
 
 use crate::config::Config;
@@ -158,6 +159,7 @@ impl RunningBroker {
             tokio::spawn(checkback::run(state.clone())),
             tokio::spawn(handlers::expire_leases(state.clone())),
             tokio::spawn(scheduler::run(state.clone())),
+            tokio::spawn(retention::run(state.clone())),
         ];
         if let Some(dir) = state.config.plugin_dir.clone() {
             std::fs::create_dir_all(&dir)

@@ -321,3 +321,63 @@ pub fn plugin_retries(
     }
     Ok(out)
 }
+
+/// A topic's own retention: (max age ms, max bytes per partition), 0 = no
+/// limit; `None` when it uses the broker default.
+pub fn topic_retention(db: &Database, topic_id: u32) -> Result<Option<(u64, u64)>, StorageError> {
+    let txn = db.begin_read()?;
+    let table = txn.open_table(tables::TOPIC_RETENTION)?;
+    Ok(table.get(topic_id)?.map(|v| v.value()))
+}
+
+/// Where retention moves a partition's start: the base of the oldest batch
+/// to keep, given batches appended before `cutoff_ms` expire (0: no age
+/// limit) and at most `max_bytes` (0: no size limit) of batches are kept.
+/// Returns `start` when nothing expires.
+pub fn retention_start(
+    db: &Database,
+    topic_id: u32,
+    partition: u32,
+    start: u64,
+    end: u64,
+    cutoff_ms: u64,
+    max_bytes: u64,
+) -> Result<u64, StorageError> {
+    let txn = db.begin_read()?;
+    let mut keep_from = start;
+    if cutoff_ms > 0 {
+        let times = txn.open_table(tables::BATCH_TIMES)?;
+        keep_from = end;
+        for entry in times.range((topic_id, partition, start)..(topic_id, partition, end))? {
+            let (k, v) = entry?;
+            if v.value() >= cutoff_ms {
+                keep_from = k.value().2;
+                break;
+            }
+        }
+    }
+    if max_bytes > 0 {
+        let sizes = txn.open_table(tables::BATCH_BYTES)?;
+        let mut kept = 0u64;
+        for entry in sizes
+            .range((topic_id, partition, start)..(topic_id, partition, end))?
+            .rev()
+        {
+            let (k, v) = entry?;
+            kept += v.value();
+            if kept > max_bytes {
+                // This batch does not fit: keep from the next one on.
+                let base = k.value().2;
+                let next = sizes
+                    .range((topic_id, partition, base + 1)..(topic_id, partition, end))?
+                    .next()
+                    .transpose()?
+                    .map(|(k, _)| k.value().2)
+                    .unwrap_or(end);
+                keep_from = keep_from.max(next);
+                break;
+            }
+        }
+    }
+    Ok(keep_from.max(start))
+}

@@ -9,6 +9,13 @@ pub const LOG: TableDefinition<(u32, u32, u64), &[u8]> = TableDefinition::new("l
 /// (topic id, partition, base offset) → the batch's append time in ms: a
 /// small index for finding offsets by time without reading batches.
 pub const BATCH_TIMES: TableDefinition<(u32, u32, u64), u64> = TableDefinition::new("batch_times");
+/// (topic id, partition, base offset) → the batch's stored size in bytes,
+/// for retention by size.
+pub const BATCH_BYTES: TableDefinition<(u32, u32, u64), u64> = TableDefinition::new("batch_bytes");
+/// topic id → (max age in ms, max bytes per partition), 0 meaning no limit:
+/// the topic's own retention (topics without a row use the broker default).
+pub const TOPIC_RETENTION: TableDefinition<u32, (u64, u64)> =
+    TableDefinition::new("topic_retention");
 /// (topic id, partition) → (start offset, end offset): `start..end` is stored.
 pub const PARTITIONS: TableDefinition<(u32, u32), (u64, u64)> = TableDefinition::new("partitions");
 /// topic name → postcard [`crate::topics::TopicMeta`].
@@ -63,6 +70,8 @@ pub fn create_all(db: &Database) -> Result<(), StorageError> {
     let txn = db.begin_write()?;
     txn.open_table(LOG)?;
     txn.open_table(BATCH_TIMES)?;
+    txn.open_table(BATCH_BYTES)?;
+    txn.open_table(TOPIC_RETENTION)?;
     txn.open_table(PARTITIONS)?;
     txn.open_table(TOPICS)?;
     txn.open_table(GROUP_OFFSETS)?;

@@ -98,6 +98,20 @@ pub enum WriteOp {
         dead_letters: Vec<(Arc<Topic>, NewMessage)>,
         now_ms: u64,
     },
+    /// Retention: drop whole batches of a partition below `before`, at most
+    /// `batches_max` of them, oldest first, and move its start past them.
+    Trim {
+        topic: Arc<Topic>,
+        partition: u32,
+        before: u64,
+        batches_max: usize,
+    },
+    /// Set a topic's retention: (max age ms, max bytes per partition), 0 =
+    /// no limit; `None` returns it to the broker default.
+    SetRetention {
+        topic: Arc<Topic>,
+        retention: Option<(u64, u64)>,
+    },
     /// Store a group's retry policy.
     SetPolicy {
         group: String,
@@ -236,6 +250,12 @@ pub enum WriteOutcome {
     PluginStored,
     PluginRemoved(bool),
     PluginCommitted,
+    /// Batches and messages removed.
+    Trimmed {
+        batches: usize,
+        messages: u64,
+    },
+    RetentionSet,
 }
 
 #[derive(Debug, Error, Clone)]
@@ -399,6 +419,8 @@ struct Effects {
 struct Tables<'t> {
     log: redb::Table<'t, (u32, u32, u64), &'static [u8]>,
     batch_times: redb::Table<'t, (u32, u32, u64), u64>,
+    batch_bytes: redb::Table<'t, (u32, u32, u64), u64>,
+    retention: redb::Table<'t, u32, (u64, u64)>,
     partitions: redb::Table<'t, (u32, u32), (u64, u64)>,
     topics: redb::Table<'t, &'static str, &'static [u8]>,
     group_offsets: redb::Table<'t, (&'static str, u32, u32), u64>,
@@ -559,6 +581,8 @@ impl Writer {
             let mut t = Tables {
                 log: txn.open_table(tables::LOG)?,
                 batch_times: txn.open_table(tables::BATCH_TIMES)?,
+                batch_bytes: txn.open_table(tables::BATCH_BYTES)?,
+                retention: txn.open_table(tables::TOPIC_RETENTION)?,
                 partitions: txn.open_table(tables::PARTITIONS)?,
                 topics: txn.open_table(tables::TOPICS)?,
                 group_offsets: txn.open_table(tables::GROUP_OFFSETS)?,
@@ -685,6 +709,86 @@ impl Writer {
                 .is_some_and(|t| t.id() == topic.id())
     }
 
+    /// Remove whole batches of a partition below `before` (at most
+    /// `batches_max`), with their index entries, and move the partition's
+    /// start to the first batch kept.
+    fn trim(
+        &self,
+        t: &mut Tables,
+        fx: &mut Effects,
+        topic: &Arc<Topic>,
+        partition: u32,
+        before: u64,
+        batches_max: usize,
+    ) -> Result<WriteOutcome, StorageError> {
+        let id = topic.id();
+        let key = (id, partition);
+        let offsets = &topic.partitions[partition as usize];
+        let (start, end) = fx
+            .ends
+            .get(&key)
+            .map(|(_, s, e)| (*s, *e))
+            .unwrap_or((offsets.start(), offsets.end()));
+        let before = before.min(end);
+        let mut doomed = Vec::new();
+        for entry in t.log.range((id, partition, 0)..(id, partition, before))? {
+            let (k, v) = entry?;
+            let base = k.value().2;
+            let value = v.value();
+            let Ok(h) = batch::header(value) else {
+                doomed.push((base, 0, None, Vec::new()));
+                continue;
+            };
+            // Only whole batches go: the batch must end at or below `before`.
+            if base + h.count as u64 > before {
+                break;
+            }
+            let mut keys = Vec::new();
+            let _ = batch::decode_from(value, 0, base, base, |m| {
+                if let Some(k) = m.key {
+                    keys.push((super::key_hash(&k), m.offset));
+                }
+                true
+            });
+            doomed.push((base, h.count, Some(h.base_sequence), keys));
+            if doomed.len() >= batches_max {
+                break;
+            }
+        }
+        let mut messages = 0u64;
+        let mut new_start = start;
+        for (base, count, sequence, keys) in &doomed {
+            t.log.remove((id, partition, *base))?;
+            t.batch_times.remove((id, partition, *base))?;
+            t.batch_bytes.remove((id, partition, *base))?;
+            if let Some(sequence) = sequence {
+                t.id_index.remove(*sequence)?;
+            }
+            for (hash, offset) in keys {
+                t.key_index.remove((id, *hash, partition, *offset))?;
+            }
+            messages += *count as u64;
+            new_start = new_start.max(base + *count as u64);
+        }
+        if !doomed.is_empty() {
+            // The first batch kept starts where the last removed one ended.
+            let next = t
+                .log
+                .range((id, partition, new_start)..(id, partition, u64::MAX))?
+                .next()
+                .transpose()?
+                .map(|(k, _)| k.value().2)
+                .unwrap_or(end);
+            new_start = new_start.max(next.min(end)).min(end);
+            t.partitions.insert(key, (new_start, end))?;
+            fx.ends.insert(key, (topic.clone(), new_start, end));
+        }
+        Ok(WriteOutcome::Trimmed {
+            batches: doomed.len(),
+            messages,
+        })
+    }
+
     /// Give a batch its message ids and append it; returns (base offset,
     /// base message-id sequence).
     fn append_with_ids(
@@ -727,6 +831,8 @@ impl Writer {
         t.log.insert((key.0, key.1, end), value)?;
         if let Ok(h) = batch::header(value) {
             t.batch_times.insert((key.0, key.1, end), h.timestamp_ms)?;
+            t.batch_bytes
+                .insert((key.0, key.1, end), value.len() as u64)?;
             t.id_index
                 .insert(h.base_sequence, (key.0, key.1, end, h.count))?;
         }
@@ -793,6 +899,9 @@ impl Writer {
                             .retain_in((id, 0)..=(id, u32::MAX), |_, _| false)?;
                         t.batch_times
                             .retain_in((id, 0, 0)..=(id, u32::MAX, u64::MAX), |_, _| false)?;
+                        t.batch_bytes
+                            .retain_in((id, 0, 0)..=(id, u32::MAX, u64::MAX), |_, _| false)?;
+                        t.retention.remove(id)?;
                         t.retries.retain(|k, _| k.1 != id)?;
                         t.plugin_retries.retain(|k, _| k.1 != id)?;
                         t.id_index.retain(|_, v| v.0 != id)?;
@@ -1103,6 +1212,29 @@ impl Writer {
                 Ok(WriteOutcome::PluginRemoved(existed))
             }
             WriteOp::PluginCommit(c) => self.plugin_commit(c, t, fx, scope)?,
+            WriteOp::Trim {
+                topic,
+                partition,
+                before,
+                batches_max,
+            } => {
+                if !self.is_live(topic, scope) {
+                    Err(WriteError::UnknownTopic(topic.name.clone()))
+                } else {
+                    Ok(self.trim(t, fx, topic, *partition, *before, *batches_max)?)
+                }
+            }
+            WriteOp::SetRetention { topic, retention } => {
+                if !self.is_live(topic, scope) {
+                    Err(WriteError::UnknownTopic(topic.name.clone()))
+                } else {
+                    match retention {
+                        Some(r) => t.retention.insert(topic.id(), *r)?,
+                        None => t.retention.remove(topic.id())?,
+                    };
+                    Ok(WriteOutcome::RetentionSet)
+                }
+            }
             WriteOp::SetPolicy { group, policy } => {
                 t.policies
                     .insert(group.as_str(), encode(policy).as_slice())?;

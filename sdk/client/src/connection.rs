@@ -433,6 +433,41 @@ impl Client {
         }
     }
 
+    /// Set a topic's retention, or with `None` return it to the broker default.
+    pub async fn set_topic_retention(
+        &self,
+        topic: &str,
+        retention: Option<msmq_protocol::Retention>,
+    ) -> Result<(), ClientError> {
+        expect_done(
+            "SetTopicRetention",
+            self.request(&Request::SetTopicRetention {
+                topic: topic.into(),
+                retention,
+            })
+            .await?,
+        )
+    }
+
+    /// The retention in force for a topic, and whether it is the default.
+    pub async fn topic_retention(
+        &self,
+        topic: &str,
+    ) -> Result<(msmq_protocol::Retention, bool), ClientError> {
+        match self
+            .request(&Request::GetTopicRetention {
+                topic: topic.into(),
+            })
+            .await?
+        {
+            Reply::TopicRetention {
+                retention,
+                is_default,
+            } => Ok((retention, is_default)),
+            other => Err(unexpected("GetTopicRetention", other)),
+        }
+    }
+
     pub async fn list_topics(&self) -> Result<Vec<TopicInfo>, ClientError> {
         match self.request(&Request::ListTopics).await? {
             Reply::Topics(topics) => Ok(topics),

@@ -230,6 +230,16 @@ pub enum Request {
         start_after: Option<serde_bytes::ByteBuf>,
         limit: u32,
     },
+    /// Set a topic's retention (0 = no limit), or with `None` return it to
+    /// the broker default. Reply: [`Reply::Done`].
+    SetTopicRetention {
+        topic: String,
+        retention: Option<Retention>,
+    },
+    /// Reply: [`Reply::TopicRetention`].
+    GetTopicRetention {
+        topic: String,
+    },
 }
 
 /// A message found by id or key, with where it is.
@@ -327,6 +337,11 @@ pub enum Reply {
     Plugins(Vec<crate::PluginInfo>),
     PluginStats(crate::PluginStats),
     PluginState(Vec<crate::StateEntry>),
+    /// The retention in force and whether it is the broker default.
+    TopicRetention {
+        retention: Retention,
+        is_default: bool,
+    },
 }
 
 /// The answer to one decision of an `EndTransactions` request.
@@ -518,6 +533,15 @@ impl NewMessage {
                 .map(|h| h.name.len() + h.value.len())
                 .sum::<usize>()
     }
+}
+
+/// How long and how much a topic keeps: whole batches older than
+/// `max_age_ms`, or beyond `max_bytes` per partition (oldest first), are
+/// removed. 0 means no limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Retention {
+    pub max_age_ms: u64,
+    pub max_bytes: u64,
 }
 
 /// A message as a consumer receives it.

@@ -248,3 +248,37 @@ pub(super) async fn describe_group(
         offsets,
     }))
 }
+
+pub(super) async fn set_retention(
+    state: &BrokerState,
+    name: String,
+    retention: Option<msmq_protocol::Retention>,
+) -> Result<Reply, ErrorReply> {
+    let topic = state
+        .registry
+        .get(&name)
+        .ok_or_else(|| unknown_topic(&name))?;
+    state
+        .store
+        .write(WriteOp::SetRetention {
+            topic,
+            retention: retention.map(|r| (r.max_age_ms, r.max_bytes)),
+        })
+        .await
+        .map_err(from_write)?;
+    tracing::info!(topic = %name, ?retention, "topic retention set");
+    Ok(Reply::Done)
+}
+
+pub(super) async fn get_retention(state: &BrokerState, name: String) -> Result<Reply, ErrorReply> {
+    let topic = state
+        .registry
+        .get(&name)
+        .ok_or_else(|| unknown_topic(&name))?;
+    let (retention, is_default) =
+        crate::server::retention::effective(state, topic.id()).map_err(super::from_storage)?;
+    Ok(Reply::TopicRetention {
+        retention,
+        is_default,
+    })
+}

@@ -56,6 +56,10 @@ pub(super) async fn handle(
         }
         Request::DeleteTopic { name } => admin::delete_topic(state, name).await,
         Request::ListTopics => Ok(admin::list_topics(state)),
+        Request::SetTopicRetention { topic, retention } => {
+            admin::set_retention(state, topic, retention).await
+        }
+        Request::GetTopicRetention { topic } => admin::get_retention(state, topic).await,
         Request::DescribeTopic { name } => admin::describe_topic(state, name).await,
         Request::ListGroups => admin::list_groups(state).await,
         Request::DescribeGroup { group } => admin::describe_group(state, group).await,

@@ -1,0 +1,166 @@
+//! Retention: expired batches are removed in the background, consumers
+//! continue from the new start, and the redb file stays bounded.
+
+use crate::harness::TestBroker;
+use msmq_client::protocol::{ErrorCode, NewMessage, Retention};
+use msmq_client::FetchLimits;
+use std::time::{Duration, Instant};
+
+/// Retention and load time of the steady-load test; the full run is
+/// `MSMQ_RETENTION_MS=10000 MSMQ_RETENTION_LOAD_SECS=120`.
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+const MESSAGE_BYTES: usize = 1024;
+const BATCH: usize = 100;
+const BATCHES_PER_SECOND: u64 = 20;
+
+fn file_bytes(broker: &TestBroker) -> u64 {
+    std::fs::metadata(broker.data_dir().join("msmq.redb"))
+        .map(|m| m.len())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_batches_go_and_the_file_stays_bounded_under_steady_load() -> anyhow::Result<()> {
+    let retention_ms = env_or("MSMQ_RETENTION_MS", 3_000);
+    let load = Duration::from_secs(env_or("MSMQ_RETENTION_LOAD_SECS", 20));
+    let broker = TestBroker::start_with(&["--retention-check-interval", "100ms"])?;
+    let client = broker.client().await?;
+    client.create_topic("ticks", 2).await?;
+    let (default, is_default) = client.topic_retention("ticks").await?;
+    assert!(is_default);
+    assert_eq!(default.max_age_ms, 72 * 3600 * 1000);
+    client
+        .set_topic_retention(
+            "ticks",
+            Some(Retention {
+                max_age_ms: retention_ms,
+                max_bytes: 0,
+            }),
+        )
+        .await?;
+
+    // Steady load: 2 000 messages of 1 KiB a second, bounded in time.
+    let producer = client.producer("ticks");
+    let started = Instant::now();
+    let mut sent = 0u64;
+    let mut peak_file = 0;
+    while started.elapsed() < load {
+        let batch = (0..BATCH)
+            .map(|_| NewMessage::new(vec![7u8; MESSAGE_BYTES]))
+            .collect();
+        producer.send_batch(batch).await?;
+        sent += BATCH as u64;
+        let due = Duration::from_millis(sent / BATCH as u64 * 1000 / BATCHES_PER_SECOND);
+        if let Some(wait) = due.checked_sub(started.elapsed()) {
+            tokio::time::sleep(wait).await;
+        }
+        if started.elapsed() > Duration::from_secs(2 * retention_ms / 1000) {
+            peak_file = peak_file.max(file_bytes(&broker));
+        }
+    }
+    let topic = client.describe_topic("ticks").await?;
+    let retained: u64 = topic
+        .partitions
+        .iter()
+        .map(|p| p.end_offset - p.start_offset)
+        .sum();
+    let ends: u64 = topic.partitions.iter().map(|p| p.end_offset).sum();
+    assert_eq!(ends, sent);
+    let retained_bytes = retained * MESSAGE_BYTES as u64;
+    println!(
+        "sent {sent} ({} MiB), retained {retained} ({} MiB), redb file peak {} MiB",
+        (sent * MESSAGE_BYTES as u64) >> 20,
+        retained_bytes >> 20,
+        peak_file >> 20
+    );
+    // About retention_ms of load is kept (plus a check interval and a batch).
+    let rate = BATCH as u64 * BATCHES_PER_SECOND;
+    assert!(
+        retained <= rate * (retention_ms + 1000) / 1000,
+        "retained {retained}"
+    );
+    assert!(
+        retained >= rate * (retention_ms - 1000) / 1000,
+        "retained {retained}"
+    );
+    // The file reuses freed pages: bounded by twice the retained data.
+    assert!(
+        peak_file <= 2 * rate * retention_ms / 1000 * MESSAGE_BYTES as u64,
+        "file {peak_file} bytes for {retained_bytes} retained"
+    );
+
+    // Below the start is out of range; a group from the earliest gets only
+    // what is kept.
+    let p0 = &topic.partitions[0];
+    assert!(p0.start_offset > 0);
+    let limits = FetchLimits {
+        max_messages: 10,
+        max_bytes: 1 << 20,
+        max_wait_ms: 0,
+    };
+    let err = client
+        .fetch("ticks", 0, p0.start_offset - 1, limits)
+        .await
+        .expect_err("below the start");
+    assert_eq!(err.code(), Some(ErrorCode::OFFSET_OUT_OF_RANGE));
+    let fetched = client.fetch("ticks", 0, p0.start_offset, limits).await?;
+    assert_eq!(fetched.messages[0].offset, p0.start_offset);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn size_retention_keeps_the_newest_batches_within_the_limit() -> anyhow::Result<()> {
+    let broker = TestBroker::start_with(&["--retention-check-interval", "100ms"])?;
+    let client = broker.client().await?;
+    client.create_topic("sized", 1).await?;
+    let limit = 100 * 1024;
+    client
+        .set_topic_retention(
+            "sized",
+            Some(Retention {
+                max_age_ms: 0,
+                max_bytes: limit,
+            }),
+        )
+        .await?;
+    let producer = client.producer("sized");
+    for i in 0..100u32 {
+        let batch = (0..10)
+            .map(|j| NewMessage::new(format!("{i}-{j}").into_bytes()).with_key(format!("k{j}")))
+            .collect::<Vec<_>>();
+        let padded = batch
+            .into_iter()
+            .map(|mut m| {
+                m.payload.resize(1000, b'.');
+                m
+            })
+            .collect();
+        producer.send_batch(padded).await?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let p = client.describe_topic("sized").await?.partitions[0].clone();
+        let kept = p.end_offset - p.start_offset;
+        // 10 messages of ~1 KiB per batch: at most 100 KiB is about 90.
+        if kept <= 100 {
+            assert!(kept >= 80, "kept {kept}");
+            assert_eq!(p.end_offset, 1000);
+            // Keys of removed messages are gone from the key index too.
+            let found = client.find_messages("sized", b"k3", 1000).await?;
+            assert!(found.iter().all(|m| m.message.offset >= p.start_offset));
+            assert_eq!(found.len() as u64, kept / 10);
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "not trimmed: {p:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Back to the default: nothing more is removed.
+    client.set_topic_retention("sized", None).await?;
+    assert!(client.topic_retention("sized").await?.1);
+    Ok(())
+}
