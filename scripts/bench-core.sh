@@ -16,7 +16,7 @@ WORK=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
 
 start_broker() { # dir -> sets PID, ADDR
-  "$MSMQ" serve --listen 127.0.0.1:0 --data-dir "$1" --log warn >"$1.out" 2>"$1.err" &
+  "$MSMQ" serve --listen 127.0.0.1:0 --http 127.0.0.1:0 --data-dir "$1" --log warn >"$1.out" 2>"$1.err" &
   PID=$!
   for _ in $(seq 100); do
     [ -s "$1.out" ] && break

@@ -28,7 +28,7 @@ start_broker() { # dir -> sets PID, ADDR, START_MS (time to the listening line)
   local t0 t1
   : >"$1.out"
   t0=$(date +%s%N)
-  "$MSMQ" serve --listen "${2:-127.0.0.1:0}" --data-dir "$1" --log warn >"$1.out" 2>>"$1.err" &
+  "$MSMQ" serve --listen "${2:-127.0.0.1:0}" --http 127.0.0.1:0 --data-dir "$1" --log warn >"$1.out" 2>>"$1.err" &
   PID=$!
   for _ in $(seq 2000); do
     [ -s "$1.out" ] && break

@@ -17,6 +17,8 @@ use std::time::Duration;
 pub struct Config {
     /// QUIC listen address.
     pub listen: SocketAddr,
+    /// HTTP address for `/metrics`, or `off`.
+    pub http: String,
     /// Directory for the database and the generated TLS certificate.
     pub data_dir: PathBuf,
     /// PEM certificate chain to serve instead of the generated one.
@@ -97,6 +99,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], msmq_protocol::DEFAULT_PORT)),
+            http: "127.0.0.1:7172".into(),
             data_dir: PathBuf::from("msmq-data"),
             tls_cert: None,
             tls_key: None,
@@ -193,6 +196,7 @@ impl Config {
             self.transaction_check_reply_timeout >= Duration::from_millis(10),
             "transaction_check_reply_timeout must be at least 10ms"
         );
+        self.http_addr()?;
         anyhow::ensure!(
             self.retention_check_interval >= Duration::from_millis(10),
             "retention_check_interval must be at least 10ms"
@@ -207,6 +211,19 @@ impl Config {
             "tls_cert and tls_key must be given together"
         );
         Ok(())
+    }
+
+    /// The HTTP listen address; `None` when `http = "off"`.
+    pub fn http_addr(&self) -> anyhow::Result<Option<SocketAddr>> {
+        if self.http == "off" {
+            return Ok(None);
+        }
+        self.http.parse().map(Some).map_err(|e| {
+            anyhow::anyhow!(
+                "http must be host:port or \"off\", not {:?}: {e}",
+                self.http
+            )
+        })
     }
 
     /// The commented default configuration, for `msmq config`.

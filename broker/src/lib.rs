@@ -6,6 +6,7 @@ pub mod config;
 pub mod delivery;
 pub mod filter;
 pub mod groups;
+pub mod metrics;
 pub mod plugins;
 pub mod server;
 pub mod storage;

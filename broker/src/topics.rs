@@ -159,6 +159,16 @@ impl TopicRegistry {
             .insert(group.to_string(), offset);
     }
 
+    /// Every group's committed offset on a partition.
+    pub fn committed_groups(&self, topic_id: u32, partition: u32) -> Vec<(String, u64)> {
+        self.committed
+            .lock()
+            .expect("committed lock")
+            .get(&(topic_id, partition))
+            .map(|groups| groups.iter().map(|(g, o)| (g.clone(), *o)).collect())
+            .unwrap_or_default()
+    }
+
     /// A group's committed offset on a partition, as last stored.
     pub fn committed_offset(&self, group: &str, topic_id: u32, partition: u32) -> Option<u64> {
         self.committed

@@ -14,6 +14,8 @@ pub const MSMQ: &str = env!("CARGO_BIN_EXE_msmq");
 pub struct TestBroker {
     pub dir: tempfile::TempDir,
     pub addr: SocketAddr,
+    /// host:port of the metrics endpoint.
+    pub http: Option<String>,
     extra_args: Vec<String>,
     child: Option<Child>,
 }
@@ -30,6 +32,7 @@ impl TestBroker {
         let mut broker = TestBroker {
             dir,
             addr: "127.0.0.1:0".parse()?,
+            http: None,
             extra_args: extra.iter().map(|s| s.to_string()).collect(),
             child: None,
         };
@@ -56,6 +59,7 @@ impl TestBroker {
             .arg(self.addr.to_string())
             .arg("--data-dir")
             .arg(self.data_dir())
+            .args(["--http", "127.0.0.1:0"])
             .args(&self.extra_args)
             .env("MSMQ_LOG", "info")
             .env_remove("RUST_LOG")
@@ -84,6 +88,11 @@ impl TestBroker {
             .context("unexpected first line")?
             .parse()?;
         self.addr = addr;
+        self.http = line
+            .split("metrics http://")
+            .nth(1)
+            .and_then(|rest| rest.split('/').next())
+            .map(str::to_string);
         self.child = Some(child);
         Ok(())
     }

@@ -9,6 +9,7 @@ mod crash;
 mod delayed;
 mod groups;
 mod harness;
+mod metrics;
 mod plugins;
 mod produce_consume;
 mod retention;

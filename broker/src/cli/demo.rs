@@ -106,6 +106,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let config = Config {
         listen: "127.0.0.1:0".parse()?,
         data_dir: data.path().join("data"),
+        http: "off".into(),
         log: "warn".into(),
         ..Config::default()
     };

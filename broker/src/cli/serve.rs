@@ -18,6 +18,10 @@ pub struct ServeArgs {
     /// QUIC listen address [default: 127.0.0.1:7171].
     #[arg(long, env = "MSMQ_LISTEN")]
     listen: Option<SocketAddr>,
+    /// HTTP address for Prometheus metrics at /metrics, or "off"
+    /// [default: 127.0.0.1:7172].
+    #[arg(long, env = "MSMQ_HTTP")]
+    http: Option<String>,
     /// Data directory [default: ./msmq-data].
     #[arg(long, env = "MSMQ_DATA_DIR")]
     data_dir: Option<PathBuf>,
@@ -122,6 +126,7 @@ impl ServeArgs {
         }
         set!(
             listen,
+            http,
             data_dir,
             durability,
             message_bytes_max,
@@ -172,11 +177,18 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .try_init();
     let broker = RunningBroker::start(config).await?;
     // One machine-readable line on stdout, so scripts can find a port-0 broker.
-    println!(
-        "msmq listening on {} (certificate {})",
-        broker.local_addr,
-        broker.cert_path.display()
-    );
+    match broker.http_addr {
+        Some(http) => println!(
+            "msmq listening on {} (certificate {}; metrics http://{http}/metrics)",
+            broker.local_addr,
+            broker.cert_path.display()
+        ),
+        None => println!(
+            "msmq listening on {} (certificate {})",
+            broker.local_addr,
+            broker.cert_path.display()
+        ),
+    }
     shutdown_signal().await;
     broker.shutdown().await;
     Ok(())

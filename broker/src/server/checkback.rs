@@ -146,7 +146,10 @@ async fn check_one(
         })
         .await
     {
-        Ok(WriteOutcome::CheckCounted(Some(n))) => n,
+        Ok(WriteOutcome::CheckCounted(Some(n))) => {
+            crate::metrics::global().transaction_checks.inc();
+            n
+        }
         Ok(_) => return, // resolved meanwhile
         Err(e) => {
             tracing::error!(tx_id, error = %e, "could not count a check");

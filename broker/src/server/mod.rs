@@ -11,6 +11,7 @@
 mod checkback;
 mod connection;
 pub(crate) mod handlers;
+mod http;
 mod producers;
 pub mod retention;
 mod scheduler;
@@ -67,6 +68,8 @@ pub struct RunningBroker {
     pub local_addr: SocketAddr,
     /// The certificate clients should trust.
     pub cert_path: PathBuf,
+    /// The HTTP address actually bound, when metrics are served.
+    pub http_addr: Option<SocketAddr>,
     state: Arc<BrokerState>,
     endpoint: quinn::Endpoint,
     requests: TaskTracker,
@@ -161,6 +164,14 @@ impl RunningBroker {
             tokio::spawn(scheduler::run(state.clone())),
             tokio::spawn(retention::run(state.clone())),
         ];
+        let http_addr = match state.config.http_addr()? {
+            Some(addr) => {
+                let (bound, task) = http::bind(state.clone(), addr).await?;
+                background.push(task);
+                Some(bound)
+            }
+            None => None,
+        };
         if let Some(dir) = state.config.plugin_dir.clone() {
             std::fs::create_dir_all(&dir)
                 .with_context(|| format!("creating plugin directory {}", dir.display()))?;
@@ -171,6 +182,7 @@ impl RunningBroker {
         Ok(RunningBroker {
             local_addr,
             cert_path,
+            http_addr,
             state,
             endpoint,
             requests,

@@ -100,6 +100,9 @@ async fn trim_topic(
             })
             .await?;
         if let WriteOutcome::Trimmed { batches, messages } = outcome {
+            crate::metrics::global()
+                .retention_removed_messages
+                .inc_by(messages);
             tracing::debug!(topic = %topic.name, partition = p, batches, messages,
                 start = offsets.start(), "retention removed expired batches");
         }

@@ -491,6 +491,7 @@ impl Writer {
     fn commit_group(&mut self, jobs: Vec<Job>) {
         let started = Instant::now();
         let count = jobs.len();
+        let bytes: usize = jobs.iter().map(|j| j.op.bytes()).sum();
         let mut jobs = jobs;
         let mut ops: Vec<&mut WriteOp> = jobs.iter_mut().map(|j| &mut j.op).collect();
         match self.apply(&mut ops) {
@@ -538,6 +539,10 @@ impl Writer {
                     let _ = job.reply.send(result);
                 }
                 tracing::trace!(requests = count, elapsed = ?started.elapsed(), "group commit");
+                let m = crate::metrics::global();
+                m.commit_requests.observe(count as f64);
+                m.commit_bytes.observe(bytes as f64);
+                m.commit_seconds.observe(started.elapsed().as_secs_f64());
             }
             Err(e) => {
                 tracing::error!(error = %e, requests = count, "commit failed; refusing its requests");
@@ -665,6 +670,9 @@ impl Writer {
             return Ok(Err(WriteError::UnknownTopic(topic.name.clone())));
         }
         let plugin = c.plugin.as_str();
+        let m = crate::metrics::global();
+        m.retries.inc_by(c.retry_puts.len() as u64);
+        m.dead_letters.inc_by(c.dead_letters.len() as u64);
         for (key, value) in &c.state {
             match value {
                 Some(v) => t
@@ -1152,6 +1160,12 @@ impl Writer {
                 for key in retry_deletes.iter() {
                     t.retries.remove((group.as_str(), key.0, key.1, key.2))?;
                 }
+                crate::metrics::global()
+                    .retries
+                    .inc_by(retry_puts.len() as u64);
+                crate::metrics::global()
+                    .dead_letters
+                    .inc_by(dead_letters.len() as u64);
                 for (topic, message) in dead_letters.iter() {
                     let sequence = fx.counters.take_sequences(1);
                     let mut value = batch::encode(*now_ms, &[message]);

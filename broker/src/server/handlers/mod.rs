@@ -22,6 +22,25 @@ pub(super) async fn handle(
     ctx: &ConnectionContext,
     request: Request,
 ) -> Result<Reply, ErrorReply> {
+    let started = std::time::Instant::now();
+    let produced_bytes = match &request {
+        Request::Produce { messages, .. } => {
+            Some(messages.iter().map(|m| m.size_bytes() as u64).sum())
+        }
+        _ => None,
+    };
+    let result = dispatch(state, ctx, request).await;
+    if let Ok(reply) = &result {
+        crate::metrics::observe_reply(reply, produced_bytes, started);
+    }
+    result
+}
+
+async fn dispatch(
+    state: &std::sync::Arc<BrokerState>,
+    ctx: &ConnectionContext,
+    request: Request,
+) -> Result<Reply, ErrorReply> {
     if state.is_shutting_down() {
         return Err(ErrorReply::new(
             ErrorCode::SHUTTING_DOWN,

@@ -1,0 +1,312 @@
+//! Prometheus metrics, served as text at `/metrics` on the HTTP port.
+//!
+//! Owns: the process-wide metric registry. Hot paths bump counters and
+//! histograms (atomic adds); figures that already live elsewhere (backlog
+//! and lag, pending transactions, plugin counters) are read when scraped.
+//! Every name starts with `msmq_`.
+
+use crate::server::BrokerState;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use std::sync::{Mutex, OnceLock};
+
+type Labels = Vec<(String, String)>;
+
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    pub produced_messages: Counter,
+    pub produced_bytes: Counter,
+    pub produce_seconds: Histogram,
+    pub consumed_messages: Counter,
+    pub consumed_bytes: Counter,
+    pub commit_requests: Histogram,
+    pub commit_bytes: Histogram,
+    pub commit_seconds: Histogram,
+    pub retries: Counter,
+    pub dead_letters: Counter,
+    pub transaction_checks: Counter,
+    pub retention_removed_messages: Counter,
+    backlog: Family<Labels, Gauge>,
+    lag: Family<Labels, Gauge>,
+    transactions_pending: Gauge,
+    plugin_processed: Family<Labels, Counter>,
+    plugin_failed_batches: Family<Labels, Counter>,
+    plugin_dead_letters: Family<Labels, Counter>,
+    plugin_throttled_seconds: Family<Labels, Counter<f64, std::sync::atomic::AtomicU64>>,
+    plugin_busy_seconds: Family<Labels, Counter<f64, std::sync::atomic::AtomicU64>>,
+    plugin_memory_bytes: Family<Labels, Gauge>,
+    plugin_lag: Family<Labels, Gauge>,
+    plugin_paused: Family<Labels, Gauge>,
+}
+
+/// The process-wide metrics.
+pub fn global() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(Metrics::new)
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        let m = Metrics {
+            registry: Mutex::new(Registry::with_prefix("msmq")),
+            produced_messages: Counter::default(),
+            produced_bytes: Counter::default(),
+            produce_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
+            consumed_messages: Counter::default(),
+            consumed_bytes: Counter::default(),
+            commit_requests: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
+            commit_bytes: Histogram::new(exponential_buckets(1024.0, 4.0, 12)),
+            commit_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
+            retries: Counter::default(),
+            dead_letters: Counter::default(),
+            transaction_checks: Counter::default(),
+            retention_removed_messages: Counter::default(),
+            backlog: Family::default(),
+            lag: Family::default(),
+            transactions_pending: Gauge::default(),
+            plugin_processed: Family::default(),
+            plugin_failed_batches: Family::default(),
+            plugin_dead_letters: Family::default(),
+            plugin_throttled_seconds: Family::default(),
+            plugin_busy_seconds: Family::default(),
+            plugin_memory_bytes: Family::default(),
+            plugin_lag: Family::default(),
+            plugin_paused: Family::default(),
+        };
+        {
+            let mut r = m.registry.lock().expect("registry lock");
+            r.register(
+                "produced_messages",
+                "Messages acknowledged to producers",
+                m.produced_messages.clone(),
+            );
+            r.register(
+                "produced_bytes",
+                "Bytes of messages acknowledged to producers",
+                m.produced_bytes.clone(),
+            );
+            r.register(
+                "produce_latency_seconds",
+                "Produce requests, receipt to acknowledgement",
+                m.produce_seconds.clone(),
+            );
+            r.register(
+                "consumed_messages",
+                "Messages handed to consumers (fetch, poll, receive)",
+                m.consumed_messages.clone(),
+            );
+            r.register(
+                "consumed_bytes",
+                "Payload bytes handed to consumers",
+                m.consumed_bytes.clone(),
+            );
+            r.register(
+                "commit_batch_requests",
+                "Requests per storage group commit",
+                m.commit_requests.clone(),
+            );
+            r.register(
+                "commit_batch_bytes",
+                "Bytes per storage group commit",
+                m.commit_bytes.clone(),
+            );
+            r.register(
+                "commit_seconds",
+                "Time of one storage group commit, fsync included",
+                m.commit_seconds.clone(),
+            );
+            r.register(
+                "retries",
+                "Messages scheduled for another delivery (per-message acks and plugins)",
+                m.retries.clone(),
+            );
+            r.register(
+                "dead_letters",
+                "Messages moved to a dead-letter topic",
+                m.dead_letters.clone(),
+            );
+            r.register(
+                "transaction_checks",
+                "Transaction check-backs sent to producers",
+                m.transaction_checks.clone(),
+            );
+            r.register(
+                "retention_removed_messages",
+                "Messages removed by retention",
+                m.retention_removed_messages.clone(),
+            );
+            r.register(
+                "partition_backlog_messages",
+                "Messages of a partition its slowest group has not consumed",
+                m.backlog.clone(),
+            );
+            r.register(
+                "group_lag_messages",
+                "Messages of a partition a group has not consumed",
+                m.lag.clone(),
+            );
+            r.register(
+                "transactions_pending",
+                "Half messages waiting for commit or rollback",
+                m.transactions_pending.clone(),
+            );
+            r.register(
+                "plugin_processed_messages",
+                "Messages whose plugin outcome was committed",
+                m.plugin_processed.clone(),
+            );
+            r.register(
+                "plugin_failed_batches",
+                "Plugin calls that failed (trap, timeout, memory)",
+                m.plugin_failed_batches.clone(),
+            );
+            r.register(
+                "plugin_dead_letters",
+                "Messages a plugin dead-lettered",
+                m.plugin_dead_letters.clone(),
+            );
+            r.register(
+                "plugin_throttled_seconds",
+                "Time a plugin waited for its quota",
+                m.plugin_throttled_seconds.clone(),
+            );
+            r.register(
+                "plugin_busy_seconds",
+                "Time spent inside plugin calls (CPU)",
+                m.plugin_busy_seconds.clone(),
+            );
+            r.register(
+                "plugin_memory_bytes",
+                "Linear memory of a plugin instance",
+                m.plugin_memory_bytes.clone(),
+            );
+            r.register(
+                "plugin_lag_messages",
+                "Messages waiting for a plugin",
+                m.plugin_lag.clone(),
+            );
+            r.register(
+                "plugin_paused",
+                "1 when the plugin is paused",
+                m.plugin_paused.clone(),
+            );
+        }
+        m
+    }
+
+    /// The metrics as Prometheus text, with scrape-time figures refreshed.
+    pub fn render(&self, state: &BrokerState) -> String {
+        self.refresh(state);
+        let mut out = String::new();
+        let registry = self.registry.lock().expect("registry lock");
+        if prometheus_client::encoding::text::encode(&mut out, &registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+
+    fn refresh(&self, state: &BrokerState) {
+        self.backlog.clear();
+        self.lag.clear();
+        for topic in state.registry.list() {
+            for p in 0..topic.partition_count() {
+                let labels = vec![
+                    ("topic".to_string(), topic.name.clone()),
+                    ("partition".to_string(), p.to_string()),
+                ];
+                self.backlog
+                    .get_or_create(&labels)
+                    .set(state.registry.backlog(&topic, p) as i64);
+                let end = topic.partition(p).map_or(0, |o| o.end());
+                for (group, offset) in state.registry.committed_groups(topic.id(), p) {
+                    let mut l = labels.clone();
+                    l.insert(0, ("group".to_string(), group));
+                    self.lag
+                        .get_or_create(&l)
+                        .set(end.saturating_sub(offset) as i64);
+                }
+            }
+        }
+        let pending = state.store.schedule().lock().map_or(0, |s| s.len());
+        self.transactions_pending.set(pending as i64);
+        for name in state.plugins.names() {
+            let Ok(s) = state.plugins.stats(state, &name) else {
+                continue;
+            };
+            let l = vec![("plugin".to_string(), name)];
+            bump(&self.plugin_processed.get_or_create(&l), s.processed);
+            bump(
+                &self.plugin_failed_batches.get_or_create(&l),
+                s.failed_batches,
+            );
+            bump(&self.plugin_dead_letters.get_or_create(&l), s.dead_lettered);
+            bump_f(
+                &self.plugin_throttled_seconds.get_or_create(&l),
+                s.throttled_ms as f64 / 1000.0,
+            );
+            bump_f(
+                &self.plugin_busy_seconds.get_or_create(&l),
+                s.busy_ms as f64 / 1000.0,
+            );
+            self.plugin_memory_bytes
+                .get_or_create(&l)
+                .set(s.memory_bytes as i64);
+            self.plugin_lag.get_or_create(&l).set(s.lag as i64);
+            self.plugin_paused
+                .get_or_create(&l)
+                .set(i64::from(s.status.starts_with("paused")));
+        }
+    }
+}
+
+/// Count what a successful reply carried: produced or consumed messages.
+pub fn observe_reply(
+    reply: &msmq_protocol::Reply,
+    produced_bytes: Option<u64>,
+    started: std::time::Instant,
+) {
+    use msmq_protocol::Reply;
+    let m = global();
+    let consumed = |messages: &mut dyn Iterator<Item = &msmq_protocol::Message>| {
+        let (mut count, mut bytes) = (0u64, 0u64);
+        for message in messages {
+            count += 1;
+            bytes += message.payload.len() as u64;
+        }
+        m.consumed_messages.inc_by(count);
+        m.consumed_bytes.inc_by(bytes);
+    };
+    match reply {
+        Reply::Produced(acks) => {
+            m.produced_messages.inc_by(acks.len() as u64);
+            m.produced_bytes.inc_by(produced_bytes.unwrap_or(0));
+            m.produce_seconds.observe(started.elapsed().as_secs_f64());
+        }
+        Reply::Fetched(f) => consumed(&mut f.messages.iter()),
+        Reply::Polled(p) => consumed(&mut p.batches.iter().flat_map(|b| b.messages.iter())),
+        Reply::Received { batches, .. } => consumed(
+            &mut batches
+                .iter()
+                .flat_map(|b| b.messages.iter().map(|l| &l.message)),
+        ),
+        _ => {}
+    }
+}
+
+/// Raise a counter to a total kept elsewhere.
+fn bump(counter: &Counter, total: u64) {
+    let now = counter.get();
+    if total > now {
+        counter.inc_by(total - now);
+    }
+}
+
+fn bump_f(counter: &Counter<f64, std::sync::atomic::AtomicU64>, total: f64) {
+    let now = counter.get();
+    if total > now {
+        counter.inc_by(total - now);
+    }
+}

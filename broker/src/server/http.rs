@@ -1,0 +1,48 @@
+//! The broker's HTTP port (default `127.0.0.1:7172`): Prometheus metrics at
+//! `/metrics`.
+//!
+//! Owns: the HTTP listener. It serves read-only views of broker state and
+//! never blocks the QUIC side: a scrape reads atomics and in-memory maps.
+
+use super::BrokerState;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use std::sync::Arc;
+
+/// Bind the HTTP listener; the returned task serves it.
+pub(super) async fn bind(
+    state: Arc<BrokerState>,
+    addr: std::net::SocketAddr,
+) -> anyhow::Result<(std::net::SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        anyhow::anyhow!(
+            "binding the HTTP port {addr}: {e} (set --http to another address, or --http off)"
+        )
+    })?;
+    let local = listener.local_addr()?;
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(state);
+    let task = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "HTTP server stopped");
+        }
+    });
+    Ok((local, task))
+}
+
+async fn metrics(State(state): State<Arc<BrokerState>>) -> impl IntoResponse {
+    let body = tokio::task::spawn_blocking(move || crate::metrics::global().render(&state))
+        .await
+        .unwrap_or_default();
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        body,
+    )
+}
