@@ -96,6 +96,9 @@ pub struct PluginManager {
     admin: tokio::sync::Mutex<()>,
     /// Set at shutdown: no runner starts any more.
     closed: std::sync::atomic::AtomicBool,
+    /// Stored plugins whose component could not be loaded at start-up, with
+    /// why: listed, removable, and replaced by a new deploy.
+    unloadable: Mutex<HashMap<String, (PluginRecord, String)>>,
 }
 
 impl PluginManager {
@@ -105,6 +108,7 @@ impl PluginManager {
             runners: Mutex::new(HashMap::new()),
             admin: tokio::sync::Mutex::new(()),
             closed: std::sync::atomic::AtomicBool::new(false),
+            unloadable: Mutex::new(HashMap::new()),
         }
     }
 
@@ -136,7 +140,13 @@ impl PluginManager {
                     state.plugins.spawn(state, record, prepared);
                 }
                 Err(e) => {
-                    tracing::error!(plugin = %record.spec.name, error = %e, "stored plugin cannot be loaded; it stays deployed but does not run")
+                    tracing::error!(plugin = %record.spec.name, error = %e, "stored plugin cannot be loaded; it stays deployed but does not run");
+                    state
+                        .plugins
+                        .unloadable
+                        .lock()
+                        .expect("unloadable lock")
+                        .insert(record.spec.name.clone(), (record, e.to_string()));
                 }
             }
         }
@@ -153,6 +163,10 @@ impl PluginManager {
             return;
         }
         let name = record.spec.name.clone();
+        self.unloadable
+            .lock()
+            .expect("unloadable lock")
+            .remove(&name);
         runners.insert(name, runner::spawn(state.clone(), record, prepared));
     }
 
@@ -294,6 +308,28 @@ impl PluginManager {
     pub async fn remove(state: &Arc<BrokerState>, name: &str) -> Result<(), PluginError> {
         let manager = &state.plugins;
         let _admin = manager.admin.lock().await;
+        let broken = manager
+            .unloadable
+            .lock()
+            .expect("unloadable lock")
+            .get(name)
+            .map(|(r, _)| r.spec.group_name());
+        if let Some(group) = broken {
+            state
+                .store
+                .write(crate::storage::WriteOp::PluginRemove {
+                    name: name.to_string(),
+                    group,
+                })
+                .await?;
+            manager
+                .unloadable
+                .lock()
+                .expect("unloadable lock")
+                .remove(name);
+            tracing::info!(plugin = name, "unloadable plugin removed");
+            return Ok(());
+        }
         let handle = manager
             .runners
             .lock()
@@ -362,32 +398,69 @@ impl PluginManager {
                 }
             })
             .collect();
+        for (r, why) in self.unloadable.lock().expect("unloadable lock").values() {
+            all.push(PluginInfo {
+                status: unloadable_status(why),
+                version: r.version,
+                component_sha256: r.component_sha256.clone(),
+                component_bytes: r.component_bytes,
+                deployed_at_ms: r.deployed_at_ms,
+                spec: r.spec.clone(),
+            });
+        }
         all.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
         all
     }
 
     pub fn stats(&self, state: &BrokerState, name: &str) -> Result<PluginStats, PluginError> {
+        if let Some((r, why)) = self.unloadable.lock().expect("unloadable lock").get(name) {
+            return Ok(PluginStats {
+                name: name.to_string(),
+                version: r.version,
+                status: unloadable_status(why),
+                last_error: Some(why.clone()),
+                ..PluginStats::default()
+            });
+        }
         Ok(self.shared(name)?.stats(state))
     }
 
     /// The plugin whose progress is stored under `group`, if any.
     pub fn group_owner(&self, group: &str) -> Option<String> {
-        self.runners
+        let running = self
+            .runners
             .lock()
             .expect("runner lock")
             .values()
             .map(|h| h.shared.record().spec)
             .find(|spec| spec.group_name() == group)
-            .map(|spec| spec.name)
+            .map(|spec| spec.name);
+        running.or_else(|| {
+            self.unloadable
+                .lock()
+                .expect("unloadable lock")
+                .values()
+                .find(|(r, _)| r.spec.group_name() == group)
+                .map(|(r, _)| r.spec.name.clone())
+        })
     }
 
     pub fn names(&self) -> Vec<String> {
-        self.runners
+        let mut names: Vec<String> = self
+            .runners
             .lock()
             .expect("runner lock")
             .keys()
             .cloned()
-            .collect()
+            .collect();
+        names.extend(
+            self.unloadable
+                .lock()
+                .expect("unloadable lock")
+                .keys()
+                .cloned(),
+        );
+        names
     }
 
     /// Stop every runner after its current batch (broker shutdown); no new
@@ -407,6 +480,10 @@ impl PluginManager {
             h.stop(deadline.saturating_duration_since(std::time::Instant::now()));
         }
     }
+}
+
+fn unloadable_status(why: &str) -> String {
+    format!("not running: its component could not be loaded ({why}); deploy it again or remove it")
 }
 
 fn validate_spec(state: &BrokerState, spec: &PluginSpec) -> Result<(), PluginError> {

@@ -324,3 +324,56 @@ async fn the_plugin_cli_deploys_inspects_and_removes() -> anyhow::Result<()> {
     assert!(spec_limits.is_empty());
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_plugin_that_cannot_load_is_listed_and_can_be_replaced() -> anyhow::Result<()> {
+    use msmq_broker::storage::tables;
+    use redb::{ReadableDatabase, ReadableTable};
+    let mut broker = TestBroker::start()?;
+    let client = broker.client().await?;
+    client.create_topic("t", 1).await?;
+    deploy(&client, spec("rec", "t"), &rust_component("recorder-v1")?).await?;
+    client.close().await;
+    broker.terminate()?;
+
+    // Damage the stored component and drop the compiled cache.
+    std::fs::remove_dir_all(broker.data_dir().join("plugin-cache"))?;
+    {
+        let db = redb::Database::open(broker.data_dir().join("msmq.redb"))?;
+        let txn = db.begin_write()?;
+        {
+            let mut components = txn.open_table(tables::PLUGIN_COMPONENTS)?;
+            let hashes: Vec<String> = components
+                .iter()?
+                .map(|e| e.map(|(k, _)| k.value().to_string()))
+                .collect::<Result<_, _>>()?;
+            for hash in hashes {
+                components.insert(hash.as_str(), &b"\0asm\x0d\0\x01\0garbage"[..])?;
+            }
+        }
+        txn.commit()?;
+        let _ = db.begin_read()?;
+    }
+    broker.restart()?;
+    let client = broker.client().await?;
+    let list = client.list_plugins().await?;
+    assert_eq!(list.len(), 1);
+    assert!(
+        list[0].status.starts_with("not running"),
+        "{:?}",
+        list[0].status
+    );
+    let stats = client.plugin_stats("rec").await?;
+    assert!(stats.last_error.is_some(), "{stats:?}");
+
+    // A new deploy replaces it and runs.
+    deploy(&client, spec("rec", "t"), &rust_component("recorder-v2")?).await?;
+    client.producer("t").send(NewMessage::new("x")).await?;
+    wait_stats(&client, "rec", Duration::from_secs(30), |s| {
+        s.processed == 1
+    })
+    .await?;
+    client.remove_plugin("rec").await?;
+    assert!(client.list_plugins().await?.is_empty());
+    Ok(())
+}
