@@ -17,6 +17,12 @@ use std::time::Duration;
 pub struct Config {
     /// QUIC listen address.
     pub listen: SocketAddr,
+    /// Require a token on every connection (`msmq token create`); the admin
+    /// token is written to `<data_dir>/admin.token` at first start.
+    pub auth: bool,
+    /// Serve clients without a token on a non-loopback address (refused
+    /// otherwise, so a broker is never open to a network by accident).
+    pub allow_anonymous: bool,
     /// HTTP address for `/metrics`, or `off`.
     pub http: String,
     /// Directory for the database and the generated TLS certificate.
@@ -99,6 +105,8 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], msmq_protocol::DEFAULT_PORT)),
+            auth: false,
+            allow_anonymous: false,
             http: "127.0.0.1:7172".into(),
             data_dir: PathBuf::from("msmq-data"),
             tls_cert: None,
@@ -197,6 +205,13 @@ impl Config {
             "transaction_check_reply_timeout must be at least 10ms"
         );
         self.http_addr()?;
+        anyhow::ensure!(
+            self.auth || self.allow_anonymous || self.listen.ip().is_loopback(),
+            "listening on {} without authentication would let anyone on the network in: \
+             turn it on with --auth (auth = true), or accept anonymous clients with \
+             --allow-anonymous (allow_anonymous = true)",
+            self.listen
+        );
         anyhow::ensure!(
             self.retention_check_interval >= Duration::from_millis(10),
             "retention_check_interval must be at least 10ms"

@@ -1,6 +1,7 @@
 //! The MSMQ broker: storage, consumer groups, the QUIC server and the `msmq`
 //! command line. See `ARCHITECTURE.md` for the map of concepts to modules.
 
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod delivery;

@@ -3,6 +3,7 @@
 //! One test binary for the whole suite keeps linking cheap.
 
 mod acks;
+mod auth;
 mod bad_input;
 mod cli;
 mod crash;

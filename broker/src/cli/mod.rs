@@ -11,6 +11,7 @@ mod message;
 mod plugin;
 mod produce;
 mod serve;
+mod token;
 mod topic;
 mod tx;
 
@@ -62,6 +63,9 @@ enum Command {
     /// Dead letters of a group: list them, re-drive them to their topics.
     #[command(subcommand)]
     Dlq(dlq::DlqCommand),
+    /// Tokens for a broker with authentication on: create, list, revoke.
+    #[command(subcommand)]
+    Token(token::TokenCommand),
     /// Consumer plugins (Wasm components): deploy, list, stats, pause, resume, remove.
     #[command(subcommand)]
     Plugin(plugin::PluginCommand),
@@ -82,6 +86,10 @@ pub struct ClientArgs {
     /// Name to verify in the broker's certificate.
     #[arg(long, env = "MSMQ_SERVER_NAME", default_value = "localhost")]
     pub server_name: String,
+    /// Token for a broker with authentication on [default: the contents of
+    /// ./msmq-data/admin.token, if that file exists].
+    #[arg(long, env = "MSMQ_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
 }
 
 impl ClientArgs {
@@ -90,6 +98,7 @@ impl ClientArgs {
             server: self.server.clone(),
             server_name: self.server_name.clone(),
             ca_file: self.ca.clone(),
+            token: self.token.clone(),
             ..ClientOptions::default()
         }
     }
@@ -152,6 +161,7 @@ pub fn main() -> ExitCode {
                     Command::Message(cmd) => message::run(cmd).await,
                     Command::Bench(cmd) => bench::run(cmd).await,
                     Command::Plugin(cmd) => plugin::run(cmd).await,
+                    Command::Token(cmd) => token::run(cmd).await,
                     Command::Serve(_) | Command::Config | Command::Demo(_) => {
                         unreachable!("handled above")
                     }

@@ -18,6 +18,13 @@ pub struct ServeArgs {
     /// QUIC listen address [default: 127.0.0.1:7171].
     #[arg(long, env = "MSMQ_LISTEN")]
     listen: Option<SocketAddr>,
+    /// Require a token on every connection; the admin token is written to
+    /// DATA_DIR/admin.token at first start (`msmq token create` makes more).
+    #[arg(long, env = "MSMQ_AUTH")]
+    auth: bool,
+    /// Serve clients without a token on a non-loopback address.
+    #[arg(long, env = "MSMQ_ALLOW_ANONYMOUS")]
+    allow_anonymous: bool,
     /// HTTP address for Prometheus metrics at /metrics, or "off"
     /// [default: 127.0.0.1:7172].
     #[arg(long, env = "MSMQ_HTTP")]
@@ -154,6 +161,12 @@ impl ServeArgs {
             retention_check_interval,
             log
         );
+        if self.auth {
+            c.auth = true;
+        }
+        if self.allow_anonymous {
+            c.allow_anonymous = true;
+        }
         if self.plugin_dir.is_some() {
             c.plugin_dir = self.plugin_dir;
         }

@@ -23,6 +23,8 @@ pub struct ConnectionContext {
     pub remote: std::net::SocketAddr,
     /// The connection itself, for requests the broker sends back (check-backs).
     pub conn: quinn::Connection,
+    /// (token id, principal) once the connection authenticated.
+    pub principal: std::sync::Mutex<Option<(String, String)>>,
 }
 
 pub(super) async fn accept_loop(
@@ -52,6 +54,7 @@ async fn serve_connection(state: Arc<BrokerState>, conn: quinn::Connection, requ
         id: state.next_connection_id.fetch_add(1, Ordering::Relaxed),
         remote: conn.remote_address(),
         conn: conn.clone(),
+        principal: std::sync::Mutex::new(None),
     });
     tracing::debug!(conn = ctx.id, remote = %ctx.remote, "connection opened");
     let reason = loop {

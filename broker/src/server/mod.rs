@@ -37,6 +37,8 @@ pub struct BrokerState {
     /// Leases, retries and policies of groups using per-message acks.
     pub acks: Mutex<crate::delivery::AckRegistry>,
     pub producers: producers::ProducerRegistry,
+    /// Tokens and their principals.
+    pub tokens: crate::auth::Tokens,
     /// Deployed plugins and their runners.
     pub plugins: crate::plugins::PluginManager,
     /// Signalled when a message is scheduled, so the scheduler looks again.
@@ -98,6 +100,13 @@ impl RunningBroker {
                 .await
                 .context("opening storage")??;
         let acks = handlers::load_acks(&store).await?;
+        let tokens = {
+            let db = store.db().clone();
+            tokio::task::spawn_blocking(move || crate::storage::read::tokens(&db))
+                .await
+                .context("loading tokens")??
+        };
+        let tokens = crate::auth::Tokens::load(tokens);
         let plugin_engine = {
             let data_dir = config.data_dir.clone();
             tokio::task::spawn_blocking(move || {
@@ -141,10 +150,14 @@ impl RunningBroker {
             acks: Mutex::new(acks),
             producers: producers::ProducerRegistry::default(),
             plugins: crate::plugins::PluginManager::new(plugin_engine),
+            tokens,
             scheduler_wake: tokio::sync::Notify::new(),
             shutting_down: AtomicBool::new(false),
             next_connection_id: AtomicU64::new(1),
         });
+        if state.config.auth {
+            ensure_admin_token(&state).await?;
+        }
         let loaded = crate::plugins::PluginManager::start_stored(&state)
             .await
             .context("loading plugins")?;
@@ -224,6 +237,43 @@ impl RunningBroker {
             .await;
         tracing::info!("broker stopped");
     }
+}
+
+/// With authentication on, make sure an admin token exists; a new one is
+/// written to `<data dir>/admin.token` (readable by the owner only).
+async fn ensure_admin_token(state: &Arc<BrokerState>) -> anyhow::Result<()> {
+    use crate::auth::{ADMIN_PRINCIPAL, ADMIN_TOKEN_FILE};
+    let path = state.config.data_dir.join(ADMIN_TOKEN_FILE);
+    if state.tokens.has_principal(ADMIN_PRINCIPAL) && path.exists() {
+        return Ok(());
+    }
+    let (id, record, token) = crate::auth::generate(ADMIN_PRINCIPAL, now_ms());
+    state
+        .store
+        .write(crate::storage::WriteOp::PutToken {
+            id: id.clone(),
+            record: Some(record.clone()),
+        })
+        .await?;
+    state.tokens.insert(id, record);
+    let tmp = path.with_extension("tmp");
+    {
+        use std::io::Write;
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            options.mode(0o600);
+        }
+        let mut file = options
+            .open(&tmp)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        writeln!(file, "{token}")?;
+    }
+    std::fs::rename(&tmp, &path)?;
+    tracing::info!(file = %path.display(), "admin token written");
+    Ok(())
 }
 
 /// Wall-clock time in ms since the Unix epoch.

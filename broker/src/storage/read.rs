@@ -381,3 +381,18 @@ pub fn retention_start(
     }
     Ok(keep_from.max(start))
 }
+
+/// Every stored token: (id, record).
+pub fn tokens(db: &Database) -> Result<Vec<(String, crate::auth::TokenRecord)>, StorageError> {
+    let txn = db.begin_read()?;
+    let table = txn.open_table(tables::TOKENS)?;
+    let mut out = Vec::new();
+    for entry in table.iter()? {
+        let (k, v) = entry?;
+        out.push((
+            k.value().to_string(),
+            decode(v.value(), format_args!("token {}", k.value()))?,
+        ));
+    }
+    Ok(out)
+}

@@ -53,6 +53,9 @@ pub const PLUGIN_STATE: TableDefinition<(&str, &[u8]), &[u8]> =
 /// attempt): messages a plugin asked to see again.
 pub const PLUGIN_RETRIES: TableDefinition<(&str, u32, u32, u64), (u64, u32)> =
     TableDefinition::new("plugin_retries");
+/// token id → postcard [`crate::auth::TokenRecord`] (principal and the
+/// SHA-256 of the secret; never the secret).
+pub const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
 /// Broker-wide counters.
 pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
@@ -83,6 +86,7 @@ pub fn create_all(db: &Database) -> Result<(), StorageError> {
     txn.open_table(GROUP_POLICIES)?;
     txn.open_table(TX_OUTCOMES)?;
     txn.open_table(PLUGINS)?;
+    txn.open_table(TOKENS)?;
     txn.open_table(PLUGIN_COMPONENTS)?;
     txn.open_table(PLUGIN_STATE)?;
     txn.open_table(PLUGIN_RETRIES)?;

@@ -112,6 +112,11 @@ pub enum WriteOp {
         topic: Arc<Topic>,
         retention: Option<(u64, u64)>,
     },
+    /// Store a token (its secret's hash), or with `None` revoke it.
+    PutToken {
+        id: String,
+        record: Option<crate::auth::TokenRecord>,
+    },
     /// Store a group's retry policy.
     SetPolicy {
         group: String,
@@ -256,6 +261,8 @@ pub enum WriteOutcome {
         messages: u64,
     },
     RetentionSet,
+    /// Whether the token existed (for a revoke).
+    TokenStored(bool),
 }
 
 #[derive(Debug, Error, Clone)]
@@ -421,6 +428,7 @@ struct Tables<'t> {
     batch_times: redb::Table<'t, (u32, u32, u64), u64>,
     batch_bytes: redb::Table<'t, (u32, u32, u64), u64>,
     retention: redb::Table<'t, u32, (u64, u64)>,
+    tokens: redb::Table<'t, &'static str, &'static [u8]>,
     partitions: redb::Table<'t, (u32, u32), (u64, u64)>,
     topics: redb::Table<'t, &'static str, &'static [u8]>,
     group_offsets: redb::Table<'t, (&'static str, u32, u32), u64>,
@@ -588,6 +596,7 @@ impl Writer {
                 batch_times: txn.open_table(tables::BATCH_TIMES)?,
                 batch_bytes: txn.open_table(tables::BATCH_BYTES)?,
                 retention: txn.open_table(tables::TOPIC_RETENTION)?,
+                tokens: txn.open_table(tables::TOKENS)?,
                 partitions: txn.open_table(tables::PARTITIONS)?,
                 topics: txn.open_table(tables::TOPICS)?,
                 group_offsets: txn.open_table(tables::GROUP_OFFSETS)?,
@@ -1248,6 +1257,16 @@ impl Writer {
                     };
                     Ok(WriteOutcome::RetentionSet)
                 }
+            }
+            WriteOp::PutToken { id, record } => {
+                let existed = match record {
+                    Some(r) => t
+                        .tokens
+                        .insert(id.as_str(), encode(r).as_slice())?
+                        .is_some(),
+                    None => t.tokens.remove(id.as_str())?.is_some(),
+                };
+                Ok(WriteOutcome::TokenStored(existed))
             }
             WriteOp::SetPolicy { group, policy } => {
                 t.policies

@@ -23,6 +23,9 @@ pub const DEFAULT_SERVER: &str = "127.0.0.1:7171";
 /// default data directory: a client started in the same working directory
 /// trusts it with no options.
 pub const DEFAULT_CA_FILE: &str = "msmq-data/tls/cert.pem";
+/// The admin token a broker with authentication writes into its data
+/// directory; clients started beside it use it when given no token.
+pub const DEFAULT_TOKEN_FILE: &str = "msmq-data/admin.token";
 
 /// How to reach and trust the broker.
 #[derive(Debug, Clone)]
@@ -35,6 +38,9 @@ pub struct ClientOptions {
     /// [`DEFAULT_CA_FILE`] if it exists.
     pub ca_file: Option<PathBuf>,
     pub connect_timeout: Duration,
+    /// Token presented on every connection, for brokers with authentication
+    /// on. `None`: use [`DEFAULT_TOKEN_FILE`] if it exists.
+    pub token: Option<String>,
 }
 
 impl Default for ClientOptions {
@@ -44,6 +50,7 @@ impl Default for ClientOptions {
             server_name: "localhost".to_string(),
             ca_file: None,
             connect_timeout: Duration::from_secs(10),
+            token: None,
         }
     }
 }
@@ -61,7 +68,25 @@ impl ClientOptions {
         if let Ok(ca) = std::env::var("MSMQ_CA") {
             opts.ca_file = Some(ca.into());
         }
+        if let Ok(token) = std::env::var("MSMQ_TOKEN") {
+            opts.token = Some(token);
+        }
         opts
+    }
+
+    /// The token to present: the given one, else [`DEFAULT_TOKEN_FILE`].
+    fn effective_token(&self) -> Option<String> {
+        self.token.clone().or_else(|| {
+            std::fs::read_to_string(DEFAULT_TOKEN_FILE)
+                .ok()
+                .map(|t| t.trim().to_string())
+                .filter(|t| !t.is_empty())
+        })
+    }
+
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
     }
 
     pub fn server(mut self, server: impl Into<String>) -> Self {
@@ -236,6 +261,9 @@ impl Client {
             .keys()
             .cloned()
             .collect();
+        if let Some(token) = inner.options.effective_token() {
+            request_on(&conn, &Request::Authenticate { token }).await?;
+        }
         for producer_group in groups {
             request_on(&conn, &Request::RegisterProducer { producer_group }).await?;
         }
@@ -465,6 +493,38 @@ impl Client {
                 is_default,
             } => Ok((retention, is_default)),
             other => Err(unexpected("GetTopicRetention", other)),
+        }
+    }
+
+    /// Create a token for `principal` (admin only): (token id, token).
+    pub async fn create_token(&self, principal: &str) -> Result<(String, String), ClientError> {
+        match self
+            .request(&Request::CreateToken {
+                principal: principal.into(),
+            })
+            .await?
+        {
+            Reply::TokenCreated { token_id, token } => Ok((token_id, token)),
+            other => Err(unexpected("CreateToken", other)),
+        }
+    }
+
+    /// Revoke a token (admin only); connections using it are refused from
+    /// their next request.
+    pub async fn revoke_token(&self, token_id: &str) -> Result<(), ClientError> {
+        expect_done(
+            "RevokeToken",
+            self.request(&Request::RevokeToken {
+                token_id: token_id.into(),
+            })
+            .await?,
+        )
+    }
+
+    pub async fn list_tokens(&self) -> Result<Vec<msmq_protocol::TokenInfo>, ClientError> {
+        match self.request(&Request::ListTokens).await? {
+            Reply::Tokens(t) => Ok(t),
+            other => Err(unexpected("ListTokens", other)),
         }
     }
 

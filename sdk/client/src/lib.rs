@@ -44,7 +44,7 @@ mod producer;
 mod transaction;
 pub mod transport;
 
-pub use connection::{Client, ClientOptions, DEFAULT_CA_FILE, DEFAULT_SERVER};
+pub use connection::{Client, ClientOptions, DEFAULT_CA_FILE, DEFAULT_SERVER, DEFAULT_TOKEN_FILE};
 pub use consumer::{Acker, Consumer, ConsumerOptions, Delivery, ReceivedMessage};
 pub use error::ClientError;
 pub use msmq_protocol as protocol;

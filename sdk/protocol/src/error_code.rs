@@ -87,6 +87,11 @@ codes! {
     /// The plugin component was refused: not a component, wrong world,
     /// imports it may not have, too large, or its `init` failed.
     PLUGIN_REFUSED = 22, retryable = false;
+    /// Authentication is on and the connection has not presented a valid
+    /// token (none, unknown, or revoked).
+    UNAUTHENTICATED = 23, retryable = false;
+    /// The principal may not do this.
+    FORBIDDEN = 24, retryable = false;
 }
 
 impl fmt::Debug for ErrorCode {

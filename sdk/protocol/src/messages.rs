@@ -240,6 +240,22 @@ pub enum Request {
     GetTopicRetention {
         topic: String,
     },
+    /// Present a token; the connection acts as its principal from then on.
+    /// Reply: [`Reply::Authenticated`].
+    Authenticate {
+        token: String,
+    },
+    /// Create a token for a principal (admin only). Reply:
+    /// [`Reply::TokenCreated`]; the token is shown only in that reply.
+    CreateToken {
+        principal: String,
+    },
+    /// Revoke a token by its id (admin only). Reply: [`Reply::Done`].
+    RevokeToken {
+        token_id: String,
+    },
+    /// Every token's id and principal (admin only). Reply: [`Reply::Tokens`].
+    ListTokens,
 }
 
 /// A message found by id or key, with where it is.
@@ -342,6 +358,14 @@ pub enum Reply {
         retention: Retention,
         is_default: bool,
     },
+    Authenticated {
+        principal: String,
+    },
+    TokenCreated {
+        token_id: String,
+        token: String,
+    },
+    Tokens(Vec<TokenInfo>),
 }
 
 /// The answer to one decision of an `EndTransactions` request.
@@ -533,6 +557,14 @@ impl NewMessage {
                 .map(|h| h.name.len() + h.value.len())
                 .sum::<usize>()
     }
+}
+
+/// A token as `ListTokens` shows it (never the secret).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenInfo {
+    pub token_id: String,
+    pub principal: String,
+    pub created_at_ms: u64,
 }
 
 /// How long and how much a topic keeps: whole batches older than

@@ -3,6 +3,7 @@
 
 pub(crate) mod ack;
 mod admin;
+mod auth;
 mod group;
 mod plugin;
 mod produce;
@@ -29,6 +30,7 @@ pub(super) async fn handle(
         }
         _ => None,
     };
+    auth::gate(state, ctx, &request)?;
     let result = dispatch(state, ctx, request).await;
     if let Ok(reply) = &result {
         crate::metrics::observe_reply(reply, produced_bytes, started);
@@ -49,6 +51,10 @@ async fn dispatch(
     }
     match request {
         Request::Ping => Ok(admin::ping()),
+        Request::Authenticate { token } => auth::authenticate(state, ctx, &token),
+        Request::CreateToken { principal } => auth::create_token(state, principal).await,
+        Request::RevokeToken { token_id } => auth::revoke_token(state, token_id).await,
+        Request::ListTokens => Ok(auth::list_tokens(state)),
         Request::DeployPlugin { spec, component } => plugin::deploy(state, spec, component).await,
         Request::ListPlugins => Ok(Reply::Plugins(state.plugins.list())),
         Request::PluginStats { name } => plugin::stats(state, &name),

@@ -1,0 +1,114 @@
+//! Authentication: tokens over real QUIC.
+
+use crate::harness::{cli, TestBroker, MSMQ};
+use msmq_client::protocol::{ErrorCode, NewMessage};
+use msmq_client::{Client, ClientError};
+
+fn code<T>(result: Result<T, ClientError>) -> Option<ErrorCode> {
+    match result {
+        Ok(_) => panic!("the broker must refuse"),
+        Err(e) => e.code(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_authenticate_and_a_revoked_token_is_refused_at_once() -> anyhow::Result<()> {
+    let broker = TestBroker::start_with(&["--auth"])?;
+    let admin_token = std::fs::read_to_string(broker.data_dir().join("admin.token"))?
+        .trim()
+        .to_string();
+
+    // No token: only Ping gets through.
+    let anonymous = broker.client().await?;
+    anonymous.ping().await?;
+    assert_eq!(
+        code(anonymous.list_topics().await),
+        Some(ErrorCode::UNAUTHENTICATED)
+    );
+    // A wrong token cannot even connect.
+    let wrong = Client::connect(
+        broker
+            .options()
+            .token(format!("{}0", &admin_token[..admin_token.len() - 1])),
+    )
+    .await;
+    assert_eq!(code(wrong), Some(ErrorCode::UNAUTHENTICATED));
+
+    let admin = Client::connect(broker.options().token(&admin_token)).await?;
+    admin.create_topic("payments", 1).await?;
+    let (billing_id, billing_token) = admin.create_token("billing").await?;
+    let billing = Client::connect(broker.options().token(&billing_token)).await?;
+    billing
+        .producer("payments")
+        .send(NewMessage::new("t-1"))
+        .await?;
+    assert_eq!(
+        code(billing.create_token("mallory").await),
+        Some(ErrorCode::FORBIDDEN)
+    );
+    let listed = admin.list_tokens().await?;
+    let principals: Vec<&str> = listed.iter().map(|t| t.principal.as_str()).collect();
+    assert!(principals.contains(&"admin") && principals.contains(&"billing"));
+
+    // Revoked: the open connection is refused on its next request.
+    admin.revoke_token(&billing_id).await?;
+    assert_eq!(
+        code(
+            billing
+                .producer("payments")
+                .send(NewMessage::new("t-2"))
+                .await
+        ),
+        Some(ErrorCode::UNAUTHENTICATED)
+    );
+    assert_eq!(
+        code(Client::connect(broker.options().token(&billing_token)).await),
+        Some(ErrorCode::UNAUTHENTICATED)
+    );
+    assert_eq!(
+        admin.describe_topic("payments").await?.partitions[0].end_offset,
+        1
+    );
+
+    // The CLI takes the token from MSMQ_TOKEN.
+    let out = std::process::Command::new(MSMQ)
+        .args(["token", "create", "points"])
+        .env("MSMQ_SERVER", broker.addr.to_string())
+        .env("MSMQ_CA", broker.cert())
+        .env("MSMQ_TOKEN", &admin_token)
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8(out.stdout)?.starts_with("msmq_"));
+    let out = cli(&broker, &["topic", "list"], None)?;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("UNAUTHENTICATED"));
+    Ok(())
+}
+
+#[test]
+fn a_non_loopback_listener_without_authentication_refuses_to_start() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    // Refused at configuration, before anything is bound.
+    let out = std::process::Command::new(MSMQ)
+        .args([
+            "serve",
+            "--listen",
+            "0.0.0.0:0",
+            "--http",
+            "off",
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .output()?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--auth") && err.contains("--allow-anonymous"),
+        "{err}"
+    );
+    Ok(())
+}
