@@ -1170,9 +1170,6 @@ impl Writer {
                     t.retries.remove((group.as_str(), key.0, key.1, key.2))?;
                 }
                 crate::metrics::global()
-                    .retries
-                    .inc_by(retry_puts.len() as u64);
-                crate::metrics::global()
                     .dead_letters
                     .inc_by(dead_letters.len() as u64);
                 for (topic, message) in dead_letters.iter() {

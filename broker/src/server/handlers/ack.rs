@@ -776,6 +776,7 @@ async fn fail(
                     })
                     .await
                     .map_err(|e| e.to_string())?;
+                crate::metrics::global().retries.inc();
                 Ok(Some(record))
             }
             AfterFailure::DeadLetter => {
