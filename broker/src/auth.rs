@@ -163,3 +163,102 @@ mod tests {
         assert!(validate_principal("with space").is_err());
     }
 }
+
+/// What an ACL rule is about.
+pub use msmq_protocol::{AclAction, AclResource, AclRule};
+
+/// Whether `rules` grant `action` on `resource` named `name`. A pattern is
+/// a name, `*` for every name, or a prefix ending in `*`.
+pub fn allows(rules: &[AclRule], resource: AclResource, name: &str, action: AclAction) -> bool {
+    rules.iter().any(|r| {
+        r.resource == resource
+            && r.actions.contains(&action)
+            && match r.pattern.strip_suffix('*') {
+                Some(prefix) => name.starts_with(prefix),
+                None => r.pattern == name,
+            }
+    })
+}
+
+/// Rules by principal.
+#[derive(Default)]
+pub struct Acls {
+    by_principal: RwLock<HashMap<String, Vec<AclRule>>>,
+}
+
+impl Acls {
+    pub fn load(all: Vec<(String, Vec<AclRule>)>) -> Acls {
+        Acls {
+            by_principal: RwLock::new(all.into_iter().collect()),
+        }
+    }
+
+    pub fn set(&self, principal: &str, rules: Vec<AclRule>) {
+        let mut all = self.by_principal.write().expect("acl lock");
+        if rules.is_empty() {
+            all.remove(principal);
+        } else {
+            all.insert(principal.to_string(), rules);
+        }
+    }
+
+    pub fn rules(&self, principal: &str) -> Vec<AclRule> {
+        self.by_principal
+            .read()
+            .expect("acl lock")
+            .get(principal)
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod acl_tests {
+    use super::*;
+
+    #[test]
+    fn patterns_match_names_prefixes_and_everything() {
+        let rules = vec![
+            AclRule {
+                resource: AclResource::Topic,
+                pattern: "payments-*".into(),
+                actions: vec![AclAction::Produce],
+            },
+            AclRule {
+                resource: AclResource::Group,
+                pattern: "*".into(),
+                actions: vec![AclAction::Consume],
+            },
+        ];
+        assert!(allows(
+            &rules,
+            AclResource::Topic,
+            "payments-eu",
+            AclAction::Produce
+        ));
+        assert!(!allows(
+            &rules,
+            AclResource::Topic,
+            "payments",
+            AclAction::Produce
+        ));
+        assert!(!allows(
+            &rules,
+            AclResource::Topic,
+            "payments-eu",
+            AclAction::Consume
+        ));
+        assert!(allows(
+            &rules,
+            AclResource::Group,
+            "billing",
+            AclAction::Consume
+        ));
+        assert!(!allows(
+            &[],
+            AclResource::Group,
+            "billing",
+            AclAction::Consume
+        ));
+    }
+}

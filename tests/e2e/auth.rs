@@ -26,18 +26,80 @@ async fn tokens_authenticate_and_a_revoked_token_is_refused_at_once() -> anyhow:
         Some(ErrorCode::UNAUTHENTICATED)
     );
     // A wrong token cannot even connect.
-    let wrong = Client::connect(
-        broker
-            .options()
-            .token(format!("{}0", &admin_token[..admin_token.len() - 1])),
-    )
+    let wrong = Client::connect(broker.options().token(format!(
+        "{}{}",
+        &admin_token[..admin_token.len() - 1],
+        if admin_token.ends_with('0') { '1' } else { '0' }
+    )))
     .await;
     assert_eq!(code(wrong), Some(ErrorCode::UNAUTHENTICATED));
 
     let admin = Client::connect(broker.options().token(&admin_token)).await?;
     admin.create_topic("payments", 1).await?;
+    admin.create_topic("payments-eu", 1).await?;
     let (billing_id, billing_token) = admin.create_token("billing").await?;
     let billing = Client::connect(broker.options().token(&billing_token)).await?;
+    // Authenticated, but deny by default.
+    assert_eq!(
+        code(
+            billing
+                .producer("payments")
+                .send(NewMessage::new("t-0"))
+                .await
+        ),
+        Some(ErrorCode::FORBIDDEN)
+    );
+    // Rights on payments-* for produce only (set through the CLI).
+    let out = std::process::Command::new(MSMQ)
+        .args([
+            "acl",
+            "set",
+            "billing",
+            "--allow",
+            "topic:payments-*:produce",
+        ])
+        .args(["--allow", "group:billing:consume"])
+        .env("MSMQ_SERVER", broker.addr.to_string())
+        .env("MSMQ_CA", broker.cert())
+        .env("MSMQ_TOKEN", &admin_token)
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(admin.acl("billing").await?.len(), 2);
+    billing
+        .producer("payments-eu")
+        .send(NewMessage::new("t-1"))
+        .await?;
+    assert_eq!(
+        code(
+            billing
+                .producer("payments")
+                .send(NewMessage::new("t-1"))
+                .await
+        ),
+        Some(ErrorCode::FORBIDDEN)
+    );
+    // Consuming needs consume on the topic too, which billing lacks.
+    let join = billing
+        .consumer("billing", &["payments-eu"], Default::default())
+        .await;
+    assert_eq!(
+        join.err().and_then(|e| e.code()),
+        Some(ErrorCode::FORBIDDEN)
+    );
+    admin
+        .set_acl(
+            "billing",
+            vec![msmq_client::protocol::AclRule {
+                resource: msmq_client::protocol::AclResource::Topic,
+                pattern: "payments".into(),
+                actions: vec![msmq_client::protocol::AclAction::Produce],
+            }],
+        )
+        .await?;
     billing
         .producer("payments")
         .send(NewMessage::new("t-1"))

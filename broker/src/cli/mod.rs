@@ -2,6 +2,7 @@
 //! are clients of a running broker (topics, produce, consume, groups,
 //! benchmarks).
 
+mod acl;
 mod bench;
 mod consume;
 mod demo;
@@ -63,6 +64,9 @@ enum Command {
     /// Dead letters of a group: list them, re-drive them to their topics.
     #[command(subcommand)]
     Dlq(dlq::DlqCommand),
+    /// Rights of principals on a broker with authentication on: set, show.
+    #[command(subcommand)]
+    Acl(acl::AclCommand),
     /// Tokens for a broker with authentication on: create, list, revoke.
     #[command(subcommand)]
     Token(token::TokenCommand),
@@ -162,6 +166,7 @@ pub fn main() -> ExitCode {
                     Command::Bench(cmd) => bench::run(cmd).await,
                     Command::Plugin(cmd) => plugin::run(cmd).await,
                     Command::Token(cmd) => token::run(cmd).await,
+                    Command::Acl(cmd) => acl::run(cmd).await,
                     Command::Serve(_) | Command::Config | Command::Demo(_) => {
                         unreachable!("handled above")
                     }

@@ -39,6 +39,8 @@ pub struct BrokerState {
     pub producers: producers::ProducerRegistry,
     /// Tokens and their principals.
     pub tokens: crate::auth::Tokens,
+    /// What each principal may do (with authentication on).
+    pub acls: crate::auth::Acls,
     /// Deployed plugins and their runners.
     pub plugins: crate::plugins::PluginManager,
     /// Signalled when a message is scheduled, so the scheduler looks again.
@@ -107,6 +109,13 @@ impl RunningBroker {
                 .context("loading tokens")??
         };
         let tokens = crate::auth::Tokens::load(tokens);
+        let acls = {
+            let db = store.db().clone();
+            tokio::task::spawn_blocking(move || crate::storage::read::acls(&db))
+                .await
+                .context("loading ACLs")??
+        };
+        let acls = crate::auth::Acls::load(acls);
         let plugin_engine = {
             let data_dir = config.data_dir.clone();
             tokio::task::spawn_blocking(move || {
@@ -151,6 +160,7 @@ impl RunningBroker {
             producers: producers::ProducerRegistry::default(),
             plugins: crate::plugins::PluginManager::new(plugin_engine),
             tokens,
+            acls,
             scheduler_wake: tokio::sync::Notify::new(),
             shutting_down: AtomicBool::new(false),
             next_connection_id: AtomicU64::new(1),

@@ -396,3 +396,18 @@ pub fn tokens(db: &Database) -> Result<Vec<(String, crate::auth::TokenRecord)>, 
     }
     Ok(out)
 }
+
+/// Every principal's ACL rules.
+pub fn acls(db: &Database) -> Result<Vec<(String, Vec<msmq_protocol::AclRule>)>, StorageError> {
+    let txn = db.begin_read()?;
+    let table = txn.open_table(tables::ACLS)?;
+    let mut out = Vec::new();
+    for entry in table.iter()? {
+        let (k, v) = entry?;
+        out.push((
+            k.value().to_string(),
+            decode(v.value(), format_args!("ACL of {}", k.value()))?,
+        ));
+    }
+    Ok(out)
+}

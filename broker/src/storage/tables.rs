@@ -56,6 +56,8 @@ pub const PLUGIN_RETRIES: TableDefinition<(&str, u32, u32, u64), (u64, u32)> =
 /// token id → postcard [`crate::auth::TokenRecord`] (principal and the
 /// SHA-256 of the secret; never the secret).
 pub const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
+/// principal → postcard `Vec<AclRule>`: what the principal may do.
+pub const ACLS: TableDefinition<&str, &[u8]> = TableDefinition::new("acls");
 /// Broker-wide counters.
 pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
@@ -87,6 +89,7 @@ pub fn create_all(db: &Database) -> Result<(), StorageError> {
     txn.open_table(TX_OUTCOMES)?;
     txn.open_table(PLUGINS)?;
     txn.open_table(TOKENS)?;
+    txn.open_table(ACLS)?;
     txn.open_table(PLUGIN_COMPONENTS)?;
     txn.open_table(PLUGIN_STATE)?;
     txn.open_table(PLUGIN_RETRIES)?;

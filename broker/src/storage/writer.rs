@@ -117,6 +117,11 @@ pub enum WriteOp {
         id: String,
         record: Option<crate::auth::TokenRecord>,
     },
+    /// Replace a principal's ACL rules (empty: remove them).
+    SetAcl {
+        principal: String,
+        rules: Vec<msmq_protocol::AclRule>,
+    },
     /// Store a group's retry policy.
     SetPolicy {
         group: String,
@@ -263,6 +268,7 @@ pub enum WriteOutcome {
     RetentionSet,
     /// Whether the token existed (for a revoke).
     TokenStored(bool),
+    AclSet,
 }
 
 #[derive(Debug, Error, Clone)]
@@ -429,6 +435,7 @@ struct Tables<'t> {
     batch_bytes: redb::Table<'t, (u32, u32, u64), u64>,
     retention: redb::Table<'t, u32, (u64, u64)>,
     tokens: redb::Table<'t, &'static str, &'static [u8]>,
+    acls: redb::Table<'t, &'static str, &'static [u8]>,
     partitions: redb::Table<'t, (u32, u32), (u64, u64)>,
     topics: redb::Table<'t, &'static str, &'static [u8]>,
     group_offsets: redb::Table<'t, (&'static str, u32, u32), u64>,
@@ -597,6 +604,7 @@ impl Writer {
                 batch_bytes: txn.open_table(tables::BATCH_BYTES)?,
                 retention: txn.open_table(tables::TOPIC_RETENTION)?,
                 tokens: txn.open_table(tables::TOKENS)?,
+                acls: txn.open_table(tables::ACLS)?,
                 partitions: txn.open_table(tables::PARTITIONS)?,
                 topics: txn.open_table(tables::TOPICS)?,
                 group_offsets: txn.open_table(tables::GROUP_OFFSETS)?,
@@ -1264,6 +1272,15 @@ impl Writer {
                     None => t.tokens.remove(id.as_str())?.is_some(),
                 };
                 Ok(WriteOutcome::TokenStored(existed))
+            }
+            WriteOp::SetAcl { principal, rules } => {
+                if rules.is_empty() {
+                    t.acls.remove(principal.as_str())?;
+                } else {
+                    t.acls
+                        .insert(principal.as_str(), encode(rules).as_slice())?;
+                }
+                Ok(WriteOutcome::AclSet)
             }
             WriteOp::SetPolicy { group, policy } => {
                 t.policies

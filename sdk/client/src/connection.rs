@@ -521,6 +521,35 @@ impl Client {
         )
     }
 
+    /// Replace a principal's ACL rules (admin only; empty removes them).
+    pub async fn set_acl(
+        &self,
+        principal: &str,
+        rules: Vec<msmq_protocol::AclRule>,
+    ) -> Result<(), ClientError> {
+        expect_done(
+            "SetAcl",
+            self.request(&Request::SetAcl {
+                principal: principal.into(),
+                rules,
+            })
+            .await?,
+        )
+    }
+
+    /// A principal's ACL rules (admin only).
+    pub async fn acl(&self, principal: &str) -> Result<Vec<msmq_protocol::AclRule>, ClientError> {
+        match self
+            .request(&Request::GetAcl {
+                principal: principal.into(),
+            })
+            .await?
+        {
+            Reply::Acl(rules) => Ok(rules),
+            other => Err(unexpected("GetAcl", other)),
+        }
+    }
+
     pub async fn list_tokens(&self) -> Result<Vec<msmq_protocol::TokenInfo>, ClientError> {
         match self.request(&Request::ListTokens).await? {
             Reply::Tokens(t) => Ok(t),

@@ -256,6 +256,16 @@ pub enum Request {
     },
     /// Every token's id and principal (admin only). Reply: [`Reply::Tokens`].
     ListTokens,
+    /// Replace a principal's ACL rules (admin only; empty removes them).
+    /// Reply: [`Reply::Done`].
+    SetAcl {
+        principal: String,
+        rules: Vec<AclRule>,
+    },
+    /// A principal's ACL rules (admin only). Reply: [`Reply::Acl`].
+    GetAcl {
+        principal: String,
+    },
 }
 
 /// A message found by id or key, with where it is.
@@ -366,6 +376,7 @@ pub enum Reply {
         token: String,
     },
     Tokens(Vec<TokenInfo>),
+    Acl(Vec<AclRule>),
 }
 
 /// The answer to one decision of an `EndTransactions` request.
@@ -557,6 +568,37 @@ impl NewMessage {
                 .map(|h| h.name.len() + h.value.len())
                 .sum::<usize>()
     }
+}
+
+/// What an ACL rule is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AclResource {
+    Topic,
+    Group,
+    ProducerGroup,
+    Plugin,
+}
+
+/// What an ACL rule allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AclAction {
+    /// Produce to a topic.
+    Produce,
+    /// Read a topic; join, poll, commit, receive and ack in a group.
+    Consume,
+    /// Send half messages and end transactions as a producer group.
+    Transact,
+    /// Deploy, pause, resume, remove and read the state of a plugin.
+    Deploy,
+}
+
+/// Allows `actions` on resources of kind `resource` whose name matches
+/// `pattern`: a name, `*`, or a prefix ending in `*`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AclRule {
+    pub resource: AclResource,
+    pub pattern: String,
+    pub actions: Vec<AclAction>,
 }
 
 /// A token as `ListTokens` shows it (never the secret).

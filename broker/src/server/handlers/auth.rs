@@ -1,11 +1,13 @@
 //! Authentication requests and the gate every request passes.
 
 use super::{from_write, invalid};
-use crate::auth::{generate, validate_principal, ADMIN_PRINCIPAL};
+use crate::auth::{allows, generate, validate_principal, ADMIN_PRINCIPAL};
 use crate::server::connection::ConnectionContext;
 use crate::server::BrokerState;
 use crate::storage::{WriteOp, WriteOutcome};
-use msmq_protocol::{ErrorCode, ErrorReply, Reply, Request, TokenInfo};
+use msmq_protocol::{
+    AclAction, AclResource, AclRule, ErrorCode, ErrorReply, Reply, Request, TokenInfo,
+};
 
 fn unauthenticated(message: impl Into<String>) -> ErrorReply {
     ErrorReply::new(ErrorCode::UNAUTHENTICATED, message)
@@ -33,17 +35,120 @@ pub(super) fn gate(
             "the token {token_id} of {principal:?} was revoked"
         )));
     }
-    let admin_only = matches!(
-        request,
-        Request::CreateToken { .. } | Request::RevokeToken { .. } | Request::ListTokens
-    );
-    if admin_only && principal != ADMIN_PRINCIPAL {
+    if principal == ADMIN_PRINCIPAL {
+        return Ok(());
+    }
+    let Some(needed) = required(request) else {
         return Err(ErrorReply::new(
             ErrorCode::FORBIDDEN,
-            format!("{principal:?} may not manage tokens; only {ADMIN_PRINCIPAL:?} may"),
+            format!("{principal:?} may not do this; only {ADMIN_PRINCIPAL:?} may"),
         ));
+    };
+    let rules = state.acls.rules(&principal);
+    for (resource, name, action) in needed {
+        if !allows(&rules, resource, name, action) {
+            return Err(ErrorReply::new(
+                ErrorCode::FORBIDDEN,
+                format!("{principal:?} may not {action:?} on {resource:?} {name:?} (msmq acl set)"),
+            ));
+        }
     }
     Ok(())
+}
+
+/// What a request needs of a principal other than admin: (resource, name,
+/// action) rights; `None` for administration only the admin may do.
+fn required(request: &Request) -> Option<Vec<(AclResource, &str, AclAction)>> {
+    use AclAction::*;
+    use AclResource::*;
+    Some(match request {
+        // Reading what exists is open to every authenticated principal.
+        Request::Ping
+        | Request::Authenticate { .. }
+        | Request::ListTopics
+        | Request::DescribeTopic { .. }
+        | Request::GetTopicRetention { .. }
+        | Request::ListGroups
+        | Request::DescribeGroup { .. }
+        | Request::ListPlugins
+        | Request::PluginStats { .. } => vec![],
+        Request::Produce { topic, .. } => vec![(Topic, topic.as_str(), Produce)],
+        Request::Fetch { topic, .. } | Request::FindMessages { topic, .. } => {
+            vec![(Topic, topic.as_str(), Consume)]
+        }
+        Request::JoinGroup { group, topics, .. } => {
+            let mut v = vec![(Group, group.as_str(), Consume)];
+            v.extend(topics.iter().map(|t| (Topic, t.as_str(), Consume)));
+            v
+        }
+        Request::Heartbeat { group, .. }
+        | Request::Poll { group, .. }
+        | Request::CommitOffsets { group, .. }
+        | Request::LeaveGroup { group, .. }
+        | Request::Receive { group, .. }
+        | Request::Ack { group, .. }
+        | Request::Nack { group, .. }
+        | Request::ChangeInvisibility { group, .. } => vec![(Group, group.as_str(), Consume)],
+        Request::RegisterProducer { producer_group }
+        | Request::EndTransaction { producer_group, .. }
+        | Request::EndTransactions { producer_group, .. } => {
+            vec![(ProducerGroup, producer_group.as_str(), Transact)]
+        }
+        Request::SendHalf {
+            producer_group,
+            topic,
+            ..
+        } => vec![
+            (ProducerGroup, producer_group.as_str(), Transact),
+            (Topic, topic.as_str(), Produce),
+        ],
+        Request::DeployPlugin { spec, .. } => {
+            let mut v = vec![
+                (Plugin, spec.name.as_str(), Deploy),
+                (Topic, spec.topic.as_str(), Consume),
+            ];
+            // A plugin may publish only where its deployer may produce.
+            v.extend(spec.publish_to.iter().map(|t| (Topic, t.as_str(), Produce)));
+            v
+        }
+        Request::PausePlugin { name }
+        | Request::ResumePlugin { name }
+        | Request::RemovePlugin { name }
+        | Request::PluginState { name, .. } => vec![(Plugin, name.as_str(), Deploy)],
+        // Topic and group administration, transactions of every group,
+        // message lookup by id, tokens and ACLs: admin only.
+        _ => return None,
+    })
+}
+
+pub(super) async fn set_acl(
+    state: &BrokerState,
+    principal: String,
+    rules: Vec<AclRule>,
+) -> Result<Reply, ErrorReply> {
+    validate_principal(&principal).map_err(invalid)?;
+    for rule in &rules {
+        if rule.pattern.is_empty() || rule.actions.is_empty() {
+            return Err(invalid(
+                "every ACL rule needs a pattern and at least one action",
+            ));
+        }
+    }
+    state
+        .store
+        .write(WriteOp::SetAcl {
+            principal: principal.clone(),
+            rules: rules.clone(),
+        })
+        .await
+        .map_err(from_write)?;
+    tracing::info!(%principal, rules = rules.len(), "ACL set");
+    state.acls.set(&principal, rules);
+    Ok(Reply::Done)
+}
+
+pub(super) fn get_acl(state: &BrokerState, principal: &str) -> Reply {
+    Reply::Acl(state.acls.rules(principal))
 }
 
 pub(super) fn authenticate(

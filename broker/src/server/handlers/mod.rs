@@ -55,6 +55,8 @@ async fn dispatch(
         Request::CreateToken { principal } => auth::create_token(state, principal).await,
         Request::RevokeToken { token_id } => auth::revoke_token(state, token_id).await,
         Request::ListTokens => Ok(auth::list_tokens(state)),
+        Request::SetAcl { principal, rules } => auth::set_acl(state, principal, rules).await,
+        Request::GetAcl { principal } => Ok(auth::get_acl(state, &principal)),
         Request::DeployPlugin { spec, component } => plugin::deploy(state, spec, component).await,
         Request::ListPlugins => Ok(Reply::Plugins(state.plugins.list())),
         Request::PluginStats { name } => plugin::stats(state, &name),
