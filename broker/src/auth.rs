@@ -17,6 +17,8 @@ use std::sync::RwLock;
 pub const ADMIN_PRINCIPAL: &str = "admin";
 /// File in the data directory holding the admin token (mode 0600).
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+/// Prefix of the id of a principal authenticated by its client certificate.
+pub const CERTIFICATE_ID_PREFIX: &str = "cert:";
 /// Longest principal name.
 pub const PRINCIPAL_BYTES_MAX: usize = 200;
 

@@ -31,6 +31,9 @@ pub struct Config {
     pub tls_cert: Option<PathBuf>,
     /// PEM private key for `tls_cert`.
     pub tls_key: Option<PathBuf>,
+    /// PEM CA certificate(s) for mutual TLS: a client certificate signed by
+    /// one of them authenticates its common name as the principal.
+    pub tls_client_ca: Option<PathBuf>,
     /// `immediate` (fsync before acknowledging) or `none`.
     pub durability: Durability,
     /// Largest message (payload + key + tag + headers).
@@ -111,6 +114,7 @@ impl Default for Config {
             data_dir: PathBuf::from("msmq-data"),
             tls_cert: None,
             tls_key: None,
+            tls_client_ca: None,
             durability: Durability::Immediate,
             message_bytes_max: ByteSize::mib(4),
             batch_bytes_max: ByteSize::mib(16),

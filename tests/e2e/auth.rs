@@ -174,3 +174,76 @@ fn a_non_loopback_listener_without_authentication_refuses_to_start() -> anyhow::
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificate_maps_to_its_principal() -> anyhow::Result<()> {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    };
+    let dir = tempfile::tempdir()?;
+    // A client CA, and a certificate it signs for the principal "billing".
+    let ca_key = KeyPair::generate()?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "msmq test client CA");
+    let ca_cert = ca_params.self_signed(&ca_key)?;
+    let issuer = Issuer::new(ca_params, ca_key);
+    let client_key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "billing");
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let client_cert = params.signed_by(&client_key, &issuer)?;
+    let (ca_pem, cert_pem, key_pem) = (
+        dir.path().join("ca.pem"),
+        dir.path().join("billing.pem"),
+        dir.path().join("billing.key"),
+    );
+    std::fs::write(&ca_pem, ca_cert.pem())?;
+    std::fs::write(&cert_pem, client_cert.pem())?;
+    std::fs::write(&key_pem, client_key.serialize_pem())?;
+
+    let ca = ca_pem.to_str().expect("utf-8 path");
+    let broker = TestBroker::start_with(&["--auth", "--tls-client-ca", ca])?;
+    let admin_token = std::fs::read_to_string(broker.data_dir().join("admin.token"))?
+        .trim()
+        .to_string();
+    let admin = Client::connect(broker.options().token(&admin_token)).await?;
+    admin.create_topic("payments", 1).await?;
+
+    // No token: the certificate alone authenticates "billing", whose ACL
+    // decides; without the certificate nothing works.
+    let billing = Client::connect(broker.options().client_cert(&cert_pem, &key_pem)).await?;
+    assert_eq!(
+        code(
+            billing
+                .producer("payments")
+                .send(NewMessage::new("a"))
+                .await
+        ),
+        Some(ErrorCode::FORBIDDEN)
+    );
+    admin
+        .set_acl(
+            "billing",
+            vec![msmq_client::protocol::AclRule {
+                resource: msmq_client::protocol::AclResource::Topic,
+                pattern: "payments".into(),
+                actions: vec![msmq_client::protocol::AclAction::Produce],
+            }],
+        )
+        .await?;
+    billing
+        .producer("payments")
+        .send(NewMessage::new("a"))
+        .await?;
+    let anonymous = broker.client().await?;
+    assert_eq!(
+        code(anonymous.list_topics().await),
+        Some(ErrorCode::UNAUTHENTICATED)
+    );
+    Ok(())
+}

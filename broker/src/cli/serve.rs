@@ -38,6 +38,10 @@ pub struct ServeArgs {
     /// PEM private key for --tls-cert.
     #[arg(long, env = "MSMQ_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// PEM CA certificate(s) for mutual TLS: a client certificate they
+    /// signed authenticates its common name as the principal.
+    #[arg(long, env = "MSMQ_TLS_CLIENT_CA")]
+    tls_client_ca: Option<PathBuf>,
     /// `immediate` (fsync before every acknowledgement) or `none` [default: immediate].
     #[arg(long, env = "MSMQ_DURABILITY")]
     durability: Option<Durability>,
@@ -163,6 +167,9 @@ impl ServeArgs {
         );
         if self.auth {
             c.auth = true;
+        }
+        if self.tls_client_ca.is_some() {
+            c.tls_client_ca = self.tls_client_ca;
         }
         if self.allow_anonymous {
             c.allow_anonymous = true;

@@ -27,6 +27,28 @@ pub struct ConnectionContext {
     pub principal: std::sync::Mutex<Option<(String, String)>>,
 }
 
+/// The principal of a verified client certificate: its common name. The id
+/// `cert:<name>` marks it as not revocable by token.
+fn certificate_principal(conn: &quinn::Connection) -> Option<(String, String)> {
+    let chain = conn
+        .peer_identity()?
+        .downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(chain.first()?.as_ref()).ok()?;
+    let name = cert
+        .subject()
+        .iter_common_name()
+        .next()?
+        .as_str()
+        .ok()?
+        .to_string();
+    crate::auth::validate_principal(&name).ok()?;
+    Some((
+        format!("{}{name}", crate::auth::CERTIFICATE_ID_PREFIX),
+        name,
+    ))
+}
+
 pub(super) async fn accept_loop(
     state: Arc<BrokerState>,
     endpoint: quinn::Endpoint,
@@ -54,7 +76,7 @@ async fn serve_connection(state: Arc<BrokerState>, conn: quinn::Connection, requ
         id: state.next_connection_id.fetch_add(1, Ordering::Relaxed),
         remote: conn.remote_address(),
         conn: conn.clone(),
-        principal: std::sync::Mutex::new(None),
+        principal: std::sync::Mutex::new(certificate_principal(&conn)),
     });
     tracing::debug!(conn = ctx.id, remote = %ctx.remote, "connection opened");
     let reason = loop {

@@ -126,9 +126,30 @@ impl RunningBroker {
         };
 
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut tls = rustls::ServerConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_no_client_auth()
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])?;
+        let builder = match &config.tls_client_ca {
+            None => builder.with_no_client_auth(),
+            Some(path) => {
+                use rustls_pki_types::pem::PemObject;
+                let mut roots = rustls::RootCertStore::empty();
+                for cert in rustls_pki_types::CertificateDer::pem_file_iter(path)
+                    .with_context(|| format!("reading {}", path.display()))?
+                {
+                    roots.add(cert.with_context(|| format!("parsing {}", path.display()))?)?;
+                }
+                // Clients without a certificate may still use a token.
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider,
+                )
+                .allow_unauthenticated()
+                .build()
+                .with_context(|| format!("client CA {}", path.display()))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let mut tls = builder
             .with_single_cert(certs, key)
             .context("TLS certificate and key do not match")?;
         tls.alpn_protocols = vec![msmq_protocol::ALPN.to_vec()];

@@ -41,6 +41,10 @@ pub struct ClientOptions {
     /// Token presented on every connection, for brokers with authentication
     /// on. `None`: use [`DEFAULT_TOKEN_FILE`] if it exists.
     pub token: Option<String>,
+    /// PEM certificate chain and private key to present (mutual TLS): a
+    /// broker with a client CA maps the certificate's common name to a
+    /// principal.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
 }
 
 impl Default for ClientOptions {
@@ -51,6 +55,7 @@ impl Default for ClientOptions {
             ca_file: None,
             connect_timeout: Duration::from_secs(10),
             token: None,
+            client_cert: None,
         }
     }
 }
@@ -82,6 +87,12 @@ impl ClientOptions {
                 .map(|t| t.trim().to_string())
                 .filter(|t| !t.is_empty())
         })
+    }
+
+    /// Present this certificate chain and key (PEM files) to the broker.
+    pub fn client_cert(mut self, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
+        self.client_cert = Some((cert.into(), key.into()));
+        self
     }
 
     pub fn token(mut self, token: impl Into<String>) -> Self {
@@ -129,11 +140,31 @@ impl ClientOptions {
             )));
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| ClientError::Options(e.to_string()))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+            .with_root_certificates(roots);
+        let mut tls = match &self.client_cert {
+            None => tls.with_no_client_auth(),
+            Some((cert_file, key_file)) => {
+                let read = |path: &PathBuf| {
+                    std::fs::read(path).map_err(|e| {
+                        ClientError::Options(format!("reading {}: {e}", path.display()))
+                    })
+                };
+                let chain = CertificateDer::pem_slice_iter(&read(cert_file)?)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| {
+                        ClientError::Options(format!("parsing {}: {e}", cert_file.display()))
+                    })?;
+                let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(&read(key_file)?)
+                    .map_err(|e| {
+                        ClientError::Options(format!("parsing {}: {e}", key_file.display()))
+                    })?;
+                tls.with_client_auth_cert(chain, key)
+                    .map_err(|e| ClientError::Options(format!("client certificate: {e}")))?
+            }
+        };
         tls.alpn_protocols = vec![ALPN.to_vec()];
         let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
             .map_err(|e| ClientError::Options(e.to_string()))?;

@@ -30,7 +30,8 @@ pub(super) fn gate(
             "authentication is on: present a token first (msmq --token, MSMQ_TOKEN)",
         ));
     };
-    if !state.tokens.contains(&token_id) {
+    let by_certificate = token_id.starts_with(crate::auth::CERTIFICATE_ID_PREFIX);
+    if !by_certificate && !state.tokens.contains(&token_id) {
         return Err(unauthenticated(format!(
             "the token {token_id} of {principal:?} was revoked"
         )));
