@@ -550,11 +550,14 @@ impl Writer {
                 if appended {
                     self.registry.signal_appended();
                 }
+                let m = crate::metrics::global();
                 for (job, result) in jobs.into_iter().zip(results) {
+                    if result.is_ok() {
+                        count_committed(m, &job.op);
+                    }
                     let _ = job.reply.send(result);
                 }
                 tracing::trace!(requests = count, elapsed = ?started.elapsed(), "group commit");
-                let m = crate::metrics::global();
                 m.commit_requests.observe(count as f64);
                 m.commit_bytes.observe(bytes as f64);
                 m.commit_seconds.observe(started.elapsed().as_secs_f64());
@@ -687,9 +690,6 @@ impl Writer {
             return Ok(Err(WriteError::UnknownTopic(topic.name.clone())));
         }
         let plugin = c.plugin.as_str();
-        let m = crate::metrics::global();
-        m.retries.inc_by(c.retry_puts.len() as u64);
-        m.dead_letters.inc_by(c.dead_letters.len() as u64);
         for (key, value) in &c.state {
             match value {
                 Some(v) => t
@@ -1177,9 +1177,6 @@ impl Writer {
                 for key in retry_deletes.iter() {
                     t.retries.remove((group.as_str(), key.0, key.1, key.2))?;
                 }
-                crate::metrics::global()
-                    .dead_letters
-                    .inc_by(dead_letters.len() as u64);
                 for (topic, message) in dead_letters.iter() {
                     let sequence = fx.counters.take_sequences(1);
                     let mut value = batch::encode(*now_ms, &[message]);
@@ -1472,6 +1469,21 @@ fn unreachable_discarded(tx_id: u64) -> Result<WriteOutcome, WriteError> {
 }
 
 /// Names and ids created or deleted earlier in the same transaction.
+/// Count what a committed request did that metrics report: dead letters and
+/// plugin retries (only after the commit, so a failed one counts nothing).
+fn count_committed(m: &crate::metrics::Metrics, op: &WriteOp) {
+    match op {
+        WriteOp::Settle { dead_letters, .. } => {
+            m.dead_letters.inc_by(dead_letters.len() as u64);
+        }
+        WriteOp::PluginCommit(c) => {
+            m.dead_letters.inc_by(c.dead_letters.len() as u64);
+            m.retries.inc_by(c.retry_puts.len() as u64);
+        }
+        _ => {}
+    }
+}
+
 /// The smallest string greater than every `(name, …)` key of `name`: the
 /// name with a NUL appended (names never contain NUL).
 fn plugin_successor(name: &str) -> String {
