@@ -4,6 +4,16 @@ use crate::harness::{cli, TestBroker, MSMQ};
 use msmq_client::protocol::{ErrorCode, NewMessage};
 use msmq_client::{Client, ClientError};
 
+/// The rule that lets a principal produce to `topic`.
+fn produce_on(topic: &str) -> Vec<msmq_client::protocol::AclRule> {
+    use msmq_client::protocol::{AclAction, AclResource, AclRule};
+    vec![AclRule {
+        resource: AclResource::Topic,
+        pattern: topic.into(),
+        actions: vec![AclAction::Produce],
+    }]
+}
+
 fn code<T>(result: Result<T, ClientError>) -> Option<ErrorCode> {
     match result {
         Ok(_) => panic!("the broker must refuse"),
@@ -90,16 +100,7 @@ async fn tokens_authenticate_and_a_revoked_token_is_refused_at_once() -> anyhow:
         join.err().and_then(|e| e.code()),
         Some(ErrorCode::FORBIDDEN)
     );
-    admin
-        .set_acl(
-            "billing",
-            vec![msmq_client::protocol::AclRule {
-                resource: msmq_client::protocol::AclResource::Topic,
-                pattern: "payments".into(),
-                actions: vec![msmq_client::protocol::AclAction::Produce],
-            }],
-        )
-        .await?;
+    admin.set_acl("billing", produce_on("payments")).await?;
     billing
         .producer("payments")
         .send(NewMessage::new("t-1"))
@@ -226,16 +227,7 @@ async fn a_client_certificate_maps_to_its_principal() -> anyhow::Result<()> {
         ),
         Some(ErrorCode::FORBIDDEN)
     );
-    admin
-        .set_acl(
-            "billing",
-            vec![msmq_client::protocol::AclRule {
-                resource: msmq_client::protocol::AclResource::Topic,
-                pattern: "payments".into(),
-                actions: vec![msmq_client::protocol::AclAction::Produce],
-            }],
-        )
-        .await?;
+    admin.set_acl("billing", produce_on("payments")).await?;
     billing
         .producer("payments")
         .send(NewMessage::new("a"))

@@ -69,6 +69,19 @@ pub struct PluginSpec {
 }
 
 impl PluginSpec {
+    /// A plugin consuming `topic` with default limits, no publish rights
+    /// and no config.
+    pub fn new(name: impl Into<String>, topic: impl Into<String>) -> Self {
+        PluginSpec {
+            name: name.into(),
+            topic: topic.into(),
+            group: None,
+            publish_to: vec![],
+            config: vec![],
+            limits: PluginLimits::default(),
+        }
+    }
+
     /// The consumer group the plugin's progress is stored under.
     pub fn group_name(&self) -> String {
         self.group

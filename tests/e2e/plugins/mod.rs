@@ -8,7 +8,7 @@ mod quota;
 mod sandbox;
 
 use anyhow::Context;
-use msmq_client::protocol::{PluginLimits, PluginSpec, PluginStats};
+use msmq_client::protocol::{PluginSpec, PluginStats};
 use msmq_client::Client;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -75,14 +75,7 @@ pub fn c_component(name: &str) -> anyhow::Result<PathBuf> {
 
 /// A spec with default limits.
 pub fn spec(name: &str, topic: &str) -> PluginSpec {
-    PluginSpec {
-        name: name.into(),
-        topic: topic.into(),
-        group: None,
-        publish_to: vec![],
-        config: vec![],
-        limits: PluginLimits::default(),
-    }
+    PluginSpec::new(name, topic)
 }
 
 pub async fn deploy(client: &Client, spec: PluginSpec, component: &Path) -> anyhow::Result<()> {

@@ -5,7 +5,7 @@
 use super::{
     drain_backlog, produce_load, setup, topic_name, Common, ConsumeBench, ConsumeMode, Run,
 };
-use msmq_client::protocol::{NewMessage, PluginLimits, PluginSpec, PluginStats};
+use msmq_client::protocol::{NewMessage, PluginSpec, PluginStats};
 use msmq_client::Client;
 use serde_json::json;
 use std::path::PathBuf;
@@ -54,17 +54,9 @@ pub struct PluginDeployBench {
 }
 
 fn spec(name: &str, topic: &str, batch_messages: u32) -> PluginSpec {
-    PluginSpec {
-        name: name.into(),
-        topic: topic.into(),
-        group: None,
-        publish_to: vec![],
-        config: vec![],
-        limits: PluginLimits {
-            batch_messages_max: batch_messages,
-            ..PluginLimits::default()
-        },
-    }
+    let mut spec = PluginSpec::new(name, topic);
+    spec.limits.batch_messages_max = batch_messages;
+    spec
 }
 
 /// Deploy a plugin on `topic` and wait until it has processed `count`

@@ -17,39 +17,7 @@
 
 use msmq_plugin::{log, state, Batch, Config, Message, Outcome, Plugin};
 
-/// A parsed transfer.
-struct Transfer<'a> {
-    from: &'a str,
-    to: &'a str,
-    amount_cents: u64,
-}
-
-/// Parses `transfer_id|from|to|amount_cents`; the error says what is wrong.
-fn parse(payload: &[u8]) -> Result<Transfer<'_>, String> {
-    let text =
-        std::str::from_utf8(payload).map_err(|e| format!("payload is not UTF-8 text: {e}"))?;
-    let fields: Vec<&str> = text.split('|').collect();
-    let [transfer_id, from, to, amount] = fields[..] else {
-        return Err(format!(
-            "expected 4 `|`-separated fields transfer_id|from|to|amount_cents, got {}",
-            fields.len()
-        ));
-    };
-    for (name, value) in [("transfer_id", transfer_id), ("from", from), ("to", to)] {
-        if value.trim().is_empty() {
-            return Err(format!("field `{name}` is empty"));
-        }
-    }
-    let amount_cents = match amount.parse::<u64>() {
-        Ok(n) if n > 0 && amount.bytes().all(|b| b.is_ascii_digit()) => n,
-        _ => return Err(format!("amount_cents `{amount}` is not a positive integer")),
-    };
-    Ok(Transfer {
-        from,
-        to,
-        amount_cents,
-    })
-}
+use transfer::parse;
 
 struct Billing;
 
