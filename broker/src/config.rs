@@ -12,6 +12,11 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// Bounds of `in_flight_bytes_per_connection_max`: at least one small
+/// request, at most what a semaphore counts in one acquisition.
+const IN_FLIGHT_BYTES_MIN: u64 = 4096;
+const IN_FLIGHT_BYTES_MAX: u64 = u32::MAX as u64;
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
@@ -95,6 +100,30 @@ pub struct Config {
     /// How often retention looks for expired batches.
     #[serde(with = "humantime_serde")]
     pub retention_check_interval: Duration,
+    /// Most connections one principal may have open (unauthenticated
+    /// connections count per remote address).
+    pub connections_per_principal_max: u32,
+    /// Most requests (streams) one connection may have open at once.
+    pub streams_per_connection_max: u32,
+    /// Most requests one connection may send per second (bursts of one
+    /// second's worth pass); more are answered `RATE_LIMITED`.
+    pub requests_per_sec_per_connection_max: u32,
+    /// Most requests per second of all connections of one principal together
+    /// (unauthenticated ones: of one address); more are answered `RATE_LIMITED`.
+    pub requests_per_sec_per_principal_max: u32,
+    /// A connection refused this many times for its rate within one second is
+    /// closed with the reason: it is not backing off.
+    pub refused_requests_before_cutoff: u32,
+    /// After a connection is cut off, new connections of its principal (or
+    /// address) are refused for this long.
+    #[serde(with = "humantime_serde")]
+    pub cutoff_ban: Duration,
+    /// Most request bytes one connection may have received but not yet
+    /// answered; further requests wait (QUIC flow control slows the sender).
+    pub in_flight_bytes_per_connection_max: ByteSize,
+    /// How long a request stream may take to deliver its whole frame.
+    #[serde(with = "humantime_serde")]
+    pub request_read_timeout: Duration,
     /// Largest plugin component a deploy accepts.
     pub plugin_component_bytes_max: ByteSize,
     /// A directory watched for plugins: `NAME.wasm` with a `NAME.toml`
@@ -138,6 +167,14 @@ impl Default for Config {
             retention_default: Duration::from_secs(72 * 3600),
             retention_bytes_default: ByteSize(0),
             retention_check_interval: Duration::from_secs(1),
+            connections_per_principal_max: 256,
+            streams_per_connection_max: msmq_client::transport::STREAMS_PER_CONNECTION_MAX,
+            requests_per_sec_per_connection_max: 20_000,
+            requests_per_sec_per_principal_max: 100_000,
+            refused_requests_before_cutoff: 2_000,
+            cutoff_ban: Duration::from_secs(10),
+            in_flight_bytes_per_connection_max: ByteSize::mib(64),
+            request_read_timeout: Duration::from_secs(30),
             plugin_component_bytes_max: ByteSize::mib(32),
             plugin_dir: None,
             log: "info".into(),
@@ -220,6 +257,37 @@ impl Config {
             self.retention_check_interval >= Duration::from_millis(10),
             "retention_check_interval must be at least 10ms"
         );
+        for (key, value) in [
+            (
+                "connections_per_principal_max",
+                self.connections_per_principal_max,
+            ),
+            (
+                "streams_per_connection_max",
+                self.streams_per_connection_max,
+            ),
+            (
+                "requests_per_sec_per_connection_max",
+                self.requests_per_sec_per_connection_max,
+            ),
+            (
+                "requests_per_sec_per_principal_max",
+                self.requests_per_sec_per_principal_max,
+            ),
+        ] {
+            anyhow::ensure!(value >= 1, "{key} must be at least 1");
+        }
+        anyhow::ensure!(
+            (IN_FLIGHT_BYTES_MIN..=IN_FLIGHT_BYTES_MAX)
+                .contains(&self.in_flight_bytes_per_connection_max.as_u64()),
+            "in_flight_bytes_per_connection_max must be between {} and {}",
+            ByteSize(IN_FLIGHT_BYTES_MIN),
+            ByteSize(IN_FLIGHT_BYTES_MAX)
+        );
+        anyhow::ensure!(
+            self.request_read_timeout >= Duration::from_millis(10),
+            "request_read_timeout must be at least 10ms"
+        );
         anyhow::ensure!(
             self.plugin_component_bytes_max.as_u64() <= frame_max / 2,
             "plugin_component_bytes_max must be at most {}",
@@ -296,6 +364,21 @@ mod tests {
         };
         c.validate().unwrap();
         c.batch_bytes_max = ByteSize::b(32 * 1024 * 1024 + 1);
+        assert!(c.validate().is_err());
+        let mut c = Config {
+            in_flight_bytes_per_connection_max: ByteSize(IN_FLIGHT_BYTES_MAX),
+            requests_per_sec_per_connection_max: 1,
+            ..Config::default()
+        };
+        c.validate().unwrap();
+        c.in_flight_bytes_per_connection_max = ByteSize(IN_FLIGHT_BYTES_MAX + 1);
+        assert!(c.validate().is_err());
+        c.in_flight_bytes_per_connection_max = ByteSize(IN_FLIGHT_BYTES_MIN);
+        c.validate().unwrap();
+        c.in_flight_bytes_per_connection_max = ByteSize(IN_FLIGHT_BYTES_MIN - 1);
+        assert!(c.validate().is_err());
+        c.in_flight_bytes_per_connection_max = ByteSize::mib(1);
+        c.requests_per_sec_per_connection_max = 0;
         assert!(c.validate().is_err());
     }
 }

@@ -40,6 +40,7 @@ pub struct Metrics {
     plugin_memory_bytes: Family<Labels, Gauge>,
     plugin_lag: Family<Labels, Gauge>,
     plugin_paused: Family<Labels, Gauge>,
+    client_limits: Family<Labels, Counter>,
 }
 
 /// The process-wide metrics.
@@ -75,6 +76,7 @@ impl Metrics {
             plugin_memory_bytes: Family::default(),
             plugin_lag: Family::default(),
             plugin_paused: Family::default(),
+            client_limits: Family::default(),
         };
         {
             let mut r = m.registry.lock().expect("registry lock");
@@ -132,6 +134,13 @@ impl Metrics {
                 "transaction_checks",
                 "Transaction check-backs sent to producers",
                 m.transaction_checks.clone(),
+            );
+            r.register(
+                "client_limit_hits",
+                "Clients held to a limit: rate (request refused), cut_off (connection \
+                 closed for not backing off), banned (connection refused after a cut-off), \
+                 connections (connection refused at connections_per_principal_max)",
+                m.client_limits.clone(),
             );
             r.register(
                 "retention_removed_messages",
@@ -195,6 +204,13 @@ impl Metrics {
             );
         }
         m
+    }
+
+    /// Count one hit of a client limit (`rate`, `cut_off`, `connections`).
+    pub fn client_limit(&self, limit: &str) {
+        self.client_limits
+            .get_or_create(&vec![("limit".to_string(), limit.to_string())])
+            .inc();
     }
 
     /// The metrics as Prometheus text, with scrape-time figures refreshed.

@@ -21,27 +21,7 @@ die() { echo "install-tools.sh: error: $*" >&2; exit 1; }
 
 # ----------------------------------------------------------------- apt ---
 
-missing_pkgs=()
-for pkg in "${APT_PACKAGES[@]}"; do
-  if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then
-    missing_pkgs+=("$pkg")
-  fi
-done
-
-if [ "${#missing_pkgs[@]}" -eq 0 ]; then
-  say "Debian packages already installed: ${APT_PACKAGES[*]}"
-else
-  command -v apt-get >/dev/null 2>&1 || die "apt-get not found; install ${missing_pkgs[*]} (or equivalents) by hand"
-  sudo=()
-  if [ "$(id -u)" -ne 0 ]; then
-    command -v sudo >/dev/null 2>&1 || die "not root and no sudo: cannot install ${missing_pkgs[*]}"
-    sudo=(sudo)
-  fi
-  say "running: apt-get update"
-  "${sudo[@]}" apt-get update -q
-  say "running: apt-get install -y --no-install-recommends ${missing_pkgs[*]}"
-  DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y --no-install-recommends "${missing_pkgs[@]}"
-fi
+bash "$(dirname "$0")/../../scripts/apt-install.sh" "${APT_PACKAGES[@]}"
 
 # --------------------------------------------------------------- cargo ---
 

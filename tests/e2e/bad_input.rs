@@ -140,7 +140,7 @@ async fn size_limits_hold_at_the_limit_and_refuse_one_past_it() -> anyhow::Resul
 }
 
 /// A raw QUIC connection speaking the framing by hand.
-async fn raw_connection(
+pub(crate) async fn raw_connection(
     broker: &TestBroker,
 ) -> anyhow::Result<(quinn::Endpoint, quinn::Connection)> {
     let config = broker.options().quic_client_config()?;
@@ -151,14 +151,14 @@ async fn raw_connection(
     Ok((endpoint, conn))
 }
 
-async fn send_raw(conn: &quinn::Connection, bytes: &[u8]) -> anyhow::Result<Vec<u8>> {
+pub(crate) async fn send_raw(conn: &quinn::Connection, bytes: &[u8]) -> anyhow::Result<Vec<u8>> {
     let (mut send, mut recv) = conn.open_bi().await?;
     send.write_all(bytes).await?;
     send.finish()?;
     Ok(recv.read_to_end(1 << 20).await?)
 }
 
-fn closed_with(conn: &quinn::Connection, want: ErrorCode) {
+pub(crate) fn closed_with(conn: &quinn::Connection, want: ErrorCode) {
     match conn.close_reason() {
         Some(quinn::ConnectionError::ApplicationClosed(close)) => {
             assert_eq!(

@@ -10,7 +10,7 @@ use std::io::{Read, Write};
 use std::time::Duration;
 
 /// GET /metrics over plain HTTP/1.1; returns the body.
-fn scrape(addr: &str) -> anyhow::Result<String> {
+pub(crate) fn scrape(addr: &str) -> anyhow::Result<String> {
     let mut stream = std::net::TcpStream::connect(addr)?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     write!(

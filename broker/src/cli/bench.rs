@@ -2,6 +2,7 @@
 //! messages/s, MB/s and latency percentiles (HdrHistogram). Every run is
 //! bounded by a message count and a duration, whichever comes first.
 
+mod abuse;
 mod plugin;
 
 use super::ClientArgs;
@@ -38,6 +39,9 @@ pub enum BenchCommand {
     Plugin(plugin::PluginBench),
     /// Deploy N plugins on one idle topic and report deploy times.
     PluginDeploy(plugin::PluginDeployBench),
+    /// Well-behaved producers alone and beside flooding clients that ignore
+    /// rate refusals; reports the throughput they keep.
+    Abuse(abuse::AbuseBench),
 }
 
 #[derive(Args, Clone)]
@@ -134,6 +138,7 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Tx(b) => tx(b).await,
         BenchCommand::Plugin(b) => plugin::plugin(b).await,
         BenchCommand::PluginDeploy(b) => plugin::deploy(b).await,
+        BenchCommand::Abuse(b) => abuse::abuse(b).await,
     }
 }
 

@@ -114,6 +114,31 @@ pub struct ServeArgs {
     /// How often retention looks for expired batches, e.g. "1s".
     #[arg(long, env = "MSMQ_RETENTION_CHECK_INTERVAL", value_parser = humantime::parse_duration)]
     retention_check_interval: Option<Duration>,
+    /// Most connections one principal may have open (unauthenticated ones
+    /// count per remote address).
+    #[arg(long, env = "MSMQ_CONNECTIONS_PER_PRINCIPAL_MAX")]
+    connections_per_principal_max: Option<u32>,
+    /// Most requests one connection may have open at once (QUIC streams).
+    #[arg(long, env = "MSMQ_STREAMS_PER_CONNECTION_MAX")]
+    streams_per_connection_max: Option<u32>,
+    /// Most requests per second per connection; more are answered RATE_LIMITED.
+    #[arg(long, env = "MSMQ_REQUESTS_PER_SEC_PER_CONNECTION_MAX")]
+    requests_per_sec_per_connection_max: Option<u32>,
+    /// Most requests per second of one principal's connections together.
+    #[arg(long, env = "MSMQ_REQUESTS_PER_SEC_PER_PRINCIPAL_MAX")]
+    requests_per_sec_per_principal_max: Option<u32>,
+    /// Rate refusals within one second after which the connection is closed.
+    #[arg(long, env = "MSMQ_REFUSED_REQUESTS_BEFORE_CUTOFF")]
+    refused_requests_before_cutoff: Option<u32>,
+    /// How long a cut-off client's new connections are refused, e.g. "10s".
+    #[arg(long, env = "MSMQ_CUTOFF_BAN", value_parser = humantime::parse_duration)]
+    cutoff_ban: Option<Duration>,
+    /// Request bytes a connection may have unanswered, e.g. "64 MiB".
+    #[arg(long, env = "MSMQ_IN_FLIGHT_BYTES_PER_CONNECTION_MAX")]
+    in_flight_bytes_per_connection_max: Option<ByteSize>,
+    /// How long a request stream may take to deliver its frame, e.g. "30s".
+    #[arg(long, env = "MSMQ_REQUEST_READ_TIMEOUT", value_parser = humantime::parse_duration)]
+    request_read_timeout: Option<Duration>,
     /// Largest plugin component a deploy accepts, e.g. "32 MiB".
     #[arg(long, env = "MSMQ_PLUGIN_COMPONENT_BYTES_MAX")]
     plugin_component_bytes_max: Option<ByteSize>,
@@ -163,6 +188,14 @@ impl ServeArgs {
             retention_default,
             retention_bytes_default,
             retention_check_interval,
+            connections_per_principal_max,
+            streams_per_connection_max,
+            requests_per_sec_per_connection_max,
+            requests_per_sec_per_principal_max,
+            refused_requests_before_cutoff,
+            cutoff_ban,
+            in_flight_bytes_per_connection_max,
+            request_read_timeout,
             log
         );
         if self.auth {

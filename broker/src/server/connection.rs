@@ -1,10 +1,15 @@
 //! Accepting connections and reading one request frame per stream.
 //!
+//! Each connection is held to the limits of [`super::limits`]: it counts
+//! against its principal's connections, its requests against its rate and
+//! its unanswered request bytes against its in-flight budget.
+//!
 //! A framing error (truncated frame, oversize header, bytes after the body)
 //! closes the whole connection with the error code and a reason: the peer's
 //! framing can no longer be trusted. A body that frames correctly but does
 //! not decode gets a `BAD_REQUEST` reply on its stream.
 
+use super::limits::{Admission, RequestRate};
 use super::{handlers, BrokerState};
 use msmq_protocol::{
     decode_body, encode_frame, ErrorCode, ErrorReply, Reply, Request, FRAME_BYTES_MAX,
@@ -25,6 +30,53 @@ pub struct ConnectionContext {
     pub conn: quinn::Connection,
     /// (token id, principal) once the connection authenticated.
     pub principal: std::sync::Mutex<Option<(String, String)>>,
+    /// The key this connection is counted under in `BrokerState::connections`.
+    pub count_key: std::sync::Mutex<String>,
+    rate: RequestRate,
+    /// The rate shared by all connections of `count_key`.
+    principal_rate: std::sync::Mutex<Arc<RequestRate>>,
+    in_flight_bytes: tokio::sync::Semaphore,
+}
+
+impl ConnectionContext {
+    /// Count this connection under `principal` instead of its current key;
+    /// `Err(open)` when the principal already has its limit open.
+    pub fn recount_as(&self, state: &BrokerState, principal: &str) -> Result<(), u32> {
+        let mut key = self.count_key.lock().expect("count key lock");
+        if *key == principal {
+            return Ok(());
+        }
+        state
+            .connections
+            .acquire(principal, state.config.connections_per_principal_max)?;
+        state.connections.release(&key);
+        *key = principal.to_string();
+        *self.principal_rate.lock().expect("rate lock") = principal_rate(state, principal);
+        Ok(())
+    }
+}
+
+fn principal_rate(state: &BrokerState, key: &str) -> Arc<RequestRate> {
+    state.connections.principal_rate(
+        key,
+        state.config.requests_per_sec_per_principal_max,
+        state.config.refused_requests_before_cutoff,
+    )
+}
+
+/// Why a new connection of `key` is refused, while a cut-off ban lasts.
+pub fn banned(state: &BrokerState, key: &str) -> Option<String> {
+    let left = state.connections.banned_for(key)?;
+    crate::metrics::global().client_limit("banned");
+    Some(format!(
+        "{key} was cut off for flooding; new connections are refused for {} more ms (cutoff_ban)",
+        left.as_millis()
+    ))
+}
+
+/// The key an unauthenticated connection is counted under.
+fn anonymous_key(remote: std::net::SocketAddr) -> String {
+    format!("anonymous@{}", remote.ip())
 }
 
 /// The principal of a verified client certificate: its common name. The id
@@ -59,6 +111,16 @@ pub(super) async fn accept_loop(
             incoming.refuse();
             continue;
         }
+        // A banned address is refused before the handshake costs anything.
+        if state
+            .connections
+            .banned_for(&anonymous_key(incoming.remote_address()))
+            .is_some()
+        {
+            crate::metrics::global().client_limit("banned");
+            incoming.refuse();
+            continue;
+        }
         let state = state.clone();
         let requests = requests.clone();
         tokio::spawn(async move {
@@ -72,11 +134,39 @@ pub(super) async fn accept_loop(
 }
 
 async fn serve_connection(state: Arc<BrokerState>, conn: quinn::Connection, requests: TaskTracker) {
+    let principal = certificate_principal(&conn);
+    let count_key = match &principal {
+        Some((_, name)) => name.clone(),
+        None => anonymous_key(conn.remote_address()),
+    };
+    if let Some(reason) = banned(&state, &count_key) {
+        tracing::debug!(remote = %conn.remote_address(), %reason, "connection refused");
+        return close_with(&conn, ErrorCode::RATE_LIMITED, &reason);
+    }
+    let limit = state.config.connections_per_principal_max;
+    if let Err(open) = state.connections.acquire(&count_key, limit) {
+        crate::metrics::global().client_limit("connections");
+        let reason = format!(
+            "{count_key} already has {open} connections open, the limit \
+             (connections_per_principal_max) is {limit}"
+        );
+        tracing::warn!(remote = %conn.remote_address(), %reason, "connection refused");
+        return close_with(&conn, ErrorCode::TOO_MANY_CONNECTIONS, &reason);
+    }
     let ctx = Arc::new(ConnectionContext {
         id: state.next_connection_id.fetch_add(1, Ordering::Relaxed),
         remote: conn.remote_address(),
         conn: conn.clone(),
-        principal: std::sync::Mutex::new(certificate_principal(&conn)),
+        principal: std::sync::Mutex::new(principal),
+        principal_rate: std::sync::Mutex::new(principal_rate(&state, &count_key)),
+        count_key: std::sync::Mutex::new(count_key),
+        rate: RequestRate::new(
+            state.config.requests_per_sec_per_connection_max,
+            state.config.refused_requests_before_cutoff,
+        ),
+        in_flight_bytes: tokio::sync::Semaphore::new(
+            state.config.in_flight_bytes_per_connection_max.as_u64() as usize,
+        ),
     });
     tracing::debug!(conn = ctx.id, remote = %ctx.remote, "connection opened");
     let reason = loop {
@@ -87,12 +177,22 @@ async fn serve_connection(state: Arc<BrokerState>, conn: quinn::Connection, requ
                     drop((send, recv));
                     continue;
                 }
+                let shared = ctx.principal_rate.lock().expect("rate lock").clone();
+                let admission = ctx.rate.admit_with(&shared);
+                if let Admission::CutOff { refused } = admission {
+                    cut_off(&state, &ctx, refused);
+                    break quinn::ConnectionError::LocallyClosed;
+                }
                 let (state, ctx, conn) = (state.clone(), ctx.clone(), conn.clone());
-                requests.spawn(async move { serve_stream(&state, &ctx, &conn, send, recv).await });
+                requests.spawn(async move {
+                    serve_stream(&state, &ctx, &conn, admission, send, recv).await
+                });
             }
             Err(e) => break e,
         }
     };
+    let key = ctx.count_key.lock().expect("count key lock").clone();
+    state.connections.release(&key);
     state.producers.remove_connection(ctx.id);
     let dropped = state.with_groups(|g, partitions_of| g.drop_connection(ctx.id, partitions_of));
     for (group, member) in dropped {
@@ -101,74 +201,55 @@ async fn serve_connection(state: Arc<BrokerState>, conn: quinn::Connection, requ
     tracing::debug!(conn = ctx.id, remote = %ctx.remote, %reason, "connection closed");
 }
 
+fn close_with(conn: &quinn::Connection, code: ErrorCode, reason: &str) {
+    let reason: String = reason.chars().take(CLOSE_REASON_CHARS_MAX).collect();
+    conn.close(code.0.into(), reason.as_bytes());
+}
+
+/// Longest close reason sent (it travels in one QUIC frame).
+const CLOSE_REASON_CHARS_MAX: usize = 200;
+
 fn close_for_framing(conn: &quinn::Connection, code: ErrorCode, reason: String) {
     tracing::warn!(remote = %conn.remote_address(), %code, %reason, "closing connection: bad framing");
-    let reason: String = reason.chars().take(200).collect();
-    conn.close(code.0.into(), reason.as_bytes());
+    close_with(conn, code, &reason);
+}
+
+/// Close a connection that kept sending past its rate refusals.
+fn cut_off(state: &BrokerState, ctx: &ConnectionContext, refused: u32) {
+    crate::metrics::global().client_limit("cut_off");
+    let reason = format!(
+        "cut off: {refused} requests refused within a second for exceeding {} requests/s \
+         per connection or {} per principal; back off on RATE_LIMITED",
+        state.config.requests_per_sec_per_connection_max,
+        state.config.requests_per_sec_per_principal_max,
+    );
+    let principal = ctx.count_key.lock().expect("count key lock").clone();
+    state.connections.ban(&principal, state.config.cutoff_ban);
+    tracing::warn!(conn = ctx.id, remote = %ctx.remote, %principal, %reason, "closing connection");
+    close_with(&ctx.conn, ErrorCode::RATE_LIMITED, &reason);
 }
 
 async fn serve_stream(
     state: &Arc<BrokerState>,
     ctx: &ConnectionContext,
     conn: &quinn::Connection,
+    admission: Admission,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
-    let mut header = [0u8; FRAME_HEADER_BYTES];
-    match recv.read_exact(&mut header).await {
-        Ok(()) => {}
-        Err(quinn::ReadExactError::FinishedEarly(n)) => {
-            return close_for_framing(
-                conn,
-                ErrorCode::BAD_REQUEST,
-                format!("truncated frame: stream ended after {n} header bytes"),
-            );
-        }
-        // The client reset the stream or went away mid-request: nothing to answer.
-        Err(quinn::ReadExactError::ReadError(e)) => {
-            return tracing::debug!(conn = ctx.id, error = %e, "request stream aborted");
-        }
-    }
-    let len = u32::from_be_bytes(header) as usize;
-    if len > FRAME_BYTES_MAX {
-        return close_for_framing(
-            conn,
-            ErrorCode::FRAME_TOO_LARGE,
-            format!("frame of {len} bytes exceeds the {FRAME_BYTES_MAX} byte limit"),
-        );
-    }
-    let body = match recv.read_to_end(len).await {
-        Ok(body) if body.len() == len => body,
-        Ok(body) => {
-            return close_for_framing(
-                conn,
+    let timeout = state.config.request_read_timeout;
+    let reply = match tokio::time::timeout(timeout, read_frame(state, ctx, conn, &mut recv)).await {
+        Ok(Some((body, _in_flight))) => answer(state, ctx, admission, &body).await,
+        Ok(None) => return,
+        Err(_) => {
+            let _ = recv.stop(ErrorCode::BAD_REQUEST.0.into());
+            Reply::Error(ErrorReply::new(
                 ErrorCode::BAD_REQUEST,
                 format!(
-                    "truncated frame: header says {len} body bytes, stream carried {}",
-                    body.len()
+                    "the request frame did not arrive within {timeout:?} (request_read_timeout)"
                 ),
-            );
+            ))
         }
-        Err(quinn::ReadToEndError::TooLong) => {
-            return close_for_framing(
-                conn,
-                ErrorCode::BAD_REQUEST,
-                format!("stream carried bytes after the {len}-byte frame body"),
-            );
-        }
-        Err(quinn::ReadToEndError::Read(e)) => {
-            return tracing::debug!(conn = ctx.id, error = %e, "request stream aborted");
-        }
-    };
-    let reply = match decode_body::<Request>(&body) {
-        Ok(request) => match handlers::handle(state, ctx, request).await {
-            Ok(reply) => reply,
-            Err(err) => Reply::Error(err),
-        },
-        Err(e) => Reply::Error(ErrorReply::new(
-            ErrorCode::BAD_REQUEST,
-            format!("request could not be decoded: {e}"),
-        )),
     };
     let frame = match encode_frame(&reply) {
         Ok(frame) => frame,
@@ -182,5 +263,109 @@ async fn serve_stream(
         let _ = send.finish();
         // Wait (briefly) until the peer has the reply, so shutdown cannot cut it off.
         let _ = tokio::time::timeout(REPLY_DELIVERY_WAIT, send.stopped()).await;
+    }
+}
+
+/// Read one request frame, holding its bytes against the connection's
+/// in-flight budget; `None` when there is no one to answer (the stream was
+/// aborted or the connection closed for bad framing).
+async fn read_frame<'a>(
+    state: &BrokerState,
+    ctx: &'a ConnectionContext,
+    conn: &quinn::Connection,
+    recv: &mut quinn::RecvStream,
+) -> Option<(Vec<u8>, tokio::sync::SemaphorePermit<'a>)> {
+    let mut header = [0u8; FRAME_HEADER_BYTES];
+    match recv.read_exact(&mut header).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(n)) => {
+            close_for_framing(
+                conn,
+                ErrorCode::BAD_REQUEST,
+                format!("truncated frame: stream ended after {n} header bytes"),
+            );
+            return None;
+        }
+        // The client reset the stream or went away mid-request: nothing to answer.
+        Err(quinn::ReadExactError::ReadError(e)) => {
+            tracing::debug!(conn = ctx.id, error = %e, "request stream aborted");
+            return None;
+        }
+    }
+    let len = u32::from_be_bytes(header) as usize;
+    if len > FRAME_BYTES_MAX {
+        close_for_framing(
+            conn,
+            ErrorCode::FRAME_TOO_LARGE,
+            format!("frame of {len} bytes exceeds the {FRAME_BYTES_MAX} byte limit"),
+        );
+        return None;
+    }
+    // Bytes read but not yet answered are bounded per connection; a frame
+    // larger than the whole budget waits until it is the only one.
+    let budget = state.config.in_flight_bytes_per_connection_max.as_u64() as usize;
+    let in_flight = ctx
+        .in_flight_bytes
+        .acquire_many(len.clamp(1, budget) as u32)
+        .await
+        .ok()?;
+    let body = match recv.read_to_end(len).await {
+        Ok(body) if body.len() == len => body,
+        Ok(body) => {
+            close_for_framing(
+                conn,
+                ErrorCode::BAD_REQUEST,
+                format!(
+                    "truncated frame: header says {len} body bytes, stream carried {}",
+                    body.len()
+                ),
+            );
+            return None;
+        }
+        Err(quinn::ReadToEndError::TooLong) => {
+            close_for_framing(
+                conn,
+                ErrorCode::BAD_REQUEST,
+                format!("stream carried bytes after the {len}-byte frame body"),
+            );
+            return None;
+        }
+        Err(quinn::ReadToEndError::Read(e)) => {
+            tracing::debug!(conn = ctx.id, error = %e, "request stream aborted");
+            return None;
+        }
+    };
+    Some((body, in_flight))
+}
+
+/// The reply to one request frame.
+async fn answer(
+    state: &Arc<BrokerState>,
+    ctx: &ConnectionContext,
+    admission: Admission,
+    body: &[u8],
+) -> Reply {
+    if let Admission::Refused { retry_after_ms } = admission {
+        crate::metrics::global().client_limit("rate");
+        return Reply::Error(ErrorReply {
+            code: ErrorCode::RATE_LIMITED,
+            message: format!(
+                "over {} requests/s on this connection (requests_per_sec_per_connection_max) \
+                 or {} for this principal (requests_per_sec_per_principal_max)",
+                state.config.requests_per_sec_per_connection_max,
+                state.config.requests_per_sec_per_principal_max,
+            ),
+            retry_after_ms: Some(retry_after_ms),
+        });
+    }
+    match decode_body::<Request>(body) {
+        Ok(request) => match handlers::handle(state, ctx, request).await {
+            Ok(reply) => reply,
+            Err(err) => Reply::Error(err),
+        },
+        Err(e) => Reply::Error(ErrorReply::new(
+            ErrorCode::BAD_REQUEST,
+            format!("request could not be decoded: {e}"),
+        )),
     }
 }

@@ -1,14 +1,15 @@
 //! The broker's HTTP port (default `127.0.0.1:7172`): Prometheus metrics at
-//! `/metrics`.
+//! `/metrics` and the web console at `/` (see [`super::console`]).
 //!
-//! Owns: the HTTP listener. It serves read-only views of broker state and
-//! never blocks the QUIC side: a scrape reads atomics and in-memory maps.
+//! Owns: the HTTP listener. It never blocks the QUIC side: a scrape reads
+//! atomics and in-memory maps, and console actions run the same handlers
+//! QUIC requests do.
 
 use super::BrokerState;
 use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::Router;
 use std::sync::Arc;
 
@@ -23,8 +24,18 @@ pub(super) async fn bind(
         )
     })?;
     let local = listener.local_addr()?;
+    use super::console;
+    let component_bytes_max = state.config.plugin_component_bytes_max.as_u64() as usize;
     let app = Router::new()
         .route("/metrics", get(metrics))
+        .route("/", get(console::page))
+        .route("/api/overview", get(console::overview))
+        .route("/api/plugins/{name}/pause", post(console::pause))
+        .route("/api/plugins/{name}/resume", post(console::resume))
+        .route(
+            "/api/plugins/{name}/deploy",
+            post(console::deploy).layer(axum::extract::DefaultBodyLimit::max(component_bytes_max)),
+        )
         .with_state(state);
     let task = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {

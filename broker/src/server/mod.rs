@@ -10,8 +10,10 @@
 
 mod checkback;
 mod connection;
+mod console;
 pub(crate) mod handlers;
 mod http;
+pub mod limits;
 mod producers;
 pub mod retention;
 mod scheduler;
@@ -43,6 +45,8 @@ pub struct BrokerState {
     pub acls: crate::auth::Acls,
     /// Deployed plugins and their runners.
     pub plugins: crate::plugins::PluginManager,
+    /// Open connections per principal.
+    pub connections: limits::ConnectionCounts,
     /// Signalled when a message is scheduled, so the scheduler looks again.
     pub scheduler_wake: tokio::sync::Notify,
     shutting_down: AtomicBool,
@@ -155,7 +159,9 @@ impl RunningBroker {
         tls.alpn_protocols = vec![msmq_protocol::ALPN.to_vec()];
         let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
         let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(quic));
-        server_config.transport_config(msmq_client::transport::transport_config());
+        server_config.transport_config(msmq_client::transport::transport_config_with_streams(
+            config.streams_per_connection_max,
+        ));
         let (reset_key, cid_key) = crate::tls::stateless_reset_key(&config.data_dir)?;
         let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
         endpoint_config.cid_generator(move || {
@@ -180,6 +186,7 @@ impl RunningBroker {
             acks: Mutex::new(acks),
             producers: producers::ProducerRegistry::default(),
             plugins: crate::plugins::PluginManager::new(plugin_engine),
+            connections: limits::ConnectionCounts::default(),
             tokens,
             acls,
             scheduler_wake: tokio::sync::Notify::new(),

@@ -45,7 +45,14 @@ pub struct ClientOptions {
     /// broker with a client CA maps the certificate's common name to a
     /// principal.
     pub client_cert: Option<(PathBuf, PathBuf)>,
+    /// How many times a request refused with `RATE_LIMITED` is sent again
+    /// after the wait the broker asks for (the broker ran nothing, so it is
+    /// always safe). 0: return the refusal at once.
+    pub rate_limited_retries: u32,
 }
+
+/// Default of [`ClientOptions::rate_limited_retries`].
+pub const RATE_LIMITED_RETRIES_DEFAULT: u32 = 10;
 
 impl Default for ClientOptions {
     fn default() -> Self {
@@ -56,6 +63,7 @@ impl Default for ClientOptions {
             connect_timeout: Duration::from_secs(10),
             token: None,
             client_cert: None,
+            rate_limited_retries: RATE_LIMITED_RETRIES_DEFAULT,
         }
     }
 }
@@ -92,6 +100,11 @@ impl ClientOptions {
     /// Present this certificate chain and key (PEM files) to the broker.
     pub fn client_cert(mut self, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
         self.client_cert = Some((cert.into(), key.into()));
+        self
+    }
+
+    pub fn rate_limited_retries(mut self, retries: u32) -> Self {
+        self.rate_limited_retries = retries;
         self
     }
 
@@ -339,6 +352,23 @@ impl Client {
     /// Send one request and wait for its reply. An error reply from the
     /// broker becomes [`ClientError::Broker`].
     pub async fn request(&self, request: &Request) -> Result<Reply, ClientError> {
+        let retries = self.inner.options.rate_limited_retries;
+        let mut attempt = 0;
+        loop {
+            match self.request_once(request).await {
+                Err(ClientError::Broker(refusal))
+                    if refusal.code == ErrorCode::RATE_LIMITED && attempt < retries =>
+                {
+                    let hint = refusal.retry_after_ms.unwrap_or(1);
+                    tokio::time::sleep(rate_limited_backoff(hint, attempt)).await;
+                    attempt += 1;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    async fn request_once(&self, request: &Request) -> Result<Reply, ClientError> {
         // A stream that cannot even be opened sent nothing, so one retry on a
         // fresh connection is safe for every request.
         let conn = self.connection().await?;
@@ -777,20 +807,41 @@ async fn request_on(conn: &quinn::Connection, request: &Request) -> Result<Reply
     exchange(conn.open_bi().await?, request).await
 }
 
+/// Longest wait between two attempts of a rate-limited request.
+const RATE_LIMITED_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// The broker's hint doubled per attempt, with jitter: requests refused
+/// together must not all come back together.
+fn rate_limited_backoff(hint_ms: u32, attempt: u32) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    let base = Duration::from_millis(u64::from(hint_ms.max(1))) * 2u32.pow(attempt.min(16));
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u32(attempt);
+    let jitter = 0.5 + (hasher.finish() % 1000) as f64 / 1000.0;
+    base.mul_f64(jitter).min(RATE_LIMITED_BACKOFF_MAX)
+}
+
 async fn exchange(
     (mut send, mut recv): (quinn::SendStream, quinn::RecvStream),
     request: &Request,
 ) -> Result<Reply, ClientError> {
     let frame = encode_frame(request)?;
-    send.write_all(&frame)
-        .await
-        .map_err(|e| ClientError::Stream(e.to_string()))?;
+    send.write_all(&frame).await.map_err(|e| match e {
+        quinn::WriteError::ConnectionLost(lost) => ClientError::Connection(lost),
+        other => ClientError::Stream(other.to_string()),
+    })?;
     send.finish()
         .map_err(|e| ClientError::Stream(e.to_string()))?;
     let bytes = recv
         .read_to_end(FRAME_BYTES_MAX + FRAME_HEADER_BYTES)
         .await
-        .map_err(|e| ClientError::Stream(e.to_string()))?;
+        .map_err(|e| match e {
+            // Keep the broker's close code and reason (a limit, a shutdown).
+            quinn::ReadToEndError::Read(quinn::ReadError::ConnectionLost(lost)) => {
+                ClientError::Connection(lost)
+            }
+            other => ClientError::Stream(other.to_string()),
+        })?;
     match decode_frame::<Reply>(&bytes)? {
         Reply::Error(err) => Err(ClientError::Broker(err)),
         reply => Ok(reply),

@@ -28,10 +28,26 @@ pub enum ClientError {
 }
 
 impl ClientError {
-    /// The broker's error code, if the broker answered with one.
+    /// The broker's error code, if the broker answered with one or closed
+    /// the connection with one (see [`ClientError::close_reason`]).
     pub fn code(&self) -> Option<ErrorCode> {
         match self {
             ClientError::Broker(reply) => Some(reply.code),
+            ClientError::Connection(quinn::ConnectionError::ApplicationClosed(close)) => {
+                u16::try_from(close.error_code.into_inner())
+                    .ok()
+                    .map(ErrorCode)
+            }
+            _ => None,
+        }
+    }
+
+    /// Why the broker closed the connection, when it said.
+    pub fn close_reason(&self) -> Option<String> {
+        match self {
+            ClientError::Connection(quinn::ConnectionError::ApplicationClosed(close)) => {
+                Some(String::from_utf8_lossy(&close.reason).into_owned())
+            }
             _ => None,
         }
     }

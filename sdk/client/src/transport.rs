@@ -20,8 +20,14 @@ pub const MTU_PROBE_BYTES_MAX: u16 = 8952;
 
 /// The transport configuration both ends use.
 pub fn transport_config() -> Arc<quinn::TransportConfig> {
+    transport_config_with_streams(STREAMS_PER_CONNECTION_MAX)
+}
+
+/// The same, with the number of streams the peer may open at once (the
+/// broker's `streams_per_connection_max`).
+pub fn transport_config_with_streams(streams_max: u32) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
-    t.max_concurrent_bidi_streams(STREAMS_PER_CONNECTION_MAX.into())
+    t.max_concurrent_bidi_streams(streams_max.into())
         .max_concurrent_uni_streams(0u32.into())
         .stream_receive_window(STREAM_WINDOW_BYTES.into())
         .receive_window(CONNECTION_WINDOW_BYTES.into())

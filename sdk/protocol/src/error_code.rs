@@ -92,6 +92,13 @@ codes! {
     UNAUTHENTICATED = 23, retryable = false;
     /// The principal may not do this.
     FORBIDDEN = 24, retryable = false;
+    /// The connection sent requests faster than
+    /// `requests_per_sec_per_connection_max`; retry after `retry_after_ms`.
+    /// Also the close code of a connection that kept sending past refusals.
+    RATE_LIMITED = 25, retryable = true;
+    /// The principal (or, unauthenticated, the address) already has
+    /// `connections_per_principal_max` connections open.
+    TOO_MANY_CONNECTIONS = 26, retryable = true;
 }
 
 impl fmt::Debug for ErrorCode {

@@ -21,10 +21,19 @@ pub(super) fn gate(
     ctx: &ConnectionContext,
     request: &Request,
 ) -> Result<(), ErrorReply> {
+    let principal = ctx.principal.lock().expect("principal lock").clone();
+    gate_principal(state, principal, request)
+}
+
+/// The gate for a caller known by (token id, principal), if any.
+pub(super) fn gate_principal(
+    state: &BrokerState,
+    principal: Option<(String, String)>,
+    request: &Request,
+) -> Result<(), ErrorReply> {
     if !state.config.auth || matches!(request, Request::Ping | Request::Authenticate { .. }) {
         return Ok(());
     }
-    let principal = ctx.principal.lock().expect("principal lock").clone();
     let Some((token_id, principal)) = principal else {
         return Err(unauthenticated(
             "authentication is on: present a token first (msmq --token, MSMQ_TOKEN)",
@@ -164,6 +173,20 @@ pub(super) fn authenticate(
     }
     match state.tokens.verify(token) {
         Some((id, principal)) => {
+            if let Some(reason) = super::super::connection::banned(state, &principal) {
+                return Err(ErrorReply::new(ErrorCode::RATE_LIMITED, reason));
+            }
+            if let Err(open) = ctx.recount_as(state, &principal) {
+                crate::metrics::global().client_limit("connections");
+                return Err(ErrorReply::new(
+                    ErrorCode::TOO_MANY_CONNECTIONS,
+                    format!(
+                        "{principal:?} already has {open} connections open, the limit \
+                         (connections_per_principal_max) is {}",
+                        state.config.connections_per_principal_max
+                    ),
+                ));
+            }
             tracing::debug!(conn = ctx.id, %principal, "connection authenticated");
             *ctx.principal.lock().expect("principal lock") = Some((id, principal.clone()));
             Ok(Reply::Authenticated { principal })

@@ -38,6 +38,34 @@ pub(super) async fn handle(
     result
 }
 
+/// The requests the HTTP console may make, for a caller authenticated by
+/// bearer token (`principal`), behind the same gate as QUIC requests.
+pub(crate) async fn handle_http(
+    state: &std::sync::Arc<BrokerState>,
+    principal: Option<(String, String)>,
+    request: Request,
+) -> Result<Reply, ErrorReply> {
+    auth::gate_principal(state, principal, &request)?;
+    if state.is_shutting_down() {
+        return Err(ErrorReply::new(
+            ErrorCode::SHUTTING_DOWN,
+            "the broker is shutting down; nothing was applied",
+        ));
+    }
+    match request {
+        Request::ListTransactions { discarded, limit } => {
+            tx::list_transactions(state, discarded, limit).await
+        }
+        Request::DeployPlugin { spec, component } => plugin::deploy(state, spec, component).await,
+        Request::PausePlugin { name } => plugin::set_paused(state, &name, true).await,
+        Request::ResumePlugin { name } => plugin::set_paused(state, &name, false).await,
+        _ => Err(ErrorReply::new(
+            ErrorCode::BAD_REQUEST,
+            "this request is not available over HTTP",
+        )),
+    }
+}
+
 async fn dispatch(
     state: &std::sync::Arc<BrokerState>,
     ctx: &ConnectionContext,

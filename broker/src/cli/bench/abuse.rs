@@ -1,0 +1,248 @@
+//! `msmq bench abuse`: well-behaved producers alone, then beside flooding
+//! connections that ignore `RATE_LIMITED` and reconnect when cut off, in
+//! alternating phases of the same run; reports the producers' throughput
+//! ratio (beside / alone) and what happened to the flooders.
+
+use super::{setup, topic_name, Common};
+use msmq_client::protocol::{NewMessage, Retention};
+use msmq_client::{Client, ClientError, ErrorCode};
+use serde_json::json;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How many phases of messages the bench's own topic keeps.
+/// (A warm-up phase, not counted, comes first.)
+const RETAINED_PHASES: u32 = 2;
+
+#[derive(clap::Args)]
+pub struct AbuseBench {
+    /// Flooding connections, each sending pings on many streams at once.
+    #[arg(long, default_value_t = 4)]
+    flooders: usize,
+    /// Requests each flooding connection keeps in flight.
+    #[arg(long, default_value_t = 256)]
+    flood_streams: usize,
+    /// How long a flooder waits before reconnecting once cut off or refused.
+    #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
+    reconnect_delay: Duration,
+    /// Token the flooders present (another principal); default: the bench's.
+    #[arg(long, env = "MSMQ_FLOOD_TOKEN", hide_env_values = true)]
+    flood_token: Option<String>,
+    /// Well-behaved producers, each on its own connection with one request
+    /// in flight.
+    #[arg(long, default_value_t = 2)]
+    producers: usize,
+    /// Phases with the flood; each sits between two phases without it (after
+    /// one uncounted warm-up phase).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    #[command(flatten)]
+    common: Common,
+}
+
+/// What the flooders saw during one phase.
+#[derive(Default)]
+struct FloodTally {
+    answered: AtomicU64,
+    refused: AtomicU64,
+    cut_off: AtomicU64,
+    connects_refused: AtomicU64,
+    last_reason: std::sync::Mutex<String>,
+}
+
+pub async fn abuse(b: AbuseBench) -> anyhow::Result<()> {
+    let topic = topic_name(&b.common, "abuse");
+    let admin = setup(&b.common, &topic).await?;
+    if b.common.topic.is_none() {
+        // Phases write gigabytes; keep only the last few phases' worth.
+        let max_age_ms = (b.common.duration * RETAINED_PHASES).as_millis() as u64;
+        admin
+            .set_topic_retention(
+                &topic,
+                Some(Retention {
+                    max_age_ms,
+                    max_bytes: 0,
+                }),
+            )
+            .await?;
+    }
+    let mut producers = Vec::new();
+    for _ in 0..b.producers.max(1) {
+        producers.push(b.common.client.connect().await?);
+    }
+    let phase = b.common.duration;
+    // Warm up (file growth, caches) so the first round compares like with like.
+    good_phase(&b.common, &producers, &topic, phase).await?;
+    let mut alone = vec![good_phase(&b.common, &producers, &topic, phase).await?];
+    let mut beside = Vec::new();
+    let mut floods = Vec::new();
+    for round in 0..b.rounds.max(1) {
+        let tally = Arc::new(FloodTally::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let flooders: Vec<_> = (0..b.flooders)
+            .map(|_| {
+                tokio::spawn(flood(
+                    options(&b),
+                    b.flood_streams,
+                    b.reconnect_delay,
+                    tally.clone(),
+                    stop.clone(),
+                ))
+            })
+            .collect();
+        let rate = good_phase(&b.common, &producers, &topic, phase).await?;
+        stop.store(true, Ordering::Relaxed);
+        for f in flooders {
+            f.await?;
+        }
+        beside.push(rate);
+        let after = good_phase(&b.common, &producers, &topic, phase).await?;
+        alone.push(after);
+        let ratio = rate / ((alone[round] + after) / 2.0);
+        let reason = tally.last_reason.lock().expect("reason lock").clone();
+        let flood = json!({
+            "round": round + 1,
+            "alone_before_msg_per_sec": alone[round],
+            "beside_flood_msg_per_sec": rate,
+            "alone_after_msg_per_sec": after,
+            "ratio": ratio,
+            "flood_answered": tally.answered.load(Ordering::Relaxed),
+            "flood_refused": tally.refused.load(Ordering::Relaxed),
+            "flood_cut_off": tally.cut_off.load(Ordering::Relaxed),
+            "flood_connects_refused": tally.connects_refused.load(Ordering::Relaxed),
+            "flood_close_reason": reason,
+        });
+        if !b.common.json {
+            println!(
+                "round {}: alone {:.0} msg/s, beside the flood {rate:.0} msg/s, alone again {after:.0} msg/s: ratio {ratio:.2}; \
+                 flooders: {} answered, {} refused, {} cut off, {} reconnects refused",
+                round + 1,
+                alone[round],
+                flood["flood_answered"],
+                flood["flood_refused"],
+                flood["flood_cut_off"],
+                flood["flood_connects_refused"],
+            );
+            if !reason.is_empty() {
+                println!("  close reason: {reason}");
+            }
+        }
+        floods.push(flood);
+    }
+    let mut ratios: Vec<f64> = floods.iter().filter_map(|f| f["ratio"].as_f64()).collect();
+    ratios.sort_by(f64::total_cmp);
+    let median = ratios[ratios.len() / 2];
+    if b.common.json {
+        println!(
+            "{}",
+            json!({"bench": "abuse", "phase_seconds": phase.as_secs_f64(), "median_ratio": median, "rounds": floods})
+        );
+    } else {
+        println!(
+            "abuse: well-behaved producers kept {:.0}% of their throughput beside the flood (median ratio {median:.2} of {} rounds)",
+            median * 100.0,
+            ratios.len()
+        );
+    }
+    for client in producers {
+        client.close().await;
+    }
+    admin.close().await;
+    Ok(())
+}
+
+fn options(b: &AbuseBench) -> msmq_client::ClientOptions {
+    let mut options = b.common.client.options().rate_limited_retries(0);
+    if let Some(token) = &b.flood_token {
+        options.token = Some(token.clone());
+    }
+    options
+}
+
+/// Messages/s the producers had acknowledged during one phase.
+async fn good_phase(
+    common: &Common,
+    producers: &[Client],
+    topic: &str,
+    phase: Duration,
+) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let deadline = started + phase;
+    let mut tasks = Vec::new();
+    for client in producers {
+        let producer = client.producer(topic);
+        let (size, batch) = (common.size, common.batch);
+        tasks.push(tokio::spawn(async move {
+            let mut acked = 0u64;
+            while Instant::now() < deadline {
+                let messages = (0..batch)
+                    .map(|_| NewMessage::new(vec![b'g'; size]))
+                    .collect();
+                acked += producer.send_batch(messages).await?.len() as u64;
+            }
+            anyhow::Ok(acked)
+        }));
+    }
+    let mut acked = 0;
+    for t in tasks {
+        acked += t.await??;
+    }
+    Ok(acked as f64 / started.elapsed().as_secs_f64())
+}
+
+/// One flooder: connect, send pings on `streams` streams ignoring refusals
+/// until the broker closes the connection, wait, reconnect; until `stop`.
+async fn flood(
+    options: msmq_client::ClientOptions,
+    streams: usize,
+    reconnect_delay: Duration,
+    tally: Arc<FloodTally>,
+    stop: Arc<AtomicBool>,
+) {
+    while !stop.load(Ordering::Relaxed) {
+        let client = match Client::connect(options.clone()).await {
+            Ok(client) => client,
+            Err(_) => {
+                tally.connects_refused.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(reconnect_delay).await;
+                continue;
+            }
+        };
+        let dead = Arc::new(AtomicBool::new(false));
+        let tasks: Vec<_> = (0..streams)
+            .map(|_| {
+                let (client, tally, stop, dead) =
+                    (client.clone(), tally.clone(), stop.clone(), dead.clone());
+                tokio::spawn(async move {
+                    while !stop.load(Ordering::Relaxed) && !dead.load(Ordering::Relaxed) {
+                        match client.ping().await {
+                            Ok(_) => tally.answered.fetch_add(1, Ordering::Relaxed),
+                            Err(ClientError::Broker(e)) if e.code == ErrorCode::RATE_LIMITED => {
+                                tally.refused.fetch_add(1, Ordering::Relaxed)
+                            }
+                            Err(e) => {
+                                if !dead.swap(true, Ordering::Relaxed) {
+                                    if let Some(reason) = e.close_reason() {
+                                        if e.code() == Some(ErrorCode::RATE_LIMITED) {
+                                            tally.cut_off.fetch_add(1, Ordering::Relaxed);
+                                        }
+                                        *tally.last_reason.lock().expect("reason lock") = reason;
+                                    }
+                                }
+                                break;
+                            }
+                        };
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            let _ = t.await;
+        }
+        client.close().await;
+        if !stop.load(Ordering::Relaxed) {
+            tokio::time::sleep(reconnect_delay).await;
+        }
+    }
+}
