@@ -111,8 +111,9 @@ pub struct Config {
     /// Most requests per second of all connections of one principal together
     /// (unauthenticated ones: of one address); more are answered `RATE_LIMITED`.
     pub requests_per_sec_per_principal_max: u32,
-    /// A connection refused this many times for its rate within one second is
-    /// closed with the reason: it is not backing off.
+    /// A connection refused this many times while it was told to wait is
+    /// closed with the reason: it is not backing off. At least twice
+    /// `streams_per_connection_max`.
     pub refused_requests_before_cutoff: u32,
     /// After a connection is cut off, new connections of its principal (or
     /// address) are refused for this long.
@@ -171,7 +172,7 @@ impl Default for Config {
             streams_per_connection_max: msmq_client::transport::STREAMS_PER_CONNECTION_MAX,
             requests_per_sec_per_connection_max: 20_000,
             requests_per_sec_per_principal_max: 100_000,
-            refused_requests_before_cutoff: 2_000,
+            refused_requests_before_cutoff: 4_096,
             cutoff_ban: Duration::from_secs(10),
             in_flight_bytes_per_connection_max: ByteSize::mib(64),
             request_read_timeout: Duration::from_secs(30),
@@ -252,6 +253,23 @@ impl Config {
              turn it on with --auth (auth = true), or accept anonymous clients with \
              --allow-anonymous (allow_anonymous = true)",
             self.listen
+        );
+        if let Some(http) = self.http_addr()? {
+            anyhow::ensure!(
+                self.auth || self.allow_anonymous || http.ip().is_loopback(),
+                "serving the HTTP port (metrics and console) on {http} without authentication \
+                 would let anyone on the network pause and deploy plugins: turn it on with \
+                 --auth, accept that with --allow-anonymous, or keep --http on loopback",
+            );
+        }
+        anyhow::ensure!(
+            u64::from(self.refused_requests_before_cutoff)
+                >= 2 * u64::from(self.streams_per_connection_max),
+            "refused_requests_before_cutoff ({}) must be at least twice streams_per_connection_max \
+             ({}): a client that waits as told may still have that many requests refused, those \
+             in flight and those it sent before the first refusal reached it",
+            self.refused_requests_before_cutoff,
+            self.streams_per_connection_max
         );
         anyhow::ensure!(
             self.retention_check_interval >= Duration::from_millis(10),

@@ -29,9 +29,7 @@ async fn the_console_shows_the_broker_and_pauses_a_plugin_in_headless_chromium(
          (scripts/test.sh installs it, with Debian's chromium)"
     );
     let broker = TestBroker::start_with(&["--auth", "--transaction-timeout", "60s"])?;
-    let token = std::fs::read_to_string(broker.data_dir().join("admin.token"))?
-        .trim()
-        .to_string();
+    let token = broker.admin_token()?;
     let client = Client::connect(broker.options().token(&token)).await?;
     client.create_topic("payments", 2).await?;
     deploy(
@@ -148,5 +146,110 @@ async fn the_console_shows_the_broker_and_pauses_a_plugin_in_headless_chromium(
         "{} bytes",
         png.len()
     );
+    Ok(())
+}
+
+/// One HTTP/1.1 request over plain TCP; returns (status, body).
+fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    host: &str,
+    headers: &[(&str, &str)],
+) -> anyhow::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("Content-Length: 0\r\n\r\n");
+    stream.write_all(request.as_bytes())?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .context("no status line")?
+        .parse()?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_api_needs_a_token_the_rights_the_action_header_and_a_loopback_host(
+) -> anyhow::Result<()> {
+    let broker = TestBroker::start_with(&["--auth"])?;
+    let admin_token = broker.admin_token()?;
+    let admin = Client::connect(broker.options().token(&admin_token)).await?;
+    admin.create_topic("payments", 1).await?;
+    deploy(
+        &admin,
+        spec("billing", "payments"),
+        &rust_component("ack-all")?,
+    )
+    .await?;
+    let (_, viewer) = admin.create_token("viewer").await?;
+    let addr = broker.http.clone().context("HTTP port")?;
+    let (admin_auth, viewer_auth) = (format!("Bearer {admin_token}"), format!("Bearer {viewer}"));
+    let action = ("X-MSMQ-Console", "1");
+    let pause = "/api/plugins/billing/pause";
+    let tasks = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        // The page itself is public; the API is not.
+        assert_eq!(http(&addr, "GET", "/", &addr, &[])?.0, 200);
+        assert_eq!(http(&addr, "GET", "/api/overview", &addr, &[])?.0, 401);
+        // Any valid token may look, but sees no transactions without the right.
+        let (status, body) = http(
+            &addr,
+            "GET",
+            "/api/overview",
+            &addr,
+            &[("Authorization", &viewer_auth)],
+        )?;
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains("\"transactions_pending\":null"), "{body}");
+        // Actions need the header (no cross-site form can send it) and the right.
+        let (status, body) = http(
+            &addr,
+            "POST",
+            pause,
+            &addr,
+            &[("Authorization", &admin_auth)],
+        )?;
+        assert_eq!(status, 403, "{body}");
+        let (status, body) = http(
+            &addr,
+            "POST",
+            pause,
+            &addr,
+            &[("Authorization", &viewer_auth), action],
+        )?;
+        assert_eq!((status, body.contains("FORBIDDEN")), (403, true), "{body}");
+        // A Host that is not loopback (a rebound DNS name) is refused.
+        let (status, _) = http(
+            &addr,
+            "POST",
+            pause,
+            "evil.example",
+            &[("Authorization", &admin_auth), action],
+        )?;
+        assert_eq!(status, 403);
+        let (status, body) = http(
+            &addr,
+            "POST",
+            pause,
+            &addr,
+            &[("Authorization", &admin_auth), action],
+        )?;
+        assert_eq!(status, 200, "{body}");
+        Ok(())
+    });
+    tasks.await??;
+    let stats = admin.plugin_stats("billing").await?;
+    assert!(stats.status.starts_with("paused"), "{stats:?}");
     Ok(())
 }

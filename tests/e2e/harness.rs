@@ -138,6 +138,15 @@ impl TestBroker {
     pub async fn client(&self) -> anyhow::Result<Client> {
         Ok(Client::connect(self.options()).await?)
     }
+
+    /// The admin token a broker with `--auth` wrote at its first start.
+    pub fn admin_token(&self) -> anyhow::Result<String> {
+        let path = self.data_dir().join("admin.token");
+        Ok(std::fs::read_to_string(&path)
+            .with_context(|| path.display().to_string())?
+            .trim()
+            .to_string())
+    }
 }
 
 impl Drop for TestBroker {

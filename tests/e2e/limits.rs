@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const RATE_PER_SEC: u32 = 500;
-const REFUSALS_BEFORE_CUTOFF: u32 = 200;
+const REFUSALS_BEFORE_CUTOFF: u32 = 256;
 /// Longest a flood may run before the test gives up on the cut-off.
 const FLOOD_TIME_MAX: Duration = Duration::from_secs(20);
 
@@ -46,6 +46,8 @@ async fn a_flooding_client_is_cut_off_and_a_good_client_keeps_working() -> anyho
         &REFUSALS_BEFORE_CUTOFF.to_string(),
         "--cutoff-ban",
         "1s",
+        "--streams-per-connection-max",
+        "128",
     ])?;
     let good = broker.client().await?;
     good.create_topic("orders", 1).await?;
@@ -114,6 +116,54 @@ async fn a_flooding_client_is_cut_off_and_a_good_client_keeps_working() -> anyho
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_off_token_is_banned_and_other_principals_are_not() -> anyhow::Result<()> {
+    let broker = TestBroker::start_with(&[
+        "--auth",
+        "--requests-per-sec-per-connection-max",
+        &RATE_PER_SEC.to_string(),
+        "--refused-requests-before-cutoff",
+        &REFUSALS_BEFORE_CUTOFF.to_string(),
+        "--streams-per-connection-max",
+        "128",
+    ])?;
+    let admin_token = broker.admin_token()?;
+    let admin = Client::connect(broker.options().token(&admin_token)).await?;
+    let (_, token) = admin.create_token("flood").await?;
+    let (_endpoint, flood) = raw_connection(&broker).await?;
+    let hello = send_raw(
+        &flood,
+        &encode_frame(&Request::Authenticate {
+            token: token.clone(),
+        })?,
+    )
+    .await?;
+    assert!(matches!(
+        decode_frame::<Reply>(&hello)?,
+        Reply::Authenticated { .. }
+    ));
+    let started = Instant::now();
+    while flood.close_reason().is_none() && started.elapsed() < FLOOD_TIME_MAX {
+        let _ = burst(&flood, 64).await;
+    }
+    closed_with(&flood, ErrorCode::RATE_LIMITED);
+    // The principal is banned: its token cannot authenticate a new connection.
+    match Client::connect(broker.options().token(&token)).await {
+        Err(ClientError::Broker(e)) => {
+            assert_eq!(e.code, ErrorCode::RATE_LIMITED);
+            assert!(e.retry_after_ms.is_some_and(|ms| ms > 0), "{e}");
+        }
+        other => panic!("a banned principal must be refused, got {:?}", other.err()),
+    }
+    // Another principal from the same address is not.
+    Client::connect(broker.options().token(&admin_token))
+        .await?
+        .ping()
+        .await?;
+    admin.ping().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sdk_backs_off_on_refusals_instead_of_failing() -> anyhow::Result<()> {
     let broker = TestBroker::start_with(&["--requests-per-sec-per-connection-max", "50"])?;
     let client = broker.client().await?;
@@ -124,9 +174,34 @@ async fn the_sdk_backs_off_on_refusals_instead_of_failing() -> anyhow::Result<()
         ping?;
     }
     assert!(started.elapsed() >= Duration::from_millis(1500));
+    // A client keeping its whole stream allowance busy far past the rate is
+    // slowed down but never cut off, because it waits as told.
+    let broker = TestBroker::start_with(&[
+        "--requests-per-sec-per-connection-max",
+        "200",
+        "--streams-per-connection-max",
+        "256",
+        "--refused-requests-before-cutoff",
+        "512",
+    ])?;
+    let busy = Client::connect(broker.options().rate_limited_retries(30)).await?;
+    let started = Instant::now();
+    let pings = futures::future::join_all((0..1000).map(|_| busy.ping())).await;
+    let failed: Vec<_> = pings.into_iter().filter_map(Result::err).collect();
+    assert!(
+        failed.is_empty(),
+        "{} failed, first: {:?}",
+        failed.len(),
+        failed.first()
+    );
+    let took = started.elapsed();
+    assert!(took >= Duration::from_secs(3), "{took:?}");
+    let metrics = crate::metrics::scrape(broker.http.as_deref().expect("metrics on"))?;
+    assert!(!metrics.contains("limit=\"cut_off\""), "{metrics}");
+    println!("1000 pings at 200/s over 256 streams took {took:?}");
     // Without retries the refusal comes back to the caller.
     let impatient = Client::connect(broker.options().rate_limited_retries(0)).await?;
-    let results = futures::future::join_all((0..100).map(|_| impatient.ping())).await;
+    let results = futures::future::join_all((0..300).map(|_| impatient.ping())).await;
     let refused = results
         .iter()
         .filter(|r| matches!(r, Err(e) if e.code() == Some(ErrorCode::RATE_LIMITED)))
@@ -173,9 +248,7 @@ async fn connections_per_principal_hold_at_the_limit_and_refuse_one_past_it() ->
 
     // With tokens: counted per principal once authenticated.
     let broker = TestBroker::start_with(&["--auth", "--connections-per-principal-max", "2"])?;
-    let admin_token = std::fs::read_to_string(broker.data_dir().join("admin.token"))?
-        .trim()
-        .to_string();
+    let admin_token = broker.admin_token()?;
     let admin = Client::connect(broker.options().token(&admin_token)).await?;
     let (_, token) = admin.create_token("app").await?;
     let a = Client::connect(broker.options().token(&token)).await?;
@@ -275,9 +348,33 @@ async fn a_stalled_request_times_out_and_a_large_one_fits_a_small_budget() -> an
     // The connection is still good.
     assert!(matches!(ping_raw(&conn).await?, Reply::Pong { .. }));
 
-    // Requests far above the 4 KiB in-flight budget are served one at a time.
+    // Requests far above the 4 KiB in-flight budget are served one at a time:
+    // one waits for the budget a long poll on the same connection holds.
     let client = broker.client().await?;
     client.create_topic("big", 1).await?;
+    client.create_topic("quiet", 1).await?;
+    let long_poll = client.fetch(
+        "quiet",
+        0,
+        0,
+        FetchLimits {
+            max_wait_ms: 1500,
+            ..FetchLimits::default()
+        },
+    );
+    let big_send = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let started = Instant::now();
+        client
+            .producer("big")
+            .send(NewMessage::new(vec![1u8; 64 * 1024]))
+            .await
+            .map(|_| started.elapsed())
+    };
+    let (polled, waited) = tokio::join!(long_poll, big_send);
+    polled?;
+    let waited = waited?;
+    assert!(waited >= Duration::from_millis(1000), "{waited:?}");
     let producer = client.producer("big");
     let sends = futures::future::join_all(
         (0..8).map(|i| producer.send(NewMessage::new(vec![i as u8; 64 * 1024]))),
@@ -288,7 +385,7 @@ async fn a_stalled_request_times_out_and_a_large_one_fits_a_small_budget() -> an
     }
     assert_eq!(
         client.describe_topic("big").await?.partitions[0].end_offset,
-        8
+        9
     );
     Ok(())
 }

@@ -127,7 +127,8 @@ pub struct ServeArgs {
     /// Most requests per second of one principal's connections together.
     #[arg(long, env = "MSMQ_REQUESTS_PER_SEC_PER_PRINCIPAL_MAX")]
     requests_per_sec_per_principal_max: Option<u32>,
-    /// Rate refusals within one second after which the connection is closed.
+    /// Rate refusals while told to wait after which the connection is closed
+    /// (at least twice --streams-per-connection-max).
     #[arg(long, env = "MSMQ_REFUSED_REQUESTS_BEFORE_CUTOFF")]
     refused_requests_before_cutoff: Option<u32>,
     /// How long a cut-off client's new connections are refused, e.g. "10s".

@@ -9,7 +9,7 @@
 //! framing can no longer be trusted. A body that frames correctly but does
 //! not decode gets a `BAD_REQUEST` reply on its stream.
 
-use super::limits::{Admission, RequestRate};
+use super::limits::{Admission, ConnectionAdmission, RequestRate};
 use super::{handlers, BrokerState};
 use msmq_protocol::{
     decode_body, encode_frame, ErrorCode, ErrorReply, Reply, Request, FRAME_BYTES_MAX,
@@ -30,9 +30,10 @@ pub struct ConnectionContext {
     pub conn: quinn::Connection,
     /// (token id, principal) once the connection authenticated.
     pub principal: std::sync::Mutex<Option<(String, String)>>,
-    /// The key this connection is counted under in `BrokerState::connections`.
-    pub count_key: std::sync::Mutex<String>,
-    rate: RequestRate,
+    /// The key this connection is counted under in `BrokerState::connections`;
+    /// taken (and released) once, when the connection's accept loop ends.
+    count_key: std::sync::Mutex<Option<String>>,
+    rate: ConnectionAdmission,
     /// The rate shared by all connections of `count_key`.
     principal_rate: std::sync::Mutex<Arc<RequestRate>>,
     in_flight_bytes: tokio::sync::Semaphore,
@@ -41,42 +42,62 @@ pub struct ConnectionContext {
 impl ConnectionContext {
     /// Count this connection under `principal` instead of its current key;
     /// `Err(open)` when the principal already has its limit open.
+    /// A connection that already ended is not counted again (`Err(0)`).
     pub fn recount_as(&self, state: &BrokerState, principal: &str) -> Result<(), u32> {
         let mut key = self.count_key.lock().expect("count key lock");
-        if *key == principal {
+        let Some(current) = key.as_mut() else {
+            return Err(0);
+        };
+        if current == principal {
             return Ok(());
         }
         state
             .connections
             .acquire(principal, state.config.connections_per_principal_max)?;
-        state.connections.release(&key);
-        *key = principal.to_string();
+        state.connections.release(current);
+        *current = principal.to_string();
         *self.principal_rate.lock().expect("rate lock") = principal_rate(state, principal);
         Ok(())
+    }
+
+    /// The key the connection is counted under (empty once it ended).
+    pub fn count_key(&self) -> String {
+        let key = self.count_key.lock().expect("count key lock");
+        key.clone().unwrap_or_default()
     }
 }
 
 fn principal_rate(state: &BrokerState, key: &str) -> Arc<RequestRate> {
-    state.connections.principal_rate(
-        key,
-        state.config.requests_per_sec_per_principal_max,
-        state.config.refused_requests_before_cutoff,
-    )
+    state
+        .connections
+        .principal_rate(key, state.config.requests_per_sec_per_principal_max)
 }
 
-/// Why a new connection of `key` is refused, while a cut-off ban lasts.
-pub fn banned(state: &BrokerState, key: &str) -> Option<String> {
+/// Why a new connection of `key` is refused and for how many more ms, while
+/// a cut-off ban lasts.
+pub fn banned(state: &BrokerState, key: &str) -> Option<(String, u32)> {
     let left = state.connections.banned_for(key)?;
     crate::metrics::global().client_limit("banned");
-    Some(format!(
-        "{key} was cut off for flooding; new connections are refused for {} more ms (cutoff_ban)",
-        left.as_millis()
+    let left_ms = u32::try_from(left.as_millis()).unwrap_or(u32::MAX).max(1);
+    Some((
+        format!(
+            "{key} was cut off for flooding; new connections are refused for {left_ms} more ms (cutoff_ban)"
+        ),
+        left_ms,
     ))
 }
 
-/// The key an unauthenticated connection is counted under.
-fn anonymous_key(remote: std::net::SocketAddr) -> String {
-    format!("anonymous@{}", remote.ip())
+/// The key an unauthenticated connection is counted under: its address (an
+/// IPv6 host by its /64, which one host usually has whole). Principal names
+/// cannot contain ':', so no principal can share it.
+fn address_key(remote: std::net::SocketAddr) -> String {
+    match remote.ip().to_canonical() {
+        std::net::IpAddr::V4(v4) => format!("address:{v4}"),
+        std::net::IpAddr::V6(v6) => {
+            let s = v6.segments();
+            format!("address:{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+        }
+    }
 }
 
 /// The principal of a verified client certificate: its common name. The id
@@ -114,7 +135,7 @@ pub(super) async fn accept_loop(
         // A banned address is refused before the handshake costs anything.
         if state
             .connections
-            .banned_for(&anonymous_key(incoming.remote_address()))
+            .banned_for(&address_key(incoming.remote_address()))
             .is_some()
         {
             crate::metrics::global().client_limit("banned");
@@ -137,9 +158,9 @@ async fn serve_connection(state: Arc<BrokerState>, conn: quinn::Connection, requ
     let principal = certificate_principal(&conn);
     let count_key = match &principal {
         Some((_, name)) => name.clone(),
-        None => anonymous_key(conn.remote_address()),
+        None => address_key(conn.remote_address()),
     };
-    if let Some(reason) = banned(&state, &count_key) {
+    if let Some((reason, _)) = banned(&state, &count_key) {
         tracing::debug!(remote = %conn.remote_address(), %reason, "connection refused");
         return close_with(&conn, ErrorCode::RATE_LIMITED, &reason);
     }
@@ -159,8 +180,8 @@ async fn serve_connection(state: Arc<BrokerState>, conn: quinn::Connection, requ
         conn: conn.clone(),
         principal: std::sync::Mutex::new(principal),
         principal_rate: std::sync::Mutex::new(principal_rate(&state, &count_key)),
-        count_key: std::sync::Mutex::new(count_key),
-        rate: RequestRate::new(
+        count_key: std::sync::Mutex::new(Some(count_key)),
+        rate: ConnectionAdmission::new(
             state.config.requests_per_sec_per_connection_max,
             state.config.refused_requests_before_cutoff,
         ),
@@ -178,7 +199,7 @@ async fn serve_connection(state: Arc<BrokerState>, conn: quinn::Connection, requ
                     continue;
                 }
                 let shared = ctx.principal_rate.lock().expect("rate lock").clone();
-                let admission = ctx.rate.admit_with(&shared);
+                let admission = ctx.rate.admit(&shared);
                 if let Admission::CutOff { refused } = admission {
                     cut_off(&state, &ctx, refused);
                     break quinn::ConnectionError::LocallyClosed;
@@ -191,8 +212,9 @@ async fn serve_connection(state: Arc<BrokerState>, conn: quinn::Connection, requ
             Err(e) => break e,
         }
     };
-    let key = ctx.count_key.lock().expect("count key lock").clone();
-    state.connections.release(&key);
+    if let Some(key) = ctx.count_key.lock().expect("count key lock").take() {
+        state.connections.release(&key);
+    }
     state.producers.remove_connection(ctx.id);
     let dropped = state.with_groups(|g, partitions_of| g.drop_connection(ctx.id, partitions_of));
     for (group, member) in dropped {
@@ -218,12 +240,12 @@ fn close_for_framing(conn: &quinn::Connection, code: ErrorCode, reason: String) 
 fn cut_off(state: &BrokerState, ctx: &ConnectionContext, refused: u32) {
     crate::metrics::global().client_limit("cut_off");
     let reason = format!(
-        "cut off: {refused} requests refused within a second for exceeding {} requests/s \
-         per connection or {} per principal; back off on RATE_LIMITED",
+        "cut off: {refused} requests refused while told to wait, over {} requests/s \
+         per connection or {} per principal; wait retry_after_ms on RATE_LIMITED",
         state.config.requests_per_sec_per_connection_max,
         state.config.requests_per_sec_per_principal_max,
     );
-    let principal = ctx.count_key.lock().expect("count key lock").clone();
+    let principal = ctx.count_key();
     state.connections.ban(&principal, state.config.cutoff_ban);
     tracing::warn!(conn = ctx.id, remote = %ctx.remote, %principal, %reason, "closing connection");
     close_with(&ctx.conn, ErrorCode::RATE_LIMITED, &reason);
@@ -237,19 +259,36 @@ async fn serve_stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
-    let timeout = state.config.request_read_timeout;
-    let reply = match tokio::time::timeout(timeout, read_frame(state, ctx, conn, &mut recv)).await {
-        Ok(Some((body, _in_flight))) => answer(state, ctx, admission, &body).await,
-        Ok(None) => return,
-        Err(_) => {
-            let _ = recv.stop(ErrorCode::BAD_REQUEST.0.into());
-            Reply::Error(ErrorReply::new(
-                ErrorCode::BAD_REQUEST,
-                format!(
-                    "the request frame did not arrive within {timeout:?} (request_read_timeout)"
+    let reply = match admission {
+        Admission::Refused { retry_after_ms } => {
+            // A refusal reads nothing: stop the request's stream, answer at once.
+            let _ = recv.stop(ErrorCode::RATE_LIMITED.0.into());
+            crate::metrics::global().client_limit("rate");
+            Reply::Error(ErrorReply {
+                code: ErrorCode::RATE_LIMITED,
+                message: format!(
+                    "over {} requests/s on this connection (requests_per_sec_per_connection_max) \
+                     or {} for this principal (requests_per_sec_per_principal_max)",
+                    state.config.requests_per_sec_per_connection_max,
+                    state.config.requests_per_sec_per_principal_max,
                 ),
-            ))
+                retry_after_ms: Some(retry_after_ms),
+            })
         }
+        _ => match read_frame(state, ctx, conn, &mut recv).await {
+            Ok((body, _in_flight)) => answer(state, ctx, &body).await,
+            Err(ReadFailed::Gone) => return,
+            Err(ReadFailed::TimedOut) => {
+                let _ = recv.stop(ErrorCode::BAD_REQUEST.0.into());
+                Reply::Error(ErrorReply::new(
+                    ErrorCode::BAD_REQUEST,
+                    format!(
+                        "the request frame did not arrive within {:?} (request_read_timeout)",
+                        state.config.request_read_timeout
+                    ),
+                ))
+            }
+        },
     };
     let frame = match encode_frame(&reply) {
         Ok(frame) => frame,
@@ -266,30 +305,40 @@ async fn serve_stream(
     }
 }
 
+enum ReadFailed {
+    /// Nobody to answer: the stream was aborted, or the connection closed
+    /// for bad framing.
+    Gone,
+    TimedOut,
+}
+
 /// Read one request frame, holding its bytes against the connection's
-/// in-flight budget; `None` when there is no one to answer (the stream was
-/// aborted or the connection closed for bad framing).
+/// in-flight budget until the caller drops the permit. The header must come
+/// within `request_read_timeout` of the stream opening, and the body within
+/// as long again once the budget lets the broker read it.
 async fn read_frame<'a>(
     state: &BrokerState,
     ctx: &'a ConnectionContext,
     conn: &quinn::Connection,
     recv: &mut quinn::RecvStream,
-) -> Option<(Vec<u8>, tokio::sync::SemaphorePermit<'a>)> {
+) -> Result<(Vec<u8>, tokio::sync::SemaphorePermit<'a>), ReadFailed> {
+    let timeout = state.config.request_read_timeout;
     let mut header = [0u8; FRAME_HEADER_BYTES];
-    match recv.read_exact(&mut header).await {
-        Ok(()) => {}
-        Err(quinn::ReadExactError::FinishedEarly(n)) => {
+    match tokio::time::timeout(timeout, recv.read_exact(&mut header)).await {
+        Err(_) => return Err(ReadFailed::TimedOut),
+        Ok(Ok(())) => {}
+        Ok(Err(quinn::ReadExactError::FinishedEarly(n))) => {
             close_for_framing(
                 conn,
                 ErrorCode::BAD_REQUEST,
                 format!("truncated frame: stream ended after {n} header bytes"),
             );
-            return None;
+            return Err(ReadFailed::Gone);
         }
         // The client reset the stream or went away mid-request: nothing to answer.
-        Err(quinn::ReadExactError::ReadError(e)) => {
+        Ok(Err(quinn::ReadExactError::ReadError(e))) => {
             tracing::debug!(conn = ctx.id, error = %e, "request stream aborted");
-            return None;
+            return Err(ReadFailed::Gone);
         }
     }
     let len = u32::from_be_bytes(header) as usize;
@@ -299,7 +348,7 @@ async fn read_frame<'a>(
             ErrorCode::FRAME_TOO_LARGE,
             format!("frame of {len} bytes exceeds the {FRAME_BYTES_MAX} byte limit"),
         );
-        return None;
+        return Err(ReadFailed::Gone);
     }
     // Bytes read but not yet answered are bounded per connection; a frame
     // larger than the whole budget waits until it is the only one.
@@ -308,10 +357,11 @@ async fn read_frame<'a>(
         .in_flight_bytes
         .acquire_many(len.clamp(1, budget) as u32)
         .await
-        .ok()?;
-    let body = match recv.read_to_end(len).await {
-        Ok(body) if body.len() == len => body,
-        Ok(body) => {
+        .map_err(|_| ReadFailed::Gone)?;
+    let body = match tokio::time::timeout(timeout, recv.read_to_end(len)).await {
+        Err(_) => return Err(ReadFailed::TimedOut),
+        Ok(Ok(body)) if body.len() == len => body,
+        Ok(Ok(body)) => {
             close_for_framing(
                 conn,
                 ErrorCode::BAD_REQUEST,
@@ -320,44 +370,26 @@ async fn read_frame<'a>(
                     body.len()
                 ),
             );
-            return None;
+            return Err(ReadFailed::Gone);
         }
-        Err(quinn::ReadToEndError::TooLong) => {
+        Ok(Err(quinn::ReadToEndError::TooLong)) => {
             close_for_framing(
                 conn,
                 ErrorCode::BAD_REQUEST,
                 format!("stream carried bytes after the {len}-byte frame body"),
             );
-            return None;
+            return Err(ReadFailed::Gone);
         }
-        Err(quinn::ReadToEndError::Read(e)) => {
+        Ok(Err(quinn::ReadToEndError::Read(e))) => {
             tracing::debug!(conn = ctx.id, error = %e, "request stream aborted");
-            return None;
+            return Err(ReadFailed::Gone);
         }
     };
-    Some((body, in_flight))
+    Ok((body, in_flight))
 }
 
 /// The reply to one request frame.
-async fn answer(
-    state: &Arc<BrokerState>,
-    ctx: &ConnectionContext,
-    admission: Admission,
-    body: &[u8],
-) -> Reply {
-    if let Admission::Refused { retry_after_ms } = admission {
-        crate::metrics::global().client_limit("rate");
-        return Reply::Error(ErrorReply {
-            code: ErrorCode::RATE_LIMITED,
-            message: format!(
-                "over {} requests/s on this connection (requests_per_sec_per_connection_max) \
-                 or {} for this principal (requests_per_sec_per_principal_max)",
-                state.config.requests_per_sec_per_connection_max,
-                state.config.requests_per_sec_per_principal_max,
-            ),
-            retry_after_ms: Some(retry_after_ms),
-        });
-    }
+async fn answer(state: &Arc<BrokerState>, ctx: &ConnectionContext, body: &[u8]) -> Reply {
     match decode_body::<Request>(body) {
         Ok(request) => match handlers::handle(state, ctx, request).await {
             Ok(reply) => reply,

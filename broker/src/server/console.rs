@@ -36,7 +36,8 @@ struct Overview {
     consumed_messages: u64,
     topics: Vec<TopicRow>,
     groups: Vec<GroupRow>,
-    transactions_pending: usize,
+    /// `None` when the caller may not list transactions.
+    transactions_pending: Option<usize>,
     transactions: Vec<msmq_protocol::TransactionInfo>,
     dead_letters: Vec<TopicRow>,
     plugins: Vec<PluginRow>,
@@ -84,18 +85,34 @@ fn error(err: ErrorReply) -> Response {
         ErrorCode::BAD_REQUEST | ErrorCode::INVALID_ARGUMENT | ErrorCode::PLUGIN_REFUSED => {
             StatusCode::BAD_REQUEST
         }
+        ErrorCode::SHUTTING_DOWN | ErrorCode::BUSY | ErrorCode::STORAGE_ERROR => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
     let body = serde_json::json!({"code": err.code.name(), "message": err.message});
     (status, Json(body)).into_response()
 }
 
+/// Header every console action must carry. A page of another origin cannot
+/// send it without a CORS preflight, which this server never grants, so a
+/// web page the operator happens to visit cannot act on the broker.
+pub const ACTION_HEADER: &str = "x-msmq-console";
+
 /// The caller's (token id, principal) from its bearer token; with
-/// authentication on, a missing or unknown token is refused here.
+/// authentication on, a missing or unknown token is refused here. On a
+/// loopback listener the `Host` must be a loopback name too, so a DNS name
+/// rebound to 127.0.0.1 by some web page cannot read or act.
 fn caller(
     state: &BrokerState,
     headers: &HeaderMap,
 ) -> Result<Option<(String, String)>, ErrorReply> {
+    if !host_allowed(state, headers) {
+        return Err(ErrorReply::new(
+            ErrorCode::FORBIDDEN,
+            "the console on a loopback address answers only Host 127.0.0.1, [::1] or localhost",
+        ));
+    }
     if !state.config.auth {
         return Ok(None);
     }
@@ -113,6 +130,29 @@ fn caller(
     }
 }
 
+fn host_allowed(state: &BrokerState, headers: &HeaderMap) -> bool {
+    let loopback = state
+        .config
+        .http_addr()
+        .ok()
+        .flatten()
+        .is_some_and(|a| a.ip().is_loopback());
+    if !loopback {
+        return true;
+    }
+    let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) else {
+        return false;
+    };
+    let name = match host.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => host,
+    };
+    matches!(name, "localhost" | "[::1]")
+        || name
+            .parse::<std::net::Ipv4Addr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 pub(super) async fn overview(
     State(state): State<Arc<BrokerState>>,
     headers: HeaderMap,
@@ -128,7 +168,7 @@ async fn build_overview(
     headers: &HeaderMap,
 ) -> Result<Overview, ErrorReply> {
     let principal = caller(state, headers)?;
-    let transactions = match super::handlers::handle_http(
+    let (transactions, transactions_visible) = match super::handlers::handle_http(
         state,
         principal,
         Request::ListTransactions {
@@ -138,9 +178,10 @@ async fn build_overview(
     )
     .await
     {
-        Ok(Reply::Transactions(list)) => list,
-        Ok(_) => vec![],
-        Err(e) if e.code == ErrorCode::FORBIDDEN => vec![],
+        Ok(Reply::Transactions(list)) => (list, true),
+        Ok(_) => (vec![], true),
+        // Not the caller's to see.
+        Err(e) if e.code == ErrorCode::FORBIDDEN => (vec![], false),
         Err(e) => return Err(e),
     };
     let mut topics = Vec::new();
@@ -215,7 +256,8 @@ async fn build_overview(
             + plugins.iter().map(|p| p.processed).sum::<u64>(),
         topics,
         groups: groups.into_values().collect(),
-        transactions_pending: state.store.schedule().lock().map_or(0, |s| s.len()),
+        transactions_pending: transactions_visible
+            .then(|| state.store.schedule().lock().map_or(0, |s| s.len())),
         transactions,
         dead_letters,
         plugins,
@@ -223,6 +265,12 @@ async fn build_overview(
 }
 
 async fn act(state: &Arc<BrokerState>, headers: &HeaderMap, request: Request) -> Response {
+    if !headers.contains_key(ACTION_HEADER) {
+        return error(ErrorReply::new(
+            ErrorCode::FORBIDDEN,
+            format!("console actions need the {ACTION_HEADER} header"),
+        ));
+    }
     let result = match caller(state, headers) {
         Ok(principal) => super::handlers::handle_http(state, principal, request).await,
         Err(e) => Err(e),

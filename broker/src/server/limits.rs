@@ -13,9 +13,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// How long refusals are counted before the count starts again.
-const REFUSAL_WINDOW: Duration = Duration::from_secs(1);
-
 /// Open connections per principal (or per address for unauthenticated
 /// ones), and the keys whose new connections are refused for a while
 /// because one of their connections was cut off.
@@ -32,15 +29,19 @@ const PRINCIPAL_RATES_KEPT_MAX: usize = 10_000;
 
 impl ConnectionCounts {
     /// The request rate all connections of `key` share.
-    pub fn principal_rate(&self, key: &str, per_sec: u32, refusals: u32) -> Arc<RequestRate> {
+    pub fn principal_rate(&self, key: &str, per_sec: u32) -> Arc<RequestRate> {
         let mut rates = self.rates.lock().expect("rates lock");
-        if rates.len() >= PRINCIPAL_RATES_KEPT_MAX {
+        if !rates.contains_key(key) && rates.len() >= PRINCIPAL_RATES_KEPT_MAX {
             let open = self.open.lock().expect("connection count lock");
-            rates.retain(|k, _| open.contains_key(k));
+            // Forget idle principals; if most are connected, let the map
+            // grow (to twice what is connected) rather than scan it each time.
+            if rates.len() >= 2 * open.len() {
+                rates.retain(|k, _| open.contains_key(k));
+            }
         }
         rates
             .entry(key.to_string())
-            .or_insert_with(|| Arc::new(RequestRate::new(per_sec, refusals)))
+            .or_insert_with(|| Arc::new(RequestRate::new(per_sec)))
             .clone()
     }
 
@@ -101,50 +102,30 @@ pub enum Admission {
     },
 }
 
-/// A token bucket holding one second of requests, plus the refusals counted
-/// in the current window.
+/// A token bucket holding one second of requests.
 pub struct RequestRate {
     per_sec: u32,
-    refusals_before_cutoff: u32,
     bucket: Mutex<Bucket>,
 }
 
 struct Bucket {
     tokens: f64,
     refilled_at: Instant,
-    refusals: u32,
-    window_start: Instant,
 }
 
 impl RequestRate {
-    pub fn new(per_sec: u32, refusals_before_cutoff: u32) -> RequestRate {
-        let now = Instant::now();
+    pub fn new(per_sec: u32) -> RequestRate {
         RequestRate {
             per_sec,
-            refusals_before_cutoff,
             bucket: Mutex::new(Bucket {
                 tokens: per_sec as f64,
-                refilled_at: now,
-                refusals: 0,
-                window_start: now,
+                refilled_at: Instant::now(),
             }),
         }
     }
 
-    pub fn admit(&self) -> Admission {
-        self.admit_at(Instant::now())
-    }
-
-    /// Admit against this (connection) rate, then the principal's shared one.
-    pub fn admit_with(&self, principal: &RequestRate) -> Admission {
-        let now = Instant::now();
-        match self.admit_at(now) {
-            Admission::Allowed => principal.admit_at(now),
-            refused => refused,
-        }
-    }
-
-    fn admit_at(&self, now: Instant) -> Admission {
+    /// Take one request's token; `Err(rate)` when the bucket is empty.
+    fn take(&self, now: Instant) -> Result<(), u32> {
         let mut b = self.bucket.lock().expect("rate lock");
         let rate = self.per_sec as f64;
         let elapsed = now.saturating_duration_since(b.refilled_at).as_secs_f64();
@@ -152,20 +133,68 @@ impl RequestRate {
         b.refilled_at = now;
         if b.tokens >= 1.0 {
             b.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(self.per_sec)
+        }
+    }
+}
+
+/// One connection's admission: its own rate, its principal's shared rate,
+/// and how it takes refusals. Each refusal tells the client to wait until the
+/// buckets have refilled for every request refused so far; a client that
+/// waits is refused at most once per request it had in flight, while one
+/// that keeps sending during the wait runs up the count and is cut off.
+/// Counted per connection, so a neighbour's flood never cuts it off.
+pub struct ConnectionAdmission {
+    own: RequestRate,
+    refusals_before_cutoff: u32,
+    wait: Mutex<Wait>,
+}
+
+struct Wait {
+    /// Until when the client was told to wait.
+    until: Instant,
+    /// Requests refused since the last one that came after a wait ended.
+    refused: u32,
+}
+
+impl ConnectionAdmission {
+    pub fn new(per_sec: u32, refusals_before_cutoff: u32) -> ConnectionAdmission {
+        ConnectionAdmission {
+            own: RequestRate::new(per_sec),
+            refusals_before_cutoff,
+            wait: Mutex::new(Wait {
+                until: Instant::now(),
+                refused: 0,
+            }),
+        }
+    }
+
+    pub fn admit(&self, principal: &RequestRate) -> Admission {
+        self.admit_at(principal, Instant::now())
+    }
+
+    fn admit_at(&self, principal: &RequestRate, now: Instant) -> Admission {
+        let Err(rate) = self.own.take(now).and_then(|()| principal.take(now)) else {
             return Admission::Allowed;
+        };
+        let mut w = self.wait.lock().expect("refusal wait lock");
+        if now >= w.until {
+            w.refused = 0;
         }
-        if now.saturating_duration_since(b.window_start) >= REFUSAL_WINDOW {
-            b.window_start = now;
-            b.refusals = 0;
+        w.refused += 1;
+        if w.refused > self.refusals_before_cutoff {
+            return Admission::CutOff { refused: w.refused };
         }
-        b.refusals += 1;
-        if b.refusals > self.refusals_before_cutoff {
-            return Admission::CutOff {
-                refused: b.refusals,
-            };
+        // Long enough for the bucket to refill for everyone refused so far.
+        let wait = Duration::from_secs_f64(f64::from(w.refused) / f64::from(rate))
+            .max(Duration::from_millis(1));
+        w.until = w.until.max(now + wait);
+        let retry_after_ms = w.until.saturating_duration_since(now).as_millis();
+        Admission::Refused {
+            retry_after_ms: u32::try_from(retry_after_ms).unwrap_or(u32::MAX).max(1),
         }
-        let retry_after_ms = ((1.0 - b.tokens) / rate * 1000.0).ceil().max(1.0) as u32;
-        Admission::Refused { retry_after_ms }
     }
 }
 
@@ -173,59 +202,86 @@ impl RequestRate {
 mod tests {
     use super::*;
 
+    /// A principal rate that never runs out.
+    fn unlimited() -> RequestRate {
+        RequestRate::new(u32::MAX)
+    }
+
     #[test]
     fn the_rate_allows_a_second_of_burst_then_refuses_then_cuts_off() {
-        let rate = RequestRate::new(10, 3);
+        let conn = ConnectionAdmission::new(10, 3);
         let t0 = Instant::now();
         for _ in 0..10 {
-            assert_eq!(rate.admit_at(t0), Admission::Allowed);
+            assert_eq!(conn.admit_at(&unlimited(), t0), Admission::Allowed);
         }
-        // Past the limit: refused three times, cut off at the fourth.
-        for _ in 0..3 {
-            assert!(
-                matches!(rate.admit_at(t0), Admission::Refused { retry_after_ms } if retry_after_ms == 100)
+        // Past the limit: each refusal is told to wait for one more token,
+        // and the fourth sent during the wait is cut off.
+        for n in 1..=3 {
+            assert_eq!(
+                conn.admit_at(&unlimited(), t0),
+                Admission::Refused {
+                    retry_after_ms: 100 * n
+                }
             );
         }
-        assert_eq!(rate.admit_at(t0), Admission::CutOff { refused: 4 });
-        // A tenth of a second later one more request is allowed.
-        let later = t0 + Duration::from_millis(100);
-        assert_eq!(rate.admit_at(later), Admission::Allowed);
+        assert_eq!(
+            conn.admit_at(&unlimited(), t0),
+            Admission::CutOff { refused: 4 }
+        );
     }
 
     #[test]
-    fn a_principal_rate_is_shared_by_its_connections() {
-        let counts = ConnectionCounts::default();
-        let shared = counts.principal_rate("app", 4, 100);
-        assert!(Arc::ptr_eq(&shared, &counts.principal_rate("app", 4, 100)));
-        let (first, second) = (RequestRate::new(10, 100), RequestRate::new(10, 100));
-        for _ in 0..2 {
-            assert_eq!(first.admit_with(&shared), Admission::Allowed);
-            assert_eq!(second.admit_with(&shared), Admission::Allowed);
+    fn a_client_that_waits_as_told_is_never_cut_off() {
+        let conn = ConnectionAdmission::new(10, 3);
+        let mut now = Instant::now();
+        for _ in 0..10 {
+            assert_eq!(conn.admit_at(&unlimited(), now), Admission::Allowed);
         }
-        // Each connection is under its own 10/s, together they used the 4/s.
-        assert!(matches!(
-            first.admit_with(&shared),
-            Admission::Refused { .. }
-        ));
-        assert!(matches!(
-            second.admit_with(&shared),
-            Admission::Refused { .. }
-        ));
+        // Three requests in flight at once are refused; the client waits as
+        // long as the last refusal said, then sends them again, many times.
+        for _ in 0..20 {
+            let mut wait_ms = 0;
+            for _ in 0..3 {
+                match conn.admit_at(&unlimited(), now) {
+                    Admission::Refused { retry_after_ms } => wait_ms = retry_after_ms,
+                    Admission::Allowed => {}
+                    cut => panic!("a waiting client was cut off: {cut:?}"),
+                }
+            }
+            now += Duration::from_millis(u64::from(wait_ms) + 1);
+            // After the wait the bucket has a token for each of them.
+            for _ in 0..3 {
+                assert_eq!(conn.admit_at(&unlimited(), now), Admission::Allowed);
+            }
+        }
     }
 
     #[test]
-    fn refusals_are_counted_per_window() {
-        let rate = RequestRate::new(1, 2);
+    fn a_principal_rate_is_shared_but_refusals_count_per_connection() {
+        let counts = ConnectionCounts::default();
+        let shared = counts.principal_rate("app", 4);
+        assert!(Arc::ptr_eq(&shared, &counts.principal_rate("app", 4)));
+        let first = ConnectionAdmission::new(10, 1);
+        let second = ConnectionAdmission::new(10, 1);
         let t0 = Instant::now();
-        assert_eq!(rate.admit_at(t0), Admission::Allowed);
-        assert!(matches!(rate.admit_at(t0), Admission::Refused { .. }));
-        assert!(matches!(rate.admit_at(t0), Admission::Refused { .. }));
-        // A new window: the count starts again (the token spent at once).
-        let t1 = t0 + REFUSAL_WINDOW + Duration::from_millis(1);
-        assert_eq!(rate.admit_at(t1), Admission::Allowed);
-        assert!(matches!(rate.admit_at(t1), Admission::Refused { .. }));
-        assert!(matches!(rate.admit_at(t1), Admission::Refused { .. }));
-        assert!(matches!(rate.admit_at(t1), Admission::CutOff { .. }));
+        for _ in 0..2 {
+            assert_eq!(first.admit_at(&shared, t0), Admission::Allowed);
+            assert_eq!(second.admit_at(&shared, t0), Admission::Allowed);
+        }
+        // Each connection is under its own 10/s; together they used the 4/s.
+        assert!(matches!(
+            first.admit_at(&shared, t0),
+            Admission::Refused { .. }
+        ));
+        assert!(matches!(
+            first.admit_at(&shared, t0),
+            Admission::CutOff { .. }
+        ));
+        // The first connection's refusals do not count against the second.
+        assert!(matches!(
+            second.admit_at(&shared, t0),
+            Admission::Refused { .. }
+        ));
     }
 
     #[test]

@@ -204,6 +204,10 @@ struct Inner {
     /// Transactions whose checker call is still running: a repeated check
     /// is answered `Unknown` at once instead of piling up blocked threads.
     checking: std::sync::Mutex<std::collections::HashSet<u64>>,
+    /// The broker asked this client to wait until then (`RATE_LIMITED`):
+    /// every request waits, not only the refused one, because the broker
+    /// counts requests sent during the wait against the connection.
+    rate_limited_until: std::sync::Mutex<Option<tokio::time::Instant>>,
 }
 
 impl Drop for Inner {
@@ -246,6 +250,7 @@ impl Client {
                 connection: Mutex::new(None),
                 checkers: std::sync::RwLock::new(HashMap::new()),
                 checking: std::sync::Mutex::new(std::collections::HashSet::new()),
+                rate_limited_until: std::sync::Mutex::new(None),
             }),
         };
         client.connection().await?;
@@ -352,16 +357,22 @@ impl Client {
     /// Send one request and wait for its reply. An error reply from the
     /// broker becomes [`ClientError::Broker`].
     pub async fn request(&self, request: &Request) -> Result<Reply, ClientError> {
-        let retries = self.inner.options.rate_limited_retries;
-        let mut attempt = 0;
+        let mut retries = self.inner.options.rate_limited_retries;
         loop {
             match self.request_once(request).await {
                 Err(ClientError::Broker(refusal))
-                    if refusal.code == ErrorCode::RATE_LIMITED && attempt < retries =>
+                    if refusal.code == ErrorCode::RATE_LIMITED && retries > 0 =>
                 {
-                    let hint = refusal.retry_after_ms.unwrap_or(1);
-                    tokio::time::sleep(rate_limited_backoff(hint, attempt)).await;
-                    attempt += 1;
+                    retries -= 1;
+                    let wait = Duration::from_millis(refusal.retry_after_ms.unwrap_or(1).into())
+                        + RATE_LIMITED_MARGIN;
+                    let mut until = self
+                        .inner
+                        .rate_limited_until
+                        .lock()
+                        .expect("rate wait lock");
+                    let new = tokio::time::Instant::now() + wait;
+                    *until = Some(until.map_or(new, |u| u.max(new)));
                 }
                 result => return result,
             }
@@ -373,8 +384,28 @@ impl Client {
         // fresh connection is safe for every request.
         let conn = self.connection().await?;
         match conn.open_bi().await {
-            Ok(streams) => exchange(streams, request).await,
-            Err(_) => request_on(&self.connection().await?, request).await,
+            Ok(streams) => {
+                // Only now: a request that waited for a stream must not
+                // slip past a wait the broker asked for meanwhile.
+                self.wait_if_rate_limited().await;
+                exchange(streams, request).await
+            }
+            Err(_) => {
+                let conn = self.connection().await?;
+                self.wait_if_rate_limited().await;
+                request_on(&conn, request).await
+            }
+        }
+    }
+
+    async fn wait_if_rate_limited(&self) {
+        let until = *self
+            .inner
+            .rate_limited_until
+            .lock()
+            .expect("rate wait lock");
+        if let Some(until) = until {
+            tokio::time::sleep_until(until).await;
         }
     }
 
@@ -807,31 +838,24 @@ async fn request_on(conn: &quinn::Connection, request: &Request) -> Result<Reply
     exchange(conn.open_bi().await?, request).await
 }
 
-/// Longest wait between two attempts of a rate-limited request.
-const RATE_LIMITED_BACKOFF_MAX: Duration = Duration::from_secs(5);
-
-/// The broker's hint doubled per attempt, with jitter: requests refused
-/// together must not all come back together.
-fn rate_limited_backoff(hint_ms: u32, attempt: u32) -> Duration {
-    use std::hash::{BuildHasher, Hasher};
-    let base = Duration::from_millis(u64::from(hint_ms.max(1))) * 2u32.pow(attempt.min(16));
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u32(attempt);
-    let jitter = 0.5 + (hasher.finish() % 1000) as f64 / 1000.0;
-    base.mul_f64(jitter).min(RATE_LIMITED_BACKOFF_MAX)
-}
+/// Added to the broker's wait hint, so a retry does not arrive a hair early.
+const RATE_LIMITED_MARGIN: Duration = Duration::from_millis(1);
 
 async fn exchange(
     (mut send, mut recv): (quinn::SendStream, quinn::RecvStream),
     request: &Request,
 ) -> Result<Reply, ClientError> {
     let frame = encode_frame(request)?;
-    send.write_all(&frame).await.map_err(|e| match e {
-        quinn::WriteError::ConnectionLost(lost) => ClientError::Connection(lost),
-        other => ClientError::Stream(other.to_string()),
-    })?;
-    send.finish()
-        .map_err(|e| ClientError::Stream(e.to_string()))?;
+    match send.write_all(&frame).await {
+        Ok(()) => {
+            let _ = send.finish();
+        }
+        // The broker answers some requests without reading them (a rate
+        // refusal, a read timeout): its reply is on the way.
+        Err(quinn::WriteError::Stopped(_)) => {}
+        Err(quinn::WriteError::ConnectionLost(lost)) => return Err(ClientError::Connection(lost)),
+        Err(other) => return Err(ClientError::Stream(other.to_string())),
+    }
     let bytes = recv
         .read_to_end(FRAME_BYTES_MAX + FRAME_HEADER_BYTES)
         .await

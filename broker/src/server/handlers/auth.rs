@@ -173,8 +173,12 @@ pub(super) fn authenticate(
     }
     match state.tokens.verify(token) {
         Some((id, principal)) => {
-            if let Some(reason) = super::super::connection::banned(state, &principal) {
-                return Err(ErrorReply::new(ErrorCode::RATE_LIMITED, reason));
+            if let Some((reason, left_ms)) = super::super::connection::banned(state, &principal) {
+                return Err(ErrorReply {
+                    code: ErrorCode::RATE_LIMITED,
+                    message: reason,
+                    retry_after_ms: Some(left_ms),
+                });
             }
             if let Err(open) = ctx.recount_as(state, &principal) {
                 crate::metrics::global().client_limit("connections");
