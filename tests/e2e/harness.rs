@@ -17,6 +17,8 @@ pub struct TestBroker {
     /// host:port of the metrics endpoint.
     pub http: Option<String>,
     extra_args: Vec<String>,
+    /// Storage fault injection on (`MSMQ_STORAGE_FAULTS=1`).
+    faults: bool,
     child: Option<Child>,
 }
 
@@ -28,16 +30,31 @@ impl TestBroker {
 
     /// Start with extra `msmq serve` flags.
     pub fn start_with(extra: &[&str]) -> anyhow::Result<TestBroker> {
+        Self::start_inner(extra, false)
+    }
+
+    /// Start over the fault-injecting storage backend; faults are switched
+    /// by files in [`TestBroker::faults_dir`].
+    pub fn start_with_faults() -> anyhow::Result<TestBroker> {
+        Self::start_inner(&[], true)
+    }
+
+    fn start_inner(extra: &[&str], faults: bool) -> anyhow::Result<TestBroker> {
         let dir = tempfile::tempdir()?;
         let mut broker = TestBroker {
             dir,
             addr: "127.0.0.1:0".parse()?,
             http: None,
             extra_args: extra.iter().map(|s| s.to_string()).collect(),
+            faults,
             child: None,
         };
         broker.spawn()?;
         Ok(broker)
+    }
+
+    pub fn faults_dir(&self) -> PathBuf {
+        self.data_dir().join("faults")
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -62,6 +79,7 @@ impl TestBroker {
             .args(["--http", "127.0.0.1:0"])
             .args(&self.extra_args)
             .env("MSMQ_LOG", "info")
+            .env("MSMQ_STORAGE_FAULTS", if self.faults { "1" } else { "0" })
             .env_remove("RUST_LOG")
             .stdout(Stdio::piped())
             .stderr(log)

@@ -9,6 +9,7 @@ mod cli;
 mod console;
 mod crash;
 mod delayed;
+mod faults;
 mod groups;
 mod harness;
 mod limits;

@@ -2,7 +2,8 @@
 //! consumer-group offsets.
 //!
 //! Owns: the redb [`Database`], the table layout ([`tables`]), the single
-//! writer thread (`writer`) and the read paths ([`read`]).
+//! writer thread (`writer`), the read paths ([`read`]) and, for tests, a
+//! fault-injecting storage backend ([`faults`]).
 //!
 //! Invariants:
 //! - Every change goes through the one writer, which commits many queued
@@ -15,6 +16,7 @@
 //! - Reads use redb read transactions and never block the writer.
 
 pub mod batch;
+pub mod faults;
 pub mod read;
 pub mod tables;
 mod writer;
@@ -139,13 +141,31 @@ impl Store {
             reason: e.to_string(),
         })?;
         let path = dir.join(DB_FILE_NAME);
-        let db = Database::builder()
-            .set_cache_size(options.cache_bytes)
-            .create(&path)
-            .map_err(|e| StorageError::Open {
-                path: path.display().to_string(),
-                reason: e.to_string(),
-            })?;
+        let open_error = |reason: String| StorageError::Open {
+            path: path.display().to_string(),
+            reason,
+        };
+        let mut builder = Database::builder();
+        builder.set_cache_size(options.cache_bytes);
+        let db = if std::env::var_os(faults::FAULTS_ENV).is_some_and(|v| v == "1") {
+            tracing::warn!(
+                "storage fault injection is on ({}=1): for tests only",
+                faults::FAULTS_ENV
+            );
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+                .map_err(|e| open_error(e.to_string()))?;
+            let backend =
+                faults::FaultyBackend::new(file, dir).map_err(|e| open_error(e.to_string()))?;
+            builder.create_with_backend(backend)
+        } else {
+            builder.create(&path)
+        }
+        .map_err(|e| open_error(e.to_string()))?;
         tables::create_all(&db)?;
         load_topics(&db, &registry)?;
         for (group, topic_id, partition, offset) in read::all_group_offsets(&db)? {
