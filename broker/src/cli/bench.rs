@@ -126,6 +126,10 @@ pub struct E2eBench {
     /// Messages per second per producer (0: as fast as possible).
     #[arg(long, default_value_t = 0)]
     rate: u64,
+    /// Also print one JSON line per interval this long (received messages/s
+    /// and latency percentiles of that interval), for soak runs.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    report_every: Option<Duration>,
     #[command(flatten)]
     common: Common,
 }
@@ -161,6 +165,8 @@ struct Run {
     deadline: Instant,
     stop: AtomicBool,
     latencies_us: Mutex<Histogram<u64>>,
+    /// Latencies since the last interval report (`--report-every`).
+    interval_us: Mutex<Histogram<u64>>,
     bar: ProgressBar,
 }
 
@@ -185,6 +191,7 @@ impl Run {
             deadline: Instant::now() + common.duration,
             stop: AtomicBool::new(false),
             latencies_us: Mutex::new(histogram()),
+            interval_us: Mutex::new(histogram()),
             bar,
         })
     }
@@ -211,6 +218,7 @@ impl Run {
         self.bar.inc(messages);
         let us = (latency.as_micros() as u64).clamp(1, 60_000_000);
         let _ = self.latencies_us.lock().expect("histogram lock").record(us);
+        let _ = self.interval_us.lock().expect("histogram lock").record(us);
     }
 
     fn over(&self) -> bool {
@@ -479,6 +487,31 @@ async fn drain_backlog(
     Ok((run, started.elapsed()))
 }
 
+/// Every `every`, one JSON line: seconds since `started`, messages/s
+/// received and latency percentiles of that interval alone.
+async fn report_intervals(run: Arc<Run>, started: Instant, every: Duration) {
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    let mut last_done = 0;
+    while !run.over() {
+        ticker.tick().await;
+        let done = run.done.load(Ordering::Relaxed);
+        let mut h = run.interval_us.lock().expect("histogram lock");
+        let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+        println!(
+            "{}",
+            json!({
+                "interval_end_s": started.elapsed().as_secs_f64(),
+                "messages_per_sec": (done - last_done) as f64 / every.as_secs_f64(),
+                "p50_ms": ms(0.5),
+                "p99_ms": ms(0.99),
+                "max_ms": h.max() as f64 / 1000.0,
+            })
+        );
+        h.reset();
+        last_done = done;
+    }
+}
+
 async fn e2e(b: E2eBench) -> anyhow::Result<()> {
     let topic = topic_name(&b.common, "e2e");
     setup(&b.common, &topic).await?;
@@ -534,6 +567,9 @@ async fn e2e(b: E2eBench) -> anyhow::Result<()> {
         },
         "send",
     );
+    let reporter = b
+        .report_every
+        .map(|every| tokio::spawn(report_intervals(received.clone(), started, every)));
     produce_load(&b.common, &topic, b.producers, 1, b.rate, sent.clone()).await?;
     // Give consumers the rest of the time budget to catch up, then stop them.
     while !received.over()
@@ -544,6 +580,9 @@ async fn e2e(b: E2eBench) -> anyhow::Result<()> {
     received.stop.store(true, Ordering::Relaxed);
     for t in tasks {
         t.await??;
+    }
+    if let Some(reporter) = reporter {
+        reporter.abort();
     }
     let elapsed = started.elapsed();
     summary(
