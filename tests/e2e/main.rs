@@ -14,6 +14,7 @@ mod groups;
 mod harness;
 mod limits;
 mod metrics;
+mod network;
 mod plugins;
 mod produce_consume;
 mod retention;

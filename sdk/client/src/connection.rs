@@ -271,6 +271,18 @@ impl Client {
         let _ = tokio::time::timeout(Duration::from_secs(1), self.inner.endpoint.wait_idle()).await;
     }
 
+    /// Move to a new local UDP port (as when a device changes network): the
+    /// connection migrates to it and stays open, with requests in flight.
+    /// Returns the new local address.
+    pub fn rebind(&self) -> Result<SocketAddr, ClientError> {
+        let options_error = |e: std::io::Error| ClientError::Options(format!("rebinding: {e}"));
+        let local = self.inner.endpoint.local_addr().map_err(options_error)?;
+        let socket =
+            std::net::UdpSocket::bind(SocketAddr::new(local.ip(), 0)).map_err(options_error)?;
+        self.inner.endpoint.rebind(socket).map_err(options_error)?;
+        self.inner.endpoint.local_addr().map_err(options_error)
+    }
+
     async fn connection(&self) -> Result<quinn::Connection, ClientError> {
         let mut slot = self.inner.connection.lock().await;
         if let Some(conn) = slot.as_ref() {
