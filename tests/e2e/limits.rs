@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const RATE_PER_SEC: u32 = 500;
+const RATE_PER_SEC: u32 = 50;
 const REFUSALS_BEFORE_CUTOFF: u32 = 256;
 /// Longest a flood may run before the test gives up on the cut-off.
 const FLOOD_TIME_MAX: Duration = Duration::from_secs(20);
@@ -58,7 +58,8 @@ async fn a_flooding_client_is_cut_off_and_a_good_client_keeps_working() -> anyho
     assert_eq!((pongs, refused), (RATE_PER_SEC as usize, 0));
     // Past it: the bucket is empty, so most of the next burst is refused.
     let (_, refused) = burst(&conn, 100).await?;
-    assert!(refused >= 50, "only {refused} of 100 refused past the rate");
+    // (Sending them would have to take over 1.5 s for fewer to be refused.)
+    assert!(refused >= 25, "only {refused} of 100 refused past the rate");
     conn.close(0u32.into(), b"done");
 
     // A flooder that ignores refusals, beside a client that behaves.

@@ -5,22 +5,6 @@ use msmq_client::protocol::NewMessage;
 use msmq_client::{Client, FetchLimits};
 use std::time::Duration;
 
-/// A long poll at `offset`, in flight on the client's connection.
-fn long_poll(
-    client: &Client,
-    offset: u64,
-) -> tokio::task::JoinHandle<Result<msmq_client::protocol::FetchedMessages, msmq_client::ClientError>>
-{
-    let client = client.clone();
-    tokio::spawn(async move {
-        let limits = FetchLimits {
-            max_wait_ms: 5_000,
-            ..FetchLimits::default()
-        };
-        client.fetch("moves", 0, offset, limits).await
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_rebinds_its_udp_port_stays_connected_and_working() -> anyhow::Result<()> {
     let broker = TestBroker::start()?;
@@ -32,7 +16,7 @@ async fn a_client_that_rebinds_its_udp_port_stays_connected_and_working() -> any
     for round in 0..3u64 {
         // A request in flight while the client moves: had the connection
         // dropped instead of migrating, it would fail, not be answered.
-        let waiting = long_poll(&client, 1 + round);
+        let waiting = long_poll_on(&client, "moves", 1 + round);
         tokio::time::sleep(Duration::from_millis(100)).await;
         ports.push(client.rebind()?.port());
         producer
@@ -53,4 +37,100 @@ async fn a_client_that_rebinds_its_udp_port_stays_connected_and_working() -> any
     ports.dedup();
     assert_eq!(ports.len(), 3, "each rebind took a new port: {ports:?}");
     Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_connections_lose_nothing_and_the_client_reconnects() -> anyhow::Result<()> {
+    use crate::bad_input::raw_connection;
+    use msmq_client::protocol::{encode_frame, Request};
+    use msmq_client::ConsumerOptions;
+    let broker = TestBroker::start()?;
+    let client = broker.client().await?;
+    client.create_topic("drops", 1).await?;
+    let end = |c: Client| async move {
+        anyhow::Ok(c.describe_topic("drops").await?.partitions[0].end_offset)
+    };
+
+    // Mid-request: the connection goes away halfway through a produce frame.
+    let frame = encode_frame(&Request::Produce {
+        topic: "drops".into(),
+        partition: None,
+        messages: (0..10)
+            .map(|i| NewMessage::new(format!("half-{i}")))
+            .collect(),
+    })?;
+    let (_endpoint, raw) = raw_connection(&broker).await?;
+    let (mut send, _recv) = raw.open_bi().await?;
+    send.write_all(&frame[..frame.len() / 2]).await?;
+    raw.close(0u32.into(), b"gone mid-request");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        end(client.clone()).await?,
+        0,
+        "half a request stores nothing"
+    );
+
+    // Mid-request through the client: a long poll is cut by the client
+    // closing; its next request reconnects by itself.
+    let waiting = long_poll_on(&client, "drops", 0);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    client.close().await;
+    assert!(
+        waiting.await?.is_err(),
+        "the cut request fails, it is not answered"
+    );
+    client
+        .producer("drops")
+        .send(NewMessage::new("first"))
+        .await?;
+    assert_eq!(end(client.clone()).await?, 1);
+
+    // Mid-batch: a member polls a batch and its connection drops before it
+    // commits; the next member of the group gets the whole batch again.
+    let batch: Vec<_> = (0..99).map(|i| NewMessage::new(format!("m-{i}"))).collect();
+    client.producer("drops").send_batch(batch).await?;
+    let options = || ConsumerOptions {
+        limits: FetchLimits {
+            max_messages: 50,
+            max_bytes: 1 << 20,
+            max_wait_ms: 500,
+        },
+        ..ConsumerOptions::default()
+    };
+    let first = broker.client().await?;
+    let mut member = first.consumer("billing", &["drops"], options()).await?;
+    let polled = member.poll().await?;
+    assert!(!polled.is_empty());
+    first.close().await;
+    let second = broker.client().await?;
+    let mut member = second.consumer("billing", &["drops"], options()).await?;
+    let mut offsets = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while offsets.len() < 100 && std::time::Instant::now() < deadline {
+        offsets.extend(member.poll().await?.iter().map(|m| m.message.offset));
+        member.commit().await?;
+    }
+    assert_eq!(
+        offsets,
+        (0..100).collect::<Vec<u64>>(),
+        "every message, once, from offset 0"
+    );
+    Ok(())
+}
+
+/// A long poll at `offset` of partition 0, in flight on the client's connection.
+fn long_poll_on(
+    client: &Client,
+    topic: &'static str,
+    offset: u64,
+) -> tokio::task::JoinHandle<Result<msmq_client::protocol::FetchedMessages, msmq_client::ClientError>>
+{
+    let client = client.clone();
+    tokio::spawn(async move {
+        let limits = FetchLimits {
+            max_wait_ms: 5_000,
+            ..FetchLimits::default()
+        };
+        client.fetch(topic, 0, offset, limits).await
+    })
 }
