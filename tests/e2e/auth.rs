@@ -24,9 +24,7 @@ fn code<T>(result: Result<T, ClientError>) -> Option<ErrorCode> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_authenticate_and_a_revoked_token_is_refused_at_once() -> anyhow::Result<()> {
     let broker = TestBroker::start_with(&["--auth"])?;
-    let admin_token = std::fs::read_to_string(broker.data_dir().join("admin.token"))?
-        .trim()
-        .to_string();
+    let admin_token = broker.admin_token()?;
 
     // No token: only Ping gets through.
     let anonymous = broker.client().await?;
@@ -209,10 +207,7 @@ async fn a_client_certificate_maps_to_its_principal() -> anyhow::Result<()> {
 
     let ca = ca_pem.to_str().expect("utf-8 path");
     let broker = TestBroker::start_with(&["--auth", "--tls-client-ca", ca])?;
-    let admin_token = std::fs::read_to_string(broker.data_dir().join("admin.token"))?
-        .trim()
-        .to_string();
-    let admin = Client::connect(broker.options().token(&admin_token)).await?;
+    let (_, admin) = broker.admin().await?;
     admin.create_topic("payments", 1).await?;
 
     // No token: the certificate alone authenticates "billing", whose ACL

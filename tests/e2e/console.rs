@@ -11,7 +11,6 @@ use crate::harness::TestBroker;
 use crate::plugins::{deploy, repo_root, rust_component, spec, wait_stats};
 use anyhow::Context;
 use msmq_client::protocol::{NewMessage, TransactionCheck, TxAction};
-use msmq_client::Client;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,8 +28,7 @@ async fn the_console_shows_the_broker_and_pauses_a_plugin_in_headless_chromium(
          (scripts/test.sh installs it, with Debian's chromium)"
     );
     let broker = TestBroker::start_with(&["--auth", "--transaction-timeout", "60s"])?;
-    let token = broker.admin_token()?;
-    let client = Client::connect(broker.options().token(&token)).await?;
+    let (token, client) = broker.admin().await?;
     client.create_topic("payments", 2).await?;
     deploy(
         &client,
@@ -184,8 +182,7 @@ fn http(
 async fn the_console_api_needs_a_token_the_rights_the_action_header_and_a_loopback_host(
 ) -> anyhow::Result<()> {
     let broker = TestBroker::start_with(&["--auth"])?;
-    let admin_token = broker.admin_token()?;
-    let admin = Client::connect(broker.options().token(&admin_token)).await?;
+    let (admin_token, admin) = broker.admin().await?;
     admin.create_topic("payments", 1).await?;
     deploy(
         &admin,

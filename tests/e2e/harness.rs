@@ -157,6 +157,13 @@ impl TestBroker {
         Ok(Client::connect(self.options()).await?)
     }
 
+    /// The admin token of a broker with `--auth`, and a client using it.
+    pub async fn admin(&self) -> anyhow::Result<(String, Client)> {
+        let token = self.admin_token()?;
+        let client = Client::connect(self.options().token(&token)).await?;
+        Ok((token, client))
+    }
+
     /// The admin token a broker with `--auth` wrote at its first start.
     pub fn admin_token(&self) -> anyhow::Result<String> {
         let path = self.data_dir().join("admin.token");

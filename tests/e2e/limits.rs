@@ -127,8 +127,7 @@ async fn a_cut_off_token_is_banned_and_other_principals_are_not() -> anyhow::Res
         "--streams-per-connection-max",
         "128",
     ])?;
-    let admin_token = broker.admin_token()?;
-    let admin = Client::connect(broker.options().token(&admin_token)).await?;
+    let (admin_token, admin) = broker.admin().await?;
     let (_, token) = admin.create_token("flood").await?;
     let (_endpoint, flood) = raw_connection(&broker).await?;
     let hello = send_raw(
@@ -249,8 +248,7 @@ async fn connections_per_principal_hold_at_the_limit_and_refuse_one_past_it() ->
 
     // With tokens: counted per principal once authenticated.
     let broker = TestBroker::start_with(&["--auth", "--connections-per-principal-max", "2"])?;
-    let admin_token = broker.admin_token()?;
-    let admin = Client::connect(broker.options().token(&admin_token)).await?;
+    let (admin_token, admin) = broker.admin().await?;
     let (_, token) = admin.create_token("app").await?;
     let a = Client::connect(broker.options().token(&token)).await?;
     let b = Client::connect(broker.options().token(&token)).await?;

@@ -384,29 +384,28 @@ pub fn retention_start(
 
 /// Every stored token: (id, record).
 pub fn tokens(db: &Database) -> Result<Vec<(String, crate::auth::TokenRecord)>, StorageError> {
-    let txn = db.begin_read()?;
-    let table = txn.open_table(tables::TOKENS)?;
-    let mut out = Vec::new();
-    for entry in table.iter()? {
-        let (k, v) = entry?;
-        out.push((
-            k.value().to_string(),
-            decode(v.value(), format_args!("token {}", k.value()))?,
-        ));
-    }
-    Ok(out)
+    all_by_name(db, tables::TOKENS, "token")
 }
 
 /// Every principal's ACL rules.
 pub fn acls(db: &Database) -> Result<Vec<(String, Vec<msmq_protocol::AclRule>)>, StorageError> {
+    all_by_name(db, tables::ACLS, "ACL of")
+}
+
+/// Every record of a name-keyed table, decoded.
+fn all_by_name<T: serde::de::DeserializeOwned>(
+    db: &Database,
+    table: redb::TableDefinition<&str, &[u8]>,
+    what: &str,
+) -> Result<Vec<(String, T)>, StorageError> {
     let txn = db.begin_read()?;
-    let table = txn.open_table(tables::ACLS)?;
+    let table = txn.open_table(table)?;
     let mut out = Vec::new();
     for entry in table.iter()? {
         let (k, v) = entry?;
         out.push((
             k.value().to_string(),
-            decode(v.value(), format_args!("ACL of {}", k.value()))?,
+            decode(v.value(), format_args!("{what} {}", k.value()))?,
         ));
     }
     Ok(out)
