@@ -100,6 +100,12 @@ pub struct Config {
     /// How often retention looks for expired batches.
     #[serde(with = "humantime_serde")]
     pub retention_check_interval: Duration,
+    /// Largest a log segment file grows before the partition starts a new
+    /// one. Topics with a retention roll sooner, 8 times per retention.
+    pub segment_bytes_max: ByteSize,
+    /// Longest a partition appends to one segment file.
+    #[serde(with = "humantime_serde")]
+    pub segment_age_max: Duration,
     /// Most connections one principal may have open (unauthenticated
     /// connections count per remote address).
     pub connections_per_principal_max: u32,
@@ -168,6 +174,8 @@ impl Default for Config {
             retention_default: Duration::from_secs(72 * 3600),
             retention_bytes_default: ByteSize(0),
             retention_check_interval: Duration::from_secs(1),
+            segment_bytes_max: ByteSize(256 << 20),
+            segment_age_max: Duration::from_secs(3600),
             connections_per_principal_max: 256,
             streams_per_connection_max: msmq_client::transport::STREAMS_PER_CONNECTION_MAX,
             requests_per_sec_per_connection_max: 20_000,
@@ -274,6 +282,17 @@ impl Config {
         anyhow::ensure!(
             self.retention_check_interval >= Duration::from_millis(10),
             "retention_check_interval must be at least 10ms"
+        );
+        anyhow::ensure!(
+            self.segment_bytes_max >= self.batch_bytes_max,
+            "segment_bytes_max ({}) must be at least batch_bytes_max ({})",
+            self.segment_bytes_max,
+            self.batch_bytes_max
+        );
+        anyhow::ensure!(
+            self.segment_age_max >= crate::storage::segments::SEGMENT_AGE_MIN,
+            "segment_age_max must be at least {:?}",
+            crate::storage::segments::SEGMENT_AGE_MIN
         );
         for (key, value) in [
             (
@@ -397,6 +416,19 @@ mod tests {
         assert!(c.validate().is_err());
         c.in_flight_bytes_per_connection_max = ByteSize::mib(1);
         c.requests_per_sec_per_connection_max = 0;
+        assert!(c.validate().is_err());
+        // A segment holds at least one whole batch, for at least the minimum age.
+        let mut c = Config {
+            segment_bytes_max: ByteSize::mib(16),
+            batch_bytes_max: ByteSize::mib(16),
+            segment_age_max: crate::storage::segments::SEGMENT_AGE_MIN,
+            ..Config::default()
+        };
+        c.validate().unwrap();
+        c.segment_bytes_max = ByteSize(16 * 1024 * 1024 - 1);
+        assert!(c.validate().is_err());
+        c.segment_bytes_max = ByteSize::mib(16);
+        c.segment_age_max -= Duration::from_millis(1);
         assert!(c.validate().is_err());
     }
 }

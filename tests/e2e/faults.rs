@@ -1,6 +1,7 @@
 //! Storage faults, injected under a real broker by its fault-injecting redb
-//! backend (`MSMQ_STORAGE_FAULTS=1`, switched by files in `<data>/faults/`):
-//! a failed write, a failed fsync and a power cut mid-commit. Each time the
+//! backend and segment files (`MSMQ_STORAGE_FAULTS=1`, switched by files in
+//! `<data>/faults/`): a failed write, a failed fsync and a power cut
+//! mid-commit, in redb and in the log's segment files. Each time the
 //! affected request fails cleanly, nothing unacknowledged appears after a
 //! restart and nothing acknowledged disappears.
 
@@ -139,5 +140,34 @@ async fn a_power_cut_mid_commit_loses_only_the_unacknowledged_commit() -> anyhow
         broker.log()
     );
     restart_and_check(&mut broker, &acked).await?;
+    // The cut commit's batch reached its segment before redb died; start-up
+    // cut it off again.
+    assert!(
+        broker
+            .log()
+            .contains("cutting uncommitted bytes off a segment"),
+        "{}",
+        broker.log()
+    );
     Ok(())
+}
+
+/// A segment fault fails only its commit: redb never saw it, so the broker
+/// writes on (to a new segment) without a restart.
+async fn segment_fault(fault: &str) -> anyhow::Result<()> {
+    let (mut broker, client, mut acked) = setup().await?;
+    refused_while(&broker, &client, fault).await?;
+    acked.extend(produce_acked(&client, "next", 2).await?);
+    restart_and_check(&mut broker, &acked).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_segment_write_refuses_the_produce_and_the_next_one_lands() -> anyhow::Result<()> {
+    segment_fault("fail-segment-write").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_segment_fsync_refuses_the_produce_and_the_next_one_lands() -> anyhow::Result<()> {
+    segment_fault("fail-segment-sync").await
 }

@@ -114,6 +114,14 @@ pub struct ServeArgs {
     /// How often retention looks for expired batches, e.g. "1s".
     #[arg(long, env = "MSMQ_RETENTION_CHECK_INTERVAL", value_parser = humantime::parse_duration)]
     retention_check_interval: Option<Duration>,
+    /// Largest a log segment file grows before its partition starts a new
+    /// one, e.g. "256 MiB". Topics with a retention roll 8 times per
+    /// retention period or size, so expired data leaves the disk promptly.
+    #[arg(long, env = "MSMQ_SEGMENT_BYTES_MAX")]
+    segment_bytes_max: Option<ByteSize>,
+    /// Longest a partition appends to one segment file, e.g. "1h".
+    #[arg(long, env = "MSMQ_SEGMENT_AGE_MAX", value_parser = humantime::parse_duration)]
+    segment_age_max: Option<Duration>,
     /// Most connections one principal may have open (unauthenticated ones
     /// count per remote address).
     #[arg(long, env = "MSMQ_CONNECTIONS_PER_PRINCIPAL_MAX")]
@@ -189,6 +197,8 @@ impl ServeArgs {
             retention_default,
             retention_bytes_default,
             retention_check_interval,
+            segment_bytes_max,
+            segment_age_max,
             connections_per_principal_max,
             streams_per_connection_max,
             requests_per_sec_per_connection_max,

@@ -652,6 +652,7 @@ impl Runner {
     ) -> Option<Vec<msmq_protocol::Message>> {
         match read::read_partition(
             self.state.store.db(),
+            self.state.store.segments(),
             self.state.store.store_id(),
             topic.id(),
             partition,

@@ -99,6 +99,14 @@ impl RunningBroker {
             durability: config.durability,
             cache_bytes: config.cache_bytes.as_u64() as usize,
             commit_bytes_max: config.commit_bytes_max.as_u64() as usize,
+            segment_roll_max: crate::storage::segments::Roll {
+                bytes_max: config.segment_bytes_max.as_u64(),
+                age_max: config.segment_age_max,
+            },
+            retention_default: (
+                config.retention_default.as_millis() as u64,
+                config.retention_bytes_default.as_u64(),
+            ),
         };
         let store_registry = registry.clone();
         let store =

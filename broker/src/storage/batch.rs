@@ -1,17 +1,84 @@
-//! The stored form of one produced batch: one redb value per batch.
+//! The stored form of one produced batch.
 //!
-//! Layout (little-endian): `version: u8 = 1`, `count: u32`,
+//! Batch layout (little-endian): `version: u8 = 1`, `count: u32`,
 //! `timestamp_ms: u64`, `base_sequence: u64`, then `count` postcard-encoded
 //! [`NewMessage`] records back to back. The batch's base offset is in the
 //! key; record `i` has offset `base + i` and message id
 //! `(store id, base_sequence + i)`. Every record shares the batch timestamp
 //! (the broker's append time).
+//!
+//! The batch bytes live in a segment file ([`super::segments`]); the redb
+//! log row holds a [`Pointer`]: the same header with `version = 2`, then
+//! `segment: u64` (the segment's base offset), `position: u64`,
+//! `length: u32`, `checksum: u64` (xxh3 of the batch bytes) and
+//! `flags: u8` (bit 0: some record has a key). Version 1 rows (the batch
+//! itself, inline) are still read.
 
 use msmq_protocol::{Message, MessageId, NewMessage};
 
 const BATCH_FORMAT_VERSION: u8 = 1;
+const POINTER_FORMAT_VERSION: u8 = 2;
 const HEADER_BYTES: usize = 1 + 4 + 8 + 8;
 const SEQUENCE_AT: usize = 13;
+const POINTER_BYTES: usize = HEADER_BYTES + 8 + 8 + 4 + 8 + 1;
+const FLAG_HAS_KEYS: u8 = 1;
+
+/// Where a batch's bytes are in its partition's segment files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pointer {
+    /// The segment's base offset (its file name).
+    pub segment: u64,
+    pub position: u64,
+    pub length: u32,
+    /// xxh3 of the batch bytes, checked on every read.
+    pub checksum: u64,
+    pub has_keys: bool,
+}
+
+/// The log row for a batch stored at `pointer`: the batch's header with the
+/// pointer after it.
+pub fn encode_pointer(batch: &[u8], pointer: Pointer) -> Vec<u8> {
+    let mut out = Vec::with_capacity(POINTER_BYTES);
+    out.extend_from_slice(&batch[..HEADER_BYTES]);
+    out[0] = POINTER_FORMAT_VERSION;
+    out.extend_from_slice(&pointer.segment.to_le_bytes());
+    out.extend_from_slice(&pointer.position.to_le_bytes());
+    out.extend_from_slice(&pointer.length.to_le_bytes());
+    out.extend_from_slice(&pointer.checksum.to_le_bytes());
+    out.push(if pointer.has_keys { FLAG_HAS_KEYS } else { 0 });
+    out
+}
+
+/// The pointer of a log row, or `None` when the row holds the batch itself.
+pub fn pointer(value: &[u8]) -> Result<Option<Pointer>, String> {
+    header(value)?;
+    if value[0] == BATCH_FORMAT_VERSION {
+        return Ok(None);
+    }
+    if value.len() != POINTER_BYTES {
+        return Err(format!(
+            "batch pointer of {} bytes, not {POINTER_BYTES}",
+            value.len()
+        ));
+    }
+    let u64_at = |at: usize| u64::from_le_bytes(value[at..at + 8].try_into().expect("8 bytes"));
+    Ok(Some(Pointer {
+        segment: u64_at(HEADER_BYTES),
+        position: u64_at(HEADER_BYTES + 8),
+        length: u32::from_le_bytes(
+            value[HEADER_BYTES + 16..HEADER_BYTES + 20]
+                .try_into()
+                .expect("4 bytes"),
+        ),
+        checksum: u64_at(HEADER_BYTES + 20),
+        has_keys: value[POINTER_BYTES - 1] & FLAG_HAS_KEYS != 0,
+    }))
+}
+
+/// The checksum a [`Pointer`] carries.
+pub fn checksum(batch: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(batch)
+}
 
 /// Encode records as one stored batch value. The writer fills in the base
 /// sequence ([`set_base_sequence`]) when it assigns ids.
@@ -48,7 +115,7 @@ pub fn header(value: &[u8]) -> Result<BatchHeader, String> {
             value.len()
         ));
     }
-    if value[0] != BATCH_FORMAT_VERSION {
+    if value[0] != BATCH_FORMAT_VERSION && value[0] != POINTER_FORMAT_VERSION {
         return Err(format!("unknown stored batch format {}", value[0]));
     }
     Ok(BatchHeader {
@@ -72,6 +139,9 @@ pub fn decode_from(
     mut take: impl FnMut(Message) -> bool,
 ) -> Result<(), String> {
     let head = header(value)?;
+    if value[0] != BATCH_FORMAT_VERSION {
+        return Err(format!("batch at offset {base} is a pointer, not records"));
+    }
     let mut rest = &value[HEADER_BYTES..];
     for i in 0..head.count as u64 {
         let (record, tail) = postcard::take_from_bytes::<NewMessage>(rest)
@@ -128,5 +198,25 @@ mod tests {
         assert_eq!(got[0].payload, vec![2; 3]);
         assert_eq!(got[1].id, MessageId::new(7, 1003));
         assert!(decode_from(&value[..30], 7, 100, 100, |_| true).is_err());
+    }
+
+    #[test]
+    fn a_pointer_keeps_the_header_and_round_trips() {
+        let record = NewMessage::new(vec![1; 10]);
+        let mut value = encode(42, &[&record]);
+        set_base_sequence(&mut value, 9);
+        let at = Pointer {
+            segment: 100,
+            position: 4096,
+            length: value.len() as u32,
+            checksum: checksum(&value),
+            has_keys: true,
+        };
+        let row = encode_pointer(&value, at);
+        assert_eq!(header(&row).unwrap(), header(&value).unwrap());
+        assert_eq!(pointer(&row).unwrap(), Some(at));
+        assert_eq!(pointer(&value).unwrap(), None);
+        assert!(pointer(&row[..row.len() - 1]).is_err());
+        assert!(decode_from(&row, 7, 0, 0, |_| true).is_err());
     }
 }

@@ -14,6 +14,9 @@
 //! - `power-cut-after-writes`: holds N; after N more writes the process
 //!   aborts on the spot, mid-commit, with everything unsynced lost.
 //!
+//! The log's segment files ([`super::segments`]) take two more switches:
+//! `fail-segment-write` and `fail-segment-sync`.
+//!
 //! Used only when the broker starts with `MSMQ_STORAGE_FAULTS=1`; the
 //! normal backend is redb's own file backend.
 

@@ -1,9 +1,10 @@
-//! Durable state in one redb file: the log, topics, partition offsets and
-//! consumer-group offsets.
+//! Durable state: one redb file with the log's index, topics, partition
+//! offsets, consumer-group offsets and everything else, and the log's batch
+//! bytes in segment files beside it.
 //!
-//! Owns: the redb [`Database`], the table layout ([`tables`]), the single
-//! writer thread (`writer`), the read paths ([`read`]) and, for tests, a
-//! fault-injecting storage backend ([`faults`]).
+//! Owns: the redb [`Database`], the table layout ([`tables`]), the segment
+//! files ([`segments`]), the single writer thread (`writer`), the read paths
+//! ([`read`]) and, for tests, a fault-injecting storage backend ([`faults`]).
 //!
 //! Invariants:
 //! - Every change goes through the one writer, which commits many queued
@@ -18,6 +19,7 @@
 pub mod batch;
 pub mod faults;
 pub mod read;
+pub mod segments;
 pub mod tables;
 mod writer;
 
@@ -92,6 +94,12 @@ pub struct StoreOptions {
     pub cache_bytes: usize,
     /// Stop draining the queue into one transaction past this many bytes.
     pub commit_bytes_max: usize,
+    /// The largest and oldest a segment gets; topics with a retention roll
+    /// sooner ([`segments::Roll::for_retention`]).
+    pub segment_roll_max: segments::Roll,
+    /// Retention of topics without their own: (max age in ms, max bytes),
+    /// 0 meaning no limit.
+    pub retention_default: (u64, u64),
 }
 
 #[derive(Debug, Error)]
@@ -122,6 +130,7 @@ from_redb!(
 /// The broker's storage: the database plus its writer.
 pub struct Store {
     db: Arc<Database>,
+    segments: Arc<segments::Segments>,
     writer: writer::WriterHandle,
     store_id: u64,
     schedule: Arc<Mutex<TxSchedule>>,
@@ -147,7 +156,8 @@ impl Store {
         };
         let mut builder = Database::builder();
         builder.set_cache_size(options.cache_bytes);
-        let db = if std::env::var_os(faults::FAULTS_ENV).is_some_and(|v| v == "1") {
+        let faults_on = std::env::var_os(faults::FAULTS_ENV).is_some_and(|v| v == "1");
+        let db = if faults_on {
             tracing::warn!(
                 "storage fault injection is on ({}=1): for tests only",
                 faults::FAULTS_ENV
@@ -167,6 +177,11 @@ impl Store {
         }
         .map_err(|e| open_error(e.to_string()))?;
         tables::create_all(&db)?;
+        let segments = Arc::new(segments::Segments::recover(
+            dir,
+            &db,
+            faults_on.then(|| dir.join(faults::FAULTS_DIR)),
+        )?);
         load_topics(&db, &registry)?;
         for (group, topic_id, partition, offset) in read::all_group_offsets(&db)? {
             registry.set_committed(&group, topic_id, partition, offset);
@@ -177,6 +192,7 @@ impl Store {
         let db = Arc::new(db);
         let writer = writer::start(
             db.clone(),
+            segments.clone(),
             registry,
             schedule.clone(),
             next_scheduled_ms.clone(),
@@ -185,6 +201,7 @@ impl Store {
         );
         Ok(Store {
             db,
+            segments,
             writer,
             store_id,
             schedule,
@@ -194,6 +211,11 @@ impl Store {
 
     pub fn db(&self) -> &Arc<Database> {
         &self.db
+    }
+
+    /// The log's segment files, for reads.
+    pub fn segments(&self) -> &Arc<segments::Segments> {
+        &self.segments
     }
 
     /// This store's random id: the first half of every message id.

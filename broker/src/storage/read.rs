@@ -2,6 +2,7 @@
 //! snapshot) and never blocks the writer. These are blocking calls: run them
 //! on a blocking thread from async code.
 
+use super::segments::Segments;
 use super::{batch, tables, StorageError};
 use msmq_protocol::Message;
 use redb::{Database, ReadableDatabase, ReadableTable};
@@ -13,6 +14,7 @@ use redb::{Database, ReadableDatabase, ReadableTable};
 #[allow(clippy::too_many_arguments)]
 pub fn read_partition(
     db: &Database,
+    segments: &Segments,
     store_id: u64,
     topic_id: u32,
     partition: u32,
@@ -39,7 +41,21 @@ pub fn read_partition(
     for entry in log.range((topic_id, partition, first_base)..(topic_id, partition, end))? {
         let (key, value) = entry?;
         let base = key.value().2;
-        batch::decode_from(value.value(), store_id, base, from, |m| {
+        let value = value.value();
+        let pointed;
+        let records = match batch::pointer(value).map_err(StorageError::Corrupt)? {
+            None => value,
+            Some(at) => match segments.read(topic_id, partition, &at)? {
+                Some(bytes) => {
+                    pointed = bytes;
+                    &pointed
+                }
+                // Trimmed since this snapshot: the caller moves on to the
+                // partition's new start.
+                None => break,
+            },
+        };
+        batch::decode_from(records, store_id, base, from, |m| {
             if m.offset >= end {
                 full = true;
                 return false;

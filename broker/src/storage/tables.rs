@@ -4,8 +4,12 @@
 use super::StorageError;
 use redb::{Database, ReadableTable, TableDefinition};
 
-/// (topic id, partition, base offset) → a stored batch (see [`super::batch`]).
+/// (topic id, partition, base offset) → where the batch is: a
+/// [`super::batch::Pointer`] into a segment file (older rows: the batch).
 pub const LOG: TableDefinition<(u32, u32, u64), &[u8]> = TableDefinition::new("log");
+/// (topic id, partition, segment base offset) → the segment file's committed
+/// length in bytes (see [`super::segments`]).
+pub const SEGMENTS: TableDefinition<(u32, u32, u64), u64> = TableDefinition::new("segments");
 /// (topic id, partition, base offset) → the batch's append time in ms: a
 /// small index for finding offsets by time without reading batches.
 pub const BATCH_TIMES: TableDefinition<(u32, u32, u64), u64> = TableDefinition::new("batch_times");
@@ -74,6 +78,7 @@ pub const META_STORE_ID: &str = "store_id";
 pub fn create_all(db: &Database) -> Result<(), StorageError> {
     let txn = db.begin_write()?;
     txn.open_table(LOG)?;
+    txn.open_table(SEGMENTS)?;
     txn.open_table(BATCH_TIMES)?;
     txn.open_table(BATCH_BYTES)?;
     txn.open_table(TOPIC_RETENTION)?;

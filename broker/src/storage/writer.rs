@@ -10,12 +10,14 @@
 //! are assigned here and nowhere else; a failed commit answers every request
 //! in it with an error and changes no in-memory state.
 
+use super::segments::{Roll, SegmentWriter, Segments};
 use super::{batch, tables, Durability, StorageError, StoreOptions};
 use crate::delivery::{RetryPolicy, RetryRecord};
 use crate::topics::{Topic, TopicMeta, TopicRegistry};
 use crate::transactions::{HalfRecord, OutcomeRecord, PendingTx, TxOutcome, TxSchedule, TxSource};
 use msmq_protocol::NewMessage;
 use redb::{Database, ReadableTable};
+use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -372,6 +374,7 @@ impl Counters {
 
 pub(super) fn start(
     db: Arc<Database>,
+    segments: Arc<Segments>,
     registry: Arc<TopicRegistry>,
     schedule: Arc<Mutex<TxSchedule>>,
     next_scheduled_ms: Arc<AtomicU64>,
@@ -381,6 +384,7 @@ pub(super) fn start(
     let (tx, rx) = mpsc::channel(QUEUE_REQUESTS_MAX);
     let mut writer = Writer {
         db,
+        segments: RefCell::new(SegmentWriter::new(segments)),
         registry,
         schedule,
         next_scheduled_ms,
@@ -397,6 +401,7 @@ pub(super) fn start(
 
 struct Writer {
     db: Arc<Database>,
+    segments: RefCell<SegmentWriter>,
     registry: Arc<TopicRegistry>,
     schedule: Arc<Mutex<TxSchedule>>,
     next_scheduled_ms: Arc<AtomicU64>,
@@ -431,6 +436,7 @@ struct Effects {
 /// The tables of one write transaction.
 struct Tables<'t> {
     log: redb::Table<'t, (u32, u32, u64), &'static [u8]>,
+    segments: redb::Table<'t, (u32, u32, u64), u64>,
     batch_times: redb::Table<'t, (u32, u32, u64), u64>,
     batch_bytes: redb::Table<'t, (u32, u32, u64), u64>,
     retention: redb::Table<'t, u32, (u64, u64)>,
@@ -509,7 +515,12 @@ impl Writer {
         let bytes: usize = jobs.iter().map(|j| j.op.bytes()).sum();
         let mut jobs = jobs;
         let mut ops: Vec<&mut WriteOp> = jobs.iter_mut().map(|j| &mut j.op).collect();
-        match self.apply(&mut ops) {
+        let applied = self.apply(&mut ops);
+        match &applied {
+            Ok(_) => self.segments.borrow_mut().committed(),
+            Err(_) => self.segments.borrow_mut().failed(),
+        }
+        match applied {
             Ok((results, effects)) => {
                 let appended = !effects.ends.is_empty();
                 self.counters = effects.counters;
@@ -603,6 +614,7 @@ impl Writer {
         {
             let mut t = Tables {
                 log: txn.open_table(tables::LOG)?,
+                segments: txn.open_table(tables::SEGMENTS)?,
                 batch_times: txn.open_table(tables::BATCH_TIMES)?,
                 batch_bytes: txn.open_table(tables::BATCH_BYTES)?,
                 retention: txn.open_table(tables::TOPIC_RETENTION)?,
@@ -642,6 +654,9 @@ impl Writer {
                 t.meta
                     .insert(tables::META_NEXT_TOPIC_ID, fx.counters.next_topic_id as u64)?;
             }
+        }
+        if sync {
+            self.segments.borrow_mut().sync()?;
         }
         txn.commit()?;
         if sync {
@@ -707,14 +722,14 @@ impl Writer {
         }
         for (topic, appends) in c.publishes.iter_mut() {
             for append in appends.iter_mut() {
-                Self::append_with_ids(t, fx, topic, append)?;
+                self.append_with_ids(t, fx, topic, append)?;
             }
         }
         for (topic, message) in &c.dead_letters {
             let sequence = fx.counters.take_sequences(1);
             let mut value = batch::encode(c.now_ms, &[message]);
             batch::set_base_sequence(&mut value, sequence);
-            Self::append(t, fx, topic, 0, 1, &value, &super::key_hashes([message]))?;
+            self.append(t, fx, topic, 0, 1, &value, &super::key_hashes([message]))?;
         }
         for (topic_id, partition, offset) in &c.offsets {
             t.group_offsets
@@ -769,12 +784,32 @@ impl Writer {
                 break;
             }
             let mut keys = Vec::new();
-            let _ = batch::decode_from(value, 0, base, base, |m| {
-                if let Some(k) = m.key {
-                    keys.push((super::key_hash(&k), m.offset));
+            let loaded;
+            let records = match batch::pointer(value) {
+                Ok(None) => Some(value),
+                Ok(Some(at)) if at.has_keys => {
+                    let segments = self.segments.borrow();
+                    loaded = segments
+                        .segments()
+                        .read(id, partition, &at)
+                        .inspect_err(|e| {
+                            tracing::warn!(topic = %topic.name, partition, offset = base, error = %e,
+                                "reading a trimmed batch's keys failed; its key index rows stay")
+                        })
+                        .ok()
+                        .flatten();
+                    loaded.as_deref()
                 }
-                true
-            });
+                _ => None,
+            };
+            if let Some(records) = records {
+                let _ = batch::decode_from(records, 0, base, base, |m| {
+                    if let Some(k) = m.key {
+                        keys.push((super::key_hash(&k), m.offset));
+                    }
+                    true
+                });
+            }
             doomed.push((base, h.count, Some(h.base_sequence), keys));
             if doomed.len() >= batches_max {
                 break;
@@ -805,6 +840,9 @@ impl Writer {
                 .map(|(k, _)| k.value().2)
                 .unwrap_or(end);
             new_start = new_start.max(next.min(end)).min(end);
+            self.segments
+                .borrow_mut()
+                .trim(&mut t.segments, id, partition, new_start, end)?;
             t.partitions.insert(key, (new_start, end))?;
             fx.ends.insert(key, (topic.clone(), new_start, end));
         }
@@ -817,6 +855,7 @@ impl Writer {
     /// Give a batch its message ids and append it; returns (base offset,
     /// base message-id sequence).
     fn append_with_ids(
+        &self,
         t: &mut Tables,
         fx: &mut Effects,
         topic: &Arc<Topic>,
@@ -824,7 +863,7 @@ impl Writer {
     ) -> Result<(u64, u64), StorageError> {
         let sequence = fx.counters.take_sequences(append.count as u64);
         batch::set_base_sequence(&mut append.value, sequence);
-        let base = Self::append(
+        let base = self.append(
             t,
             fx,
             topic,
@@ -836,8 +875,11 @@ impl Writer {
         Ok((base, sequence))
     }
 
-    /// Append one stored batch; returns its base offset.
+    /// Append one stored batch: its bytes to the partition's segment, a
+    /// pointer to them in the log. Returns its base offset.
+    #[allow(clippy::too_many_arguments)]
     fn append(
+        &self,
         t: &mut Tables,
         fx: &mut Effects,
         topic: &Arc<Topic>,
@@ -853,7 +895,32 @@ impl Writer {
             .get(&key)
             .map(|(_, s, e)| (*s, *e))
             .unwrap_or((offsets.start(), offsets.end()));
-        t.log.insert((key.0, key.1, end), value)?;
+        let retention = &t.retention;
+        let (max, default) = (
+            self.options.segment_roll_max,
+            self.options.retention_default,
+        );
+        let pointer = self.segments.borrow_mut().append(
+            &mut t.segments,
+            key.0,
+            key.1,
+            end,
+            value,
+            !key_hashes.is_empty(),
+            || {
+                let (age_ms, bytes) = retention
+                    .get(key.0)
+                    .ok()
+                    .flatten()
+                    .map(|v| v.value())
+                    .unwrap_or(default);
+                Roll::for_retention(max, age_ms, bytes)
+            },
+        )?;
+        t.log.insert(
+            (key.0, key.1, end),
+            batch::encode_pointer(value, pointer).as_slice(),
+        )?;
         if let Ok(h) = batch::header(value) {
             t.batch_times.insert((key.0, key.1, end), h.timestamp_ms)?;
             t.batch_bytes
@@ -920,6 +987,7 @@ impl Writer {
                         t.topics.remove(name.as_str())?;
                         t.log
                             .retain_in((id, 0, 0)..=(id, u32::MAX, u64::MAX), |_, _| false)?;
+                        self.segments.borrow_mut().drop_topic(&mut t.segments, id)?;
                         t.partitions
                             .retain_in((id, 0)..=(id, u32::MAX), |_, _| false)?;
                         t.batch_times
@@ -969,7 +1037,7 @@ impl Writer {
                     }
                     let mut bases = Vec::with_capacity(appends.len());
                     for append in appends.iter_mut() {
-                        bases.push(Self::append_with_ids(t, fx, topic, append)?);
+                        bases.push(self.append_with_ids(t, fx, topic, append)?);
                     }
                     Ok(WriteOutcome::Appended(bases, sequences))
                 }
@@ -1002,7 +1070,7 @@ impl Writer {
                     let mut value = batch::encode(*now_ms, &[&record.message]);
                     batch::set_base_sequence(&mut value, sequence);
                     let keys = super::key_hashes([&record.message]);
-                    Self::append(t, fx, &topic, record.partition, 1, &value, &keys)?;
+                    self.append(t, fx, &topic, record.partition, 1, &value, &keys)?;
                     released += 1;
                 }
                 fx.next_scheduled_ms = t
@@ -1181,7 +1249,7 @@ impl Writer {
                     let sequence = fx.counters.take_sequences(1);
                     let mut value = batch::encode(*now_ms, &[message]);
                     batch::set_base_sequence(&mut value, sequence);
-                    Self::append(t, fx, topic, 0, 1, &value, &super::key_hashes([message]))?;
+                    self.append(t, fx, topic, 0, 1, &value, &super::key_hashes([message]))?;
                 }
                 Ok(WriteOutcome::Settled)
             }
@@ -1402,7 +1470,7 @@ impl Writer {
                 let mut value = batch::encode(now_ms, &[&record.message]);
                 batch::set_base_sequence(&mut value, record.message_sequence);
                 let keys = super::key_hashes([&record.message]);
-                let offset = Self::append(t, fx, &topic, record.partition, 1, &value, &keys)?;
+                let offset = self.append(t, fx, &topic, record.partition, 1, &value, &keys)?;
                 let landed = Landed {
                     partition: record.partition,
                     offset,

@@ -52,10 +52,12 @@ pub(super) async fn read_messages(
         return Ok(Vec::new());
     }
     let db = state.store.db().clone();
+    let segments = state.store.segments().clone();
     let (store_id, topic_id) = (state.store.store_id(), topic.id());
     blocking(move || {
         read::read_partition(
             &db,
+            &segments,
             store_id,
             topic_id,
             partition,
