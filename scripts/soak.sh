@@ -4,7 +4,7 @@
 # against a fresh release-build broker for DURATION (default 10m). Every
 # EVERY (default 10s) it records received messages/s and the interval's
 # latency percentiles (`msmq bench e2e --report-every`), and the broker's RSS
-# and redb file size. Prints a table over time and the change from the run
+# and storage on disk (the redb file plus the log's segment files). Prints a table over time and the change from the run
 # after its warm-up (its first fifth, which fills the retention window) to
 # its last three tenths (medians of the intervals): flat means no growth
 # trend.
@@ -36,7 +36,7 @@ started=$(date +%s.%N)
     sleep "$EVERY"
     now=$(date +%s.%N)
     rss_kib=$(awk '/VmRSS/ {print $2}' "/proc/$pid/status" 2>/dev/null || echo 0)
-    file_bytes=$(stat -c %s "$dir/msmq.redb" 2>/dev/null || echo 0)
+    file_bytes=$(find "$dir/msmq.redb" "$dir/segments" -type f -printf '%s\n' 2>/dev/null | awk '{s += $1} END {print s + 0}')
     at_s=$(awk -v a="$now" -v b="$started" 'BEGIN {printf "%.1f", a - b}')
     echo "{\"at_s\": $at_s, \"rss_kib\": $rss_kib, \"file_bytes\": $file_bytes}"
   done
@@ -53,7 +53,7 @@ samples = [json.loads(l) for l in open(samples_file) if l.strip()]
 def nearest(t):
     return min(samples, key=lambda s: abs(s["at_s"] - t)) if samples else {"rss_kib": 0, "file_bytes": 0}
 print(f"soak: {duration}, {producers} producers x {rate} msg/s, 1 KiB, retention {retention}")
-print("| t (s) | received msg/s | p50 ms | p99 ms | max ms | RSS MiB | redb MiB |")
+print("| t (s) | received msg/s | p50 ms | p99 ms | max ms | RSS MiB | disk MiB |")
 print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
 table = []
 for r in rows:
@@ -69,7 +69,7 @@ if len(table) >= 10:
     early, late = table[n // 5 : n // 2], table[-(3 * n // 10):]
     # Medians, so one slow interval (a page-cache flush) does not read as a trend.
     median = lambda rs, i: statistics.median(r[i] for r in rs)
-    for name, i in [("received msg/s", 1), ("p99 ms", 3), ("RSS MiB", 5), ("redb MiB", 6)]:
+    for name, i in [("received msg/s", 1), ("p99 ms", 3), ("RSS MiB", 5), ("disk MiB", 6)]:
         a, b = median(early, i), median(late, i)
         print(f"{name}: after warm-up {a:.2f}, at the end {b:.2f}, change {100 * (b - a) / a if a else 0:+.1f}%")
 if summary:

@@ -106,6 +106,12 @@ pub struct Config {
     /// Longest a partition appends to one segment file.
     #[serde(with = "humantime_serde")]
     pub segment_age_max: Duration,
+    /// How often new batches move from the redb file to segment files. A
+    /// produce is committed in redb alone (one fsync); the move is a later
+    /// commit that also fsyncs the segments. Longer: fewer such commits,
+    /// more recent data in the redb file.
+    #[serde(with = "humantime_serde")]
+    pub segment_move_interval: Duration,
     /// Most connections one principal may have open (unauthenticated
     /// connections count per remote address).
     pub connections_per_principal_max: u32,
@@ -176,6 +182,7 @@ impl Default for Config {
             retention_check_interval: Duration::from_secs(1),
             segment_bytes_max: ByteSize(256 << 20),
             segment_age_max: Duration::from_secs(3600),
+            segment_move_interval: Duration::from_millis(250),
             connections_per_principal_max: 256,
             streams_per_connection_max: msmq_client::transport::STREAMS_PER_CONNECTION_MAX,
             requests_per_sec_per_connection_max: 20_000,
@@ -288,6 +295,11 @@ impl Config {
             "segment_bytes_max ({}) must be at least batch_bytes_max ({})",
             self.segment_bytes_max,
             self.batch_bytes_max
+        );
+        anyhow::ensure!(
+            self.segment_move_interval >= crate::storage::SEGMENT_MOVE_INTERVAL_MIN,
+            "segment_move_interval must be at least {:?}",
+            crate::storage::SEGMENT_MOVE_INTERVAL_MIN
         );
         anyhow::ensure!(
             self.segment_age_max >= crate::storage::segments::SEGMENT_AGE_MIN,
@@ -429,6 +441,11 @@ mod tests {
         assert!(c.validate().is_err());
         c.segment_bytes_max = ByteSize::mib(16);
         c.segment_age_max -= Duration::from_millis(1);
+        assert!(c.validate().is_err());
+        c.segment_age_max = crate::storage::segments::SEGMENT_AGE_MIN;
+        c.segment_move_interval = crate::storage::SEGMENT_MOVE_INTERVAL_MIN;
+        c.validate().unwrap();
+        c.segment_move_interval -= Duration::from_millis(1);
         assert!(c.validate().is_err());
     }
 }

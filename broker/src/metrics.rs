@@ -29,6 +29,7 @@ pub struct Metrics {
     pub dead_letters: Counter,
     pub transaction_checks: Counter,
     pub retention_removed_messages: Counter,
+    pub segment_moved_bytes: Counter,
     backlog: Family<Labels, Gauge>,
     lag: Family<Labels, Gauge>,
     transactions_pending: Gauge,
@@ -65,6 +66,7 @@ impl Metrics {
             dead_letters: Counter::default(),
             transaction_checks: Counter::default(),
             retention_removed_messages: Counter::default(),
+            segment_moved_bytes: Counter::default(),
             backlog: Family::default(),
             lag: Family::default(),
             transactions_pending: Gauge::default(),
@@ -146,6 +148,11 @@ impl Metrics {
                 "retention_removed_messages",
                 "Messages removed by retention",
                 m.retention_removed_messages.clone(),
+            );
+            r.register(
+                "segment_moved_bytes",
+                "Batch bytes moved from the redb file to segment files",
+                m.segment_moved_bytes.clone(),
             );
             r.register(
                 "partition_backlog_messages",

@@ -35,8 +35,8 @@ impl TestBroker {
 
     /// Start over the fault-injecting storage backend; faults are switched
     /// by files in [`TestBroker::faults_dir`].
-    pub fn start_with_faults() -> anyhow::Result<TestBroker> {
-        Self::start_inner(&[], true)
+    pub fn start_with_faults(extra: &[&str]) -> anyhow::Result<TestBroker> {
+        Self::start_inner(extra, true)
     }
 
     fn start_inner(extra: &[&str], faults: bool) -> anyhow::Result<TestBroker> {

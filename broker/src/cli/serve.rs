@@ -122,6 +122,11 @@ pub struct ServeArgs {
     /// Longest a partition appends to one segment file, e.g. "1h".
     #[arg(long, env = "MSMQ_SEGMENT_AGE_MAX", value_parser = humantime::parse_duration)]
     segment_age_max: Option<Duration>,
+    /// How often new batches move from the redb file to segment files,
+    /// e.g. "250ms". Produces commit in redb alone; the move is one more
+    /// fsync per interval.
+    #[arg(long, env = "MSMQ_SEGMENT_MOVE_INTERVAL", value_parser = humantime::parse_duration)]
+    segment_move_interval: Option<Duration>,
     /// Most connections one principal may have open (unauthenticated ones
     /// count per remote address).
     #[arg(long, env = "MSMQ_CONNECTIONS_PER_PRINCIPAL_MAX")]
@@ -199,6 +204,7 @@ impl ServeArgs {
             retention_check_interval,
             segment_bytes_max,
             segment_age_max,
+            segment_move_interval,
             connections_per_principal_max,
             streams_per_connection_max,
             requests_per_sec_per_connection_max,

@@ -1,6 +1,7 @@
 //! The stored form of one produced batch.
 //!
-//! Batch layout (little-endian): `version: u8 = 1`, `count: u32`,
+//! Batch layout (little-endian): `version: u8` (1, or 3 when some record
+//! has a key, so retention knows without decoding), `count: u32`,
 //! `timestamp_ms: u64`, `base_sequence: u64`, then `count` postcard-encoded
 //! [`NewMessage`] records back to back. The batch's base offset is in the
 //! key; record `i` has offset `base + i` and message id
@@ -11,13 +12,14 @@
 //! log row holds a [`Pointer`]: the same header with `version = 2`, then
 //! `segment: u64` (the segment's base offset), `position: u64`,
 //! `length: u32`, `checksum: u64` (xxh3 of the batch bytes) and
-//! `flags: u8` (bit 0: some record has a key). Version 1 rows (the batch
-//! itself, inline) are still read.
+//! `flags: u8` (bit 0: some record has a key). A row holds the batch itself
+//! until the mover has moved it.
 
 use msmq_protocol::{Message, MessageId, NewMessage};
 
 const BATCH_FORMAT_VERSION: u8 = 1;
 const POINTER_FORMAT_VERSION: u8 = 2;
+const KEYED_BATCH_FORMAT_VERSION: u8 = 3;
 const HEADER_BYTES: usize = 1 + 4 + 8 + 8;
 const SEQUENCE_AT: usize = 13;
 const POINTER_BYTES: usize = HEADER_BYTES + 8 + 8 + 4 + 8 + 1;
@@ -49,10 +51,15 @@ pub fn encode_pointer(batch: &[u8], pointer: Pointer) -> Vec<u8> {
     out
 }
 
+/// Whether some record of a stored batch (not a pointer) has a key.
+pub fn is_keyed(batch: &[u8]) -> bool {
+    batch.first() == Some(&KEYED_BATCH_FORMAT_VERSION)
+}
+
 /// The pointer of a log row, or `None` when the row holds the batch itself.
 pub fn pointer(value: &[u8]) -> Result<Option<Pointer>, String> {
     header(value)?;
-    if value[0] == BATCH_FORMAT_VERSION {
+    if value[0] != POINTER_FORMAT_VERSION {
         return Ok(None);
     }
     if value.len() != POINTER_BYTES {
@@ -85,7 +92,12 @@ pub fn checksum(batch: &[u8]) -> u64 {
 pub fn encode(timestamp_ms: u64, records: &[&NewMessage]) -> Vec<u8> {
     let payload_bytes: usize = records.iter().map(|r| r.size_bytes() + 16).sum();
     let mut out = Vec::with_capacity(HEADER_BYTES + payload_bytes);
-    out.push(BATCH_FORMAT_VERSION);
+    let keyed = records.iter().any(|r| r.key.is_some());
+    out.push(if keyed {
+        KEYED_BATCH_FORMAT_VERSION
+    } else {
+        BATCH_FORMAT_VERSION
+    });
     out.extend_from_slice(&(records.len() as u32).to_le_bytes());
     out.extend_from_slice(&timestamp_ms.to_le_bytes());
     out.extend_from_slice(&0u64.to_le_bytes());
@@ -115,7 +127,13 @@ pub fn header(value: &[u8]) -> Result<BatchHeader, String> {
             value.len()
         ));
     }
-    if value[0] != BATCH_FORMAT_VERSION && value[0] != POINTER_FORMAT_VERSION {
+    if ![
+        BATCH_FORMAT_VERSION,
+        POINTER_FORMAT_VERSION,
+        KEYED_BATCH_FORMAT_VERSION,
+    ]
+    .contains(&value[0])
+    {
         return Err(format!("unknown stored batch format {}", value[0]));
     }
     Ok(BatchHeader {
@@ -139,7 +157,7 @@ pub fn decode_from(
     mut take: impl FnMut(Message) -> bool,
 ) -> Result<(), String> {
     let head = header(value)?;
-    if value[0] != BATCH_FORMAT_VERSION {
+    if value[0] == POINTER_FORMAT_VERSION {
         return Err(format!("batch at offset {base} is a pointer, not records"));
     }
     let mut rest = &value[HEADER_BYTES..];
@@ -203,6 +221,9 @@ mod tests {
     #[test]
     fn a_pointer_keeps_the_header_and_round_trips() {
         let record = NewMessage::new(vec![1; 10]);
+        let keyed = NewMessage::new(vec![2; 10]).with_key("k");
+        assert!(!is_keyed(&encode(1, &[&record])));
+        assert!(is_keyed(&encode(1, &[&record, &keyed])));
         let mut value = encode(42, &[&record]);
         set_base_sequence(&mut value, 9);
         let at = Pointer {

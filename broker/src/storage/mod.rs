@@ -18,6 +18,7 @@
 
 pub mod batch;
 pub mod faults;
+mod mover;
 pub mod read;
 pub mod segments;
 pub mod tables;
@@ -25,6 +26,7 @@ mod writer;
 
 use crate::topics::{Topic, TopicMeta, TopicRegistry};
 use crate::transactions::{HalfRecord, PendingTx, TxSchedule};
+pub use mover::SEGMENT_MOVE_INTERVAL_MIN;
 use redb::{Database, ReadableDatabase, ReadableTable};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -94,6 +96,8 @@ pub struct StoreOptions {
     pub cache_bytes: usize,
     /// Stop draining the queue into one transaction past this many bytes.
     pub commit_bytes_max: usize,
+    /// How often the mover moves batches from redb to segment files.
+    pub segment_move_interval: Duration,
     /// The largest and oldest a segment gets; topics with a retention roll
     /// sooner ([`segments::Roll::for_retention`]).
     pub segment_roll_max: segments::Roll,
@@ -132,6 +136,7 @@ pub struct Store {
     db: Arc<Database>,
     segments: Arc<segments::Segments>,
     writer: writer::WriterHandle,
+    _mover: mover::MoverHandle,
     store_id: u64,
     schedule: Arc<Mutex<TxSchedule>>,
     next_scheduled_ms: Arc<std::sync::atomic::AtomicU64>,
@@ -190,19 +195,32 @@ impl Store {
         let schedule = Arc::new(Mutex::new(load_schedule(&db)?));
         let next_scheduled_ms = Arc::new(std::sync::atomic::AtomicU64::new(first_scheduled(&db)?));
         let db = Arc::new(db);
+        let mover_settings = mover::MoverSettings {
+            interval: options.segment_move_interval,
+            roll_max: options.segment_roll_max,
+            retention_default: options.retention_default,
+        };
         let writer = writer::start(
             db.clone(),
             segments.clone(),
-            registry,
+            registry.clone(),
             schedule.clone(),
             next_scheduled_ms.clone(),
             options,
             counters,
         );
+        let mover = mover::start(
+            db.clone(),
+            segments.clone(),
+            registry,
+            writer.clone(),
+            mover_settings,
+        );
         Ok(Store {
             db,
             segments,
             writer,
+            _mover: mover,
             store_id,
             schedule,
             next_scheduled_ms,

@@ -8,21 +8,25 @@
 //! its retained size. A segment is deleted whole once retention has trimmed
 //! every batch in it, so the disk follows the retained data.
 //!
+//! Batches reach segments from the mover ([`super::mover`]): a produce
+//! commits its batch in redb alone, and the mover moves it later.
+//!
 //! Invariants:
-//! - redb stays the one source of truth. A log row points into a segment
-//!   ([`Pointer`]) and the `segments` table holds each segment's committed
-//!   length; both change in the commit that appends.
-//! - Batch bytes are written, and with immediate durability fsynced, before
-//!   the redb commit that points at them: a committed pointer never points
-//!   at bytes that are not on disk.
-//! - Bytes past a segment's committed length belong to a commit that failed
-//!   or was cut short. After a failed commit or a restart each partition
-//!   starts a new segment, so nothing is appended behind them, and start-up
+//! - redb stays the one source of truth. A log row holds its batch or a
+//!   [`Pointer`] into a segment, and the `segments` table holds each
+//!   segment's committed length; the commit that turns rows into pointers
+//!   also records the lengths.
+//! - Bytes are written and fsynced ([`SegmentAppender`]) before the commit
+//!   that points at them: a committed pointer never points at bytes that are
+//!   not on disk.
+//! - Bytes past a segment's committed length belong to a move that failed or
+//!   was cut short. After a failed move or a restart each partition starts a
+//!   new segment, so nothing is appended behind them, and start-up
 //!   ([`Segments::recover`]) cuts them off and deletes files no row names.
-//! - A file is deleted only after the commit that removed its row, and only
-//!   once every batch in it has been trimmed (or its topic deleted). A reader
-//!   that still holds the file open reads on; one that opens it later finds
-//!   nothing, which means "trimmed".
+//! - A file is deleted ([`SegmentReaper`]) only after the commit that
+//!   removed its row, and only once every batch in it has been trimmed (or
+//!   its topic deleted). A reader that still holds the file open reads on;
+//!   one that opens it later finds nothing, which means "trimmed".
 
 use super::batch::{self, Pointer};
 use super::{tables, StorageError};
@@ -43,6 +47,8 @@ pub const SEGMENTS_PER_RETENTION: u64 = 8;
 /// The shortest a segment is written to before the next one starts, however
 /// short the topic's retention.
 pub const SEGMENT_AGE_MIN: Duration = Duration::from_millis(100);
+/// Bytes the mover gathers for one segment before writing them out.
+const PENDING_BYTES_MAX: usize = 1 << 20;
 /// Segment files kept open for reading; past this the cache starts over.
 const READ_FILES_OPEN_MAX: usize = 1024;
 const SEGMENT_FILE_SUFFIX: &str = "seg";
@@ -308,36 +314,36 @@ impl Segments {
 struct Active {
     base: u64,
     file: Arc<File>,
+    /// Length including `pending`.
     length: u64,
+    /// Appended bytes not yet written to the file: one write per segment
+    /// and move, however many batches.
+    pending: Vec<u8>,
     opened: Instant,
     roll: Roll,
 }
 
-/// The writer thread's side: appends, syncs before commit, and deletes
-/// files after it.
-pub struct SegmentWriter {
+/// The mover's side ([`super::mover`]): appends batches to segment files
+/// and makes them durable, before the writer commits pointers to them.
+pub struct SegmentAppender {
     segments: Arc<Segments>,
     active: HashMap<(u32, u32), Active>,
     /// Files written to since the last sync.
     dirty: HashMap<SegmentId, Arc<File>>,
-    /// Directories that gained or lost files since the last commit.
+    /// Directories that gained files since the last sync.
     dirty_dirs: HashSet<PathBuf>,
-    /// Files to delete once the current commit succeeded.
-    doomed: Vec<SegmentId>,
-    doomed_topics: Vec<u32>,
+    /// Lengths appends reached since [`Self::take_lengths`].
+    lengths: HashMap<SegmentId, u64>,
 }
 
-type SegmentTable<'t> = redb::Table<'t, (u32, u32, u64), u64>;
-
-impl SegmentWriter {
-    pub fn new(segments: Arc<Segments>) -> SegmentWriter {
-        SegmentWriter {
+impl SegmentAppender {
+    pub fn new(segments: Arc<Segments>) -> SegmentAppender {
+        SegmentAppender {
             segments,
             active: HashMap::new(),
             dirty: HashMap::new(),
             dirty_dirs: HashSet::new(),
-            doomed: Vec::new(),
-            doomed_topics: Vec::new(),
+            lengths: HashMap::new(),
         }
     }
 
@@ -345,13 +351,11 @@ impl SegmentWriter {
         &self.segments
     }
 
-    /// Write a batch based at `base` to its partition's segment, starting a
-    /// new segment when `roll` says so, and record the new committed length
-    /// in `table`. Returns where the batch is.
-    #[allow(clippy::too_many_arguments)]
+    /// Append a batch based at `base` to its partition's segment, starting a
+    /// new segment when `roll` says so. Returns where the batch will be once
+    /// [`Self::write`] has run.
     pub fn append(
         &mut self,
-        table: &mut SegmentTable,
         topic: u32,
         partition: u32,
         base: u64,
@@ -360,12 +364,20 @@ impl SegmentWriter {
         roll: impl FnOnce() -> Roll,
     ) -> Result<Pointer, StorageError> {
         let key = (topic, partition);
-        // After a start or a failed commit a partition starts a new segment
+        // After a start or a failed move a partition starts a new segment
         // rather than finding where its last one ended.
         let due = self.active.get(&key).is_none_or(|a| {
             a.length > 0 && (a.length >= a.roll.bytes_max || a.opened.elapsed() >= a.roll.age_max)
         });
         if due {
+            if let Some(mut old) = self.active.remove(&key) {
+                let id = SegmentId {
+                    topic,
+                    partition,
+                    base: old.base,
+                };
+                write_out(&self.segments, &mut self.dirty, id, &mut old)?;
+            }
             let active = self.create(topic, partition, base, roll())?;
             self.active.insert(key, active);
         }
@@ -375,12 +387,6 @@ impl SegmentWriter {
             partition,
             base: active.base,
         };
-        let path = self.segments.path(id);
-        self.segments.injected(FAULT_WRITE, &path)?;
-        active
-            .file
-            .write_all_at(bytes, active.length)
-            .map_err(|e| io_error("writing", &path, e))?;
         let pointer = Pointer {
             segment: active.base,
             position: active.length,
@@ -388,10 +394,32 @@ impl SegmentWriter {
             checksum: batch::checksum(bytes),
             has_keys,
         };
+        active.pending.extend_from_slice(bytes);
         active.length += bytes.len() as u64;
-        table.insert((topic, partition, active.base), active.length)?;
-        self.dirty.insert(id, active.file.clone());
+        self.lengths.insert(id, active.length);
+        if active.pending.len() >= PENDING_BYTES_MAX {
+            write_out(&self.segments, &mut self.dirty, id, active)?;
+        }
         Ok(pointer)
+    }
+
+    /// The lengths appends reached since the last call, for the writer to
+    /// record in the `segments` table.
+    pub fn take_lengths(&mut self) -> Vec<(SegmentId, u64)> {
+        self.lengths.drain().collect()
+    }
+
+    /// Write every appended batch to its file.
+    pub fn write(&mut self) -> Result<(), StorageError> {
+        for (&(topic, partition), active) in self.active.iter_mut() {
+            let id = SegmentId {
+                topic,
+                partition,
+                base: active.base,
+            };
+            write_out(&self.segments, &mut self.dirty, id, active)?;
+        }
+        Ok(())
     }
 
     fn create(
@@ -415,8 +443,8 @@ impl SegmentWriter {
                 .insert(self.segments.dir.join(topic.to_string()));
         }
         self.dirty_dirs.insert(dir);
-        // A file already at this base holds nothing committed: every
-        // committed batch of the partition is below `base`.
+        // A file already at this base holds nothing committed: no committed
+        // pointer reaches a segment based at a batch that is still inline.
         let file = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
@@ -428,63 +456,13 @@ impl SegmentWriter {
             base,
             file: Arc::new(file),
             length: 0,
+            pending: Vec::new(),
             opened: Instant::now(),
             roll,
         })
     }
 
-    /// Drop the segments of a partition that hold only batches below
-    /// `start` (all of them when `start` is the partition's `end`); their
-    /// files go once the commit succeeded.
-    pub fn trim(
-        &mut self,
-        table: &mut SegmentTable,
-        topic: u32,
-        partition: u32,
-        start: u64,
-        end: u64,
-    ) -> Result<(), StorageError> {
-        let bases: Vec<u64> = table
-            .range((topic, partition, 0)..=(topic, partition, u64::MAX))?
-            .map(|e| e.map(|(k, _)| k.value().2))
-            .collect::<Result<_, _>>()?;
-        for (i, &base) in bases.iter().enumerate() {
-            let next = bases.get(i + 1).copied().unwrap_or(end);
-            let emptied = next <= start || start >= end;
-            if !emptied {
-                break;
-            }
-            table.remove((topic, partition, base))?;
-            if self
-                .active
-                .get(&(topic, partition))
-                .is_some_and(|a| a.base == base)
-            {
-                // A later append in this commit starts a new segment.
-                self.active.remove(&(topic, partition));
-            }
-            let id = SegmentId {
-                topic,
-                partition,
-                base,
-            };
-            self.dirty.remove(&id);
-            self.doomed.push(id);
-        }
-        Ok(())
-    }
-
-    /// Drop every segment of a deleted topic; the files go after the commit.
-    pub fn drop_topic(&mut self, table: &mut SegmentTable, topic: u32) -> Result<(), StorageError> {
-        table.retain_in((topic, 0, 0)..=(topic, u32::MAX, u64::MAX), |_, _| false)?;
-        self.active.retain(|k, _| k.0 != topic);
-        self.dirty.retain(|id, _| id.topic != topic);
-        self.doomed_topics.push(topic);
-        Ok(())
-    }
-
-    /// Make every append since the last sync durable; call just before a
-    /// redb commit that syncs.
+    /// Make every write since the last sync durable.
     pub fn sync(&mut self) -> Result<(), StorageError> {
         let files: Vec<(&SegmentId, &Arc<File>)> = self.dirty.iter().collect();
         let sync_one = |(id, file): &(&SegmentId, &Arc<File>)| {
@@ -513,12 +491,127 @@ impl SegmentWriter {
         Ok(())
     }
 
+    /// Stop appending to these segments (the writer found them deleted).
+    pub fn abandon(&mut self, gone: &[SegmentId]) {
+        self.active.retain(|&(topic, partition), a| {
+            !gone.contains(&SegmentId {
+                topic,
+                partition,
+                base: a.base,
+            })
+        });
+    }
+
+    /// A move failed: start every partition on a new segment, so nothing is
+    /// appended behind bytes of unknown state.
+    pub fn abandon_all(&mut self) {
+        self.active.clear();
+        self.lengths.clear();
+    }
+
+    /// Forget the partitions of topics that no longer exist.
+    pub fn retain_topics(&mut self, live: impl Fn(u32) -> bool) {
+        self.active.retain(|k, _| live(k.0));
+    }
+}
+
+/// Write a segment's pending bytes to its file.
+fn write_out(
+    segments: &Segments,
+    dirty: &mut HashMap<SegmentId, Arc<File>>,
+    id: SegmentId,
+    active: &mut Active,
+) -> Result<(), StorageError> {
+    if active.pending.is_empty() {
+        return Ok(());
+    }
+    let path = segments.path(id);
+    segments.injected(FAULT_WRITE, &path)?;
+    let at = active.length - active.pending.len() as u64;
+    active
+        .file
+        .write_all_at(&active.pending, at)
+        .map_err(|e| io_error("writing", &path, e))?;
+    active.pending.clear();
+    dirty.insert(id, active.file.clone());
+    Ok(())
+}
+
+type SegmentTable<'t> = redb::Table<'t, (u32, u32, u64), u64>;
+
+/// The writer's side: drops segments from the `segments` table as
+/// retention and topic deletes empty them, and deletes their files once
+/// that commit succeeded.
+pub struct SegmentReaper {
+    segments: Arc<Segments>,
+    doomed: Vec<SegmentId>,
+    doomed_topics: Vec<u32>,
+}
+
+impl SegmentReaper {
+    pub fn new(segments: Arc<Segments>) -> SegmentReaper {
+        SegmentReaper {
+            segments,
+            doomed: Vec::new(),
+            doomed_topics: Vec::new(),
+        }
+    }
+
+    pub fn segments(&self) -> &Arc<Segments> {
+        &self.segments
+    }
+
+    /// Drop the segments of a partition that hold only batches below
+    /// `start` (all of them when `start` is the partition's `end`).
+    pub fn trim(
+        &mut self,
+        table: &mut SegmentTable,
+        topic: u32,
+        partition: u32,
+        start: u64,
+        end: u64,
+    ) -> Result<(), StorageError> {
+        let bases: Vec<u64> = table
+            .range((topic, partition, 0)..=(topic, partition, u64::MAX))?
+            .map(|e| e.map(|(k, _)| k.value().2))
+            .collect::<Result<_, _>>()?;
+        for (i, &base) in bases.iter().enumerate() {
+            let next = bases.get(i + 1).copied().unwrap_or(end);
+            if next > start && start < end {
+                break;
+            }
+            table.remove((topic, partition, base))?;
+            self.doom(SegmentId {
+                topic,
+                partition,
+                base,
+            });
+        }
+        Ok(())
+    }
+
+    /// Delete this segment's file once the commit succeeded.
+    pub fn doom(&mut self, id: SegmentId) {
+        self.doomed.push(id);
+    }
+
+    /// Drop every segment of a deleted topic.
+    pub fn drop_topic(&mut self, table: &mut SegmentTable, topic: u32) -> Result<(), StorageError> {
+        table.retain_in((topic, 0, 0)..=(topic, u32::MAX, u64::MAX), |_, _| false)?;
+        self.doomed_topics.push(topic);
+        Ok(())
+    }
+
     /// The commit succeeded: delete the files it dropped.
     pub fn committed(&mut self) {
         for id in std::mem::take(&mut self.doomed) {
             let path = self.segments.path(id);
-            if let Err(e) = std::fs::remove_file(&path) {
-                tracing::warn!(file = %path.display(), error = %e, "deleting a trimmed segment failed; start-up retries");
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(file = %path.display(), error = %e, "deleting a trimmed segment failed; start-up retries")
+                }
             }
             self.segments.forget(|cached| *cached != id);
         }
@@ -533,11 +626,8 @@ impl SegmentWriter {
         }
     }
 
-    /// The commit failed: forget what it would have done. The next append
-    /// reopens each partition at its committed length, writing over whatever
-    /// this commit left past it.
+    /// The commit failed: its drops did not happen.
     pub fn failed(&mut self) {
-        self.active.clear();
         self.doomed.clear();
         self.doomed_topics.clear();
     }
@@ -569,7 +659,8 @@ mod tests {
     struct Fixture {
         dir: tempfile::TempDir,
         db: Database,
-        writer: SegmentWriter,
+        writer: SegmentAppender,
+        reaper: SegmentReaper,
     }
 
     fn fixture() -> Fixture {
@@ -580,28 +671,35 @@ mod tests {
         Fixture {
             dir,
             db,
-            writer: SegmentWriter::new(segments),
+            writer: SegmentAppender::new(segments.clone()),
+            reaper: SegmentReaper::new(segments),
         }
     }
 
     impl Fixture {
-        /// Append `batches` (base offset, bytes) in one commit.
+        /// Move `batches` (base offset, bytes) as the mover does: append,
+        /// write, sync, then commit the lengths.
         fn commit(&mut self, roll: Roll, batches: &[(u64, Vec<u8>)]) -> Vec<Pointer> {
-            let txn = self.db.begin_write().expect("txn");
             let mut pointers = Vec::new();
+            for (base, bytes) in batches {
+                let at = self
+                    .writer
+                    .append(1, 0, *base, bytes, false, || roll)
+                    .expect("append");
+                pointers.push(at);
+            }
+            self.writer.write().expect("write");
+            self.writer.sync().expect("sync");
+            let txn = self.db.begin_write().expect("txn");
             {
                 let mut table = txn.open_table(tables::SEGMENTS).expect("table");
-                for (base, bytes) in batches {
-                    let at = self
-                        .writer
-                        .append(&mut table, 1, 0, *base, bytes, false, || roll)
-                        .expect("append");
-                    pointers.push(at);
+                for (id, length) in self.writer.take_lengths() {
+                    table
+                        .insert((id.topic, id.partition, id.base), length)
+                        .unwrap();
                 }
             }
-            self.writer.sync().expect("sync");
             txn.commit().expect("commit");
-            self.writer.committed();
             pointers
         }
     }
@@ -625,6 +723,33 @@ mod tests {
         assert_eq!((at[0].segment, at[1].segment), (0, 1));
         let read = g.writer.segments().read(1, 0, &at[1]).expect("read");
         assert_eq!(read, Some(vec![2; 1]));
+    }
+
+    #[test]
+    fn appends_are_written_out_once_a_segment_gathers_a_mebibyte() {
+        let mut f = fixture();
+        let path = f.writer.segments().path(SegmentId {
+            topic: 1,
+            partition: 0,
+            base: 0,
+        });
+        let len = || std::fs::metadata(&path).unwrap().len() as usize;
+        f.writer
+            .append(1, 0, 0, &vec![1; PENDING_BYTES_MAX - 1], false, || {
+                BROKER_MAX
+            })
+            .unwrap();
+        assert_eq!(len(), 0, "one byte under the limit: still gathered");
+        f.writer
+            .append(1, 0, 1, &[2], false, || BROKER_MAX)
+            .unwrap();
+        assert_eq!(len(), PENDING_BYTES_MAX, "at the limit: written out");
+        f.writer
+            .append(1, 0, 2, &[3], false, || BROKER_MAX)
+            .unwrap();
+        assert_eq!(len(), PENDING_BYTES_MAX);
+        f.writer.write().unwrap();
+        assert_eq!(len(), PENDING_BYTES_MAX + 1);
     }
 
     #[test]
@@ -699,31 +824,24 @@ mod tests {
         let txn = f.db.begin_write().unwrap();
         {
             let mut table = txn.open_table(tables::SEGMENTS).unwrap();
-            f.writer.trim(&mut table, 1, 0, 6, 12).unwrap();
+            f.reaper.trim(&mut table, 1, 0, 6, 12).unwrap();
         }
         assert!(segments.path(id(0)).exists(), "not before the commit");
         txn.commit().unwrap();
-        f.writer.committed();
+        f.reaper.committed();
         assert!(!segments.path(id(0)).exists());
         assert!(segments.path(id(5)).exists());
         assert_eq!(segments.read(1, 0, &at[0]).unwrap(), None);
-        // A commit that fails leaves its bytes in no segment anyone reads.
-        let txn = f.db.begin_write().unwrap();
-        {
-            let mut table = txn.open_table(tables::SEGMENTS).unwrap();
-            let big = Roll {
-                bytes_max: 1000,
-                ..roll
-            };
-            f.writer
-                .append(&mut table, 1, 0, 12, &[4; 3], false, || big)
-                .unwrap();
-        }
-        drop(txn);
-        f.writer.failed();
+        // A move that fails leaves its bytes in no segment anyone reads.
+        let big = Roll {
+            bytes_max: 1000,
+            ..roll
+        };
+        f.writer.append(1, 0, 12, &[4; 3], false, || big).unwrap();
+        f.writer.write().unwrap();
+        f.writer.abandon_all();
         let at = f.commit(roll, &[(12, vec![5; 3])]);
         assert_eq!((at[0].segment, at[0].position), (12, 0));
-        drop(f.writer);
         Segments::recover(f.dir.path(), &f.db, None).expect("recover");
         assert_eq!(std::fs::metadata(segments.path(id(12))).unwrap().len(), 3);
     }

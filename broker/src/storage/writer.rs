@@ -10,7 +10,7 @@
 //! are assigned here and nowhere else; a failed commit answers every request
 //! in it with an error and changes no in-memory state.
 
-use super::segments::{Roll, SegmentWriter, Segments};
+use super::segments::{SegmentId, SegmentReaper, Segments};
 use super::{batch, tables, Durability, StorageError, StoreOptions};
 use crate::delivery::{RetryPolicy, RetryRecord};
 use crate::topics::{Topic, TopicMeta, TopicRegistry};
@@ -107,6 +107,14 @@ pub enum WriteOp {
         partition: u32,
         before: u64,
         batches_max: usize,
+    },
+    /// From the mover: batches now durable in segment files. Each `log` row
+    /// still holding its batch becomes the pointer given, and each segment's
+    /// length is recorded, unless retention deleted the segment meanwhile.
+    MoveToSegments {
+        /// (topic id, partition, base offset, pointer row)
+        moves: Vec<(u32, u32, u64, Vec<u8>)>,
+        lengths: Vec<(SegmentId, u64)>,
     },
     /// Set a topic's retention: (max age ms, max bytes per partition), 0 =
     /// no limit; `None` returns it to the broker default.
@@ -268,6 +276,12 @@ pub enum WriteOutcome {
         messages: u64,
     },
     RetentionSet,
+    /// Rows now pointing into segments, and segments the mover must stop
+    /// appending to because retention deleted them.
+    MovedToSegments {
+        moved: usize,
+        gone: Vec<SegmentId>,
+    },
     /// Whether the token existed (for a revoke).
     TokenStored(bool),
     AclSet,
@@ -311,6 +325,7 @@ enum Msg {
     Shutdown(oneshot::Sender<()>),
 }
 
+#[derive(Clone)]
 pub(super) struct WriterHandle {
     tx: mpsc::Sender<Msg>,
 }
@@ -323,6 +338,15 @@ impl WriterHandle {
             .await
             .map_err(|_| WriteError::ShuttingDown)?;
         rx.await.map_err(|_| WriteError::ShuttingDown)?
+    }
+
+    /// [`Self::write`] from a thread outside the async runtime.
+    pub(super) fn write_blocking(&self, op: WriteOp) -> Result<WriteOutcome, WriteError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .blocking_send(Msg::Job(Job { op, reply }))
+            .map_err(|_| WriteError::ShuttingDown)?;
+        rx.blocking_recv().map_err(|_| WriteError::ShuttingDown)?
     }
 
     pub(super) async fn write_many(
@@ -384,7 +408,7 @@ pub(super) fn start(
     let (tx, rx) = mpsc::channel(QUEUE_REQUESTS_MAX);
     let mut writer = Writer {
         db,
-        segments: RefCell::new(SegmentWriter::new(segments)),
+        reaper: RefCell::new(SegmentReaper::new(segments)),
         registry,
         schedule,
         next_scheduled_ms,
@@ -401,7 +425,7 @@ pub(super) fn start(
 
 struct Writer {
     db: Arc<Database>,
-    segments: RefCell<SegmentWriter>,
+    reaper: RefCell<SegmentReaper>,
     registry: Arc<TopicRegistry>,
     schedule: Arc<Mutex<TxSchedule>>,
     next_scheduled_ms: Arc<AtomicU64>,
@@ -517,8 +541,8 @@ impl Writer {
         let mut ops: Vec<&mut WriteOp> = jobs.iter_mut().map(|j| &mut j.op).collect();
         let applied = self.apply(&mut ops);
         match &applied {
-            Ok(_) => self.segments.borrow_mut().committed(),
-            Err(_) => self.segments.borrow_mut().failed(),
+            Ok(_) => self.reaper.borrow_mut().committed(),
+            Err(_) => self.reaper.borrow_mut().failed(),
         }
         match applied {
             Ok((results, effects)) => {
@@ -655,14 +679,72 @@ impl Writer {
                     .insert(tables::META_NEXT_TOPIC_ID, fx.counters.next_topic_id as u64)?;
             }
         }
-        if sync {
-            self.segments.borrow_mut().sync()?;
-        }
         txn.commit()?;
         if sync {
             self.last_sync = Instant::now();
         }
         Ok((results, fx))
+    }
+
+    /// Apply a [`WriteOp::MoveToSegments`]. A segment may take rows if it is
+    /// in the `segments` table or is new, that is based at or past its
+    /// partition's start: retention deletes only segments wholly below the
+    /// start, so one without a row that is based below it was deleted while
+    /// the mover wrote to it. Its rows stay inline for a later move.
+    fn move_to_segments(
+        &self,
+        t: &mut Tables,
+        moves: &[(u32, u32, u64, Vec<u8>)],
+        lengths: &[(SegmentId, u64)],
+    ) -> Result<WriteOutcome, StorageError> {
+        let mut usable = HashSet::new();
+        let mut gone = Vec::new();
+        for &(id, length) in lengths {
+            let key = (id.topic, id.partition, id.base);
+            let start = t
+                .partitions
+                .get((id.topic, id.partition))?
+                .map(|v| v.value().0);
+            let known = t.segments.get(key)?.is_some();
+            match start {
+                Some(start) if known || id.base >= start => {
+                    t.segments.insert(key, length)?;
+                    usable.insert(id);
+                }
+                _ => {
+                    gone.push(id);
+                    // Never named by a row, or already deleted: either way
+                    // nothing points into it.
+                    self.reaper.borrow_mut().doom(id);
+                }
+            }
+        }
+        let mut moved = 0;
+        for (topic, partition, base, row) in moves {
+            let Some(at) = batch::pointer(row).map_err(StorageError::Corrupt)? else {
+                continue;
+            };
+            let segment = SegmentId {
+                topic: *topic,
+                partition: *partition,
+                base: at.segment,
+            };
+            if !usable.contains(&segment) {
+                continue;
+            }
+            let key = (*topic, *partition, *base);
+            let inline = match t.log.get(key)? {
+                Some(v) => batch::pointer(v.value())
+                    .map_err(StorageError::Corrupt)?
+                    .is_none(),
+                None => false,
+            };
+            if inline {
+                t.log.insert(key, row.as_slice())?;
+                moved += 1;
+            }
+        }
+        Ok(WriteOutcome::MovedToSegments { moved, gone })
     }
 
     /// Delete stored components no plugin record refers to.
@@ -788,8 +870,8 @@ impl Writer {
             let records = match batch::pointer(value) {
                 Ok(None) => Some(value),
                 Ok(Some(at)) if at.has_keys => {
-                    let segments = self.segments.borrow();
-                    loaded = segments
+                    let reaper = self.reaper.borrow();
+                    loaded = reaper
                         .segments()
                         .read(id, partition, &at)
                         .inspect_err(|e| {
@@ -840,7 +922,7 @@ impl Writer {
                 .map(|(k, _)| k.value().2)
                 .unwrap_or(end);
             new_start = new_start.max(next.min(end)).min(end);
-            self.segments
+            self.reaper
                 .borrow_mut()
                 .trim(&mut t.segments, id, partition, new_start, end)?;
             t.partitions.insert(key, (new_start, end))?;
@@ -875,8 +957,8 @@ impl Writer {
         Ok((base, sequence))
     }
 
-    /// Append one stored batch: its bytes to the partition's segment, a
-    /// pointer to them in the log. Returns its base offset.
+    /// Append one stored batch to the log, where it stays until the mover
+    /// moves it to a segment file. Returns its base offset.
     #[allow(clippy::too_many_arguments)]
     fn append(
         &self,
@@ -895,32 +977,7 @@ impl Writer {
             .get(&key)
             .map(|(_, s, e)| (*s, *e))
             .unwrap_or((offsets.start(), offsets.end()));
-        let retention = &t.retention;
-        let (max, default) = (
-            self.options.segment_roll_max,
-            self.options.retention_default,
-        );
-        let pointer = self.segments.borrow_mut().append(
-            &mut t.segments,
-            key.0,
-            key.1,
-            end,
-            value,
-            !key_hashes.is_empty(),
-            || {
-                let (age_ms, bytes) = retention
-                    .get(key.0)
-                    .ok()
-                    .flatten()
-                    .map(|v| v.value())
-                    .unwrap_or(default);
-                Roll::for_retention(max, age_ms, bytes)
-            },
-        )?;
-        t.log.insert(
-            (key.0, key.1, end),
-            batch::encode_pointer(value, pointer).as_slice(),
-        )?;
+        t.log.insert((key.0, key.1, end), value)?;
         if let Ok(h) = batch::header(value) {
             t.batch_times.insert((key.0, key.1, end), h.timestamp_ms)?;
             t.batch_bytes
@@ -987,7 +1044,7 @@ impl Writer {
                         t.topics.remove(name.as_str())?;
                         t.log
                             .retain_in((id, 0, 0)..=(id, u32::MAX, u64::MAX), |_, _| false)?;
-                        self.segments.borrow_mut().drop_topic(&mut t.segments, id)?;
+                        self.reaper.borrow_mut().drop_topic(&mut t.segments, id)?;
                         t.partitions
                             .retain_in((id, 0)..=(id, u32::MAX), |_, _| false)?;
                         t.batch_times
@@ -1316,6 +1373,9 @@ impl Writer {
                 } else {
                     Ok(self.trim(t, fx, topic, *partition, *before, *batches_max)?)
                 }
+            }
+            WriteOp::MoveToSegments { moves, lengths } => {
+                Ok(self.move_to_segments(t, moves, lengths)?)
             }
             WriteOp::SetRetention { topic, retention } => {
                 if !self.is_live(topic, scope) {

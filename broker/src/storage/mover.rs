@@ -1,0 +1,224 @@
+//! The mover: a background thread that moves batches from the redb file to
+//! the log's segment files.
+//!
+//! A produce commits its batch in redb alone: one fsync, as before segments
+//! existed. Every `segment_move_interval` the mover reads the batches still
+//! held in `log` rows (from a read snapshot, so it never blocks the writer),
+//! appends them to their partitions' segments, fsyncs those, and only then
+//! queues one [`WriteOp::MoveToSegments`] that turns the rows into pointers.
+//! The copying and the segment fsync happen beside the writer, not in it.
+//!
+//! Invariants:
+//! - A pointer reaches a commit only after the bytes it points at are
+//!   durable, so a crash at any moment leaves every row either holding its
+//!   batch or pointing at durable bytes.
+//! - Batches of a partition go to its segments in offset order, so every
+//!   batch of a segment is at or past the segment's base and below the next
+//!   segment's base: what retention's whole-segment deletes rely on.
+//! - After a failed move the mover starts every partition on a new segment
+//!   and looks at every partition from its start again.
+
+use super::batch;
+use super::segments::{Roll, SegmentAppender, Segments};
+use super::tables;
+use super::writer::{WriteOp, WriteOutcome, WriterHandle};
+use crate::topics::TopicRegistry;
+use redb::{Database, ReadableDatabase};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Most batch bytes one move carries, so a backlog moves in steps.
+pub const SEGMENT_MOVE_BYTES_MAX: usize = 64 << 20;
+/// The shortest `segment_move_interval`.
+pub const SEGMENT_MOVE_INTERVAL_MIN: Duration = Duration::from_millis(10);
+/// How often a sleeping mover looks at its stop flag.
+const STOP_CHECK: Duration = Duration::from_millis(50);
+
+pub(super) struct MoverSettings {
+    pub interval: Duration,
+    pub roll_max: Roll,
+    /// (max age ms, max bytes) of topics without their own retention.
+    pub retention_default: (u64, u64),
+}
+
+/// Stops the mover when dropped.
+pub(super) struct MoverHandle {
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for MoverHandle {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+    }
+}
+
+pub(super) fn start(
+    db: Arc<Database>,
+    segments: Arc<Segments>,
+    registry: Arc<TopicRegistry>,
+    writer: WriterHandle,
+    settings: MoverSettings,
+) -> MoverHandle {
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut mover = Mover {
+        db,
+        appender: SegmentAppender::new(segments),
+        registry,
+        writer,
+        settings,
+        cursors: HashMap::new(),
+        failing: false,
+    };
+    let stopping = stop.clone();
+    std::thread::Builder::new()
+        .name("msmq-mover".into())
+        .spawn(move || mover.run(&stopping))
+        .expect("spawning the segment mover thread");
+    MoverHandle { stop }
+}
+
+struct Mover {
+    db: Arc<Database>,
+    appender: SegmentAppender,
+    registry: Arc<TopicRegistry>,
+    writer: WriterHandle,
+    settings: MoverSettings,
+    /// (topic id, partition) → the offset below which every batch is
+    /// already in a segment.
+    cursors: HashMap<(u32, u32), u64>,
+    /// The last move failed.
+    failing: bool,
+}
+
+enum Step {
+    /// Moved everything that was waiting.
+    CaughtUp,
+    /// Moved one step of a larger backlog.
+    More,
+    /// The writer is gone.
+    Stopped,
+}
+
+impl Mover {
+    fn run(&mut self, stop: &AtomicBool) {
+        while !stop.load(Ordering::Acquire) {
+            let step = self.move_once();
+            if self.failing && matches!(step, Ok(Step::More | Step::CaughtUp)) {
+                self.failing = false;
+                tracing::info!("moving batches to segment files works again");
+            }
+            match step {
+                Ok(Step::More) => continue,
+                Ok(Step::CaughtUp) => {}
+                Ok(Step::Stopped) => break,
+                Err(e) => {
+                    self.failing = true;
+                    tracing::warn!(error = %e, "moving batches to segment files failed; they stay in redb and the next move tries again");
+                    self.appender.abandon_all();
+                    self.cursors.clear();
+                }
+            }
+            let mut slept = Duration::ZERO;
+            while slept < self.settings.interval && !stop.load(Ordering::Acquire) {
+                let nap = STOP_CHECK.min(self.settings.interval - slept);
+                std::thread::sleep(nap);
+                slept += nap;
+            }
+        }
+        tracing::debug!("segment mover stopped");
+    }
+
+    fn move_once(&mut self) -> Result<Step, String> {
+        let topics = self.registry.list();
+        self.cursors
+            .retain(|k, _| topics.iter().any(|t| t.id() == k.0));
+        self.appender
+            .retain_topics(|id| topics.iter().any(|t| t.id() == id));
+        let mut moves = Vec::new();
+        let mut bytes = 0usize;
+        let mut full = false;
+        {
+            let txn = self.db.begin_read().map_err(|e| e.to_string())?;
+            let log = txn.open_table(tables::LOG).map_err(|e| e.to_string())?;
+            let retention = txn
+                .open_table(tables::TOPIC_RETENTION)
+                .map_err(|e| e.to_string())?;
+            'topics: for topic in &topics {
+                let id = topic.id();
+                let roll = || {
+                    let (age_ms, max_bytes) = retention
+                        .get(id)
+                        .ok()
+                        .flatten()
+                        .map(|v| v.value())
+                        .unwrap_or(self.settings.retention_default);
+                    Roll::for_retention(self.settings.roll_max, age_ms, max_bytes)
+                };
+                for partition in 0..topic.partition_count() {
+                    let offsets = &topic.partitions[partition as usize];
+                    let cursor = self
+                        .cursors
+                        .entry((id, partition))
+                        .or_insert(offsets.start());
+                    *cursor = (*cursor).max(offsets.start());
+                    let rows = log
+                        .range((id, partition, *cursor)..(id, partition, offsets.end()))
+                        .map_err(|e| e.to_string())?;
+                    for row in rows {
+                        let (key, value) = row.map_err(|e| e.to_string())?;
+                        let base = key.value().2;
+                        let value = value.value();
+                        *cursor = base + 1;
+                        if !matches!(batch::pointer(value), Ok(None)) {
+                            continue;
+                        }
+                        let at = self
+                            .appender
+                            .append(id, partition, base, value, batch::is_keyed(value), roll)
+                            .map_err(|e| e.to_string())?;
+                        moves.push((id, partition, base, batch::encode_pointer(value, at)));
+                        bytes += value.len();
+                        if bytes >= SEGMENT_MOVE_BYTES_MAX {
+                            full = true;
+                            break 'topics;
+                        }
+                    }
+                }
+            }
+        }
+        if moves.is_empty() {
+            return Ok(Step::CaughtUp);
+        }
+        self.appender.write().map_err(|e| e.to_string())?;
+        self.appender.sync().map_err(|e| e.to_string())?;
+        let lengths = self.appender.take_lengths();
+        let batches = moves.len();
+        match self
+            .writer
+            .write_blocking(WriteOp::MoveToSegments { moves, lengths })
+        {
+            Ok(WriteOutcome::MovedToSegments { moved, gone }) => {
+                if !gone.is_empty() {
+                    tracing::debug!(
+                        segments = gone.len(),
+                        "retention deleted segments being moved to; starting new ones"
+                    );
+                    self.appender.abandon(&gone);
+                    for id in &gone {
+                        self.cursors.remove(&(id.topic, id.partition));
+                    }
+                }
+                tracing::trace!(batches, moved, bytes, "moved batches to segment files");
+                crate::metrics::global()
+                    .segment_moved_bytes
+                    .inc_by(bytes as u64);
+                Ok(if full { Step::More } else { Step::CaughtUp })
+            }
+            Ok(other) => Err(format!("unexpected reply to a move: {other:?}")),
+            Err(super::WriteError::ShuttingDown) => Ok(Step::Stopped),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+}
