@@ -8,6 +8,7 @@ mod bad_input;
 mod cli;
 mod console;
 mod crash;
+mod crash_driver;
 mod delayed;
 mod faults;
 mod groups;

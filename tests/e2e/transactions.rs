@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Fast check-backs for tests.
-const FAST_CHECKS: &[&str] = &[
+pub(crate) const FAST_CHECKS: &[&str] = &[
     "--transaction-timeout",
     "300ms",
     "--transaction-check-interval",

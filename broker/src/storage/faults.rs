@@ -15,7 +15,9 @@
 //!   aborts on the spot, mid-commit, with everything unsynced lost.
 //!
 //! The log's segment files ([`super::segments`]) take two more switches:
-//! `fail-segment-write` and `fail-segment-sync`.
+//! `fail-segment-write` and `fail-segment-sync`. And `ack-before-commit`
+//! breaks the broker on purpose: the writer answers requests before it
+//! commits them (see the crash driver's test that its oracle notices).
 //!
 //! Used only when the broker starts with `MSMQ_STORAGE_FAULTS=1`; the
 //! normal backend is redb's own file backend.

@@ -202,6 +202,7 @@ impl Store {
         };
         let writer = writer::start(
             db.clone(),
+            faults_on.then(|| dir.join(faults::FAULTS_DIR)),
             segments.clone(),
             registry.clone(),
             schedule.clone(),

@@ -14,7 +14,10 @@
 //!   batch or pointing at durable bytes.
 //! - Batches of a partition go to its segments in offset order, so every
 //!   batch of a segment is at or past the segment's base and below the next
-//!   segment's base: what retention's whole-segment deletes rely on.
+//!   segment's base: what retention's whole-segment deletes rely on. When
+//!   the writer refuses a segment that retention deleted mid-move, it also
+//!   refuses the partition's later segments of that move, and the mover
+//!   starts the partition over on a new segment from its oldest inline row.
 //! - After a failed move the mover starts every partition on a new segment
 //!   and looks at every partition from its start again.
 
@@ -104,7 +107,10 @@ enum Step {
 impl Mover {
     fn run(&mut self, stop: &AtomicBool) {
         while !stop.load(Ordering::Acquire) {
-            let step = self.move_once();
+            // A panic must not end the thread: batches would stay in redb
+            // for good with nothing to say so.
+            let step = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.move_once()))
+                .unwrap_or_else(|_| Err("the segment mover panicked".to_string()));
             if self.failing && matches!(step, Ok(Step::More | Step::CaughtUp)) {
                 self.failing = false;
                 tracing::info!("moving batches to segment files works again");

@@ -50,9 +50,22 @@ pub fn read_partition(
                     pointed = bytes;
                     &pointed
                 }
-                // Trimmed since this snapshot: the caller moves on to the
-                // partition's new start.
-                None => break,
+                None => {
+                    // Deleted since this snapshot: fine if retention has
+                    // trimmed the batch by now, corruption if not.
+                    let count = batch::header(value).map_err(StorageError::Corrupt)?.count;
+                    let now = db.begin_read()?;
+                    let start = now
+                        .open_table(tables::PARTITIONS)?
+                        .get((topic_id, partition))?
+                        .map(|v| v.value().0);
+                    if start.is_some_and(|start| start < base + count as u64) {
+                        return Err(StorageError::Corrupt(format!(
+                            "the segment of the batch at offset {base} of partition {partition} is missing"
+                        )));
+                    }
+                    break;
+                }
             },
         };
         batch::decode_from(records, store_id, base, from, |m| {

@@ -8,7 +8,7 @@
 //! its retained size. A segment is deleted whole once retention has trimmed
 //! every batch in it, so the disk follows the retained data.
 //!
-//! Batches reach segments from the mover ([`super::mover`]): a produce
+//! Batches reach segments from the mover (`storage::mover`): a produce
 //! commits its batch in redb alone, and the mover moves it later.
 //!
 //! Invariants:
@@ -24,8 +24,8 @@
 //!   new segment, so nothing is appended behind them, and start-up
 //!   ([`Segments::recover`]) cuts them off and deletes files no row names.
 //! - A file is deleted ([`SegmentReaper`]) only after the commit that
-//!   removed its row, and only once every batch in it has been trimmed (or
-//!   its topic deleted). A reader that still holds the file open reads on;
+//!   removed its row, made durable even under `durability = none`, and only
+//!   once every batch in it has been trimmed (or its topic deleted). A reader that still holds the file open reads on;
 //!   one that opens it later finds nothing, which means "trimmed".
 
 use super::batch::{self, Pointer};
@@ -47,6 +47,11 @@ pub const SEGMENTS_PER_RETENTION: u64 = 8;
 /// The shortest a segment is written to before the next one starts, however
 /// short the topic's retention.
 pub const SEGMENT_AGE_MIN: Duration = Duration::from_millis(100);
+/// Segment fsyncs run at once.
+const SYNC_THREADS_MAX: usize = 8;
+/// Largest batch a pointer may claim (a batch is at most 32 MiB): a longer
+/// one is corruption, not a reason to allocate.
+const POINTER_BYTES_MAX: u32 = 64 << 20;
 /// Bytes the mover gathers for one segment before writing them out.
 const PENDING_BYTES_MAX: usize = 1 << 20;
 /// Segment files kept open for reading; past this the cache starts over.
@@ -66,7 +71,7 @@ pub struct SegmentId {
     pub base: u64,
 }
 
-/// When the writer starts a new segment for a partition.
+/// When the mover starts a new segment for a partition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Roll {
     pub bytes_max: u64,
@@ -116,8 +121,11 @@ impl Segments {
             readers: RwLock::new(HashMap::new()),
             fault_switches,
         };
-        std::fs::create_dir_all(&segments.dir)
-            .map_err(|e| io_error("creating", &segments.dir, e))?;
+        if !segments.dir.exists() {
+            std::fs::create_dir_all(&segments.dir)
+                .and_then(|_| File::open(data_dir)?.sync_all())
+                .map_err(|e| io_error("creating", &segments.dir, e))?;
+        }
         let mut committed = BTreeMap::new();
         {
             let txn = db.begin_read()?;
@@ -252,14 +260,30 @@ impl Segments {
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
                     Err(e) => return Err(io_error("opening", &path, e)),
                 };
-                let mut readers = self.readers.write().expect("segment readers");
-                if readers.len() >= READ_FILES_OPEN_MAX {
-                    readers.clear();
+                {
+                    let mut readers = self.readers.write().expect("segment readers");
+                    if readers.len() >= READ_FILES_OPEN_MAX {
+                        readers.clear();
+                    }
+                    readers.insert(id, file.clone());
                 }
-                readers.insert(id, file.clone());
+                // Deleted between the open and the insert: the deleter's
+                // `forget` may have run before the insert, so look again
+                // rather than pin a deleted file's space in the cache.
+                if !path.exists() {
+                    self.forget(|cached| *cached != id);
+                    return Ok(None);
+                }
                 file
             }
         };
+        if at.length > POINTER_BYTES_MAX {
+            return Err(StorageError::Corrupt(format!(
+                "a pointer into {} claims {} bytes",
+                self.path(id).display(),
+                at.length
+            )));
+        }
         let mut bytes = vec![0u8; at.length as usize];
         file.read_exact_at(&mut bytes, at.position).map_err(|e| {
             StorageError::Corrupt(format!(
@@ -323,7 +347,7 @@ struct Active {
     roll: Roll,
 }
 
-/// The mover's side ([`super::mover`]): appends batches to segment files
+/// The mover's side (`storage::mover`): appends batches to segment files
 /// and makes them durable, before the writer commits pointers to them.
 pub struct SegmentAppender {
     segments: Arc<Segments>,
@@ -472,34 +496,45 @@ impl SegmentAppender {
         };
         if files.len() == 1 {
             sync_one(&files[0])?;
-        } else if files.len() > 1 {
-            // Different files: let the disk see the flushes together.
-            std::thread::scope(|s| {
-                let handles: Vec<_> = files.iter().map(|f| s.spawn(|| sync_one(f))).collect();
-                handles
-                    .into_iter()
-                    .map(|h| h.join().expect("segment sync thread"))
-                    .collect::<Result<Vec<()>, StorageError>>()
-            })?;
+        } else {
+            // Different files: let the disk see a few flushes together.
+            for chunk in files.chunks(SYNC_THREADS_MAX) {
+                std::thread::scope(|s| {
+                    let handles: Vec<_> = chunk.iter().map(|f| s.spawn(|| sync_one(f))).collect();
+                    handles
+                        .into_iter()
+                        .map(|h| {
+                            h.join().unwrap_or_else(|_| {
+                                Err(StorageError::Redb("a segment fsync thread panicked".into()))
+                            })
+                        })
+                        .collect::<Result<Vec<()>, StorageError>>()
+                })?;
+            }
         }
-        for dir in self.dirty_dirs.drain() {
-            File::open(&dir)
-                .and_then(|d| d.sync_all())
-                .map_err(|e| io_error("syncing", &dir, e))?;
+        let dirs: Vec<PathBuf> = self.dirty_dirs.iter().cloned().collect();
+        for dir in dirs {
+            match File::open(&dir).and_then(|d| d.sync_all()) {
+                Ok(()) => {}
+                // A deleted topic's directory: nothing left to make durable.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_error("syncing", &dir, e)),
+            }
+            self.dirty_dirs.remove(&dir);
         }
         self.dirty.clear();
         Ok(())
     }
 
-    /// Stop appending to these segments (the writer found them deleted).
+    /// Start these segments' partitions on new segments (the writer found
+    /// the segments deleted, or behind one that was).
     pub fn abandon(&mut self, gone: &[SegmentId]) {
-        self.active.retain(|&(topic, partition), a| {
-            !gone.contains(&SegmentId {
-                topic,
-                partition,
-                base: a.base,
-            })
+        self.active.retain(|&(topic, partition), _| {
+            !gone
+                .iter()
+                .any(|g| (g.topic, g.partition) == (topic, partition))
         });
+        self.dirty.retain(|id, _| !gone.contains(id));
     }
 
     /// A move failed: start every partition on a new segment, so nothing is
@@ -507,6 +542,7 @@ impl SegmentAppender {
     pub fn abandon_all(&mut self) {
         self.active.clear();
         self.lengths.clear();
+        self.dirty.clear();
     }
 
     /// Forget the partitions of topics that no longer exist.
@@ -593,6 +629,11 @@ impl SegmentReaper {
     /// Delete this segment's file once the commit succeeded.
     pub fn doom(&mut self, id: SegmentId) {
         self.doomed.push(id);
+    }
+
+    /// Whether the coming commit deletes files (it must then be durable).
+    pub fn deletes_files(&self) -> bool {
+        !self.doomed.is_empty() || !self.doomed_topics.is_empty()
     }
 
     /// Drop every segment of a deleted topic.

@@ -4,7 +4,7 @@
 use super::StorageError;
 use redb::{Database, ReadableTable, TableDefinition};
 
-/// (topic id, partition, base offset) → the batch itself, until the writer
+/// (topic id, partition, base offset) → the batch itself, until the mover
 /// moves it to a segment file; then a [`super::batch::Pointer`] to it.
 pub const LOG: TableDefinition<(u32, u32, u64), &[u8]> = TableDefinition::new("log");
 /// (topic id, partition, segment base offset) → the segment file's committed

@@ -27,6 +27,12 @@ use tokio::sync::{mpsc, oneshot};
 
 /// Requests the writer may hold queued before senders wait.
 const QUEUE_REQUESTS_MAX: usize = 4096;
+/// Test fault switch (with `MSMQ_STORAGE_FAULTS=1`): answer every request
+/// before its commit, then commit after [`ACK_BEFORE_COMMIT_DELAY_MS`]. A
+/// deliberately broken broker, for showing that the crash driver's oracle
+/// catches acknowledged writes that are lost.
+pub const ACK_BEFORE_COMMIT: &str = "ack-before-commit";
+const ACK_BEFORE_COMMIT_DELAY_MS: u64 = 20;
 /// With `durability = none`, still fsync one commit in this many ms so redb
 /// can reuse freed pages and a crash loses at most about this much.
 const DURABILITY_NONE_SYNC_MS: u64 = 1000;
@@ -243,7 +249,7 @@ pub struct Landed {
     pub sequence: u64,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum WriteOutcome {
     TopicCreated(Arc<Topic>),
     TopicDeleted,
@@ -315,9 +321,12 @@ pub enum WriteError {
     ShuttingDown,
 }
 
+type Reply = oneshot::Sender<Result<WriteOutcome, WriteError>>;
+
 struct Job {
     op: WriteOp,
-    reply: oneshot::Sender<Result<WriteOutcome, WriteError>>,
+    /// Taken when answered early (the `ack-before-commit` test fault).
+    reply: Option<Reply>,
 }
 
 enum Msg {
@@ -334,7 +343,10 @@ impl WriterHandle {
     pub(super) async fn write(&self, op: WriteOp) -> Result<WriteOutcome, WriteError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Msg::Job(Job { op, reply }))
+            .send(Msg::Job(Job {
+                op,
+                reply: Some(reply),
+            }))
             .await
             .map_err(|_| WriteError::ShuttingDown)?;
         rx.await.map_err(|_| WriteError::ShuttingDown)?
@@ -344,7 +356,10 @@ impl WriterHandle {
     pub(super) fn write_blocking(&self, op: WriteOp) -> Result<WriteOutcome, WriteError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .blocking_send(Msg::Job(Job { op, reply }))
+            .blocking_send(Msg::Job(Job {
+                op,
+                reply: Some(reply),
+            }))
             .map_err(|_| WriteError::ShuttingDown)?;
         rx.blocking_recv().map_err(|_| WriteError::ShuttingDown)?
     }
@@ -356,7 +371,14 @@ impl WriterHandle {
         let mut waiting = Vec::with_capacity(ops.len());
         for op in ops {
             let (reply, rx) = oneshot::channel();
-            let sent = self.tx.send(Msg::Job(Job { op, reply })).await.is_ok();
+            let sent = self
+                .tx
+                .send(Msg::Job(Job {
+                    op,
+                    reply: Some(reply),
+                }))
+                .await
+                .is_ok();
             waiting.push(sent.then_some(rx));
         }
         let mut results = Vec::with_capacity(waiting.len());
@@ -396,8 +418,10 @@ impl Counters {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 pub(super) fn start(
     db: Arc<Database>,
+    fault_switches: Option<std::path::PathBuf>,
     segments: Arc<Segments>,
     registry: Arc<TopicRegistry>,
     schedule: Arc<Mutex<TxSchedule>>,
@@ -408,6 +432,7 @@ pub(super) fn start(
     let (tx, rx) = mpsc::channel(QUEUE_REQUESTS_MAX);
     let mut writer = Writer {
         db,
+        fault_switches,
         reaper: RefCell::new(SegmentReaper::new(segments)),
         registry,
         schedule,
@@ -425,6 +450,8 @@ pub(super) fn start(
 
 struct Writer {
     db: Arc<Database>,
+    /// For tests: the directory of fault switch files.
+    fault_switches: Option<std::path::PathBuf>,
     reaper: RefCell<SegmentReaper>,
     registry: Arc<TopicRegistry>,
     schedule: Arc<Mutex<TxSchedule>>,
@@ -524,7 +551,9 @@ impl Writer {
         rx.close();
         while let Ok(msg) = rx.try_recv() {
             if let Msg::Job(job) = msg {
-                let _ = job.reply.send(Err(WriteError::ShuttingDown));
+                if let Some(reply) = job.reply {
+                    let _ = reply.send(Err(WriteError::ShuttingDown));
+                }
             }
         }
         tracing::info!("storage writer stopped");
@@ -538,8 +567,26 @@ impl Writer {
         let count = jobs.len();
         let bytes: usize = jobs.iter().map(|j| j.op.bytes()).sum();
         let mut jobs = jobs;
+        // Test fault: answer before committing, and commit late, so a crash
+        // in between loses acknowledged writes; the crash driver must see it.
+        let mut early: Vec<Option<Reply>> = if self.fault_on(ACK_BEFORE_COMMIT) {
+            jobs.iter_mut().map(|j| j.reply.take()).collect()
+        } else {
+            Vec::new()
+        };
+        let mut answer_early = |results: &[Result<WriteOutcome, WriteError>]| {
+            if early.is_empty() {
+                return;
+            }
+            for (reply, result) in early.iter_mut().zip(results) {
+                if let Some(reply) = reply.take() {
+                    let _ = reply.send(result.clone());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(ACK_BEFORE_COMMIT_DELAY_MS));
+        };
         let mut ops: Vec<&mut WriteOp> = jobs.iter_mut().map(|j| &mut j.op).collect();
-        let applied = self.apply(&mut ops);
+        let applied = self.apply(&mut ops, &mut answer_early);
         match &applied {
             Ok(_) => self.reaper.borrow_mut().committed(),
             Err(_) => self.reaper.borrow_mut().failed(),
@@ -590,7 +637,9 @@ impl Writer {
                     if result.is_ok() {
                         count_committed(m, &job.op);
                     }
-                    let _ = job.reply.send(result);
+                    if let Some(reply) = job.reply {
+                        let _ = reply.send(result);
+                    }
                 }
                 tracing::trace!(requests = count, elapsed = ?started.elapsed(), "group commit");
                 m.commit_requests.observe(count as f64);
@@ -601,7 +650,9 @@ impl Writer {
                 tracing::error!(error = %e, requests = count, "commit failed; refusing its requests");
                 let err = WriteError::Storage(e.to_string());
                 for job in jobs {
-                    let _ = job.reply.send(Err(err.clone()));
+                    if let Some(reply) = job.reply {
+                        let _ = reply.send(Err(err.clone()));
+                    }
                 }
             }
         }
@@ -611,6 +662,7 @@ impl Writer {
     fn apply(
         &mut self,
         ops: &mut [&mut WriteOp],
+        before_commit: &mut dyn FnMut(&[Result<WriteOutcome, WriteError>]),
     ) -> Result<(Vec<Result<WriteOutcome, WriteError>>, Effects), StorageError> {
         let mut txn = self.db.begin_write()?;
         let sync = match self.options.durability {
@@ -679,6 +731,17 @@ impl Writer {
                     .insert(tables::META_NEXT_TOPIC_ID, fx.counters.next_topic_id as u64)?;
             }
         }
+        let sync = sync || {
+            // Delete files only after a durable commit: a commit redb never
+            // persisted would come back naming them.
+            let deletes = self.reaper.borrow().deletes_files();
+            if deletes {
+                txn.set_durability(redb::Durability::Immediate)
+                    .map_err(|e| StorageError::Redb(e.to_string()))?;
+            }
+            deletes
+        };
+        before_commit(&results);
         txn.commit()?;
         if sync {
             self.last_sync = Instant::now();
@@ -699,23 +762,33 @@ impl Writer {
     ) -> Result<WriteOutcome, StorageError> {
         let mut usable = HashSet::new();
         let mut gone = Vec::new();
-        for &(id, length) in lengths {
+        // In base order per partition: once a segment is gone, so are the
+        // later ones of its partition, or rows would reach segments out of
+        // offset order.
+        let mut lengths = lengths.to_vec();
+        lengths.sort_unstable();
+        let mut gone_partitions = HashSet::new();
+        for (id, length) in lengths {
             let key = (id.topic, id.partition, id.base);
             let start = t
                 .partitions
                 .get((id.topic, id.partition))?
                 .map(|v| v.value().0);
             let known = t.segments.get(key)?.is_some();
+            let partition_gone = gone_partitions.contains(&(id.topic, id.partition));
             match start {
-                Some(start) if known || id.base >= start => {
+                Some(start) if !partition_gone && (known || id.base >= start) => {
                     t.segments.insert(key, length)?;
                     usable.insert(id);
                 }
                 _ => {
                     gone.push(id);
-                    // Never named by a row, or already deleted: either way
-                    // nothing points into it.
-                    self.reaper.borrow_mut().doom(id);
+                    gone_partitions.insert((id.topic, id.partition));
+                    if !known {
+                        // Never named by a row, or already deleted: either
+                        // way nothing points into it.
+                        self.reaper.borrow_mut().doom(id);
+                    }
                 }
             }
         }
@@ -820,6 +893,13 @@ impl Writer {
                 .push((c.group.clone(), *topic_id, *partition, *offset));
         }
         Ok(Ok(WriteOutcome::PluginCommitted))
+    }
+
+    /// Whether a test fault switch is on.
+    fn fault_on(&self, switch: &str) -> bool {
+        self.fault_switches
+            .as_ref()
+            .is_some_and(|dir| dir.join(switch).exists())
     }
 
     /// Whether `topic` is still the live topic of its name in this transaction.

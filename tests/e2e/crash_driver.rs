@@ -1,0 +1,497 @@
+//! The crash driver: a mixed workload against a real broker that is
+//! SIGKILLed at seeded random moments, at least [`KILLS_MIN`] times a run,
+//! with an oracle checking the broker's state after every restart.
+//!
+//! The workload, started again after each restart: two plain producers
+//! (keyed and unkeyed batches), a transactional producer that commits or
+//! rolls back by a seeded coin and answers check-backs from the same coin,
+//! a consumer group acknowledging message by message, and a stateful plugin
+//! (`stateful-publisher`) that counts every message in its state and
+//! republishes it.
+//!
+//! The oracle, after each restart:
+//! - every acknowledged message is in the log once, at its offset;
+//! - no payload is in the log twice; a transaction whose commit was
+//!   acknowledged is there, one whose rollback was acknowledged is not, nor
+//!   is one whose coin said roll back;
+//! - the group's deliveries cover the log below its committed progress, and
+//!   each delivery matches the log;
+//! - the plugin's effects are exactly once: its state and its published
+//!   messages name the same payloads, each counted once and published once,
+//!   and they cover the log below the plugin's progress.
+//!
+//! `MSMQ_CRASH_SEED` replays a run; `MSMQ_CRASH_DRIVER_KILLS` sets the
+//! number of kills. `scripts/crash.sh` runs seeds from the command line.
+
+use crate::harness::{read_all, TestBroker};
+use crate::plugins::{deploy, rust_component, spec, state};
+use crate::transactions::FAST_CHECKS;
+use msmq_client::{Client, ConsumerOptions, FetchLimits, NewMessage, TransactionCheck, TxAction};
+use rand::{Rng, SeedableRng};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Kills per run, unless `MSMQ_CRASH_DRIVER_KILLS` says more.
+const KILLS_MIN: usize = 30;
+const TOPIC: &str = "orders";
+const AUDIT: &str = "audit";
+const PARTITIONS: u32 = 2;
+const GROUP: &str = "billing";
+const PLUGIN: &str = "ledger";
+const PRODUCER_GROUP: &str = "payment-centre";
+
+/// Frequent moves to segment files (besides fast check-backs), so kills
+/// land in every kind of commit.
+const MOVE_OFTEN: &[&str] = &["--segment-move-interval", "50ms"];
+
+/// What the clients were told, kept across restarts.
+#[derive(Default)]
+struct Ledger {
+    /// (partition, offset) → payload of every acknowledged plain message.
+    acked: BTreeMap<(u32, u64), String>,
+    /// Transaction payload → commit (true) or roll back, decided before
+    /// its half message is sent.
+    coin: HashMap<String, bool>,
+    half_acked: HashSet<String>,
+    commit_acked: BTreeMap<String, (u32, u64)>,
+    rollback_acked: HashSet<String>,
+    /// (partition, offset) → payload of every message the group received.
+    delivered: HashMap<(u32, u64), String>,
+}
+
+type Shared = Arc<Mutex<Ledger>>;
+
+/// Counts the oracle printed after the last check.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub kills: usize,
+    pub log_messages: usize,
+    pub plain_acked: usize,
+    pub tx_committed: usize,
+    pub tx_rolled_back: usize,
+    pub delivered: usize,
+    pub plugin_effects: usize,
+    /// The first check that failed, if any.
+    pub violations: Vec<String>,
+}
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// One run of the driver. With `broken`, the broker acknowledges before it
+/// commits (a test fault), and the run stops at the first violation.
+pub async fn run(seed: u64, broken: bool) -> anyhow::Result<Report> {
+    let kills = env_or("MSMQ_CRASH_DRIVER_KILLS", KILLS_MIN as u64) as usize;
+    println!("crash driver: seed {seed}, {kills} kills (MSMQ_CRASH_SEED={seed} replays it)");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let args: Vec<&str> = FAST_CHECKS.iter().chain(MOVE_OFTEN).copied().collect();
+    let mut broker = TestBroker::start_with_faults(&args)?;
+    if broken {
+        std::fs::create_dir_all(broker.faults_dir())?;
+        std::fs::write(broker.faults_dir().join("ack-before-commit"), b"on purpose")?;
+    }
+    {
+        let client = broker.client().await?;
+        client.create_topic(TOPIC, PARTITIONS).await?;
+        client.create_topic(AUDIT, PARTITIONS).await?;
+        let mut plugin = spec(PLUGIN, TOPIC);
+        plugin.publish_to = vec![AUDIT.into()];
+        plugin.config = vec![("out_topic".into(), AUDIT.into())];
+        plugin.limits.batch_messages_max = 20;
+        deploy(&client, plugin, &rust_component("stateful-publisher")?).await?;
+        client.close().await;
+    }
+    let ledger: Shared = Arc::default();
+    let mut report = Report::default();
+    for round in 0..kills {
+        let workload = start_workload(&broker, &ledger, round, rng.random()).await?;
+        tokio::time::sleep(Duration::from_millis(rng.random_range(100..600))).await;
+        broker.kill9();
+        for task in workload {
+            task.abort();
+        }
+        report.kills += 1;
+        broker.restart()?;
+        let client = broker.client().await?;
+        let found = check(&client, &ledger, &mut report).await?;
+        client.close().await;
+        if !found.is_empty() {
+            report.violations = found;
+            println!("round {round}: the oracle found {:?}", report.violations);
+            return Ok(report);
+        }
+        println!(
+            "round {round}: ok; log {} messages, {} plain acked, {} tx committed, {} rolled back, {} delivered, {} plugin effects",
+            report.log_messages,
+            report.plain_acked,
+            report.tx_committed,
+            report.tx_rolled_back,
+            report.delivered,
+            report.plugin_effects
+        );
+    }
+    // Let check-backs and the plugin finish, then the final check: every
+    // acknowledged half is resolved by its coin and the plugin caught up.
+    let client = broker.client().await?;
+    let _answers = client
+        .transactional_producer(PRODUCER_GROUP, TOPIC, answer_from(ledger.clone()))
+        .await?;
+    wait_until("transactions resolve", || async {
+        Ok(client.list_transactions(false, 10_000).await?.is_empty())
+    })
+    .await?;
+    wait_until("the plugin catches up", || async {
+        Ok(client.plugin_stats(PLUGIN).await?.lag == 0)
+    })
+    .await?;
+    let mut found = check(&client, &ledger, &mut report).await?;
+    let log = read_log(&client, TOPIC).await?;
+    let audit = read_log(&client, AUDIT).await?;
+    let in_log: HashSet<&String> = log.values().collect();
+    {
+        let ledger = ledger.lock().expect("ledger");
+        for payload in &ledger.half_acked {
+            if ledger.coin[payload] && !in_log.contains(payload) {
+                found.push(format!("transaction {payload}: half acknowledged, coin said commit, not in the log after check-backs"));
+            }
+        }
+    }
+    if audit.len() != log.len() {
+        found.push(format!(
+            "plugin caught up but published {} messages for {} in the log",
+            audit.len(),
+            log.len()
+        ));
+    }
+    report.violations = found;
+    println!("crash driver: final {report:?}");
+    Ok(report)
+}
+
+async fn wait_until<F, Fut>(what: &str, mut done: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<bool>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !done().await? {
+        anyhow::ensure!(Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+/// Check-backs answered by the coin of the transaction asked about.
+fn answer_from(ledger: Shared) -> impl Fn(&TransactionCheck) -> TxAction + Send + Sync + 'static {
+    move |check: &TransactionCheck| {
+        let payload = String::from_utf8_lossy(&check.message.payload);
+        match ledger.lock().expect("ledger").coin.get(payload.as_ref()) {
+            Some(true) => TxAction::Commit,
+            Some(false) => TxAction::Rollback,
+            None => TxAction::Unknown,
+        }
+    }
+}
+
+/// Start the round's clients; they run until aborted.
+async fn start_workload(
+    broker: &TestBroker,
+    ledger: &Shared,
+    round: usize,
+    seed: u64,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    let mut tasks = Vec::new();
+    for producer_id in 0..2u32 {
+        let client = broker.client().await?;
+        let ledger = ledger.clone();
+        tasks.push(tokio::spawn(async move {
+            let producer = client.producer(TOPIC);
+            for seq in 0..u64::MAX {
+                let batch: Vec<NewMessage> = (0..5)
+                    .map(|i| {
+                        let m = NewMessage::new(format!("plain-{round}-{producer_id}-{seq}-{i}"));
+                        if producer_id == 0 {
+                            m.with_key(format!("k{}", seq % 7))
+                        } else {
+                            m
+                        }
+                    })
+                    .collect();
+                let payloads: Vec<String> = batch
+                    .iter()
+                    .map(|m| String::from_utf8_lossy(&m.payload).into_owned())
+                    .collect();
+                let Ok(acks) = producer.send_batch(batch).await else {
+                    return;
+                };
+                {
+                    let mut ledger = ledger.lock().expect("ledger");
+                    for (ack, payload) in acks.iter().zip(payloads) {
+                        ledger.acked.insert((ack.partition, ack.offset), payload);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }));
+    }
+    {
+        let client = broker.client().await?;
+        let ledger = ledger.clone();
+        let mut flips = rand::rngs::StdRng::seed_from_u64(seed);
+        tasks.push(tokio::spawn(async move {
+            let Ok(producer) = client
+                .transactional_producer(PRODUCER_GROUP, TOPIC, answer_from(ledger.clone()))
+                .await
+            else {
+                return;
+            };
+            for seq in 0..u64::MAX {
+                let payload = format!("tx-{round}-{seq}");
+                let commit = flips.random_bool(0.7);
+                ledger
+                    .lock()
+                    .expect("ledger")
+                    .coin
+                    .insert(payload.clone(), commit);
+                let Ok(half) = producer.send_half(NewMessage::new(payload.clone())).await else {
+                    return;
+                };
+                ledger
+                    .lock()
+                    .expect("ledger")
+                    .half_acked
+                    .insert(payload.clone());
+                if commit {
+                    let Ok(ack) = producer.commit(half.tx_id).await else {
+                        return;
+                    };
+                    ledger
+                        .lock()
+                        .expect("ledger")
+                        .commit_acked
+                        .insert(payload, (ack.partition, ack.offset));
+                } else {
+                    if producer.rollback(half.tx_id).await.is_err() {
+                        return;
+                    }
+                    ledger
+                        .lock()
+                        .expect("ledger")
+                        .rollback_acked
+                        .insert(payload);
+                }
+            }
+        }));
+    }
+    {
+        let client = broker.client().await?;
+        let ledger = ledger.clone();
+        tasks.push(tokio::spawn(async move {
+            let options = ConsumerOptions {
+                limits: FetchLimits {
+                    max_messages: 200,
+                    max_bytes: 1 << 20,
+                    max_wait_ms: 100,
+                },
+                ..ConsumerOptions::default()
+            };
+            let Ok(mut consumer) = client.consumer(GROUP, &[TOPIC], options).await else {
+                return;
+            };
+            loop {
+                let Ok(deliveries) = consumer.receive(Duration::from_secs(5)).await else {
+                    return;
+                };
+                {
+                    let mut ledger = ledger.lock().expect("ledger");
+                    for d in &deliveries {
+                        ledger.delivered.insert(
+                            (d.partition, d.message.offset),
+                            String::from_utf8_lossy(&d.message.payload).into_owned(),
+                        );
+                    }
+                }
+                if consumer.ack(&deliveries).await.is_err() {
+                    return;
+                }
+            }
+        }));
+    }
+    Ok(tasks)
+}
+
+/// (partition, offset) → payload of a whole topic.
+async fn read_log(client: &Client, topic: &str) -> anyhow::Result<BTreeMap<(u32, u64), String>> {
+    let mut log = BTreeMap::new();
+    for partition in 0..PARTITIONS {
+        for m in read_all(client, topic, partition, 0).await? {
+            log.insert(
+                (partition, m.offset),
+                String::from_utf8_lossy(&m.payload).into_owned(),
+            );
+        }
+    }
+    Ok(log)
+}
+
+/// The oracle: every violation it finds, described.
+async fn check(
+    client: &Client,
+    ledger: &Shared,
+    report: &mut Report,
+) -> anyhow::Result<Vec<String>> {
+    let log = read_log(client, TOPIC).await?;
+    let audit = read_log(client, AUDIT).await?;
+    let counts = state(client, PLUGIN, "n/").await?;
+    let group = client.describe_group(GROUP).await?;
+    let plugin_group = client
+        .describe_group(&spec(PLUGIN, TOPIC).group_name())
+        .await?;
+    let ledger = ledger.lock().expect("ledger");
+    let mut found = Vec::new();
+    let mut note = |v: String| {
+        if found.len() < 10 {
+            found.push(v);
+        }
+    };
+
+    // Acknowledged plain messages: once, at their offsets.
+    for (at, payload) in &ledger.acked {
+        match log.get(at) {
+            Some(p) if p == payload => {}
+            Some(p) => note(format!(
+                "lost: {payload} acknowledged at {at:?}, log has {p}"
+            )),
+            None => note(format!(
+                "lost: {payload} acknowledged at {at:?}, not in the log"
+            )),
+        }
+    }
+    let mut seen: HashMap<&String, (u32, u64)> = HashMap::new();
+    for (at, payload) in &log {
+        if let Some(first) = seen.insert(payload, *at) {
+            note(format!("duplicated: {payload} at {first:?} and {at:?}"));
+        }
+    }
+    // Transactions.
+    for (payload, at) in &ledger.commit_acked {
+        if log.get(at) != Some(payload) {
+            note(format!(
+                "lost: committed transaction {payload} acknowledged at {at:?}"
+            ));
+        }
+    }
+    for payload in seen.keys().filter(|p| p.starts_with("tx-")) {
+        if ledger.rollback_acked.contains(*payload) || ledger.coin.get(*payload) == Some(&false) {
+            note(format!("rolled back but delivered: {payload}"));
+        }
+    }
+    // The group: deliveries cover the log below its progress, and match it.
+    for state in &group.offsets {
+        let progress = state.committed_offset.unwrap_or(0);
+        for offset in 0..progress {
+            let at = (state.partition, offset);
+            match (log.get(&at), ledger.delivered.get(&at)) {
+                (Some(l), Some(d)) if l == d => {}
+                (l, d) => note(format!(
+                    "group {GROUP} committed past {at:?} but delivered {d:?}, log {l:?}"
+                )),
+            }
+        }
+    }
+    for (at, payload) in &ledger.delivered {
+        if log.get(at) != Some(payload) {
+            note(format!(
+                "delivered {payload} at {at:?}, log has {:?}",
+                log.get(at)
+            ));
+        }
+    }
+    // The plugin: state and publishes agree, each exactly once, and cover
+    // the log below its progress.
+    let mut published: HashMap<&String, usize> = HashMap::new();
+    for payload in audit.values() {
+        *published.entry(payload).or_default() += 1;
+    }
+    for (payload, n) in &published {
+        if *n != 1 {
+            note(format!("plugin published {payload} {n} times"));
+        }
+        if counts.get(&format!("n/{payload}")).map(String::as_str) != Some("1") {
+            note(format!(
+                "plugin published {payload} but counted it {:?}",
+                counts.get(&format!("n/{payload}"))
+            ));
+        }
+    }
+    for (key, n) in &counts {
+        let payload = key.trim_start_matches("n/").to_string();
+        if n != "1" || !published.contains_key(&payload) {
+            note(format!(
+                "plugin counted {payload} {n} times, published {:?}",
+                published.get(&payload)
+            ));
+        }
+    }
+    for state in &plugin_group.offsets {
+        let progress = state.committed_offset.unwrap_or(0);
+        for offset in 0..progress {
+            if let Some(payload) = log.get(&(state.partition, offset)) {
+                if !published.contains_key(payload) {
+                    note(format!("plugin passed {payload} without publishing it"));
+                }
+            }
+        }
+    }
+    report.log_messages = log.len();
+    report.plain_acked = ledger.acked.len();
+    report.tx_committed = seen.keys().filter(|p| p.starts_with("tx-")).count();
+    report.tx_rolled_back = ledger.rollback_acked.len();
+    report.delivered = ledger.delivered.len();
+    report.plugin_effects = published.len();
+    Ok(found)
+}
+
+fn seed(default: u64) -> u64 {
+    env_or("MSMQ_CRASH_SEED", default)
+}
+
+async fn passes(default_seed: u64) -> anyhow::Result<()> {
+    let report = run(seed(default_seed), false).await?;
+    assert!(report.kills >= KILLS_MIN, "{report:?}");
+    assert!(report.violations.is_empty(), "{:?}", report.violations);
+    assert!(report.plain_acked > 0 && report.tx_committed > 0 && report.plugin_effects > 0);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_one_survives_thirty_kills() -> anyhow::Result<()> {
+    passes(1).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_two_survives_thirty_kills() -> anyhow::Result<()> {
+    passes(2).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_three_survives_thirty_kills() -> anyhow::Result<()> {
+    passes(3).await
+}
+
+/// The oracle can fail: a broker that answers before it commits loses
+/// acknowledged messages to a SIGKILL, and the driver says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_acknowledges_before_commit_is_caught() -> anyhow::Result<()> {
+    let report = run(seed(4), true).await?;
+    assert!(
+        report.violations.iter().any(|v| v.starts_with("lost")),
+        "the oracle missed the broken broker: {report:?}"
+    );
+    Ok(())
+}
