@@ -34,7 +34,7 @@ pub enum GroupError {
 #[derive(Debug, Clone)]
 pub struct NewMember {
     pub topics: Vec<String>,
-    pub filter: std::sync::Arc<crate::filter::Filter>,
+    pub filter: std::sync::Arc<msmq_protocol::filter::Filter>,
     pub start: StartFrom,
     pub session_timeout: Duration,
     pub connection_id: u64,
@@ -44,7 +44,7 @@ pub struct NewMember {
 #[derive(Debug, Clone)]
 pub struct Member {
     pub topics: Vec<String>,
-    pub filter: std::sync::Arc<crate::filter::Filter>,
+    pub filter: std::sync::Arc<msmq_protocol::filter::Filter>,
     pub start: StartFrom,
     pub session_timeout: Duration,
     pub last_seen: Instant,
@@ -133,7 +133,7 @@ pub struct PollPlan {
     pub assignment: Assignment,
     pub targets: Vec<PollTarget>,
     pub session_timeout: Duration,
-    pub filter: std::sync::Arc<crate::filter::Filter>,
+    pub filter: std::sync::Arc<msmq_protocol::filter::Filter>,
 }
 
 /// Every consumer group on this broker.
@@ -393,7 +393,9 @@ mod tests {
     fn member(conn: u64) -> NewMember {
         NewMember {
             topics: vec!["payments".into()],
-            filter: std::sync::Arc::new(crate::filter::Filter::compile(None, None).unwrap()),
+            filter: std::sync::Arc::new(
+                msmq_protocol::filter::Filter::compile(None, None).unwrap(),
+            ),
             start: StartFrom::Earliest,
             session_timeout: Duration::from_secs(10),
             connection_id: conn,

@@ -5,7 +5,6 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod delivery;
-pub mod filter;
 pub mod groups;
 pub mod metrics;
 pub mod plugins;

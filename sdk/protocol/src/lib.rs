@@ -14,6 +14,7 @@
 //!   variants at the end, never reorder.
 
 pub mod error_code;
+pub mod filter;
 pub mod frame;
 pub mod messages;
 pub mod names;

@@ -41,8 +41,9 @@ pub(super) fn join(
 ) -> Result<Reply, ErrorReply> {
     validate_name("group", &group).map_err(invalid)?;
     refuse_plugin_group(state, &group)?;
-    let filter = crate::filter::Filter::compile(tag_filter.as_deref(), sql_filter.as_deref())
-        .map_err(|e| invalid(format!("invalid subscription filter: {e}")))?;
+    let filter =
+        msmq_protocol::filter::Filter::compile(tag_filter.as_deref(), sql_filter.as_deref())
+            .map_err(|e| invalid(format!("invalid subscription filter: {e}")))?;
     // Broadcast: each instance is a group of its own, so it gets every
     // partition and keeps its own offsets.
     let group = match broadcast_instance {
