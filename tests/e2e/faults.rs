@@ -144,21 +144,6 @@ async fn a_power_cut_mid_commit_loses_only_the_unacknowledged_commit() -> anyhow
     Ok(())
 }
 
-fn segment_bytes(broker: &TestBroker) -> u64 {
-    let mut total = 0;
-    let mut dirs = vec![broker.data_dir().join("segments")];
-    while let Some(dir) = dirs.pop() {
-        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-            match entry.metadata() {
-                Ok(m) if m.is_dir() => dirs.push(entry.path()),
-                Ok(m) => total += m.len(),
-                Err(_) => {}
-            }
-        }
-    }
-    total
-}
-
 async fn eventually(what: &str, mut done: impl FnMut() -> bool) -> anyhow::Result<()> {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while !done() {
@@ -192,7 +177,7 @@ async fn segment_fault(fault: &str) -> anyhow::Result<()> {
             .contains("moving batches to segment files works again")
     })
     .await?;
-    assert!(segment_bytes(&broker) > 0);
+    assert!(broker.segment_bytes() > 0);
     acked.extend(produce_acked(&client, "after", 2).await?);
     restart_and_check(&mut broker, &acked).await?;
     Ok(())

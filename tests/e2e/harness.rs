@@ -61,6 +61,22 @@ impl TestBroker {
         self.dir.path().join("data")
     }
 
+    /// Bytes of every log segment file in the data directory.
+    pub fn segment_bytes(&self) -> u64 {
+        let mut total = 0;
+        let mut dirs = vec![self.data_dir().join("segments")];
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                match entry.metadata() {
+                    Ok(m) if m.is_dir() => dirs.push(entry.path()),
+                    Ok(m) => total += m.len(),
+                    Err(_) => {}
+                }
+            }
+        }
+        total
+    }
+
     pub fn cert(&self) -> PathBuf {
         self.data_dir().join("tls").join("cert.pem")
     }

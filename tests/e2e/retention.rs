@@ -21,20 +21,8 @@ const BATCHES_PER_SECOND: u64 = 20;
 
 /// (redb file, segment files) in bytes.
 fn stored_bytes(broker: &TestBroker) -> (u64, u64) {
-    let size = |path: &std::path::Path| std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-    let mut segments = 0;
-    let mut dirs = vec![broker.data_dir().join("segments")];
-    while let Some(dir) = dirs.pop() {
-        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                dirs.push(path);
-            } else {
-                segments += size(&path);
-            }
-        }
-    }
-    (size(&broker.data_dir().join("msmq.redb")), segments)
+    let redb = std::fs::metadata(broker.data_dir().join("msmq.redb")).map_or(0, |m| m.len());
+    (redb, broker.segment_bytes())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -304,16 +304,6 @@ impl Segments {
         Ok(Some(bytes))
     }
 
-    /// Total bytes of every segment file.
-    pub fn disk_bytes(&self) -> u64 {
-        self.files_on_disk()
-            .unwrap_or_default()
-            .iter()
-            .filter_map(|(_, path)| std::fs::metadata(path).ok())
-            .map(|m| m.len())
-            .sum()
-    }
-
     /// An injected fault, when its switch file exists.
     fn injected(&self, switch: &str, path: &Path) -> Result<(), StorageError> {
         match &self.fault_switches {
