@@ -138,10 +138,9 @@ impl Mover {
 
     fn move_once(&mut self) -> Result<Step, String> {
         let topics = self.registry.list();
-        self.cursors
-            .retain(|k, _| topics.iter().any(|t| t.id() == k.0));
-        self.appender
-            .retain_topics(|id| topics.iter().any(|t| t.id() == id));
+        let live: std::collections::HashSet<u32> = topics.iter().map(|t| t.id()).collect();
+        self.cursors.retain(|k, _| live.contains(&k.0));
+        self.appender.retain_topics(|id| live.contains(&id));
         let mut moves = Vec::new();
         let mut bytes = 0usize;
         let mut full = false;
