@@ -1,13 +1,20 @@
 #!/usr/bin/env bash
-# Installs everything the tests need on a fresh Debian 12 machine (the C
-# plugin toolchain: Debian's clang, lld and wasi-libc, and wit-bindgen from
-# crates.io; for the web console test, Debian's chromium and playwright-core
-# from npm; the Rust toolchain and its wasm32-wasip2 target come from
-# rust-toolchain.toml), then runs every test of the workspace and the fuzz
-# targets (cargo-fuzz from crates.io; see scripts/fuzz.sh). The tests build
-# the example plugins from source themselves, once per run.
+# Installs everything the tests need on a fresh Debian 12 machine, then runs
+# every test of the workspace and the fuzz targets. Safe to run again: each
+# step installs only what is missing.
+#
+#   - the Rust target wasm32-wasip2 (rustup; the plugins and the components
+#     the broker embeds for `msmq demo` are built for it);
+#   - the C plugin toolchain: Debian's clang, lld and wasi-libc, and
+#     wit-bindgen from crates.io (plugins/c/install-tools.sh);
+#   - for the web console test: Debian's chromium and playwright-core from
+#     npm (tests/console/install.sh);
+#   - cargo-fuzz from crates.io (scripts/fuzz.sh).
+#
+# The tests build the example plugins from source themselves, once per run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bash scripts/install-rust-target.sh
 bash plugins/c/install-tools.sh
 bash tests/console/install.sh
 cargo test --workspace "$@"

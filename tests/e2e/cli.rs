@@ -105,22 +105,70 @@ fn topics_produce_consume_and_groups_from_the_command_line() -> anyhow::Result<(
         None,
     )?);
     check_summary(&bench, 3000);
-    let bench = ok(cli(
-        &broker,
-        &[
-            "bench",
-            "e2e",
-            "--count",
-            "1000",
-            "--batch",
-            "10",
-            "--duration",
-            "30s",
-            "--json",
-        ],
-        None,
-    )?);
-    check_summary(&bench, 1000);
+    // The producers start as soon as the consumers joined, and every
+    // message sent is received: `latest` is pinned at the join.
+    for (members, count) in [(["1", "1"], "1000"), (["3", "2"], "3000")] {
+        let [producers, consumers] = members;
+        let bench = ok(cli(
+            &broker,
+            &[
+                "bench",
+                "e2e",
+                "--producers",
+                producers,
+                "--consumers",
+                consumers,
+                "--count",
+                count,
+                "--batch",
+                "10",
+                "--duration",
+                "30s",
+                "--json",
+            ],
+            None,
+        )?);
+        check_summary(&bench, count.parse()?);
+        let summary: serde_json::Value = serde_json::from_str(bench.trim())?;
+        assert_eq!(summary["sent"], summary["messages"], "{summary}");
+    }
+    Ok(())
+}
+
+#[test]
+fn the_demo_runs_from_any_directory_with_nothing_but_the_binary() -> anyhow::Result<()> {
+    let elsewhere = tempfile::tempdir()?;
+    let out = std::process::Command::new(crate::harness::MSMQ)
+        .args([
+            "demo",
+            "--transfers",
+            "40",
+            "--burst",
+            "2000",
+            "--quota",
+            "5000",
+        ])
+        .current_dir(elsewhere.path())
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.lines().last().unwrap_or("").starts_with("demo OK"),
+        "{stdout}"
+    );
+    // --plugins replaces the embedded components, and says what is missing.
+    let out = std::process::Command::new(crate::harness::MSMQ)
+        .args(["demo", "--plugins"])
+        .arg(elsewhere.path())
+        .current_dir(elsewhere.path())
+        .output()?;
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("billing.wasm"), "{stderr}");
     Ok(())
 }
 

@@ -163,6 +163,51 @@ async fn a_closed_connection_leaves_at_once_and_latest_skips_the_backlog() -> an
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latest_is_the_end_at_the_join_not_at_the_first_poll() -> anyhow::Result<()> {
+    let broker = TestBroker::start()?;
+    let client = broker.client().await?;
+    client.create_topic("payments", 4).await?;
+    fill(&client, "payments", 40).await?;
+    let latest = || ConsumerOptions {
+        start: StartFrom::Latest,
+        ..options(60_000)
+    };
+    // Two members join before anything new is produced; neither has polled.
+    let mut a = client.consumer("notify", &["payments"], latest()).await?;
+    let other = broker.client().await?;
+    let mut b = other.consumer("notify", &["payments"], latest()).await?;
+    fill(&client, "payments", 100).await?;
+    let mut got = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while got.len() < 100 && std::time::Instant::now() < deadline {
+        for member in [&mut a, &mut b] {
+            got.extend(member.poll().await?);
+            member.commit().await?;
+        }
+    }
+    let payloads: BTreeSet<String> = got
+        .iter()
+        .map(|m| String::from_utf8_lossy(&m.message.payload).into_owned())
+        .collect();
+    assert_eq!(
+        got.len(),
+        100,
+        "every message produced after the join, once"
+    );
+    assert_eq!(payloads, (0..100).map(|i| format!("m{i}")).collect());
+
+    // A pin never replaces a commit: a member joining with `latest` later
+    // resumes where the group committed.
+    a.leave().await?;
+    b.leave().await?;
+    fill(&client, "payments", 20).await?;
+    let mut c = client.consumer("notify", &["payments"], latest()).await?;
+    let got = drain(&mut c, 20, Duration::from_secs(10)).await?;
+    assert_eq!(got.len(), 20, "the group's committed offsets still hold");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_poll_reply_is_read_again_not_skipped() -> anyhow::Result<()> {
     use msmq_client::protocol::{PartitionOffset, Reply, Request};
     let broker = TestBroker::start()?;

@@ -196,12 +196,24 @@ impl Drop for TestBroker {
     }
 }
 
+/// Send the signal named `sig` ("TERM", "INT", "HUP", "KILL") to `pid`
+/// (directly, so the tests need no `kill` program).
 pub fn signal(pid: u32, sig: &str) -> anyhow::Result<()> {
-    let status = Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .status()?;
-    anyhow::ensure!(status.success(), "kill -{sig} {pid} failed");
+    let number = match sig {
+        "TERM" => libc::SIGTERM,
+        "INT" => libc::SIGINT,
+        "HUP" => libc::SIGHUP,
+        "KILL" => libc::SIGKILL,
+        other => bail!("unknown signal {other}"),
+    };
+    let pid = libc::pid_t::try_from(pid)?;
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+    let result = unsafe { libc::kill(pid, number) };
+    anyhow::ensure!(
+        result == 0,
+        "kill -{sig} {pid}: {}",
+        std::io::Error::last_os_error()
+    );
     Ok(())
 }
 
@@ -236,6 +248,19 @@ pub async fn read_all(
     }
 }
 
+/// `msmq` as a CLI client of `broker`, with every stream piped.
+fn cli_command(broker: &TestBroker, args: &[&str]) -> Command {
+    let mut command = Command::new(MSMQ);
+    command
+        .args(args)
+        .env("MSMQ_SERVER", broker.addr.to_string())
+        .env("MSMQ_CA", broker.cert())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    command
+}
+
 /// Run `msmq` as a CLI client against `broker`.
 pub fn cli(
     broker: &TestBroker,
@@ -243,18 +268,77 @@ pub fn cli(
     stdin: Option<&str>,
 ) -> anyhow::Result<std::process::Output> {
     use std::io::Write;
-    let mut child = Command::new(MSMQ)
-        .args(args)
-        .env("MSMQ_SERVER", broker.addr.to_string())
-        .env("MSMQ_CA", broker.cert())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
+    let mut child = cli_command(broker, args).spawn()?;
     let mut input = child.stdin.take().context("stdin")?;
     if let Some(text) = stdin {
         input.write_all(text.as_bytes())?;
     }
     drop(input);
     Ok(child.wait_with_output()?)
+}
+
+/// A CLI client left running: its stdout arrives line by line.
+pub struct CliProcess {
+    pub child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl CliProcess {
+    pub fn spawn(broker: &TestBroker, args: &[&str]) -> anyhow::Result<CliProcess> {
+        let mut child = cli_command(broker, args).spawn()?;
+        let stdout = child.stdout.take().context("stdout")?;
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(CliProcess { child, lines })
+    }
+
+    /// The next line of stdout, or `None` at its end or after `timeout`.
+    pub fn line(&self, timeout: Duration) -> Option<String> {
+        self.lines.recv_timeout(timeout).ok()
+    }
+
+    /// Send `sig` and wait up to `timeout` for the exit; then the rest of
+    /// stdout and all of stderr.
+    pub fn stop(
+        mut self,
+        sig: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<(std::process::ExitStatus, Vec<String>, String)> {
+        use std::io::Read;
+        signal(self.child.id(), sig)?;
+        let deadline = std::time::Instant::now() + timeout;
+        let status = loop {
+            if let Some(status) = self.child.try_wait()? {
+                break status;
+            }
+            if std::time::Instant::now() >= deadline {
+                let _ = self.child.kill();
+                bail!("msmq did not exit within {timeout:?} of SIG{sig}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut rest = Vec::new();
+        while let Some(line) = self.line(Duration::from_secs(5)) {
+            rest.push(line);
+        }
+        let mut stderr = String::new();
+        if let Some(mut err) = self.child.stderr.take() {
+            err.read_to_string(&mut stderr)?;
+        }
+        Ok((status, rest, stderr))
+    }
+}
+
+impl Drop for CliProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

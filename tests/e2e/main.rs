@@ -19,4 +19,5 @@ mod network;
 mod plugins;
 mod produce_consume;
 mod retention;
+mod stopping;
 mod transactions;

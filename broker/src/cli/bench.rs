@@ -1,6 +1,8 @@
 //! `msmq bench produce|consume|e2e`: load a running broker and report
 //! messages/s, MB/s and latency percentiles (HdrHistogram). Every run is
-//! bounded by a message count and a duration, whichever comes first.
+//! bounded by a message count and a duration, whichever comes first; a stop
+//! signal (SIGINT, SIGTERM, SIGHUP) ends it early, consumers leave their
+//! groups and the summary covers what was done.
 
 mod abuse;
 mod plugin;
@@ -198,7 +200,7 @@ impl Run {
 
     /// Claim up to `n` messages of the budget; 0 when the run is over.
     fn claim(&self, n: u64) -> u64 {
-        if self.stop.load(Ordering::Relaxed) || Instant::now() >= self.deadline {
+        if self.stopped() || Instant::now() >= self.deadline {
             return 0;
         }
         let before = self.done.fetch_add(n, Ordering::Relaxed);
@@ -221,8 +223,13 @@ impl Run {
         let _ = self.interval_us.lock().expect("histogram lock").record(us);
     }
 
+    /// Stopped by the run itself or by a stop signal.
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Relaxed) || super::shutdown::requested()
+    }
+
     fn over(&self) -> bool {
-        self.stop.load(Ordering::Relaxed)
+        self.stopped()
             || Instant::now() >= self.deadline
             || self.done.load(Ordering::Relaxed) >= self.count
     }
@@ -512,12 +519,44 @@ async fn report_intervals(run: Arc<Run>, started: Instant, every: Duration) {
     }
 }
 
+/// Limit on [`await_settled_assignment`]: a group of a few members settles
+/// in one heartbeat each.
+const ASSIGNMENT_SETTLE_MS_MAX: u64 = 10_000;
+
+/// Heartbeat every member until their assignments cover `partitions`
+/// partitions once each.
+async fn await_settled_assignment(
+    consumers: &mut [msmq_client::Consumer],
+    partitions: usize,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_millis(ASSIGNMENT_SETTLE_MS_MAX);
+    loop {
+        let mut owned = std::collections::BTreeSet::new();
+        let mut assigned = 0;
+        for consumer in consumers.iter_mut() {
+            consumer.heartbeat_now().await?;
+            assigned += consumer.assignment().partitions.len();
+            owned.extend(consumer.assignment().partitions.iter().cloned());
+        }
+        if owned.len() == partitions && assigned == partitions {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the group's {} members did not settle on an assignment of {partitions} partitions in {ASSIGNMENT_SETTLE_MS_MAX} ms",
+            consumers.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn e2e(b: E2eBench) -> anyhow::Result<()> {
     let topic = topic_name(&b.common, "e2e");
-    setup(&b.common, &topic).await?;
+    let setup_client = setup(&b.common, &topic).await?;
     let group = format!("bench-e2e-{}", now_micros());
     let received = Run::new(&b.common, "e2e");
-    // Join before producing so `latest` sees everything.
+    // Join before producing: `latest` is the end of each partition at the
+    // join, so the group receives every message the producers send.
     let mut consumers = Vec::new();
     for _ in 0..b.consumers.max(1) {
         let client = b.common.client.connect().await?;
@@ -532,6 +571,11 @@ async fn e2e(b: E2eBench) -> anyhow::Result<()> {
         };
         consumers.push(client.consumer(&group, &[&topic], options).await?);
     }
+    // `latest` was pinned for the group at the first join; wait, too, until
+    // the members agree on who owns every partition, so the measured run
+    // starts without a rebalance.
+    let partitions = setup_client.describe_topic(&topic).await?.partitions.len();
+    await_settled_assignment(&mut consumers, partitions).await?;
     let started = Instant::now();
     let mut tasks = Vec::new();
     for mut consumer in consumers {

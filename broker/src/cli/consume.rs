@@ -18,10 +18,14 @@ pub struct ConsumeArgs {
     /// Consumer group; every group gets every message.
     #[arg(long, short)]
     group: String,
-    /// Stop after this many messages (default: run until Ctrl-C).
+    /// Stop after this many messages (default: run until SIGINT, SIGTERM or
+    /// SIGHUP, which commit what was printed, leave the group and exit 0).
     #[arg(long)]
     count: Option<u64>,
-    /// Where a new group starts.
+    /// Where the group starts on partitions it never committed: the oldest
+    /// retained message, or the end of each partition when this consumer
+    /// joins (pinned for the group before the first poll, so nothing
+    /// produced after the join is skipped).
     #[arg(long, value_enum, default_value_t = From::Earliest)]
     from: From,
     /// One JSON object per line instead of text.
@@ -106,6 +110,9 @@ pub async fn run(args: ConsumeArgs) -> anyhow::Result<()> {
     let stdout = std::io::stdout();
     let result = async {
         loop {
+            if super::shutdown::requested() {
+                return anyhow::Ok(());
+            }
             if let Some(count) = args.count {
                 if seen >= count {
                     return anyhow::Ok(());
@@ -115,9 +122,12 @@ pub async fn run(args: ConsumeArgs) -> anyhow::Result<()> {
                     .max_messages
                     .min((count - seen).min(u32::MAX as u64) as u32);
             }
+            // A stop signal drops a poll in flight: what it would have
+            // returned was neither printed nor committed, so the group's next
+            // owner receives it.
             let messages = tokio::select! {
                 m = consumer.poll() => m?,
-                _ = tokio::signal::ctrl_c() => return Ok(()),
+                _ = super::shutdown::wait() => return Ok(()),
             };
             let mut out = stdout.lock();
             for m in &messages {
@@ -125,7 +135,8 @@ pub async fn run(args: ConsumeArgs) -> anyhow::Result<()> {
             }
             out.flush()?;
             seen += messages.len() as u64;
-            // Commit after printing: at-least-once.
+            // Commit after printing: at-least-once. A stop signal waits for
+            // this commit, so nothing printed is delivered again.
             consumer.commit().await?;
         }
     }

@@ -3,7 +3,8 @@
 //! as transactional messages (some rolled back); a flash-sale burst far above
 //! the plugins' quotas shows the backlog draining at the quota; at the end
 //! the plugins' state and notifications are checked against the committed
-//! transfers.
+//! transfers. The plugins are the example components embedded at build time
+//! (`broker/build.rs`), so the demo runs anywhere the binary does.
 
 use crate::config::Config;
 use crate::server::RunningBroker;
@@ -20,8 +21,22 @@ use std::time::{Duration, Instant};
 const ACCOUNTS: [&str; 8] = [
     "alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi",
 ];
-/// Where `cargo build --release --target wasm32-wasip2` puts the examples.
-const DEFAULT_PLUGIN_DIR: &str = "plugins/target/wasm32-wasip2/release";
+/// The example components (`plugins/examples`), built for wasm32-wasip2 by
+/// the build script and embedded, so the demo needs nothing but the binary.
+const EMBEDDED_PLUGINS: [(&str, &[u8]); 3] = [
+    (
+        "billing",
+        include_bytes!(concat!(env!("OUT_DIR"), "/billing.wasm")),
+    ),
+    (
+        "points",
+        include_bytes!(concat!(env!("OUT_DIR"), "/points.wasm")),
+    ),
+    (
+        "notification",
+        include_bytes!(concat!(env!("OUT_DIR"), "/notification.wasm")),
+    ),
+];
 
 #[derive(Args)]
 pub struct DemoArgs {
@@ -34,8 +49,8 @@ pub struct DemoArgs {
     /// Each plugin's quota in messages per second.
     #[arg(long, default_value_t = 2_000)]
     quota: u32,
-    /// Directory with billing.wasm, points.wasm and notification.wasm
-    /// [default: plugins/target/wasm32-wasip2/release, built if missing].
+    /// Directory with billing.wasm, points.wasm and notification.wasm to use
+    /// instead of the example components built into this binary.
     #[arg(long)]
     plugins: Option<PathBuf>,
     /// Give up waiting for the plugins to drain after this long.
@@ -43,31 +58,27 @@ pub struct DemoArgs {
     timeout: Duration,
 }
 
-fn components(dir: Option<PathBuf>) -> anyhow::Result<PathBuf> {
-    let explicit = dir.is_some();
-    let dir = dir.unwrap_or_else(|| PathBuf::from(DEFAULT_PLUGIN_DIR));
-    let have_all = |d: &Path| {
-        ["billing", "points", "notification"]
-            .iter()
-            .all(|n| d.join(format!("{n}.wasm")).exists())
-    };
-    if !have_all(&dir) && !explicit && Path::new("plugins/Cargo.toml").exists() {
-        println!("building the example plugins (cargo build --release --target wasm32-wasip2 --manifest-path plugins/Cargo.toml)");
-        let status = std::process::Command::new("cargo")
-            .args(["build", "--release", "--quiet", "--target", "wasm32-wasip2"])
-            .args(["--manifest-path", "plugins/Cargo.toml"])
-            .status()
-            .context("running cargo")?;
-        anyhow::ensure!(status.success(), "building the example plugins failed");
-    }
-    anyhow::ensure!(
-        have_all(&dir),
-        "billing.wasm, points.wasm and notification.wasm not found in {}; build them with \
-         `cargo build --release --target wasm32-wasip2 --manifest-path plugins/Cargo.toml` \
-         from the repository root, or pass --plugins DIR",
-        dir.display()
-    );
-    Ok(dir)
+/// The three components, by plugin name: from `dir` if given, else the
+/// embedded ones.
+fn components(dir: Option<&Path>) -> anyhow::Result<BTreeMap<&'static str, Vec<u8>>> {
+    EMBEDDED_PLUGINS
+        .iter()
+        .map(|(name, embedded)| {
+            let bytes = match dir {
+                Some(dir) => {
+                    let path = dir.join(format!("{name}.wasm"));
+                    std::fs::read(&path).with_context(|| {
+                        format!(
+                            "reading {} (--plugins needs billing.wasm, points.wasm and notification.wasm)",
+                            path.display()
+                        )
+                    })?
+                }
+                None => embedded.to_vec(),
+            };
+            Ok((*name, bytes))
+        })
+        .collect()
 }
 
 fn transfer(i: usize) -> (String, &'static str, &'static str, i64) {
@@ -101,7 +112,7 @@ impl Expected {
 }
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
-    let dir = components(args.plugins.clone())?;
+    let components = components(args.plugins.as_deref())?;
     let data = tempfile::tempdir().context("creating a temporary data directory")?;
     let config = Config {
         listen: "127.0.0.1:0".parse()?,
@@ -121,13 +132,17 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             .ca_file(broker.cert_path.clone()),
     )
     .await?;
-    let result = scenario(&client, &dir, &args).await;
+    let result = scenario(&client, components, &args).await;
     client.close().await;
     broker.shutdown().await;
     result
 }
 
-async fn scenario(client: &Client, dir: &Path, args: &DemoArgs) -> anyhow::Result<()> {
+async fn scenario(
+    client: &Client,
+    mut components: BTreeMap<&'static str, Vec<u8>>,
+    args: &DemoArgs,
+) -> anyhow::Result<()> {
     client.create_topic("transfers", 4).await?;
     client.create_topic("notify", 2).await?;
     client.create_topic("outbox", 1).await?;
@@ -151,7 +166,9 @@ async fn scenario(client: &Client, dir: &Path, args: &DemoArgs) -> anyhow::Resul
         ),
     ];
     for (name, topic, publish, config) in plugins {
-        let bytes = std::fs::read(dir.join(format!("{name}.wasm")))?;
+        let bytes = components
+            .remove(name)
+            .context("every demo plugin has a component")?;
         let spec = PluginSpec {
             name: name.into(),
             topic: topic.into(),

@@ -12,10 +12,12 @@ mod message;
 mod plugin;
 mod produce;
 mod serve;
+pub mod shutdown;
 mod token;
 mod topic;
 mod tx;
 
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use msmq_client::{Client, ClientOptions};
 use std::path::PathBuf;
@@ -145,30 +147,21 @@ pub fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Serve(args) => serve::run(*args).await,
-            Command::Demo(args) => {
-                init_client_logging();
-                demo::run(args).await
-            }
             Command::Config => {
                 print!("{}", crate::config::Config::default_toml());
                 Ok(())
             }
-            other => {
+            client_command => {
                 init_client_logging();
-                let result = match other {
-                    Command::Topic(cmd) => topic::run(cmd).await,
-                    Command::Produce(args) => produce::run(args).await,
-                    Command::Consume(args) => consume::run(args).await,
-                    Command::Group(cmd) => group::run(cmd).await,
-                    Command::Tx(cmd) => tx::run(cmd).await,
-                    Command::Dlq(cmd) => dlq::run(cmd).await,
-                    Command::Message(cmd) => message::run(cmd).await,
-                    Command::Bench(cmd) => bench::run(cmd).await,
-                    Command::Plugin(cmd) => plugin::run(cmd).await,
-                    Command::Token(cmd) => token::run(cmd).await,
-                    Command::Acl(cmd) => acl::run(cmd).await,
-                    Command::Serve(_) | Command::Config | Command::Demo(_) => {
-                        unreachable!("handled above")
+                shutdown::install().context("listening for stop signals")?;
+                let graceful = client_command.stops_gracefully();
+                let command = run_client_command(client_command);
+                let result = if graceful {
+                    command.await
+                } else {
+                    tokio::select! {
+                        result = command => result,
+                        signal = shutdown::wait() => Err(shutdown::Interrupted(signal).into()),
                     }
                 };
                 close_clients().await;
@@ -178,9 +171,49 @@ pub fn main() -> ExitCode {
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+        Err(e) => match e.downcast_ref::<shutdown::Interrupted>() {
+            Some(shutdown::Interrupted(signal)) => {
+                eprintln!("msmq: {e}");
+                ExitCode::from(signal.exit_status())
+            }
+            None => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+impl Command {
+    /// Whether the command watches [`shutdown::requested`] and ends by itself
+    /// (exit 0) after a stop signal, instead of being dropped at once.
+    fn stops_gracefully(&self) -> bool {
+        matches!(
+            self,
+            Command::Consume(_)
+                | Command::Produce(_)
+                | Command::Bench(_)
+                | Command::Tx(tx::TxCommand::Send { .. })
+        )
+    }
+}
+
+async fn run_client_command(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Demo(args) => demo::run(args).await,
+        Command::Topic(cmd) => topic::run(cmd).await,
+        Command::Produce(args) => produce::run(args).await,
+        Command::Consume(args) => consume::run(args).await,
+        Command::Group(cmd) => group::run(cmd).await,
+        Command::Tx(cmd) => tx::run(cmd).await,
+        Command::Dlq(cmd) => dlq::run(cmd).await,
+        Command::Message(cmd) => message::run(cmd).await,
+        Command::Bench(cmd) => bench::run(cmd).await,
+        Command::Plugin(cmd) => plugin::run(cmd).await,
+        Command::Token(cmd) => token::run(cmd).await,
+        Command::Acl(cmd) => acl::run(cmd).await,
+        Command::Serve(_) | Command::Config => {
+            anyhow::bail!("serve and config are not client commands")
         }
     }
 }

@@ -96,7 +96,7 @@ pub async fn run(args: ProduceArgs) -> anyhow::Result<()> {
     };
     if let Some(count) = args.count {
         let payload = vec![b'x'; args.size];
-        while sent < count {
+        while sent < count && !super::shutdown::requested() {
             let n = (count - sent).min(args.batch as u64) as usize;
             let batch = (0..n).map(|_| args.message(payload.clone())).collect();
             sent += send(batch).await?;
@@ -111,6 +111,9 @@ pub async fn run(args: ProduceArgs) -> anyhow::Result<()> {
     } else {
         let stdin = std::io::stdin();
         for line in stdin.lock().lines() {
+            if super::shutdown::requested() {
+                break;
+            }
             pending.push(args.message(line?.into_bytes()));
             if pending.len() >= args.batch {
                 sent += send(std::mem::take(&mut pending)).await?;
@@ -119,6 +122,9 @@ pub async fn run(args: ProduceArgs) -> anyhow::Result<()> {
         if !pending.is_empty() {
             sent += send(pending).await?;
         }
+    }
+    if super::shutdown::requested() {
+        eprintln!("stopped by a signal after sending the messages above");
     }
     eprintln!("sent {sent} messages to {}", args.topic);
     Ok(())

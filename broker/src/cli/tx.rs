@@ -54,7 +54,8 @@ pub enum TxCommand {
     },
     /// Send one transactional message, for trying things out: a half
     /// message, then the --action. With `unknown`, stay connected and answer
-    /// the broker's check-backs with --answer until it is resolved or --wait ends.
+    /// the broker's check-backs with --answer until it is resolved, --wait
+    /// ends or a stop signal (SIGINT, SIGTERM, SIGHUP) arrives.
     Send {
         topic: String,
         message: String,
@@ -157,7 +158,16 @@ pub async fn run(cmd: TxCommand) -> anyhow::Result<()> {
             if matches!(action, Action::Unknown) {
                 let deadline = tokio::time::Instant::now() + wait;
                 while tokio::time::Instant::now() < deadline {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                        _ = super::shutdown::wait() => {
+                            println!(
+                                "transaction {} still pending; stopped by a signal (the broker checks back with another producer of group {group:?}, and rolls it back after its last check)",
+                                half.tx_id
+                            );
+                            return Ok(());
+                        }
+                    }
                     let state = producer.end(half.tx_id, TxAction::Unknown).await?;
                     if state != msmq_client::TxEnded::Pending {
                         println!("transaction {}: {state:?}", half.tx_id);

@@ -64,6 +64,12 @@ pub enum WriteOp {
         group: String,
         offsets: Vec<(u32, u32, u64)>,
     },
+    /// Store group offsets only where the group has none yet: how a
+    /// `latest` start is pinned without overwriting a member's commit.
+    PinOffsets {
+        group: String,
+        offsets: Vec<(u32, u32, u64)>,
+    },
     /// Store half messages, one transaction each, invisible to consumers.
     StoreHalf {
         topic: Arc<Topic>,
@@ -1224,6 +1230,17 @@ impl Writer {
                         .insert((group.as_str(), *topic_id, *partition), *offset)?;
                     fx.committed
                         .push((group.clone(), *topic_id, *partition, *offset));
+                }
+                Ok(WriteOutcome::OffsetsCommitted)
+            }
+            WriteOp::PinOffsets { group, offsets } => {
+                for (topic_id, partition, offset) in offsets {
+                    let key = (group.as_str(), *topic_id, *partition);
+                    if t.group_offsets.get(key)?.is_none() {
+                        t.group_offsets.insert(key, *offset)?;
+                        fx.committed
+                            .push((group.clone(), *topic_id, *partition, *offset));
+                    }
                 }
                 Ok(WriteOutcome::OffsetsCommitted)
             }

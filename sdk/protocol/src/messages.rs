@@ -732,8 +732,12 @@ pub struct FetchedMessages {
 /// Where a new group member starts on partitions the group has no offset for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub enum StartFrom {
+    /// The partition's first retained message.
     #[default]
     Earliest,
+    /// The partition's end when the member joins: the broker commits it for
+    /// the group before answering the join, so every message produced after
+    /// the join reaches the group.
     Latest,
 }
 

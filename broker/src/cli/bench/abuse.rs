@@ -175,7 +175,7 @@ async fn good_phase(
         let (size, batch) = (common.size, common.batch);
         tasks.push(tokio::spawn(async move {
             let mut acked = 0u64;
-            while Instant::now() < deadline {
+            while Instant::now() < deadline && !crate::cli::shutdown::requested() {
                 let messages = (0..batch)
                     .map(|_| NewMessage::new(vec![b'g'; size]))
                     .collect();

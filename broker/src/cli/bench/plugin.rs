@@ -76,7 +76,7 @@ async fn plugin_drain(
     let started = Instant::now();
     loop {
         let stats = client.plugin_stats(name).await?;
-        if stats.processed >= count {
+        if stats.processed >= count || crate::cli::shutdown::requested() {
             let elapsed = started.elapsed();
             client.remove_plugin(name).await?;
             return Ok((elapsed, stats));
@@ -203,6 +203,9 @@ pub(super) async fn deploy(b: PluginDeployBench) -> anyhow::Result<()> {
     let mut times_ms = Vec::new();
     let mut compile_ms = Vec::new();
     for i in 0..b.plugins {
+        if crate::cli::shutdown::requested() {
+            break;
+        }
         let started = Instant::now();
         let done = client
             .deploy_plugin(

@@ -28,7 +28,7 @@ fn refuse_plugin_group(state: &BrokerState, group: &str) -> Result<(), ErrorRepl
 }
 
 #[allow(clippy::too_many_arguments)]
-pub(super) fn join(
+pub(super) async fn join(
     state: &BrokerState,
     ctx: &ConnectionContext,
     group: String,
@@ -70,6 +70,9 @@ pub(super) fn join(
             "session timeout must be between {SESSION_TIMEOUT_MS_MIN} and {SESSION_TIMEOUT_MS_MAX} ms, not {session_timeout_ms}"
         )));
     }
+    if start == StartFrom::Latest {
+        pin_latest(state, &group, &topics).await?;
+    }
     let member = NewMember {
         topics,
         filter: std::sync::Arc::new(filter),
@@ -87,6 +90,40 @@ pub(super) fn join(
         assignment,
         group,
     }))
+}
+
+/// `latest` is the end of each partition when the member joins: pin it
+/// durably, before the join is answered, on every partition of `topics` the
+/// group has no position for, so the group receives everything produced
+/// after the join (a member that polls later must not skip it).
+async fn pin_latest(state: &BrokerState, group: &str, topics: &[String]) -> Result<(), ErrorReply> {
+    let mut offsets = Vec::new();
+    for name in topics {
+        let Some(topic) = state.registry.get(name) else {
+            continue;
+        };
+        for p in 0..topic.partition_count() {
+            if state
+                .registry
+                .committed_offset(group, topic.id(), p)
+                .is_none()
+            {
+                offsets.push((topic.id(), p, topic.partitions[p as usize].end()));
+            }
+        }
+    }
+    if offsets.is_empty() {
+        return Ok(());
+    }
+    state
+        .store
+        .write(WriteOp::PinOffsets {
+            group: group.to_string(),
+            offsets,
+        })
+        .await
+        .map_err(from_write)?;
+    Ok(())
 }
 
 pub(super) fn heartbeat(
@@ -132,19 +169,22 @@ pub(super) async fn initial_position(
         (Some(c), _) => c,
         (None, StartFrom::Earliest) => offsets.start(),
         (None, StartFrom::Latest) => {
-            // Pin `latest` durably: whoever owns this partition next, even
-            // after a rebalance or restart, starts here and misses nothing
-            // produced after the join.
-            let end = offsets.end();
+            // Joining pinned every partition the topic had then; this one is
+            // newer. Pin it where the group has no position yet (a member
+            // may have committed meanwhile) and read back what is stored.
             state
                 .store
-                .write(WriteOp::CommitOffsets {
+                .write(WriteOp::PinOffsets {
                     group: group.to_string(),
-                    offsets: vec![(id, p, end)],
+                    offsets: vec![(id, p, offsets.end())],
                 })
                 .await
                 .map_err(from_write)?;
-            end
+            let db = state.store.db().clone();
+            let g = group.to_string();
+            blocking(move || read::group_offset(&db, &g, id, p))
+                .await?
+                .unwrap_or_else(|| offsets.end())
         }
     };
     Ok(Some(position.clamp(offsets.start(), offsets.end())))

@@ -137,17 +137,20 @@ async fn dispatch(
             broadcast_instance,
             tag_filter,
             sql_filter,
-        } => group::join(
-            state,
-            ctx,
-            group,
-            topics,
-            start,
-            session_timeout_ms,
-            broadcast_instance,
-            tag_filter,
-            sql_filter,
-        ),
+        } => {
+            group::join(
+                state,
+                ctx,
+                group,
+                topics,
+                start,
+                session_timeout_ms,
+                broadcast_instance,
+                tag_filter,
+                sql_filter,
+            )
+            .await
+        }
         Request::Heartbeat { group, member_id } => group::heartbeat(state, group, member_id),
         Request::Poll {
             group,
