@@ -132,7 +132,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             .ca_file(broker.cert_path.clone()),
     )
     .await?;
-    let result = scenario(&client, components, &args).await;
+    // A stop signal ends the scenario; the embedded broker still shuts
+    // down in order (its plugin runners stop before the runtime does).
+    let result = tokio::select! {
+        result = scenario(&client, components, &args) => result,
+        signal = super::shutdown::wait() => Err(super::shutdown::Interrupted(signal).into()),
+    };
     client.close().await;
     broker.shutdown().await;
     result

@@ -186,11 +186,13 @@ pub fn main() -> ExitCode {
 
 impl Command {
     /// Whether the command watches [`shutdown::requested`] and ends by itself
-    /// (exit 0) after a stop signal, instead of being dropped at once.
+    /// after a stop signal (exit 0; `demo` shuts its embedded broker down and
+    /// exits 128 + the signal number), instead of being dropped at once.
     fn stops_gracefully(&self) -> bool {
         matches!(
             self,
             Command::Consume(_)
+                | Command::Demo(_)
                 | Command::Produce(_)
                 | Command::Bench(_)
                 | Command::Tx(tx::TxCommand::Send { .. })
