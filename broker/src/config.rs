@@ -112,9 +112,15 @@ pub struct Config {
     /// more recent data in the redb file.
     #[serde(with = "humantime_serde")]
     pub segment_move_interval: Duration,
-    /// Most connections one principal may have open (unauthenticated
-    /// connections count per remote address).
+    /// Most connections the broker holds open at once, whoever opened them.
+    pub connections_max: u32,
+    /// Most connections one principal (a token or a client certificate) may
+    /// have open.
     pub connections_per_principal_max: u32,
+    /// Most connections one remote address may have open that did not
+    /// authenticate (an IPv6 host counts by its /64). On a broker without
+    /// `--auth` this is the limit of every client host.
+    pub unauthenticated_connections_per_address_max: u32,
     /// Most requests (streams) one connection may have open at once.
     pub streams_per_connection_max: u32,
     /// Most requests one connection may send per second (bursts of one
@@ -183,7 +189,9 @@ impl Default for Config {
             segment_bytes_max: ByteSize(256 << 20),
             segment_age_max: Duration::from_secs(3600),
             segment_move_interval: Duration::from_millis(250),
+            connections_max: 10_000,
             connections_per_principal_max: 256,
+            unauthenticated_connections_per_address_max: 256,
             streams_per_connection_max: msmq_client::transport::STREAMS_PER_CONNECTION_MAX,
             requests_per_sec_per_connection_max: 20_000,
             requests_per_sec_per_principal_max: 100_000,
@@ -307,9 +315,14 @@ impl Config {
             crate::storage::segments::SEGMENT_AGE_MIN
         );
         for (key, value) in [
+            ("connections_max", self.connections_max),
             (
                 "connections_per_principal_max",
                 self.connections_per_principal_max,
+            ),
+            (
+                "unauthenticated_connections_per_address_max",
+                self.unauthenticated_connections_per_address_max,
             ),
             (
                 "streams_per_connection_max",

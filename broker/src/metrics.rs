@@ -33,6 +33,7 @@ pub struct Metrics {
     backlog: Family<Labels, Gauge>,
     lag: Family<Labels, Gauge>,
     transactions_pending: Gauge,
+    connections_open: Gauge,
     plugin_processed: Family<Labels, Counter>,
     plugin_failed_batches: Family<Labels, Counter>,
     plugin_dead_letters: Family<Labels, Counter>,
@@ -70,6 +71,7 @@ impl Metrics {
             backlog: Family::default(),
             lag: Family::default(),
             transactions_pending: Gauge::default(),
+            connections_open: Gauge::default(),
             plugin_processed: Family::default(),
             plugin_failed_batches: Family::default(),
             plugin_dead_letters: Family::default(),
@@ -141,7 +143,9 @@ impl Metrics {
                 "client_limit_hits",
                 "Clients held to a limit: rate (request refused), cut_off (connection \
                  closed for not backing off), banned (connection refused after a cut-off), \
-                 connections (connection refused at connections_per_principal_max)",
+                 connections (connection refused at connections_per_principal_max), \
+                 address_connections (at unauthenticated_connections_per_address_max), \
+                 broker_connections (at connections_max)",
                 m.client_limits.clone(),
             );
             r.register(
@@ -168,6 +172,11 @@ impl Metrics {
                 "transactions_pending",
                 "Half messages waiting for commit or rollback",
                 m.transactions_pending.clone(),
+            );
+            r.register(
+                "connections_open",
+                "Client connections open (limit: connections_max)",
+                m.connections_open.clone(),
             );
             r.register(
                 "plugin_processed_messages",
@@ -213,7 +222,8 @@ impl Metrics {
         m
     }
 
-    /// Count one hit of a client limit (`rate`, `cut_off`, `connections`).
+    /// Count one hit of a client limit (`rate`, `cut_off`, `banned`,
+    /// `connections`, `address_connections`, `broker_connections`).
     pub fn client_limit(&self, limit: &str) {
         self.client_limits
             .get_or_create(&vec![("limit".to_string(), limit.to_string())])
@@ -232,6 +242,8 @@ impl Metrics {
     }
 
     fn refresh(&self, state: &BrokerState) {
+        self.connections_open
+            .set(i64::from(state.connections.total()));
         self.backlog.clear();
         self.lag.clear();
         for topic in state.registry.list() {

@@ -372,3 +372,76 @@ async fn a_full_backlog_refuses_producers_until_consumers_catch_up() -> anyhow::
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_streams_ending_mid_frame_are_logged_once_per_connection() -> anyhow::Result<()> {
+    let broker = TestBroker::start()?;
+    let (endpoint, conn) = raw_connection(&broker).await?;
+    // 40 requests each promise 1,000 bytes, carry 10 and end their streams.
+    let mut streams = Vec::new();
+    for _ in 0..40 {
+        let (mut send, recv) = conn.open_bi().await?;
+        let mut half = 1000u32.to_be_bytes().to_vec();
+        half.extend_from_slice(&[0u8; 10]);
+        send.write_all(&half).await?;
+        streams.push((send, recv));
+    }
+    for (send, _) in &mut streams {
+        let _ = send.finish();
+    }
+    conn.closed().await;
+    closed_with(&conn, ErrorCode::BAD_REQUEST);
+    drop(streams);
+    endpoint.wait_idle().await;
+    // The broker logs it when the connection's accept loop ends.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let lines = loop {
+        let log = broker.log();
+        let lines: Vec<String> = log
+            .lines()
+            .filter(|l| l.contains("WARN") && l.contains("framing"))
+            .map(str::to_string)
+            .collect();
+        if !lines.is_empty() || std::time::Instant::now() >= deadline {
+            break lines;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(lines.len(), 1, "one warning for the connection: {lines:#?}");
+    assert!(
+        lines[0].contains("bad_streams") && lines[0].contains("truncated frame"),
+        "{}",
+        lines[0]
+    );
+    // The broker keeps serving.
+    broker.client().await?.ping().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn committing_a_partition_the_topic_lacks_is_unknown_partition() -> anyhow::Result<()> {
+    use msmq_client::protocol::PartitionOffset;
+    let broker = TestBroker::start()?;
+    let client = broker.client().await?;
+    client.create_topic("payments", 2).await?;
+    let consumer = client
+        .consumer("billing", &["payments"], Default::default())
+        .await?;
+    let commit = |partition: u32| Request::CommitOffsets {
+        group: "billing".into(),
+        member_id: consumer.member_id(),
+        generation: consumer.assignment().generation,
+        offsets: vec![PartitionOffset {
+            topic: "payments".into(),
+            partition,
+            offset: 0,
+        }],
+    };
+    // The last partition is fine; one past it does not exist.
+    assert!(matches!(client.request(&commit(1)).await?, Reply::Done));
+    assert_eq!(
+        code(client.request(&commit(2)).await),
+        ErrorCode::UNKNOWN_PARTITION
+    );
+    Ok(())
+}

@@ -210,40 +210,82 @@ async fn the_sdk_backs_off_on_refusals_instead_of_failing() -> anyhow::Result<()
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connections_per_principal_hold_at_the_limit_and_refuse_one_past_it() -> anyhow::Result<()>
-{
-    // Unauthenticated: counted per address.
-    let broker = TestBroker::start_with(&["--connections-per-principal-max", "2"])?;
-    let first = broker.client().await?;
-    let second = broker.client().await?;
-    first.ping().await?;
-    second.ping().await?;
-    let third = Client::connect(broker.options()).await;
-    let err = match third {
-        Ok(third) => third
+/// With `open` connections already up, one more is refused with
+/// `TOO_MANY_CONNECTIONS`; its close reason.
+async fn one_more_is_refused(broker: &TestBroker) -> anyhow::Result<String> {
+    let err = match Client::connect(broker.options()).await {
+        Ok(extra) => extra
             .ping()
             .await
             .map(|_| ())
-            .expect_err("a third connection is refused"),
+            .expect_err("one connection past the limit is refused"),
         Err(e) => e,
     };
     assert_eq!(err.code(), Some(ErrorCode::TOO_MANY_CONNECTIONS), "{err}");
-    let reason = err.close_reason().unwrap_or_default();
-    assert!(reason.contains("connections_per_principal_max"), "{reason}");
-    // A closed connection frees its place.
-    first.close().await;
-    let mut again = None;
+    Ok(err.close_reason().unwrap_or_default().to_string())
+}
+
+/// A new connection that answers a ping, once a place frees.
+async fn connects_again(broker: &TestBroker) -> anyhow::Result<Client> {
     for _ in 0..50 {
         if let Ok(c) = broker.client().await {
             if c.ping().await.is_ok() {
-                again = Some(c);
-                break;
+                return Ok(c);
             }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(again.is_some(), "a place frees when a connection closes");
+    anyhow::bail!("no place freed after a connection closed")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_wide_connection_limit_holds_at_the_limit_and_refuses_one_past_it(
+) -> anyhow::Result<()> {
+    let broker = TestBroker::start_with(&["--connections-max", "3"])?;
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        let c = broker.client().await?;
+        c.ping().await?;
+        open.push(c);
+    }
+    let reason = one_more_is_refused(&broker).await?;
+    assert!(reason.contains("connections_max"), "{reason}");
+    let metrics = crate::metrics::scrape(broker.http.as_deref().unwrap_or_default())?;
+    assert!(
+        metrics.contains("msmq_client_limit_hits_total{limit=\"broker_connections\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.lines().any(|l| l == "msmq_connections_open 3"),
+        "{metrics}"
+    );
+    open.remove(0).close().await;
+    connects_again(&broker).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_per_principal_hold_at_the_limit_and_refuse_one_past_it() -> anyhow::Result<()>
+{
+    // Unauthenticated: counted per address, under their own limit.
+    let broker = TestBroker::start_with(&[
+        "--unauthenticated-connections-per-address-max",
+        "2",
+        "--connections-per-principal-max",
+        "1",
+    ])?;
+    let first = broker.client().await?;
+    let second = broker.client().await?;
+    first.ping().await?;
+    second.ping().await?;
+    let reason = one_more_is_refused(&broker).await?;
+    assert!(
+        reason.contains("unauthenticated_connections_per_address_max"),
+        "{reason}"
+    );
+    // A closed connection frees its place.
+    first.close().await;
+    connects_again(&broker).await?;
     drop(broker);
 
     // With tokens: counted per principal once authenticated.

@@ -127,10 +127,17 @@ pub struct ServeArgs {
     /// fsync per interval.
     #[arg(long, env = "MSMQ_SEGMENT_MOVE_INTERVAL", value_parser = humantime::parse_duration)]
     segment_move_interval: Option<Duration>,
-    /// Most connections one principal may have open (unauthenticated ones
-    /// count per remote address).
+    /// Most connections the broker holds open at once, from all clients.
+    #[arg(long, env = "MSMQ_CONNECTIONS_MAX")]
+    connections_max: Option<u32>,
+    /// Most connections one principal (token or client certificate) may
+    /// have open.
     #[arg(long, env = "MSMQ_CONNECTIONS_PER_PRINCIPAL_MAX")]
     connections_per_principal_max: Option<u32>,
+    /// Most connections one remote address may have open before they
+    /// authenticate (without --auth: every connection of a client host).
+    #[arg(long, env = "MSMQ_UNAUTHENTICATED_CONNECTIONS_PER_ADDRESS_MAX")]
+    unauthenticated_connections_per_address_max: Option<u32>,
     /// Most requests one connection may have open at once (QUIC streams).
     #[arg(long, env = "MSMQ_STREAMS_PER_CONNECTION_MAX")]
     streams_per_connection_max: Option<u32>,
@@ -205,7 +212,9 @@ impl ServeArgs {
             segment_bytes_max,
             segment_age_max,
             segment_move_interval,
+            connections_max,
             connections_per_principal_max,
+            unauthenticated_connections_per_address_max,
             streams_per_connection_max,
             requests_per_sec_per_connection_max,
             requests_per_sec_per_principal_max,

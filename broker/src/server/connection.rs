@@ -9,7 +9,7 @@
 //! framing can no longer be trusted. A body that frames correctly but does
 //! not decode gets a `BAD_REQUEST` reply on its stream.
 
-use super::limits::{Admission, ConnectionAdmission, RequestRate};
+use super::limits::{Admission, ConnectionAdmission, ConnectionRefusal, RequestRate};
 use super::{handlers, BrokerState};
 use msmq_protocol::{
     decode_body, encode_frame, ErrorCode, ErrorReply, Reply, Request, FRAME_BYTES_MAX,
@@ -37,6 +37,11 @@ pub struct ConnectionContext {
     /// The rate shared by all connections of `count_key`.
     principal_rate: std::sync::Mutex<Arc<RequestRate>>,
     in_flight_bytes: tokio::sync::Semaphore,
+    /// Streams that failed framing, and the first one's reason: a client
+    /// dropping many half-sent requests fails them all at once, and that is
+    /// logged once, when the connection ends.
+    framing_errors: std::sync::atomic::AtomicU32,
+    first_framing_error: std::sync::Mutex<Option<(ErrorCode, String)>>,
 }
 
 impl ConnectionContext {
@@ -51,10 +56,11 @@ impl ConnectionContext {
         if current == principal {
             return Ok(());
         }
-        state
-            .connections
-            .acquire(principal, state.config.connections_per_principal_max)?;
-        state.connections.release(current);
+        state.connections.recount(
+            current,
+            principal,
+            state.config.connections_per_principal_max,
+        )?;
         *current = principal.to_string();
         *self.principal_rate.lock().expect("rate lock") = principal_rate(state, principal);
         Ok(())
@@ -156,21 +162,46 @@ pub(super) async fn accept_loop(
 
 async fn serve_connection(state: Arc<BrokerState>, conn: quinn::Connection, requests: TaskTracker) {
     let principal = certificate_principal(&conn);
-    let count_key = match &principal {
-        Some((_, name)) => name.clone(),
-        None => address_key(conn.remote_address()),
+    let config = &state.config;
+    let (count_key, key_limit, key_limit_name, key_metric) = match &principal {
+        Some((_, name)) => (
+            name.clone(),
+            config.connections_per_principal_max,
+            "connections_per_principal_max",
+            "connections",
+        ),
+        None => (
+            address_key(conn.remote_address()),
+            config.unauthenticated_connections_per_address_max,
+            "unauthenticated_connections_per_address_max",
+            "address_connections",
+        ),
     };
     if let Some((reason, _)) = banned(&state, &count_key) {
         tracing::debug!(remote = %conn.remote_address(), %reason, "connection refused");
         return close_with(&conn, ErrorCode::RATE_LIMITED, &reason);
     }
-    let limit = state.config.connections_per_principal_max;
-    if let Err(open) = state.connections.acquire(&count_key, limit) {
-        crate::metrics::global().client_limit("connections");
-        let reason = format!(
-            "{count_key} already has {open} connections open, the limit \
-             (connections_per_principal_max) is {limit}"
-        );
+    let refused = state
+        .connections
+        .acquire(&count_key, key_limit, config.connections_max);
+    if let Err(refusal) = refused {
+        let (metric, reason) = match refusal {
+            ConnectionRefusal::Broker { open } => (
+                "broker_connections",
+                format!(
+                    "the broker has {open} connections open, its limit (connections_max) is {}",
+                    config.connections_max
+                ),
+            ),
+            ConnectionRefusal::Key { open } => (
+                key_metric,
+                format!(
+                    "{count_key} already has {open} connections open, the limit \
+                     ({key_limit_name}) is {key_limit}"
+                ),
+            ),
+        };
+        crate::metrics::global().client_limit(metric);
         tracing::warn!(remote = %conn.remote_address(), %reason, "connection refused");
         return close_with(&conn, ErrorCode::TOO_MANY_CONNECTIONS, &reason);
     }
@@ -188,6 +219,8 @@ async fn serve_connection(state: Arc<BrokerState>, conn: quinn::Connection, requ
         in_flight_bytes: tokio::sync::Semaphore::new(
             state.config.in_flight_bytes_per_connection_max.as_u64() as usize,
         ),
+        framing_errors: std::sync::atomic::AtomicU32::new(0),
+        first_framing_error: std::sync::Mutex::new(None),
     });
     tracing::debug!(conn = ctx.id, remote = %ctx.remote, "connection opened");
     let reason = loop {
@@ -204,10 +237,9 @@ async fn serve_connection(state: Arc<BrokerState>, conn: quinn::Connection, requ
                     cut_off(&state, &ctx, refused);
                     break quinn::ConnectionError::LocallyClosed;
                 }
-                let (state, ctx, conn) = (state.clone(), ctx.clone(), conn.clone());
-                requests.spawn(async move {
-                    serve_stream(&state, &ctx, &conn, admission, send, recv).await
-                });
+                let (state, ctx) = (state.clone(), ctx.clone());
+                requests
+                    .spawn(async move { serve_stream(&state, &ctx, admission, send, recv).await });
             }
             Err(e) => break e,
         }
@@ -220,6 +252,12 @@ async fn serve_connection(state: Arc<BrokerState>, conn: quinn::Connection, requ
     for (group, member) in dropped {
         tracing::info!(%group, member, "member's connection closed; partitions rebalanced");
     }
+    let bad_streams = ctx.framing_errors.load(Ordering::Relaxed);
+    let first = ctx.first_framing_error.lock().expect("framing lock").take();
+    if let Some((code, first)) = first {
+        tracing::warn!(conn = ctx.id, remote = %ctx.remote, %code, bad_streams, first = %first,
+            "closed connection for bad framing");
+    }
     tracing::debug!(conn = ctx.id, remote = %ctx.remote, %reason, "connection closed");
 }
 
@@ -231,9 +269,16 @@ fn close_with(conn: &quinn::Connection, code: ErrorCode, reason: &str) {
 /// Longest close reason sent (it travels in one QUIC frame).
 const CLOSE_REASON_CHARS_MAX: usize = 200;
 
-fn close_for_framing(conn: &quinn::Connection, code: ErrorCode, reason: String) {
-    tracing::warn!(remote = %conn.remote_address(), %code, %reason, "closing connection: bad framing");
-    close_with(conn, code, &reason);
+/// Close the connection for bad framing; the first failing stream's reason
+/// goes to the client, and to the log with the count when the connection
+/// ends.
+fn close_for_framing(ctx: &ConnectionContext, code: ErrorCode, reason: String) {
+    if ctx.framing_errors.fetch_add(1, Ordering::Relaxed) > 0 {
+        tracing::debug!(conn = ctx.id, %code, %reason, "another stream with bad framing");
+        return;
+    }
+    close_with(&ctx.conn, code, &reason);
+    *ctx.first_framing_error.lock().expect("framing lock") = Some((code, reason));
 }
 
 /// Close a connection that kept sending past its rate refusals.
@@ -254,7 +299,6 @@ fn cut_off(state: &BrokerState, ctx: &ConnectionContext, refused: u32) {
 async fn serve_stream(
     state: &Arc<BrokerState>,
     ctx: &ConnectionContext,
-    conn: &quinn::Connection,
     admission: Admission,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
@@ -275,7 +319,7 @@ async fn serve_stream(
                 retry_after_ms: Some(retry_after_ms),
             })
         }
-        _ => match read_frame(state, ctx, conn, &mut recv).await {
+        _ => match read_frame(state, ctx, &mut recv).await {
             Ok((body, _in_flight)) => answer(state, ctx, &body).await,
             Err(ReadFailed::Gone) => return,
             Err(ReadFailed::TimedOut) => {
@@ -319,7 +363,6 @@ enum ReadFailed {
 async fn read_frame<'a>(
     state: &BrokerState,
     ctx: &'a ConnectionContext,
-    conn: &quinn::Connection,
     recv: &mut quinn::RecvStream,
 ) -> Result<(Vec<u8>, tokio::sync::SemaphorePermit<'a>), ReadFailed> {
     let timeout = state.config.request_read_timeout;
@@ -329,7 +372,7 @@ async fn read_frame<'a>(
         Ok(Ok(())) => {}
         Ok(Err(quinn::ReadExactError::FinishedEarly(n))) => {
             close_for_framing(
-                conn,
+                ctx,
                 ErrorCode::BAD_REQUEST,
                 format!("truncated frame: stream ended after {n} header bytes"),
             );
@@ -344,7 +387,7 @@ async fn read_frame<'a>(
     let len = u32::from_be_bytes(header) as usize;
     if len > FRAME_BYTES_MAX {
         close_for_framing(
-            conn,
+            ctx,
             ErrorCode::FRAME_TOO_LARGE,
             format!("frame of {len} bytes exceeds the {FRAME_BYTES_MAX} byte limit"),
         );
@@ -363,7 +406,7 @@ async fn read_frame<'a>(
         Ok(Ok(body)) if body.len() == len => body,
         Ok(Ok(body)) => {
             close_for_framing(
-                conn,
+                ctx,
                 ErrorCode::BAD_REQUEST,
                 format!(
                     "truncated frame: header says {len} body bytes, stream carried {}",
@@ -374,7 +417,7 @@ async fn read_frame<'a>(
         }
         Ok(Err(quinn::ReadToEndError::TooLong)) => {
             close_for_framing(
-                conn,
+                ctx,
                 ErrorCode::BAD_REQUEST,
                 format!("stream carried bytes after the {len}-byte frame body"),
             );

@@ -13,14 +13,29 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Open connections per principal (or per address for unauthenticated
-/// ones), and the keys whose new connections are refused for a while
-/// because one of their connections was cut off.
+/// Open connections, broker-wide and per principal (or per address for
+/// unauthenticated ones), and the keys whose new connections are refused
+/// for a while because one of their connections was cut off.
 #[derive(Default)]
 pub struct ConnectionCounts {
-    open: Mutex<HashMap<String, u32>>,
+    open: Mutex<OpenConnections>,
     banned_until: Mutex<HashMap<String, Instant>>,
     rates: Mutex<HashMap<String, Arc<RequestRate>>>,
+}
+
+#[derive(Default)]
+struct OpenConnections {
+    by_key: HashMap<String, u32>,
+    total: u32,
+}
+
+/// Why a connection was not counted.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ConnectionRefusal {
+    /// The broker holds its limit of connections (`open` of them).
+    Broker { open: u32 },
+    /// The key holds its limit (`open` of them).
+    Key { open: u32 },
 }
 
 /// Principals whose rate is remembered after their last connection closed
@@ -35,8 +50,8 @@ impl ConnectionCounts {
             let open = self.open.lock().expect("connection count lock");
             // Forget idle principals; if most are connected, let the map
             // grow (to twice what is connected) rather than scan it each time.
-            if rates.len() >= 2 * open.len() {
-                rates.retain(|k, _| open.contains_key(k));
+            if rates.len() >= 2 * open.by_key.len() {
+                rates.retain(|k, _| open.by_key.contains_key(k));
             }
         }
         rates
@@ -61,30 +76,68 @@ impl ConnectionCounts {
         (!left.is_zero()).then_some(left)
     }
 
-    /// Count one more connection of `key`; `Err(open)` when `max` are open.
-    pub fn acquire(&self, key: &str, max: u32) -> Result<(), u32> {
+    /// Count one more connection of `key`: refused when the broker holds
+    /// `total_max` connections or `key` holds `key_max`.
+    pub fn acquire(
+        &self,
+        key: &str,
+        key_max: u32,
+        total_max: u32,
+    ) -> Result<(), ConnectionRefusal> {
         let mut open = self.open.lock().expect("connection count lock");
-        let count = open.entry(key.to_string()).or_insert(0);
-        if *count >= max {
-            return Err(*count);
+        if open.total >= total_max {
+            return Err(ConnectionRefusal::Broker { open: open.total });
         }
-        *count += 1;
+        let count = open.by_key.get(key).copied().unwrap_or(0);
+        if count >= key_max {
+            return Err(ConnectionRefusal::Key { open: count });
+        }
+        open.by_key.insert(key.to_string(), count + 1);
+        open.total += 1;
+        Ok(())
+    }
+
+    /// Count one connection of `from` under `to` instead (it authenticated);
+    /// `Err(open)` when `to` already holds `to_max`. The broker-wide count
+    /// does not change.
+    pub fn recount(&self, from: &str, to: &str, to_max: u32) -> Result<(), u32> {
+        let mut open = self.open.lock().expect("connection count lock");
+        let count = open.by_key.get(to).copied().unwrap_or(0);
+        if count >= to_max {
+            return Err(count);
+        }
+        open.by_key.insert(to.to_string(), count + 1);
+        Self::forget_one(&mut open.by_key, from);
         Ok(())
     }
 
     pub fn release(&self, key: &str) {
         let mut open = self.open.lock().expect("connection count lock");
-        if let Some(count) = open.get_mut(key) {
-            *count -= 1;
-            if *count == 0 {
-                open.remove(key);
-            }
+        if Self::forget_one(&mut open.by_key, key) {
+            open.total -= 1;
         }
     }
 
+    fn forget_one(by_key: &mut HashMap<String, u32>, key: &str) -> bool {
+        let Some(count) = by_key.get_mut(key) else {
+            return false;
+        };
+        *count -= 1;
+        if *count == 0 {
+            by_key.remove(key);
+        }
+        true
+    }
+
+    /// Connections open under `key`.
     pub fn open(&self, key: &str) -> u32 {
         let open = self.open.lock().expect("connection count lock");
-        open.get(key).copied().unwrap_or(0)
+        open.by_key.get(key).copied().unwrap_or(0)
+    }
+
+    /// Connections open on the broker.
+    pub fn total(&self) -> u32 {
+        self.open.lock().expect("connection count lock").total
     }
 }
 
@@ -287,17 +340,45 @@ mod tests {
     #[test]
     fn connections_are_counted_per_key_up_to_the_limit() {
         let counts = ConnectionCounts::default();
-        assert!(counts.acquire("a", 2).is_ok());
-        assert!(counts.acquire("a", 2).is_ok());
-        assert_eq!(counts.acquire("a", 2), Err(2));
-        assert!(counts.acquire("b", 2).is_ok());
+        assert!(counts.acquire("a", 2, 100).is_ok());
+        assert!(counts.acquire("a", 2, 100).is_ok());
+        assert_eq!(
+            counts.acquire("a", 2, 100),
+            Err(ConnectionRefusal::Key { open: 2 })
+        );
+        assert!(counts.acquire("b", 2, 100).is_ok());
         counts.release("a");
-        assert!(counts.acquire("a", 2).is_ok());
+        assert!(counts.acquire("a", 2, 100).is_ok());
         counts.release("a");
         counts.release("a");
         counts.release("b");
         assert_eq!(counts.open("a"), 0);
-        assert!(counts.open.lock().unwrap().is_empty());
+        assert_eq!(counts.total(), 0);
+        assert!(counts.open.lock().unwrap().by_key.is_empty());
+    }
+
+    #[test]
+    fn the_broker_wide_limit_holds_across_keys_and_a_recount_keeps_the_total() {
+        let counts = ConnectionCounts::default();
+        assert!(counts.acquire("address:1", 10, 3).is_ok());
+        assert!(counts.acquire("address:2", 10, 3).is_ok());
+        assert!(counts.acquire("address:3", 10, 3).is_ok());
+        assert_eq!(
+            counts.acquire("address:4", 10, 3),
+            Err(ConnectionRefusal::Broker { open: 3 })
+        );
+        // Authenticating moves a connection to its principal, up to that
+        // principal's limit; the broker-wide count stays.
+        assert!(counts.recount("address:1", "billing", 1).is_ok());
+        assert_eq!(counts.recount("address:2", "billing", 1), Err(1));
+        assert_eq!(counts.total(), 3);
+        assert_eq!(counts.open("address:1"), 0);
+        counts.release("billing");
+        assert_eq!(counts.total(), 2);
+        assert!(counts.acquire("address:4", 10, 3).is_ok());
+        // Releasing a key that holds nothing changes nothing.
+        counts.release("nobody");
+        assert_eq!(counts.total(), 3);
     }
 
     #[test]

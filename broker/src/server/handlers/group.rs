@@ -329,6 +329,23 @@ pub(super) async fn commit(
             "group {group:?} consumes with per-message acks; the broker commits its progress"
         )));
     }
+    // A partition that does not exist is refused as such before ownership
+    // is checked: it is no member's, and `REBALANCED` would send the client
+    // to retry what can never succeed.
+    let mut targets = Vec::with_capacity(offsets.len());
+    for o in &offsets {
+        let topic = state
+            .registry
+            .get(&o.topic)
+            .ok_or_else(|| unknown_topic(&o.topic))?;
+        if topic.partition(o.partition).is_none() {
+            return Err(ErrorReply::new(
+                ErrorCode::UNKNOWN_PARTITION,
+                format!("{}/{} does not exist", o.topic, o.partition),
+            ));
+        }
+        targets.push(topic);
+    }
     let partitions: Vec<TopicPartition> = offsets
         .iter()
         .map(|o| TopicPartition {
@@ -340,26 +357,14 @@ pub(super) async fn commit(
         .with_groups(|g, _| g.check_owner(&group, member_id, &partitions))
         .map_err(from_group)?;
     let mut stored = Vec::with_capacity(offsets.len());
-    for o in &offsets {
-        let topic = state
-            .registry
-            .get(&o.topic)
-            .ok_or_else(|| unknown_topic(&o.topic))?;
-        let p = topic.partition(o.partition).ok_or_else(|| {
-            ErrorReply::new(
-                ErrorCode::UNKNOWN_PARTITION,
-                format!("{}/{} does not exist", o.topic, o.partition),
-            )
-        })?;
-        if o.offset > p.end() {
+    for (o, topic) in offsets.iter().zip(&targets) {
+        let end = topic.partition(o.partition).map_or(0, |p| p.end());
+        if o.offset > end {
             return Err(ErrorReply::new(
                 ErrorCode::OFFSET_OUT_OF_RANGE,
                 format!(
-                    "cannot commit offset {} past the end {} of {}/{}",
-                    o.offset,
-                    p.end(),
-                    o.topic,
-                    o.partition
+                    "cannot commit offset {} past the end {end} of {}/{}",
+                    o.offset, o.topic, o.partition
                 ),
             ));
         }
