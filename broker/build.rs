@@ -49,7 +49,14 @@ fn build() -> Result<(), String> {
     let target_dir = plugins.join("target");
     let mut command = Command::new(cargo);
     command
-        .args(["build", "--release", "--quiet", "--target", PLUGIN_TARGET])
+        .args([
+            "build",
+            "--release",
+            "--quiet",
+            "--locked",
+            "--target",
+            PLUGIN_TARGET,
+        ])
         .arg("--manifest-path")
         .arg(plugins.join("Cargo.toml"))
         .arg("--target-dir")

@@ -16,6 +16,8 @@ use std::time::Duration;
 /// request, at most what a semaphore counts in one acquisition.
 const IN_FLIGHT_BYTES_MIN: u64 = 4096;
 const IN_FLIGHT_BYTES_MAX: u64 = u32::MAX as u64;
+/// Shortest `disk_check_interval`: statvfs is cheap, but not free.
+pub const DISK_CHECK_INTERVAL_MIN: Duration = Duration::from_millis(10);
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -112,6 +114,15 @@ pub struct Config {
     /// more recent data in the redb file.
     #[serde(with = "humantime_serde")]
     pub segment_move_interval: Duration,
+    /// Least free space the data directory's filesystem keeps: below it,
+    /// produces and half messages are refused with `DISK_FULL` (retryable)
+    /// while consumers, commits, joins and deletes go on in the reserve.
+    /// 0: never refuse.
+    pub disk_free_min: ByteSize,
+    /// How often the free space is measured; producers are served again
+    /// within this long of space returning.
+    #[serde(with = "humantime_serde")]
+    pub disk_check_interval: Duration,
     /// Most connections the broker holds open at once, whoever opened them.
     pub connections_max: u32,
     /// Most connections one principal (a token or a client certificate) may
@@ -189,6 +200,8 @@ impl Default for Config {
             segment_bytes_max: ByteSize(256 << 20),
             segment_age_max: Duration::from_secs(3600),
             segment_move_interval: Duration::from_millis(250),
+            disk_free_min: ByteSize::mib(256),
+            disk_check_interval: Duration::from_secs(1),
             connections_max: 10_000,
             connections_per_principal_max: 256,
             unauthenticated_connections_per_address_max: 256,
@@ -313,6 +326,10 @@ impl Config {
             self.segment_age_max >= crate::storage::segments::SEGMENT_AGE_MIN,
             "segment_age_max must be at least {:?}",
             crate::storage::segments::SEGMENT_AGE_MIN
+        );
+        anyhow::ensure!(
+            self.disk_check_interval >= DISK_CHECK_INTERVAL_MIN,
+            "disk_check_interval must be at least {DISK_CHECK_INTERVAL_MIN:?}"
         );
         for (key, value) in [
             ("connections_max", self.connections_max),

@@ -34,6 +34,8 @@ pub struct Metrics {
     lag: Family<Labels, Gauge>,
     transactions_pending: Gauge,
     connections_open: Gauge,
+    disk_free_bytes: Gauge,
+    disk_low: Gauge,
     plugin_processed: Family<Labels, Counter>,
     plugin_failed_batches: Family<Labels, Counter>,
     plugin_dead_letters: Family<Labels, Counter>,
@@ -72,6 +74,8 @@ impl Metrics {
             lag: Family::default(),
             transactions_pending: Gauge::default(),
             connections_open: Gauge::default(),
+            disk_free_bytes: Gauge::default(),
+            disk_low: Gauge::default(),
             plugin_processed: Family::default(),
             plugin_failed_batches: Family::default(),
             plugin_dead_letters: Family::default(),
@@ -179,6 +183,16 @@ impl Metrics {
                 m.connections_open.clone(),
             );
             r.register(
+                "disk_free_bytes",
+                "Free bytes of the data directory's filesystem, as last measured",
+                m.disk_free_bytes.clone(),
+            );
+            r.register(
+                "disk_low",
+                "1 while free disk space is below disk_free_min (produces refused with DISK_FULL)",
+                m.disk_low.clone(),
+            );
+            r.register(
                 "plugin_processed_messages",
                 "Messages whose plugin outcome was committed",
                 m.plugin_processed.clone(),
@@ -244,6 +258,9 @@ impl Metrics {
     fn refresh(&self, state: &BrokerState) {
         self.connections_open
             .set(i64::from(state.connections.total()));
+        self.disk_free_bytes
+            .set(i64::try_from(state.disk.free_bytes()).unwrap_or(i64::MAX));
+        self.disk_low.set(i64::from(state.disk.is_low()));
         self.backlog.clear();
         self.lag.clear();
         for topic in state.registry.list() {

@@ -19,18 +19,35 @@ fn options(session_ms: u64) -> ConsumerOptions {
 }
 
 async fn fill(client: &msmq_client::Client, topic: &str, n: usize) -> anyhow::Result<()> {
+    fill_named(client, topic, "m", n).await
+}
+
+/// `n` messages `{prefix}0`, `{prefix}1`, …
+async fn fill_named(
+    client: &msmq_client::Client,
+    topic: &str,
+    prefix: &str,
+    n: usize,
+) -> anyhow::Result<()> {
     let producer = client.producer(topic);
     for chunk in (0..n).collect::<Vec<_>>().chunks(100) {
         producer
             .send_batch(
                 chunk
                     .iter()
-                    .map(|i| NewMessage::new(format!("m{i}")))
+                    .map(|i| NewMessage::new(format!("{prefix}{i}")))
                     .collect(),
             )
             .await?;
     }
     Ok(())
+}
+
+fn payloads(messages: &[msmq_client::ReceivedMessage]) -> BTreeSet<String> {
+    messages
+        .iter()
+        .map(|m| String::from_utf8_lossy(&m.message.payload).into_owned())
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -176,7 +193,7 @@ async fn latest_is_the_end_at_the_join_not_at_the_first_poll() -> anyhow::Result
     let mut a = client.consumer("notify", &["payments"], latest()).await?;
     let other = broker.client().await?;
     let mut b = other.consumer("notify", &["payments"], latest()).await?;
-    fill(&client, "payments", 100).await?;
+    fill_named(&client, "payments", "new", 100).await?;
     let mut got = Vec::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while got.len() < 100 && std::time::Instant::now() < deadline {
@@ -185,25 +202,79 @@ async fn latest_is_the_end_at_the_join_not_at_the_first_poll() -> anyhow::Result
             member.commit().await?;
         }
     }
-    let payloads: BTreeSet<String> = got
-        .iter()
-        .map(|m| String::from_utf8_lossy(&m.message.payload).into_owned())
-        .collect();
     assert_eq!(
         got.len(),
         100,
         "every message produced after the join, once"
     );
-    assert_eq!(payloads, (0..100).map(|i| format!("m{i}")).collect());
+    assert_eq!(
+        payloads(&got),
+        (0..100).map(|i| format!("new{i}")).collect()
+    );
 
     // A pin never replaces a commit: a member joining with `latest` later
     // resumes where the group committed.
     a.leave().await?;
     b.leave().await?;
-    fill(&client, "payments", 20).await?;
+    fill_named(&client, "payments", "later", 20).await?;
     let mut c = client.consumer("notify", &["payments"], latest()).await?;
     let got = drain(&mut c, 20, Duration::from_secs(10)).await?;
-    assert_eq!(got.len(), 20, "the group's committed offsets still hold");
+    assert_eq!(
+        payloads(&got),
+        (0..20).map(|i| format!("later{i}")).collect(),
+        "the group's committed offsets still hold"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_latest_newcomer_does_not_move_an_earliest_member_to_the_end() -> anyhow::Result<()> {
+    let broker = TestBroker::start()?;
+    let client = broker.client().await?;
+    client.create_topic("payments", 2).await?;
+    fill_named(&client, "payments", "old", 40).await?;
+    // The first member starts from the beginning and has not polled yet.
+    let mut early = client
+        .consumer("audit", &["payments"], options(60_000))
+        .await?;
+    let other = broker.client().await?;
+    let mut late = other
+        .consumer(
+            "audit",
+            &["payments"],
+            ConsumerOptions {
+                start: StartFrom::Latest,
+                ..options(60_000)
+            },
+        )
+        .await?;
+    early.heartbeat_now().await?;
+    late.heartbeat_now().await?;
+    let owned: BTreeSet<u32> = early
+        .assignment()
+        .partitions
+        .iter()
+        .map(|p| p.partition)
+        .collect();
+    assert_eq!(owned.len(), 1, "{:?}", early.assignment());
+    let description = client.describe_topic("payments").await?;
+    let want: usize = description
+        .partitions
+        .iter()
+        .filter(|p| owned.contains(&p.partition))
+        .map(|p| p.end_offset as usize)
+        .sum();
+    assert!(want > 0);
+    let got = drain(&mut early, want, Duration::from_secs(10)).await?;
+    assert_eq!(
+        got.len(),
+        want,
+        "the earliest member reads its partition from the start"
+    );
+    assert!(
+        late.poll().await?.is_empty(),
+        "the newcomer starts at the end"
+    );
     Ok(())
 }
 

@@ -39,8 +39,21 @@ impl TestBroker {
         Self::start_inner(extra, true)
     }
 
+    /// Start with its data directory inside `parent` (a filesystem the test
+    /// made, say).
+    pub fn start_in(parent: &std::path::Path, extra: &[&str]) -> anyhow::Result<TestBroker> {
+        Self::start_at(tempfile::tempdir_in(parent)?, extra, false)
+    }
+
     fn start_inner(extra: &[&str], faults: bool) -> anyhow::Result<TestBroker> {
-        let dir = tempfile::tempdir()?;
+        Self::start_at(tempfile::tempdir()?, extra, faults)
+    }
+
+    fn start_at(
+        dir: tempfile::TempDir,
+        extra: &[&str],
+        faults: bool,
+    ) -> anyhow::Result<TestBroker> {
         let mut broker = TestBroker {
             dir,
             addr: "127.0.0.1:0".parse()?,

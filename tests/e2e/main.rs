@@ -10,6 +10,7 @@ mod console;
 mod crash;
 mod crash_driver;
 mod delayed;
+mod disk;
 mod faults;
 mod groups;
 mod harness;

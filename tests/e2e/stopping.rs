@@ -17,7 +17,8 @@ async fn a_consumer_stopped_by_sigterm_hands_its_partitions_over_at_once() -> an
         .collect();
     producer.send_batch(early).await?;
 
-    // A session far longer than the test: only leaving frees the partitions.
+    // Its session (10 s by default) outlasts the 1 s below: only leaving
+    // frees its partitions in time.
     let consumer = CliProcess::spawn(&broker, &["consume", "payments", "--group", "g", "--json"])?;
     let mut printed = Vec::new();
     while printed.len() < 20 {
@@ -64,13 +65,13 @@ async fn a_consumer_stopped_by_sigterm_hands_its_partitions_over_at_once() -> an
         2,
         "the stopped consumer still owns partitions"
     );
-    let sent_at = Instant::now();
     producer.send(NewMessage::new("next")).await?;
+    let produced_at = Instant::now();
     let mut got = Vec::new();
-    while got.is_empty() && sent_at.elapsed() < Duration::from_secs(1) {
+    while got.is_empty() && produced_at.elapsed() < Duration::from_secs(1) {
         got.extend(second.poll().await?);
     }
-    let waited = sent_at.elapsed();
+    let waited = produced_at.elapsed();
     let payloads: Vec<String> = got
         .iter()
         .map(|m| String::from_utf8_lossy(&m.message.payload).into_owned())
@@ -135,14 +136,28 @@ fn a_bench_stopped_by_sighup_reports_what_it_measured() -> anyhow::Result<()> {
             "2000",
             "--size",
             "64",
+            "--report-every",
+            "200ms",
             "--json",
         ],
     )?;
-    std::thread::sleep(Duration::from_secs(2));
+    // Stop it once an interval shows messages flowing.
+    let flowing = Instant::now() + Duration::from_secs(30);
+    loop {
+        let line = bench
+            .line(Duration::from_secs(30))
+            .ok_or_else(|| anyhow::anyhow!("the bench printed nothing"))?;
+        let interval: serde_json::Value = serde_json::from_str(&line)?;
+        if interval["messages_per_sec"].as_f64().unwrap_or(0.0) > 0.0 {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < flowing, "no messages flowed: {line}");
+    }
     let started = Instant::now();
     let (status, rest, stderr) = bench.stop("HUP", Duration::from_secs(10))?;
     assert!(status.success(), "exit status {status:?}; stderr: {stderr}");
     assert!(started.elapsed() < Duration::from_secs(5));
+    // Interval lines may follow; the summary is the last line.
     let summary: serde_json::Value = serde_json::from_str(rest.last().map_or("", |l| l))?;
     let received = summary["messages"].as_u64().unwrap_or(0);
     let sent = summary["sent"].as_u64().unwrap_or(0);

@@ -681,7 +681,8 @@ async fn tx(b: TxBench) -> anyhow::Result<()> {
     // The same load as plain one-message produces, in the same run.
     let mut extra = json!({"producers": b.producers, "inflight": b.inflight, "size": b.common.size,
         "topic": topic, "latency_is": "half + commit round trips per transaction"});
-    if !b.no_baseline {
+    // A stop signal ended the run: no baseline to compare with.
+    if !b.no_baseline && !super::shutdown::requested() {
         let plain_common = Common {
             batch: 1,
             count: committed.max(1),

@@ -23,9 +23,9 @@ pub struct ConsumeArgs {
     #[arg(long)]
     count: Option<u64>,
     /// Where the group starts on partitions it never committed: the oldest
-    /// retained message, or the end of each partition when this consumer
-    /// joins (pinned for the group before the first poll, so nothing
-    /// produced after the join is skipped).
+    /// retained message, or the end of each partition when the group's
+    /// first consumer joins (pinned for the group before the first poll, so
+    /// nothing produced after the join is skipped).
     #[arg(long, value_enum, default_value_t = From::Earliest)]
     from: From,
     /// One JSON object per line instead of text.

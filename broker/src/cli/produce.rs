@@ -109,11 +109,24 @@ pub async fn run(args: ProduceArgs) -> anyhow::Result<()> {
             .collect();
         sent += send(batch).await?;
     } else {
-        let stdin = std::io::stdin();
-        for line in stdin.lock().lines() {
-            if super::shutdown::requested() {
-                break;
+        // Lines come from a thread (a read blocks), so a stop signal is
+        // seen at once: what was read is sent, then the command ends.
+        let (tx, mut lines) = tokio::sync::mpsc::channel(args.batch.max(1));
+        std::thread::spawn(move || {
+            for line in std::io::stdin().lock().lines() {
+                let stop = line.is_err();
+                if tx.blocking_send(line).is_err() || stop {
+                    return;
+                }
             }
+        });
+        loop {
+            let line = tokio::select! {
+                biased;
+                _ = super::shutdown::wait() => None,
+                line = lines.recv() => line,
+            };
+            let Some(line) = line else { break };
             pending.push(args.message(line?.into_bytes()));
             if pending.len() >= args.batch {
                 sent += send(std::mem::take(&mut pending)).await?;

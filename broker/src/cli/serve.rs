@@ -127,6 +127,14 @@ pub struct ServeArgs {
     /// fsync per interval.
     #[arg(long, env = "MSMQ_SEGMENT_MOVE_INTERVAL", value_parser = humantime::parse_duration)]
     segment_move_interval: Option<Duration>,
+    /// Least free space kept on the data directory's filesystem, e.g.
+    /// "256 MiB": below it produces and half messages get DISK_FULL
+    /// (retryable) while consumers keep draining; 0 turns it off.
+    #[arg(long, env = "MSMQ_DISK_FREE_MIN")]
+    disk_free_min: Option<ByteSize>,
+    /// How often free disk space is measured, e.g. "1s".
+    #[arg(long, env = "MSMQ_DISK_CHECK_INTERVAL", value_parser = humantime::parse_duration)]
+    disk_check_interval: Option<Duration>,
     /// Most connections the broker holds open at once, from all clients.
     #[arg(long, env = "MSMQ_CONNECTIONS_MAX")]
     connections_max: Option<u32>,
@@ -212,6 +220,8 @@ impl ServeArgs {
             segment_bytes_max,
             segment_age_max,
             segment_move_interval,
+            disk_free_min,
+            disk_check_interval,
             connections_max,
             connections_per_principal_max,
             unauthenticated_connections_per_address_max,

@@ -2,11 +2,14 @@
 //!
 //! The first signal asks the command to stop. Long-running commands
 //! (`consume`, `produce`, `bench …`, `tx send`) watch [`requested`]: they
-//! finish the request in hand, commit what they printed, leave their groups
-//! and exit 0. Every other command is dropped at once and the process exits
-//! with 128 + the signal number, as a shell expects. If a command has not
-//! ended [`SHUTDOWN_GRACE_MS`] after the first signal, or a second signal
-//! arrives, the process exits at once.
+//! stop at their next safe point (a consumer drops its poll in flight,
+//! which nothing printed or committed), commit what they printed, leave
+//! their groups and exit 0; `demo` shuts its embedded broker down and exits
+//! with 128 + the signal number. Every other command is dropped at once and
+//! exits with 128 + the signal number, as a shell expects. If a command has
+//! not ended [`SHUTDOWN_GRACE_MS`] after the first signal, or a second
+//! signal arrives, the process exits at once. A signal the process was
+//! started ignoring (`nohup`) stays ignored.
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -86,28 +89,57 @@ pub async fn wait() -> Signal {
 
 #[cfg(unix)]
 struct Signals {
-    terminate: tokio::signal::unix::Signal,
-    interrupt: tokio::signal::unix::Signal,
-    hangup: tokio::signal::unix::Signal,
+    /// `None` for a signal the process was started ignoring (`nohup`
+    /// ignores SIGHUP, a shell's background job SIGINT): it stays ignored.
+    terminate: Option<tokio::signal::unix::Signal>,
+    interrupt: Option<tokio::signal::unix::Signal>,
+    hangup: Option<tokio::signal::unix::Signal>,
 }
 
 #[cfg(unix)]
 fn listen() -> std::io::Result<Signals> {
     use tokio::signal::unix::{signal, SignalKind};
+    let listen = |kind: SignalKind, number: libc::c_int| -> std::io::Result<_> {
+        if ignored(number) {
+            Ok(None)
+        } else {
+            signal(kind).map(Some)
+        }
+    };
     Ok(Signals {
-        terminate: signal(SignalKind::terminate())?,
-        interrupt: signal(SignalKind::interrupt())?,
-        hangup: signal(SignalKind::hangup())?,
+        terminate: listen(SignalKind::terminate(), libc::SIGTERM)?,
+        interrupt: listen(SignalKind::interrupt(), libc::SIGINT)?,
+        hangup: listen(SignalKind::hangup(), libc::SIGHUP)?,
     })
+}
+
+/// Whether the process inherited `SIG_IGN` for `signal`.
+#[cfg(unix)]
+fn ignored(signal: libc::c_int) -> bool {
+    // SAFETY: a zeroed sigaction is a valid out-parameter, and a null new
+    // action makes sigaction(2) only read the current one.
+    unsafe {
+        let mut current: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(signal, std::ptr::null(), &mut current) == 0
+            && current.sa_sigaction == libc::SIG_IGN
+    }
 }
 
 #[cfg(unix)]
 impl Signals {
     async fn next(&mut self) -> Signal {
+        async fn recv(stream: &mut Option<tokio::signal::unix::Signal>) {
+            match stream {
+                Some(stream) => {
+                    stream.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        }
         let (name, number) = tokio::select! {
-            _ = self.terminate.recv() => ("SIGTERM", 15),
-            _ = self.interrupt.recv() => ("SIGINT", 2),
-            _ = self.hangup.recv() => ("SIGHUP", 1),
+            _ = recv(&mut self.terminate) => ("SIGTERM", libc::SIGTERM),
+            _ = recv(&mut self.interrupt) => ("SIGINT", libc::SIGINT),
+            _ = recv(&mut self.hangup) => ("SIGHUP", libc::SIGHUP),
         };
         Signal { name, number }
     }

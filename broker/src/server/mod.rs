@@ -11,6 +11,7 @@
 mod checkback;
 mod connection;
 mod console;
+pub mod disk;
 pub(crate) mod handlers;
 mod http;
 pub mod limits;
@@ -47,6 +48,8 @@ pub struct BrokerState {
     pub plugins: crate::plugins::PluginManager,
     /// Open connections per principal.
     pub connections: limits::ConnectionCounts,
+    /// Free space of the data directory's filesystem.
+    pub disk: disk::DiskWatch,
     /// Signalled when a message is scheduled, so the scheduler looks again.
     pub scheduler_wake: tokio::sync::Notify,
     shutting_down: AtomicBool,
@@ -196,6 +199,7 @@ impl RunningBroker {
             producers: producers::ProducerRegistry::default(),
             plugins: crate::plugins::PluginManager::new(plugin_engine),
             connections: limits::ConnectionCounts::default(),
+            disk: disk::DiskWatch::default(),
             tokens,
             acls,
             scheduler_wake: tokio::sync::Notify::new(),
@@ -205,6 +209,10 @@ impl RunningBroker {
         if state.config.auth {
             ensure_admin_token(&state).await?;
         }
+        // Know the disk's state before the first produce arrives.
+        state
+            .disk
+            .measure(&state.config.data_dir, state.config.disk_free_min.as_u64());
         let loaded = crate::plugins::PluginManager::start_stored(&state)
             .await
             .context("loading plugins")?;
@@ -223,6 +231,7 @@ impl RunningBroker {
             tokio::spawn(handlers::expire_leases(state.clone())),
             tokio::spawn(scheduler::run(state.clone())),
             tokio::spawn(retention::run(state.clone())),
+            tokio::spawn(disk::run(state.clone())),
         ];
         let http_addr = match state.config.http_addr()? {
             Some(addr) => {

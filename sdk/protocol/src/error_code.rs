@@ -96,9 +96,15 @@ codes! {
     /// `requests_per_sec_per_connection_max`; retry after `retry_after_ms`.
     /// Also the close code of a connection that kept sending past refusals.
     RATE_LIMITED = 25, retryable = true;
-    /// The principal (or, unauthenticated, the address) already has
-    /// `connections_per_principal_max` connections open.
+    /// A connection limit is reached: the principal's
+    /// (`connections_per_principal_max`), the unauthenticated address's
+    /// (`unauthenticated_connections_per_address_max`) or the broker's
+    /// (`connections_max`).
     TOO_MANY_CONNECTIONS = 26, retryable = true;
+    /// The broker's disk has less free space than `disk_free_min`: what
+    /// grows the log is refused until space returns; retry after
+    /// `retry_after_ms`.
+    DISK_FULL = 27, retryable = true;
 }
 
 impl fmt::Debug for ErrorCode {

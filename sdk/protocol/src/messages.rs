@@ -735,9 +735,9 @@ pub enum StartFrom {
     /// The partition's first retained message.
     #[default]
     Earliest,
-    /// The partition's end when the member joins: the broker commits it for
-    /// the group before answering the join, so every message produced after
-    /// the join reaches the group.
+    /// The partition's end when the group's first live member joins: the
+    /// broker commits it for the group before answering that join, so every
+    /// message produced after it reaches the group.
     Latest,
 }
 

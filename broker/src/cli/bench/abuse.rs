@@ -98,6 +98,10 @@ pub async fn abuse(b: AbuseBench) -> anyhow::Result<()> {
         }
         beside.push(rate);
         let after = good_phase(&b.common, &producers, &topic, phase).await?;
+        if crate::cli::shutdown::requested() {
+            // A round cut short by a stop signal compares nothing.
+            break;
+        }
         alone.push(after);
         let ratio = rate / ((alone[round] + after) / 2.0);
         let reason = tally.last_reason.lock().expect("reason lock").clone();
@@ -130,9 +134,13 @@ pub async fn abuse(b: AbuseBench) -> anyhow::Result<()> {
         }
         floods.push(flood);
     }
+    if floods.is_empty() {
+        eprintln!("abuse: stopped before a round completed; nothing to report");
+        return Ok(());
+    }
     let mut ratios: Vec<f64> = floods.iter().filter_map(|f| f["ratio"].as_f64()).collect();
     ratios.sort_by(f64::total_cmp);
-    let median = ratios[ratios.len() / 2];
+    let median = ratios.get(ratios.len() / 2).copied().unwrap_or(f64::NAN);
     if b.common.json {
         println!(
             "{}",

@@ -70,7 +70,10 @@ pub(super) async fn join(
             "session timeout must be between {SESSION_TIMEOUT_MS_MIN} and {SESSION_TIMEOUT_MS_MAX} ms, not {session_timeout_ms}"
         )));
     }
-    if start == StartFrom::Latest {
+    // A group with live members already has its positions: members of it
+    // that start from `earliest` must not find their partitions pinned.
+    let live = state.with_groups(|g, _| g.group(&group).map_or(0, |g| g.members.len()));
+    if start == StartFrom::Latest && live == 0 {
         pin_latest(state, &group, &topics).await?;
     }
     let member = NewMember {
@@ -92,9 +95,9 @@ pub(super) async fn join(
     }))
 }
 
-/// `latest` is the end of each partition when the member joins: pin it
-/// durably, before the join is answered, on every partition of `topics` the
-/// group has no position for, so the group receives everything produced
+/// `latest` is the end of each partition when the first member joins: pin
+/// it durably, before the join is answered, on every partition of `topics`
+/// the group has no position for, so the group receives everything produced
 /// after the join (a member that polls later must not skip it).
 async fn pin_latest(state: &BrokerState, group: &str, topics: &[String]) -> Result<(), ErrorReply> {
     let mut offsets = Vec::new();

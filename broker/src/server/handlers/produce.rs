@@ -23,6 +23,7 @@ pub(super) async fn produce(
         .get(&topic_name)
         .ok_or_else(|| unknown_topic(&topic_name))?;
     check_limits(state, &messages)?;
+    state.disk.check_room(state.config.disk_free_min.as_u64())?;
     let timestamp_ms = now_ms();
     let delay_max_ms = state.config.schedule_delay_max.as_millis() as u64;
     let partitions = route(&topic, partition, &messages)?;

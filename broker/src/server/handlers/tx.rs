@@ -50,6 +50,7 @@ pub(super) async fn send_half(
         .get(&topic_name)
         .ok_or_else(|| unknown_topic(&topic_name))?;
     check_limits(state, &messages)?;
+    state.disk.check_room(state.config.disk_free_min.as_u64())?;
     if let Some(i) = messages.iter().position(|m| m.deliver_at_ms.is_some()) {
         return Err(invalid(format!(
             "message {i} carries a delivery time; a transactional message may not be delayed"
