@@ -298,7 +298,21 @@ pub struct CliProcess {
 
 impl CliProcess {
     pub fn spawn(broker: &TestBroker, args: &[&str]) -> anyhow::Result<CliProcess> {
-        let mut child = cli_command(broker, args).spawn()?;
+        use std::os::unix::process::CommandExt;
+        let mut command = cli_command(broker, args);
+        // The tests signal the child as a terminal or a service manager
+        // would; a launcher that ignores them (`nohup`, a background job)
+        // must not pass that on, since msmq keeps an ignored signal ignored.
+        // SAFETY: signal(2) is async-signal-safe, as pre_exec requires.
+        unsafe {
+            command.pre_exec(|| {
+                for sig in [libc::SIGHUP, libc::SIGINT, libc::SIGTERM] {
+                    libc::signal(sig, libc::SIG_DFL);
+                }
+                Ok(())
+            });
+        }
+        let mut child = command.spawn()?;
         let stdout = child.stdout.take().context("stdout")?;
         let (tx, lines) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
