@@ -5,7 +5,9 @@
 //! lost. The filesystem is a small tmpfs the test mounts (it needs root; CI
 //! runs as root; elsewhere the test says why it skipped).
 
-use crate::harness::TestBroker;
+use crate::harness::{read_all, TestBroker};
+use crate::plugins::{deploy, rust_component, spec, wait_stats};
+use msmq_client::protocol::PluginSpec;
 use msmq_client::{ConsumerOptions, ErrorCode, FetchLimits, NewMessage};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -96,6 +98,20 @@ async fn a_full_disk_refuses_producers_early_and_serves_them_again_when_space_re
     let client = broker.client().await?;
     client.create_topic("payments", 2).await?;
     let producer = client.producer("payments");
+    // A plugin that publishes, paused with input waiting for it.
+    client.create_topic("orders", 1).await?;
+    client.create_topic("echo", 1).await?;
+    let echo = PluginSpec {
+        publish_to: vec!["echo".into()],
+        config: vec![("out_topic".into(), "echo".into())],
+        ..spec("echoer", "orders")
+    };
+    deploy(&client, echo, &rust_component("stateful-publisher")?).await?;
+    client.pause_plugin("echoer").await?;
+    let orders: Vec<NewMessage> = (0..10)
+        .map(|i| NewMessage::new(format!("order-{i}")))
+        .collect();
+    client.producer("orders").send_batch(orders).await?;
 
     // Fill until refused: the refusal must come while space is left.
     let started = Instant::now();
@@ -168,6 +184,13 @@ async fn a_full_disk_refuses_producers_early_and_serves_them_again_when_space_re
     let group = client.describe_group("billing").await?;
     assert!(group.offsets.iter().all(|o| o.lag == 0), "{group:?}");
 
+    // The plugin's publishes wait for space too: it runs, but commits nothing.
+    client.resume_plugin("echoer").await?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let stats = client.plugin_stats("echoer").await?;
+    assert_eq!((stats.processed, stats.lag), (0, 10), "{stats:?}");
+    assert_eq!(read_all(&client, "echo", 0, 0).await?.len(), 0);
+
     // Space returns: producers are served again within 5 s, no restart.
     std::fs::remove_file(&ballast)?;
     let freed = Instant::now();
@@ -185,6 +208,10 @@ async fn a_full_disk_refuses_producers_early_and_serves_them_again_when_space_re
         }
     };
     eprintln!("served again {:?} after space returned", freed.elapsed());
+    // The plugin's batch commits now, each publish exactly once.
+    wait_stats(&client, "echoer", Duration::from_secs(30), |s| s.lag == 0).await?;
+    let echoed = read_all(&client, "echo", 0, 0).await?;
+    assert_eq!(echoed.len(), 10, "each order echoed exactly once");
     let got = consumer.poll().await?;
     assert!(
         got.iter()

@@ -739,6 +739,17 @@ impl Runner {
             None => Default::default(),
         };
         let published = publishes.len() as u64;
+        // Publishes grow the log: below the disk watermark the batch waits,
+        // whole, to be handed out again once space returns.
+        if published > 0 && self.state.disk.is_low() {
+            // The disk watch logged the state once; no warning per batch.
+            self.shared
+                .note_error("the broker's disk is below disk_free_min; publishes wait for space");
+            self.instance = None;
+            let retry_ms = crate::server::disk::DISK_FULL_RETRY_AFTER_MS;
+            self.wait(Duration::from_millis(retry_ms.into()), false);
+            return;
+        }
         let mut commit = PluginCommit {
             plugin: self.record.spec.name.clone(),
             incarnation: self.record.incarnation,
