@@ -1,6 +1,11 @@
 //! One plugin's runner: a thread that feeds the plugin batches, holds it to
 //! its limits and quota, and commits each batch's effects atomically.
 //!
+//! Size: over 800 lines. Its per-message-ack logic (retries, dead letters)
+//! leaves for the domain layer with the deterministic-core work, which also
+//! takes it off the wire handler it calls today; splitting sooner would cut
+//! along a line that is about to move.
+//!
 //! Owns: the plugin's `Store` and instance, its in-memory positions
 //! (mirroring the committed group offsets), its pending retries, and the
 //! count of failed calls per message.
