@@ -16,6 +16,10 @@ use std::time::Duration;
 /// request, at most what a semaphore counts in one acquisition.
 const IN_FLIGHT_BYTES_MIN: u64 = 4096;
 const IN_FLIGHT_BYTES_MAX: u64 = u32::MAX as u64;
+/// Bounds of `request_memory_max` and `request_memory_per_principal_max`:
+/// at least one small request; at most what fits a semaphore on any target.
+const REQUEST_MEMORY_BYTES_MIN: u64 = 4096;
+const REQUEST_MEMORY_BYTES_MAX: u64 = 1 << 40;
 /// Shortest `disk_check_interval`: statvfs is cheap, but not free.
 pub const DISK_CHECK_INTERVAL_MIN: Duration = Duration::from_millis(10);
 
@@ -154,6 +158,14 @@ pub struct Config {
     /// How long a request stream may take to deliver its whole frame.
     #[serde(with = "humantime_serde")]
     pub request_read_timeout: Duration,
+    /// Most request bytes the whole broker holds in memory at once: a frame
+    /// is read only once its length is reserved here; until then its stream
+    /// is not read and QUIC flow control holds the sender back.
+    pub request_memory_max: ByteSize,
+    /// Most of `request_memory_max` one principal (unauthenticated: one
+    /// address) may hold, so one client cannot take all of it. A frame
+    /// longer than this is refused with `FRAME_TOO_LARGE`.
+    pub request_memory_per_principal_max: ByteSize,
     /// Largest plugin component a deploy accepts.
     pub plugin_component_bytes_max: ByteSize,
     /// A directory watched for plugins: `NAME.wasm` with a `NAME.toml`
@@ -212,6 +224,8 @@ impl Default for Config {
             cutoff_ban: Duration::from_secs(10),
             in_flight_bytes_per_connection_max: ByteSize::mib(64),
             request_read_timeout: Duration::from_secs(30),
+            request_memory_max: ByteSize::mib(512),
+            request_memory_per_principal_max: ByteSize::mib(64),
             plugin_component_bytes_max: ByteSize::mib(32),
             plugin_dir: None,
             log: "info".into(),
@@ -364,6 +378,20 @@ impl Config {
             ByteSize(IN_FLIGHT_BYTES_MAX)
         );
         anyhow::ensure!(
+            (REQUEST_MEMORY_BYTES_MIN..=REQUEST_MEMORY_BYTES_MAX)
+                .contains(&self.request_memory_max.as_u64()),
+            "request_memory_max must be between {} and {}",
+            ByteSize(REQUEST_MEMORY_BYTES_MIN),
+            ByteSize(REQUEST_MEMORY_BYTES_MAX)
+        );
+        anyhow::ensure!(
+            (REQUEST_MEMORY_BYTES_MIN..=self.request_memory_max.as_u64())
+                .contains(&self.request_memory_per_principal_max.as_u64()),
+            "request_memory_per_principal_max must be between {} and request_memory_max ({})",
+            ByteSize(REQUEST_MEMORY_BYTES_MIN),
+            self.request_memory_max
+        );
+        anyhow::ensure!(
             self.request_read_timeout >= Duration::from_millis(10),
             "request_read_timeout must be at least 10ms"
         );
@@ -458,6 +486,23 @@ mod tests {
         assert!(c.validate().is_err());
         c.in_flight_bytes_per_connection_max = ByteSize::mib(1);
         c.requests_per_sec_per_connection_max = 0;
+        assert!(c.validate().is_err());
+        // The request memory budget, and a principal's share of it.
+        let mut c = Config {
+            request_memory_max: ByteSize(REQUEST_MEMORY_BYTES_MAX),
+            request_memory_per_principal_max: ByteSize(REQUEST_MEMORY_BYTES_MAX),
+            ..Config::default()
+        };
+        c.validate().unwrap();
+        c.request_memory_max = ByteSize(REQUEST_MEMORY_BYTES_MAX + 1);
+        assert!(c.validate().is_err());
+        c.request_memory_max = ByteSize(REQUEST_MEMORY_BYTES_MIN);
+        c.request_memory_per_principal_max = ByteSize(REQUEST_MEMORY_BYTES_MIN);
+        c.validate().unwrap();
+        c.request_memory_per_principal_max = ByteSize(REQUEST_MEMORY_BYTES_MIN + 1);
+        assert!(c.validate().is_err(), "a share larger than the budget");
+        c.request_memory_max = ByteSize(REQUEST_MEMORY_BYTES_MIN - 1);
+        c.request_memory_per_principal_max = ByteSize(REQUEST_MEMORY_BYTES_MIN - 1);
         assert!(c.validate().is_err());
         // A segment holds at least one whole batch, for at least the minimum age.
         let mut c = Config {

@@ -36,6 +36,9 @@ pub struct Metrics {
     connections_open: Gauge,
     disk_free_bytes: Gauge,
     disk_low: Gauge,
+    request_memory_reserved: Gauge,
+    request_memory_budget: Gauge,
+    request_memory_waiting: Gauge,
     plugin_processed: Family<Labels, Counter>,
     plugin_failed_batches: Family<Labels, Counter>,
     plugin_dead_letters: Family<Labels, Counter>,
@@ -76,6 +79,9 @@ impl Metrics {
             connections_open: Gauge::default(),
             disk_free_bytes: Gauge::default(),
             disk_low: Gauge::default(),
+            request_memory_reserved: Gauge::default(),
+            request_memory_budget: Gauge::default(),
+            request_memory_waiting: Gauge::default(),
             plugin_processed: Family::default(),
             plugin_failed_batches: Family::default(),
             plugin_dead_letters: Family::default(),
@@ -193,6 +199,21 @@ impl Metrics {
                 m.disk_low.clone(),
             );
             r.register(
+                "request_memory_reserved_bytes",
+                "Request bytes reserved in memory now, broker-wide",
+                m.request_memory_reserved.clone(),
+            );
+            r.register(
+                "request_memory_budget_bytes",
+                "The request memory budget (request_memory_max)",
+                m.request_memory_budget.clone(),
+            );
+            r.register(
+                "request_memory_waiting_streams",
+                "Request streams left unread until their frame fits the budget or their principal's share",
+                m.request_memory_waiting.clone(),
+            );
+            r.register(
                 "plugin_processed_messages",
                 "Messages whose plugin outcome was committed",
                 m.plugin_processed.clone(),
@@ -237,7 +258,8 @@ impl Metrics {
     }
 
     /// Count one hit of a client limit (`rate`, `cut_off`, `banned`,
-    /// `connections`, `address_connections`, `broker_connections`).
+    /// `connections`, `address_connections`, `broker_connections`,
+    /// `request_memory` for a frame larger than any reservation).
     pub fn client_limit(&self, limit: &str) {
         self.client_limits
             .get_or_create(&vec![("limit".to_string(), limit.to_string())])
@@ -258,6 +280,13 @@ impl Metrics {
     fn refresh(&self, state: &BrokerState) {
         self.connections_open
             .set(i64::from(state.connections.total()));
+        let memory = &state.request_memory;
+        self.request_memory_reserved
+            .set(i64::try_from(memory.reserved_bytes()).unwrap_or(i64::MAX));
+        self.request_memory_budget
+            .set(i64::try_from(memory.budget_bytes()).unwrap_or(i64::MAX));
+        self.request_memory_waiting
+            .set(i64::try_from(memory.waiting_streams()).unwrap_or(i64::MAX));
         self.disk_free_bytes
             .set(i64::try_from(state.disk.free_bytes()).unwrap_or(i64::MAX));
         self.disk_low.set(i64::from(state.disk.is_low()));

@@ -149,6 +149,11 @@ impl TestBroker {
     }
 
     /// SIGKILL: no chance to flush anything.
+    /// The broker's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();

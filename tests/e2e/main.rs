@@ -15,6 +15,7 @@ mod faults;
 mod groups;
 mod harness;
 mod limits;
+mod memory;
 mod metrics;
 mod network;
 mod plugins;

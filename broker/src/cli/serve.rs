@@ -168,6 +168,14 @@ pub struct ServeArgs {
     /// How long a request stream may take to deliver its frame, e.g. "30s".
     #[arg(long, env = "MSMQ_REQUEST_READ_TIMEOUT", value_parser = humantime::parse_duration)]
     request_read_timeout: Option<Duration>,
+    /// Request bytes the whole broker holds in memory at once, e.g. "512 MiB";
+    /// a request whose frame cannot be reserved is not read until room frees.
+    #[arg(long, env = "MSMQ_REQUEST_MEMORY_MAX")]
+    request_memory_max: Option<ByteSize>,
+    /// Share of --request-memory-max one principal (or unauthenticated
+    /// address) may hold, e.g. "64 MiB"; longer frames get FRAME_TOO_LARGE.
+    #[arg(long, env = "MSMQ_REQUEST_MEMORY_PER_PRINCIPAL_MAX")]
+    request_memory_per_principal_max: Option<ByteSize>,
     /// Largest plugin component a deploy accepts, e.g. "32 MiB".
     #[arg(long, env = "MSMQ_PLUGIN_COMPONENT_BYTES_MAX")]
     plugin_component_bytes_max: Option<ByteSize>,
@@ -232,6 +240,8 @@ impl ServeArgs {
             cutoff_ban,
             in_flight_bytes_per_connection_max,
             request_read_timeout,
+            request_memory_max,
+            request_memory_per_principal_max,
             log
         );
         if self.auth {

@@ -2,14 +2,20 @@
 //!
 //! Each connection is held to the limits of [`super::limits`]: it counts
 //! against its principal's connections, its requests against its rate and
-//! its unanswered request bytes against its in-flight budget.
+//! its unanswered request bytes against its in-flight budget, its
+//! principal's share of request memory and the broker-wide budget
+//! ([`super::memory`]). A frame is read only once all three hold its length;
+//! until then its stream is left unread and the connection's narrow QUIC
+//! receive window holds the sender back. The reservation then grants the
+//! sender credit for exactly that frame.
 //!
 //! A framing error (truncated frame, oversize header, bytes after the body)
 //! closes the whole connection with the error code and a reason: the peer's
 //! framing can no longer be trusted. A body that frames correctly but does
 //! not decode gets a `BAD_REQUEST` reply on its stream.
 
-use super::limits::{Admission, ConnectionAdmission, ConnectionRefusal, RequestRate};
+use super::limits::{Admission, ConnectionAdmission, ConnectionRefusal, PrincipalShared};
+use super::memory::FrameTooLarge;
 use super::{handlers, BrokerState};
 use msmq_protocol::{
     decode_body, encode_frame, ErrorCode, ErrorReply, Reply, Request, FRAME_BYTES_MAX,
@@ -34,9 +40,12 @@ pub struct ConnectionContext {
     /// taken (and released) once, when the connection's accept loop ends.
     count_key: std::sync::Mutex<Option<String>>,
     rate: ConnectionAdmission,
-    /// The rate shared by all connections of `count_key`.
-    principal_rate: std::sync::Mutex<Arc<RequestRate>>,
+    /// The rate and memory share of all connections of `count_key`.
+    shared: std::sync::Mutex<Arc<PrincipalShared>>,
     in_flight_bytes: tokio::sync::Semaphore,
+    /// Held while the receive window is raised and lowered for one grant,
+    /// so two grants on the connection cannot undo each other.
+    window_grants: std::sync::Mutex<()>,
     /// Streams that failed framing, and the first one's reason: a client
     /// dropping many half-sent requests fails them all at once, and that is
     /// logged once, when the connection ends.
@@ -62,8 +71,22 @@ impl ConnectionContext {
             state.config.connections_per_principal_max,
         )?;
         *current = principal.to_string();
-        *self.principal_rate.lock().expect("rate lock") = principal_rate(state, principal);
+        *self.shared.lock().expect("principal limits lock") = principal_shared(state, principal);
         Ok(())
+    }
+
+    /// Let the peer send `bytes` more than the connection's receive window,
+    /// once: the window is raised and lowered at once, so quinn grants the
+    /// credit and counts the shrink as a debt that reading these bytes pays
+    /// off. Unread bytes of a connection stay within the base window plus
+    /// what was reserved and not yet read.
+    fn grant_receive_credit(&self, bytes: usize) {
+        use msmq_client::transport::BROKER_CONNECTION_WINDOW_BYTES as BASE;
+        let _one_grant_at_a_time = self.window_grants.lock().expect("window lock");
+        let raised =
+            quinn::VarInt::from_u64(u64::from(BASE) + bytes as u64).unwrap_or(quinn::VarInt::MAX);
+        self.conn.set_receive_window(raised);
+        self.conn.set_receive_window(BASE.into());
     }
 
     /// The key the connection is counted under (empty once it ended).
@@ -73,10 +96,11 @@ impl ConnectionContext {
     }
 }
 
-fn principal_rate(state: &BrokerState, key: &str) -> Arc<RequestRate> {
-    state
-        .connections
-        .principal_rate(key, state.config.requests_per_sec_per_principal_max)
+fn principal_shared(state: &BrokerState, key: &str) -> Arc<PrincipalShared> {
+    state.connections.principal_shared(key, || PrincipalShared {
+        rate: super::limits::RequestRate::new(state.config.requests_per_sec_per_principal_max),
+        memory: state.request_memory.principal_share(),
+    })
 }
 
 /// Why a new connection of `key` is refused and for how many more ms, while
@@ -210,7 +234,7 @@ async fn serve_connection(state: Arc<BrokerState>, conn: quinn::Connection, requ
         remote: conn.remote_address(),
         conn: conn.clone(),
         principal: std::sync::Mutex::new(principal),
-        principal_rate: std::sync::Mutex::new(principal_rate(&state, &count_key)),
+        shared: std::sync::Mutex::new(principal_shared(&state, &count_key)),
         count_key: std::sync::Mutex::new(Some(count_key)),
         rate: ConnectionAdmission::new(
             state.config.requests_per_sec_per_connection_max,
@@ -219,6 +243,7 @@ async fn serve_connection(state: Arc<BrokerState>, conn: quinn::Connection, requ
         in_flight_bytes: tokio::sync::Semaphore::new(
             state.config.in_flight_bytes_per_connection_max.as_u64() as usize,
         ),
+        window_grants: std::sync::Mutex::new(()),
         framing_errors: std::sync::atomic::AtomicU32::new(0),
         first_framing_error: std::sync::Mutex::new(None),
     });
@@ -231,8 +256,8 @@ async fn serve_connection(state: Arc<BrokerState>, conn: quinn::Connection, requ
                     drop((send, recv));
                     continue;
                 }
-                let shared = ctx.principal_rate.lock().expect("rate lock").clone();
-                let admission = ctx.rate.admit(&shared);
+                let shared = ctx.shared.lock().expect("principal limits lock").clone();
+                let admission = ctx.rate.admit(&shared.rate);
                 if let Admission::CutOff { refused } = admission {
                     cut_off(&state, &ctx, refused);
                     break quinn::ConnectionError::LocallyClosed;
@@ -320,8 +345,17 @@ async fn serve_stream(
             })
         }
         _ => match read_frame(state, ctx, &mut recv).await {
-            Ok((body, _in_flight)) => answer(state, ctx, &body).await,
+            Ok((body, _held)) => answer(state, ctx, &body).await,
             Err(ReadFailed::Gone) => return,
+            Err(ReadFailed::TooLarge(too_large)) => {
+                // Nothing of the body is read: stop the stream, answer at once.
+                let _ = recv.stop(ErrorCode::FRAME_TOO_LARGE.0.into());
+                crate::metrics::global().client_limit("request_memory");
+                Reply::Error(ErrorReply::new(
+                    ErrorCode::FRAME_TOO_LARGE,
+                    too_large.to_string(),
+                ))
+            }
             Err(ReadFailed::TimedOut) => {
                 let _ = recv.stop(ErrorCode::BAD_REQUEST.0.into());
                 Reply::Error(ErrorReply::new(
@@ -354,17 +388,27 @@ enum ReadFailed {
     /// for bad framing.
     Gone,
     TimedOut,
+    /// The frame could never be reserved in request memory.
+    TooLarge(FrameTooLarge),
+}
+
+/// What a request holds while it is read and answered: its bytes in the
+/// connection's in-flight budget, its principal's share and the broker's
+/// request memory. Dropping it releases all three.
+struct Held<'a> {
+    _in_flight: tokio::sync::SemaphorePermit<'a>,
+    _memory: super::memory::Reservation,
 }
 
 /// Read one request frame, holding its bytes against the connection's
-/// in-flight budget until the caller drops the permit. The header must come
-/// within `request_read_timeout` of the stream opening, and the body within
-/// as long again once the budget lets the broker read it.
+/// in-flight budget and request memory until the caller drops them. The
+/// header must come within `request_read_timeout` of the stream opening, and
+/// the body within as long again once the budgets let the broker read it.
 async fn read_frame<'a>(
     state: &BrokerState,
     ctx: &'a ConnectionContext,
     recv: &mut quinn::RecvStream,
-) -> Result<(Vec<u8>, tokio::sync::SemaphorePermit<'a>), ReadFailed> {
+) -> Result<(Vec<u8>, Held<'a>), ReadFailed> {
     let timeout = state.config.request_read_timeout;
     let mut header = [0u8; FRAME_HEADER_BYTES];
     match tokio::time::timeout(timeout, recv.read_exact(&mut header)).await {
@@ -393,42 +437,79 @@ async fn read_frame<'a>(
         );
         return Err(ReadFailed::Gone);
     }
+    // Held to the unauthenticated limit: a connection that has not yet
+    // authenticated to a broker that requires it.
+    let authenticated =
+        !state.config.auth || ctx.principal.lock().expect("principal lock").is_some();
+    state
+        .request_memory
+        .check_fits(len as u64, authenticated)
+        .map_err(ReadFailed::TooLarge)?;
     // Bytes read but not yet answered are bounded per connection; a frame
-    // larger than the whole budget waits until it is the only one.
+    // larger than the whole budget waits until it is the only one, and so
+    // does every frame of an unauthenticated connection.
     let budget = state.config.in_flight_bytes_per_connection_max.as_u64() as usize;
+    let counted = if authenticated {
+        len.clamp(1, budget)
+    } else {
+        budget
+    };
     let in_flight = ctx
         .in_flight_bytes
-        .acquire_many(len.clamp(1, budget) as u32)
+        .acquire_many(counted as u32)
         .await
         .map_err(|_| ReadFailed::Gone)?;
-    let body = match tokio::time::timeout(timeout, recv.read_to_end(len)).await {
+    let share = authenticated.then(|| {
+        ctx.shared
+            .lock()
+            .expect("principal limits lock")
+            .memory
+            .clone()
+    });
+    let memory = state
+        .request_memory
+        .reserve(share.as_ref(), len as u32)
+        .await;
+    // The header was read before the reservation: its bytes are granted too.
+    ctx.grant_receive_credit(FRAME_HEADER_BYTES + len);
+    let held = Held {
+        _in_flight: in_flight,
+        _memory: memory,
+    };
+    let mut body = vec![0u8; len];
+    match tokio::time::timeout(timeout, recv.read_exact(&mut body)).await {
         Err(_) => return Err(ReadFailed::TimedOut),
-        Ok(Ok(body)) if body.len() == len => body,
-        Ok(Ok(body)) => {
+        Ok(Ok(())) => {}
+        Ok(Err(quinn::ReadExactError::FinishedEarly(n))) => {
             close_for_framing(
                 ctx,
                 ErrorCode::BAD_REQUEST,
-                format!(
-                    "truncated frame: header says {len} body bytes, stream carried {}",
-                    body.len()
-                ),
+                format!("truncated frame: header says {len} body bytes, stream carried {n}"),
             );
             return Err(ReadFailed::Gone);
         }
-        Ok(Err(quinn::ReadToEndError::TooLong)) => {
+        Ok(Err(quinn::ReadExactError::ReadError(e))) => {
+            tracing::debug!(conn = ctx.id, error = %e, "request stream aborted");
+            return Err(ReadFailed::Gone);
+        }
+    }
+    // The frame must end the stream.
+    match tokio::time::timeout(timeout, recv.read_chunk(1, true)).await {
+        Err(_) => Err(ReadFailed::TimedOut),
+        Ok(Ok(None)) => Ok((body, held)),
+        Ok(Ok(Some(_))) => {
             close_for_framing(
                 ctx,
                 ErrorCode::BAD_REQUEST,
                 format!("stream carried bytes after the {len}-byte frame body"),
             );
-            return Err(ReadFailed::Gone);
+            Err(ReadFailed::Gone)
         }
-        Ok(Err(quinn::ReadToEndError::Read(e))) => {
+        Ok(Err(e)) => {
             tracing::debug!(conn = ctx.id, error = %e, "request stream aborted");
-            return Err(ReadFailed::Gone);
+            Err(ReadFailed::Gone)
         }
-    };
-    Ok((body, in_flight))
+    }
 }
 
 /// The reply to one request frame.

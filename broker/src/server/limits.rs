@@ -20,7 +20,14 @@ use std::time::{Duration, Instant};
 pub struct ConnectionCounts {
     open: Mutex<OpenConnections>,
     banned_until: Mutex<HashMap<String, Instant>>,
-    rates: Mutex<HashMap<String, Arc<RequestRate>>>,
+    shared: Mutex<HashMap<String, Arc<PrincipalShared>>>,
+}
+
+/// What all connections of one principal (or unauthenticated address)
+/// share: a request rate and a share of the request memory budget.
+pub struct PrincipalShared {
+    pub rate: RequestRate,
+    pub memory: Arc<tokio::sync::Semaphore>,
 }
 
 #[derive(Default)]
@@ -43,20 +50,27 @@ pub enum ConnectionRefusal {
 const PRINCIPAL_RATES_KEPT_MAX: usize = 10_000;
 
 impl ConnectionCounts {
-    /// The request rate all connections of `key` share.
-    pub fn principal_rate(&self, key: &str, per_sec: u32) -> Arc<RequestRate> {
-        let mut rates = self.rates.lock().expect("rates lock");
-        if !rates.contains_key(key) && rates.len() >= PRINCIPAL_RATES_KEPT_MAX {
+    /// The limits all connections of `key` share; `new` makes them for a
+    /// key not seen (or forgotten) before.
+    pub fn principal_shared(
+        &self,
+        key: &str,
+        new: impl FnOnce() -> PrincipalShared,
+    ) -> Arc<PrincipalShared> {
+        let mut shared = self.shared.lock().expect("principal limits lock");
+        if !shared.contains_key(key) && shared.len() >= PRINCIPAL_RATES_KEPT_MAX {
             let open = self.open.lock().expect("connection count lock");
             // Forget idle principals; if most are connected, let the map
             // grow (to twice what is connected) rather than scan it each time.
-            if rates.len() >= 2 * open.by_key.len() {
-                rates.retain(|k, _| open.by_key.contains_key(k));
+            // A request still holding memory of a forgotten principal keeps
+            // its own handle on the share, so nothing is released twice.
+            if shared.len() >= 2 * open.by_key.len() {
+                shared.retain(|k, _| open.by_key.contains_key(k));
             }
         }
-        rates
+        shared
             .entry(key.to_string())
-            .or_insert_with(|| Arc::new(RequestRate::new(per_sec)))
+            .or_insert_with(|| Arc::new(new()))
             .clone()
     }
 
@@ -312,27 +326,32 @@ mod tests {
     #[test]
     fn a_principal_rate_is_shared_but_refusals_count_per_connection() {
         let counts = ConnectionCounts::default();
-        let shared = counts.principal_rate("app", 4);
-        assert!(Arc::ptr_eq(&shared, &counts.principal_rate("app", 4)));
+        let new = || PrincipalShared {
+            rate: RequestRate::new(4),
+            memory: Arc::new(tokio::sync::Semaphore::new(1)),
+        };
+        let shared = counts.principal_shared("app", new);
+        assert!(Arc::ptr_eq(&shared, &counts.principal_shared("app", new)));
+        let shared = &shared.rate;
         let first = ConnectionAdmission::new(10, 1);
         let second = ConnectionAdmission::new(10, 1);
         let t0 = Instant::now();
         for _ in 0..2 {
-            assert_eq!(first.admit_at(&shared, t0), Admission::Allowed);
-            assert_eq!(second.admit_at(&shared, t0), Admission::Allowed);
+            assert_eq!(first.admit_at(shared, t0), Admission::Allowed);
+            assert_eq!(second.admit_at(shared, t0), Admission::Allowed);
         }
         // Each connection is under its own 10/s; together they used the 4/s.
         assert!(matches!(
-            first.admit_at(&shared, t0),
+            first.admit_at(shared, t0),
             Admission::Refused { .. }
         ));
         assert!(matches!(
-            first.admit_at(&shared, t0),
+            first.admit_at(shared, t0),
             Admission::CutOff { .. }
         ));
         // The first connection's refusals do not count against the second.
         assert!(matches!(
-            second.admit_at(&shared, t0),
+            second.admit_at(shared, t0),
             Admission::Refused { .. }
         ));
     }

@@ -15,6 +15,7 @@ pub mod disk;
 pub(crate) mod handlers;
 mod http;
 pub mod limits;
+pub mod memory;
 mod producers;
 pub mod retention;
 mod scheduler;
@@ -48,6 +49,8 @@ pub struct BrokerState {
     pub plugins: crate::plugins::PluginManager,
     /// Open connections per principal.
     pub connections: limits::ConnectionCounts,
+    /// Request bytes held in memory, broker-wide and per principal.
+    pub request_memory: memory::RequestMemory,
     /// Free space of the data directory's filesystem.
     pub disk: disk::DiskWatch,
     /// Signalled when a message is scheduled, so the scheduler looks again.
@@ -171,7 +174,7 @@ impl RunningBroker {
         tls.alpn_protocols = vec![msmq_protocol::ALPN.to_vec()];
         let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
         let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(quic));
-        server_config.transport_config(msmq_client::transport::transport_config_with_streams(
+        server_config.transport_config(msmq_client::transport::broker_transport_config(
             config.streams_per_connection_max,
         ));
         let (reset_key, cid_key) = crate::tls::stateless_reset_key(&config.data_dir)?;
@@ -190,6 +193,10 @@ impl RunningBroker {
         .with_context(|| format!("serving on {}", config.listen))?;
         let local_addr = endpoint.local_addr()?;
 
+        let request_memory = memory::RequestMemory::new(
+            config.request_memory_max.as_u64(),
+            config.request_memory_per_principal_max.as_u64(),
+        );
         let state = Arc::new(BrokerState {
             config,
             store,
@@ -199,6 +206,7 @@ impl RunningBroker {
             producers: producers::ProducerRegistry::default(),
             plugins: crate::plugins::PluginManager::new(plugin_engine),
             connections: limits::ConnectionCounts::default(),
+            request_memory,
             disk: disk::DiskWatch::default(),
             tokens,
             acls,

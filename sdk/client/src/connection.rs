@@ -208,6 +208,11 @@ struct Inner {
     /// every request waits, not only the refused one, because the broker
     /// counts requests sent during the wait against the connection.
     rate_limited_until: std::sync::Mutex<Option<tokio::time::Instant>>,
+    /// Held while one request frame is written: frames go out one after
+    /// another, so the flow-control credit the broker grants a frame it has
+    /// reserved memory for is spent on that frame, not on a later one that
+    /// waits for memory (which would leave both stuck).
+    frame_writes: tokio::sync::Mutex<()>,
 }
 
 impl Drop for Inner {
@@ -251,6 +256,7 @@ impl Client {
                 checkers: std::sync::RwLock::new(HashMap::new()),
                 checking: std::sync::Mutex::new(std::collections::HashSet::new()),
                 rate_limited_until: std::sync::Mutex::new(None),
+                frame_writes: tokio::sync::Mutex::new(()),
             }),
         };
         client.connection().await?;
@@ -400,12 +406,13 @@ impl Client {
                 // Only now: a request that waited for a stream must not
                 // slip past a wait the broker asked for meanwhile.
                 self.wait_if_rate_limited().await;
-                exchange(streams, request).await
+                exchange(streams, request, Some(&self.inner.frame_writes)).await
             }
             Err(_) => {
                 let conn = self.connection().await?;
                 self.wait_if_rate_limited().await;
-                request_on(&conn, request).await
+                let streams = conn.open_bi().await?;
+                exchange(streams, request, Some(&self.inner.frame_writes)).await
             }
         }
     }
@@ -845,9 +852,9 @@ impl Drop for CloseUnlessKept {
     }
 }
 
-/// One request on a new stream of `conn`.
+/// One request on a new stream of `conn`, while nothing else uses it.
 async fn request_on(conn: &quinn::Connection, request: &Request) -> Result<Reply, ClientError> {
-    exchange(conn.open_bi().await?, request).await
+    exchange(conn.open_bi().await?, request, None).await
 }
 
 /// Added to the broker's wait hint, so a retry does not arrive a hair early.
@@ -856,9 +863,16 @@ const RATE_LIMITED_MARGIN: Duration = Duration::from_millis(1);
 async fn exchange(
     (mut send, mut recv): (quinn::SendStream, quinn::RecvStream),
     request: &Request,
+    frame_writes: Option<&tokio::sync::Mutex<()>>,
 ) -> Result<Reply, ClientError> {
     let frame = encode_frame(request)?;
-    match send.write_all(&frame).await {
+    let one_frame_at_a_time = match frame_writes {
+        Some(lock) => Some(lock.lock().await),
+        None => None,
+    };
+    let written = send.write_all(&frame).await;
+    drop(one_frame_at_a_time);
+    match written {
         Ok(()) => {
             let _ = send.finish();
         }

@@ -10,6 +10,13 @@ pub const STREAMS_PER_CONNECTION_MAX: u32 = 1024;
 pub const STREAM_WINDOW_BYTES: u32 = 16 * 1024 * 1024;
 /// Flow-control window of one connection.
 pub const CONNECTION_WINDOW_BYTES: u32 = 64 * 1024 * 1024;
+/// What the broker lets one connection send beyond what it has read: the
+/// most a connection's streams can park in the broker before their frames
+/// are reserved in its request memory. A reserved frame gets credit for its
+/// whole length on top, so this bounds only what waits, not what flows.
+pub const BROKER_CONNECTION_WINDOW_BYTES: u32 = 128 * 1024;
+/// How far one request stream may run ahead of the broker's reads.
+pub const BROKER_STREAM_WINDOW_BYTES: u32 = 1024 * 1024;
 /// A connection with no traffic (keep-alives count) for this long is closed.
 pub const IDLE_TIMEOUT_MS: u32 = 30_000;
 /// Keep-alive period; well under the idle timeout.
@@ -18,24 +25,43 @@ pub const KEEP_ALIVE_MS: u64 = 5_000;
 /// networks carry it; elsewhere the probes fail harmlessly and 1200+ is used.
 pub const MTU_PROBE_BYTES_MAX: u16 = 8952;
 
-/// The transport configuration both ends use.
+/// The client's transport configuration: wide receive windows, because
+/// what it receives are replies it asked for.
 pub fn transport_config() -> Arc<quinn::TransportConfig> {
-    transport_config_with_streams(STREAMS_PER_CONNECTION_MAX)
+    Arc::new(config_with(
+        STREAMS_PER_CONNECTION_MAX,
+        STREAM_WINDOW_BYTES,
+        CONNECTION_WINDOW_BYTES,
+    ))
 }
 
-/// The same, with the number of streams the peer may open at once (the
-/// broker's `streams_per_connection_max`).
-pub fn transport_config_with_streams(streams_max: u32) -> Arc<quinn::TransportConfig> {
+/// The broker's, with the number of streams a client may open at once (its
+/// `streams_per_connection_max`) and narrow receive windows: request bytes
+/// count against its request memory, and flow control is what holds a
+/// sender back while its frame waits.
+pub fn broker_transport_config(streams_max: u32) -> Arc<quinn::TransportConfig> {
+    Arc::new(config_with(
+        streams_max,
+        BROKER_STREAM_WINDOW_BYTES,
+        BROKER_CONNECTION_WINDOW_BYTES,
+    ))
+}
+
+fn config_with(
+    streams_max: u32,
+    stream_window_bytes: u32,
+    connection_window_bytes: u32,
+) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_bidi_streams(streams_max.into())
         .max_concurrent_uni_streams(0u32.into())
-        .stream_receive_window(STREAM_WINDOW_BYTES.into())
-        .receive_window(CONNECTION_WINDOW_BYTES.into())
+        .stream_receive_window(stream_window_bytes.into())
+        .receive_window(connection_window_bytes.into())
         .send_window(CONNECTION_WINDOW_BYTES as u64)
         .max_idle_timeout(Some(quinn::VarInt::from_u32(IDLE_TIMEOUT_MS).into()))
         .keep_alive_interval(Some(Duration::from_millis(KEEP_ALIVE_MS)));
     let mut mtu = quinn::MtuDiscoveryConfig::default();
     mtu.upper_bound(MTU_PROBE_BYTES_MAX);
     t.mtu_discovery_config(Some(mtu));
-    Arc::new(t)
+    t
 }

@@ -1,0 +1,273 @@
+//! Request memory under clients that hold large frames unfinished, over
+//! real QUIC: the broker's RSS stays within its budget plus a margin, a
+//! normal client keeps producing and fetching, and frames at and past the
+//! limits are served or refused.
+
+use crate::bad_input::{raw_connection, send_raw};
+use crate::harness::TestBroker;
+use msmq_client::protocol::{decode_frame, encode_frame, Reply, Request};
+use msmq_client::{Client, ErrorCode, FetchLimits, NewMessage};
+use std::time::{Duration, Instant};
+
+const MIB: u64 = 1024 * 1024;
+/// The budget the tests set, and each principal's share of it.
+const BUDGET_MIB: u64 = 32;
+const SHARE_MIB: u64 = 6;
+/// Each holder declares a frame this long and sends all but its last
+/// quarter MiB: two fit a share, so a principal holds 6 MiB.
+const HELD_FRAME_BYTES: u64 = 3 * MIB;
+const HELD_SENT_BYTES: u64 = HELD_FRAME_BYTES - MIB / 4;
+/// What the broker may grow by beyond its budget: transport state and
+/// receive windows of the holders' connections, allocator slack.
+const RSS_MARGIN_MIB: u64 = 24;
+/// Longest a normal client's request may take while the holders hold.
+const NORMAL_REQUEST_MAX: Duration = Duration::from_secs(2);
+/// How long the normal client works beside the holders.
+const NORMAL_WORK: Duration = Duration::from_secs(3);
+
+fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .ok_or_else(|| anyhow::anyhow!("no VmRSS in /proc/{pid}/status"))?;
+    Ok(kib.trim().parse::<u64>()? * 1024)
+}
+
+fn metric(metrics: &str, name: &str) -> Option<u64> {
+    metrics.lines().find_map(|l| {
+        let (key, value) = l.split_once(' ')?;
+        (key == name).then(|| value.parse::<f64>().ok().map(|v| v as u64))?
+    })
+}
+
+/// A connection authenticated with `token` whose one stream declares a
+/// frame of `frame_bytes` and sends `sent_bytes` of it, never the rest.
+struct Holder {
+    _endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+    writer: tokio::task::JoinHandle<()>,
+}
+
+impl Holder {
+    async fn open(broker: &TestBroker, token: &str, frame_bytes: u64) -> anyhow::Result<Holder> {
+        let (endpoint, conn) = raw_connection(broker).await?;
+        let hello = send_raw(
+            &conn,
+            &encode_frame(&Request::Authenticate {
+                token: token.to_string(),
+            })?,
+        )
+        .await?;
+        anyhow::ensure!(matches!(
+            decode_frame::<Reply>(&hello)?,
+            Reply::Authenticated { .. }
+        ));
+        let (mut send, _recv) = conn.open_bi().await?;
+        let writer = tokio::spawn(async move {
+            let _keep = _recv;
+            let mut held = (frame_bytes as u32).to_be_bytes().to_vec();
+            held.resize(4 + HELD_SENT_BYTES as usize, 7);
+            // Blocks once the broker stops granting credit; never finishes.
+            let _ = send.write_all(&held).await;
+            std::future::pending::<()>().await;
+        });
+        Ok(Holder {
+            _endpoint: endpoint,
+            conn,
+            writer,
+        })
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        self.writer.abort();
+        self.conn.close(0u32.into(), b"done");
+    }
+}
+
+/// Produce and fetch as a normal client for `NORMAL_WORK`; the slowest
+/// request's time.
+async fn normal_work(client: &Client, topic: &str) -> anyhow::Result<(Duration, u64)> {
+    let producer = client.producer(topic);
+    let start = client.describe_topic(topic).await?.partitions[0].end_offset;
+    let (mut slowest, mut acked, mut offset) = (Duration::ZERO, 0u64, start);
+    let started = Instant::now();
+    while started.elapsed() < NORMAL_WORK {
+        let t = Instant::now();
+        let batch: Vec<_> = (0..20)
+            .map(|i| NewMessage::new(format!("payment-{acked}-{i}")))
+            .collect();
+        acked += producer.send_batch(batch).await?.len() as u64;
+        slowest = slowest.max(t.elapsed());
+        let t = Instant::now();
+        let fetched = client
+            .fetch(topic, 0, offset, FetchLimits::default())
+            .await?;
+        slowest = slowest.max(t.elapsed());
+        offset = fetched.next_offset;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    anyhow::ensure!(
+        offset - start == acked,
+        "fetched {} messages, {acked} acknowledged",
+        offset - start
+    );
+    Ok((slowest, acked))
+}
+
+/// `principals` holders' tokens with `per_principal` connections each hold
+/// unfinished frames; the broker's RSS, its request memory metrics and a
+/// normal client's latency are checked meanwhile.
+async fn hold_and_measure(principals: usize, per_principal: usize) -> anyhow::Result<()> {
+    let broker = TestBroker::start_with(&[
+        "--auth",
+        "--request-memory-max",
+        &format!("{BUDGET_MIB}MiB"),
+        "--request-memory-per-principal-max",
+        &format!("{SHARE_MIB}MiB"),
+    ])?;
+    let pid = broker.pid().expect("broker runs");
+    let (_, admin) = broker.admin().await?;
+    admin.create_topic("payments", 1).await?;
+    let mut tokens = Vec::new();
+    for p in 0..principals {
+        tokens.push(admin.create_token(&format!("holder-{p}")).await?.1);
+    }
+    // Warm up the normal client's path, then take the baseline.
+    normal_work(&admin, "payments").await?;
+    let before = rss_bytes(pid)?;
+
+    let mut holders = Vec::new();
+    for token in &tokens {
+        for _ in 0..per_principal {
+            holders.push(Holder::open(&broker, token, HELD_FRAME_BYTES).await?);
+        }
+    }
+    let declared_mib = holders.len() as u64 * HELD_FRAME_BYTES / MIB;
+    assert!(
+        declared_mib > BUDGET_MIB,
+        "the holders must ask for more than the budget"
+    );
+    // Each principal fills its share with two frames; the rest wait.
+    let held = principals as u64 * 2 * HELD_FRAME_BYTES;
+    let waiting = (holders.len() - 2 * principals) as u64;
+    let http = broker.http.as_deref().expect("metrics on");
+    let settled = Instant::now();
+    let metrics = loop {
+        let metrics = crate::metrics::scrape(http)?;
+        let now = (
+            metric(&metrics, "msmq_request_memory_reserved_bytes"),
+            metric(&metrics, "msmq_request_memory_waiting_streams"),
+        );
+        if now == (Some(held), Some(waiting)) || settled.elapsed() > Duration::from_secs(10) {
+            break metrics;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        metric(&metrics, "msmq_request_memory_reserved_bytes"),
+        Some(held),
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(&metrics, "msmq_request_memory_waiting_streams"),
+        Some(waiting)
+    );
+    assert_eq!(
+        metric(&metrics, "msmq_request_memory_budget_bytes"),
+        Some(BUDGET_MIB * MIB)
+    );
+
+    let (slowest, acked) = normal_work(&admin, "payments").await?;
+    let after = rss_bytes(pid)?;
+    let grew_mib = after.saturating_sub(before) as f64 / MIB as f64;
+    println!(
+        "{} holders of {principals} principal(s) declared {declared_mib} MiB; broker RSS \
+         {:.1} -> {:.1} MiB (+{grew_mib:.1} MiB, budget {BUDGET_MIB} MiB, {} MiB held); \
+         normal client: {acked} messages, slowest request {slowest:?}",
+        holders.len(),
+        before as f64 / MIB as f64,
+        after as f64 / MIB as f64,
+        held / MIB,
+    );
+    assert!(
+        grew_mib <= (BUDGET_MIB + RSS_MARGIN_MIB) as f64,
+        "RSS grew {grew_mib:.1} MiB, past the {BUDGET_MIB} MiB budget plus {RSS_MARGIN_MIB} MiB"
+    );
+    assert!(slowest <= NORMAL_REQUEST_MAX, "{slowest:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_principal_holding_unfinished_frames_stays_within_its_share() -> anyhow::Result<()> {
+    hold_and_measure(1, 24).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_principals_holding_unfinished_frames_stay_within_the_budget() -> anyhow::Result<()> {
+    hold_and_measure(4, 8).await
+}
+
+/// Send a frame of `len` garbage bytes; the reply's error code.
+async fn frame_of(conn: &quinn::Connection, len: u64) -> anyhow::Result<ErrorCode> {
+    let mut frame = (len as u32).to_be_bytes().to_vec();
+    frame.resize(4 + len as usize, 0xff);
+    match decode_frame::<Reply>(&send_raw(conn, &frame).await?)? {
+        Reply::Error(e) => Ok(e.code),
+        other => anyhow::bail!("garbage answered {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_at_a_limit_are_read_and_one_byte_past_it_are_refused() -> anyhow::Result<()> {
+    const SHARE: u64 = 64 * 1024;
+    let broker = TestBroker::start_with(&[
+        "--auth",
+        "--request-memory-max",
+        "1MiB",
+        "--request-memory-per-principal-max",
+        &SHARE.to_string(),
+    ])?;
+    let (admin_token, _admin) = broker.admin().await?;
+    // Before authenticating: small frames only, whatever the share.
+    let (_endpoint, conn) = raw_connection(&broker).await?;
+    let unauthenticated = 4096;
+    assert_eq!(
+        frame_of(&conn, unauthenticated).await?,
+        ErrorCode::BAD_REQUEST
+    );
+    let refused = frame_of(&conn, unauthenticated + 1).await?;
+    assert_eq!(refused, ErrorCode::FRAME_TOO_LARGE);
+    // Authenticated: up to the share; the connection stays usable.
+    let hello = send_raw(
+        &conn,
+        &encode_frame(&Request::Authenticate { token: admin_token })?,
+    )
+    .await?;
+    assert!(matches!(
+        decode_frame::<Reply>(&hello)?,
+        Reply::Authenticated { .. }
+    ));
+    assert_eq!(frame_of(&conn, SHARE).await?, ErrorCode::BAD_REQUEST);
+    assert_eq!(
+        frame_of(&conn, SHARE + 1).await?,
+        ErrorCode::FRAME_TOO_LARGE
+    );
+    assert!(matches!(
+        decode_frame::<Reply>(&send_raw(&conn, &encode_frame(&Request::Ping)?).await?)?,
+        Reply::Pong { .. }
+    ));
+    let metrics = crate::metrics::scrape(broker.http.as_deref().expect("metrics on"))?;
+    assert!(
+        metrics.contains("msmq_client_limit_hits_total{limit=\"request_memory\"} 2"),
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(&metrics, "msmq_request_memory_reserved_bytes"),
+        Some(0)
+    );
+    Ok(())
+}
