@@ -30,6 +30,7 @@ pub struct Metrics {
     pub transaction_checks: Counter,
     pub retention_removed_messages: Counter,
     pub segment_moved_bytes: Counter,
+    pub storage_errors: Counter,
     backlog: Family<Labels, Gauge>,
     lag: Family<Labels, Gauge>,
     transactions_pending: Gauge,
@@ -73,6 +74,7 @@ impl Metrics {
             transaction_checks: Counter::default(),
             retention_removed_messages: Counter::default(),
             segment_moved_bytes: Counter::default(),
+            storage_errors: Counter::default(),
             backlog: Family::default(),
             lag: Family::default(),
             transactions_pending: Gauge::default(),
@@ -162,6 +164,11 @@ impl Metrics {
                 "retention_removed_messages",
                 "Messages removed by retention",
                 m.retention_removed_messages.clone(),
+            );
+            r.register(
+                "storage_errors",
+                "Storage commits that failed (their requests were refused with STORAGE_ERROR)",
+                m.storage_errors.clone(),
             );
             r.register(
                 "segment_moved_bytes",

@@ -209,6 +209,20 @@ async fn the_console_api_needs_a_token_the_rights_the_action_header_and_a_loopba
         )?;
         assert_eq!(status, 200, "{body}");
         assert!(body.contains("\"transactions_pending\":null"), "{body}");
+        // The health figures: disk, storage errors, request memory.
+        let overview: serde_json::Value = serde_json::from_str(&body)?;
+        let health = &overview["health"];
+        assert!(
+            health["disk_free_bytes"].as_u64().is_some_and(|b| b > 0),
+            "{body}"
+        );
+        assert_eq!(health["disk_low"], false, "{body}");
+        assert_eq!(health["storage_errors"], 0, "{body}");
+        assert_eq!(
+            health["request_memory_budget_bytes"],
+            512u64 << 20,
+            "{body}"
+        );
         // Actions need the header (no cross-site form can send it) and the right.
         let (status, body) = http(
             &addr,

@@ -93,10 +93,34 @@ async fn a_full_disk_refuses_producers_early_and_serves_them_again_when_space_re
     std::fs::write(&ballast, vec![0u8; (BALLAST_MIB << 20) as usize])?;
     let broker = TestBroker::start_in(
         fs.path(),
-        &["--disk-free-min", FREE_MIN, "--disk-check-interval", "50ms"],
+        &[
+            "--disk-free-min",
+            FREE_MIN,
+            "--disk-check-interval",
+            "50ms",
+            // Retention's own pass would come too late to matter here.
+            "--retention-check-interval",
+            "1h",
+        ],
     )?;
     let client = broker.client().await?;
     client.create_topic("payments", 2).await?;
+    // A topic whose messages expire after 2 s: retention frees them early,
+    // at the disk checks, once the disk is low.
+    client.create_topic("scratch", 1).await?;
+    client
+        .set_topic_retention(
+            "scratch",
+            Some(msmq_client::protocol::Retention {
+                max_age_ms: 2_000,
+                max_bytes: 0,
+            }),
+        )
+        .await?;
+    client
+        .producer("scratch")
+        .send_batch(batch("scratch", 100))
+        .await?;
     let producer = client.producer("payments");
     // A plugin that publishes, paused with input waiting for it.
     client.create_topic("orders", 1).await?;
@@ -183,6 +207,19 @@ async fn a_full_disk_refuses_producers_early_and_serves_them_again_when_space_re
     );
     let group = client.describe_group("billing").await?;
     assert!(group.offsets.iter().all(|o| o.lag == 0), "{group:?}");
+    // Retention ran while the disk was low, not an hour later.
+    let trimmed_by = Instant::now() + Duration::from_secs(10);
+    loop {
+        let scratch = client.describe_topic("scratch").await?.partitions[0].clone();
+        if scratch.start_offset == scratch.end_offset {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < trimmed_by,
+            "expired messages still kept while the disk is low: {scratch:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // The plugin's publishes wait for space too: it runs, but commits nothing.
     client.resume_plugin("echoer").await?;

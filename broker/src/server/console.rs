@@ -41,6 +41,21 @@ struct Overview {
     transactions: Vec<msmq_protocol::TransactionInfo>,
     dead_letters: Vec<TopicRow>,
     plugins: Vec<PluginRow>,
+    health: Health,
+}
+
+/// What holds the broker back: its disk and its request memory.
+#[derive(Serialize)]
+struct Health {
+    disk_free_bytes: u64,
+    /// `disk_free_min`: below it produces are refused (`DISK_FULL`).
+    disk_free_min_bytes: u64,
+    disk_low: bool,
+    /// Storage commits that failed since start.
+    storage_errors: u64,
+    request_memory_reserved_bytes: u64,
+    request_memory_budget_bytes: u64,
+    request_memory_waiting_streams: u64,
 }
 
 #[derive(Serialize)]
@@ -261,6 +276,15 @@ async fn build_overview(
         transactions,
         dead_letters,
         plugins,
+        health: Health {
+            disk_free_bytes: state.disk.free_bytes(),
+            disk_free_min_bytes: state.config.disk_free_min.as_u64(),
+            disk_low: state.disk.is_low(),
+            storage_errors: metrics.storage_errors.get(),
+            request_memory_reserved_bytes: state.request_memory.reserved_bytes(),
+            request_memory_budget_bytes: state.request_memory.budget_bytes(),
+            request_memory_waiting_streams: state.request_memory.waiting_streams(),
+        },
     })
 }
 

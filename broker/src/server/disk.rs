@@ -96,6 +96,10 @@ pub async fn run(state: Arc<BrokerState>) {
         let (dir, watch) = (state.config.data_dir.clone(), state.clone());
         // statvfs is a blocking call; keep it off the request workers.
         let _ = tokio::task::spawn_blocking(move || watch.disk.measure(&dir, free_min)).await;
+        if state.disk.is_low() {
+            // Free what retention allows now, not at its next interval.
+            state.retention_wake.notify_one();
+        }
     }
 }
 

@@ -55,6 +55,9 @@ pub struct BrokerState {
     pub disk: disk::DiskWatch,
     /// Signalled when a message is scheduled, so the scheduler looks again.
     pub scheduler_wake: tokio::sync::Notify,
+    /// Signalled at every disk check while the disk is low, so retention
+    /// runs then instead of waiting for its own interval.
+    pub retention_wake: tokio::sync::Notify,
     shutting_down: AtomicBool,
     next_connection_id: AtomicU64,
 }
@@ -211,6 +214,7 @@ impl RunningBroker {
             tokens,
             acls,
             scheduler_wake: tokio::sync::Notify::new(),
+            retention_wake: tokio::sync::Notify::new(),
             shutting_down: AtomicBool::new(false),
             next_connection_id: AtomicU64::new(1),
         });

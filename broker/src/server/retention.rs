@@ -1,6 +1,7 @@
 //! Retention: removes expired batches in the background.
 //!
-//! Owns: the retention loop. Every `retention_check_interval` it works out,
+//! Owns: the retention loop. Every `retention_check_interval` (and at every
+//! disk check while the disk is below `disk_free_min`) it works out,
 //! per partition, the oldest batch to keep (by age and by size, from the
 //! topic's own retention or the broker default) and asks the writer to trim
 //! the batches below it, a bounded number per commit so producers never wait
@@ -45,7 +46,10 @@ pub(super) async fn run(state: Arc<BrokerState>) {
     let mut ticker = tokio::time::interval(state.config.retention_check_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        ticker.tick().await;
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = state.retention_wake.notified() => {}
+        }
         if state.is_shutting_down() {
             return;
         }

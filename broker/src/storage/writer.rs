@@ -659,6 +659,7 @@ impl Writer {
             }
             Err(e) => {
                 tracing::error!(error = %e, requests = count, "commit failed; refusing its requests");
+                crate::metrics::global().storage_errors.inc();
                 let err = WriteError::Storage(e.to_string());
                 for job in jobs {
                     if let Some(reply) = job.reply {

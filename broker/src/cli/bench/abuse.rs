@@ -1,7 +1,9 @@
-//! `msmq bench abuse`: well-behaved producers alone, then beside flooding
-//! connections that ignore `RATE_LIMITED` and reconnect when cut off, in
-//! alternating phases of the same run; reports the producers' throughput
-//! ratio (beside / alone) and what happened to the flooders.
+//! `msmq bench abuse`: well-behaved producers alone, then beside abusive
+//! clients, in alternating phases of the same run; reports the producers'
+//! throughput ratio (beside / alone) and what happened to the abusers. Two
+//! attacks: `flood` (connections that ignore `RATE_LIMITED` and reconnect
+//! when cut off) and `hold` (connections that each send most of a large
+//! frame and never the rest, to pin the broker's memory).
 
 use super::{setup, topic_name, Common};
 use msmq_client::protocol::{NewMessage, Retention};
@@ -15,8 +17,41 @@ use std::time::{Duration, Instant};
 /// (A warm-up phase, not counted, comes first.)
 const RETAINED_PHASES: u32 = 2;
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Attack {
+    /// Pings on many streams, ignoring rate refusals.
+    Flood,
+    /// Unfinished large frames, one per connection.
+    Hold,
+}
+
+impl Attack {
+    fn noun(self) -> &'static str {
+        match self {
+            Attack::Flood => "flood",
+            Attack::Hold => "holders",
+        }
+    }
+}
+
 #[derive(clap::Args)]
 pub struct AbuseBench {
+    /// What the abusive clients do.
+    #[arg(long, value_enum, default_value_t = Attack::Flood)]
+    attack: Attack,
+    /// `hold`: connections, each holding one unfinished frame.
+    #[arg(long, default_value_t = 256)]
+    holders: usize,
+    /// `hold`: the length each frame's header declares, e.g. "64 MiB".
+    #[arg(long, default_value = "64MiB")]
+    hold_frame_bytes: bytesize::ByteSize,
+    /// `hold`: how much of it each holder sends, e.g. "60 MiB".
+    #[arg(long, default_value = "60MiB")]
+    hold_sent_bytes: bytesize::ByteSize,
+    /// (Linux) the broker's process id: its resident memory is read from
+    /// /proc at the end of every phase and reported.
+    #[arg(long)]
+    broker_pid: Option<u32>,
     /// Flooding connections, each sending pings on many streams at once.
     #[arg(long, default_value_t = 4)]
     flooders: usize,
@@ -26,7 +61,7 @@ pub struct AbuseBench {
     /// How long a flooder waits before reconnecting once cut off or refused.
     #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
     reconnect_delay: Duration,
-    /// Token the flooders present (another principal); default: the bench's.
+    /// Token the abusers present (another principal); default: the bench's.
     #[arg(long, env = "MSMQ_FLOOD_TOKEN", hide_env_values = true)]
     flood_token: Option<String>,
     /// Well-behaved producers, each on its own connection with one request
@@ -48,6 +83,7 @@ struct FloodTally {
     refused: AtomicU64,
     cut_off: AtomicU64,
     connects_refused: AtomicU64,
+    holders_open: AtomicU64,
     last_reason: std::sync::Mutex<String>,
 }
 
@@ -75,29 +111,42 @@ pub async fn abuse(b: AbuseBench) -> anyhow::Result<()> {
     // Warm up (file growth, caches) so the first round compares like with like.
     good_phase(&b.common, &producers, &topic, phase).await?;
     let mut alone = vec![good_phase(&b.common, &producers, &topic, phase).await?];
+    let mut rss_alone = vec![rss_mib(b.broker_pid)];
     let mut beside = Vec::new();
     let mut floods = Vec::new();
     for round in 0..b.rounds.max(1) {
         let tally = Arc::new(FloodTally::default());
         let stop = Arc::new(AtomicBool::new(false));
-        let flooders: Vec<_> = (0..b.flooders)
-            .map(|_| {
-                tokio::spawn(flood(
-                    options(&b),
-                    b.flood_streams,
-                    b.reconnect_delay,
-                    tally.clone(),
-                    stop.clone(),
-                ))
-            })
-            .collect();
+        let abusers: Vec<_> = match b.attack {
+            Attack::Flood => (0..b.flooders)
+                .map(|_| {
+                    tokio::spawn(flood(
+                        options(&b),
+                        b.flood_streams,
+                        b.reconnect_delay,
+                        tally.clone(),
+                        stop.clone(),
+                    ))
+                })
+                .collect(),
+            Attack::Hold => vec![tokio::spawn(hold(
+                options(&b),
+                b.holders,
+                b.hold_frame_bytes.as_u64(),
+                b.hold_sent_bytes.as_u64(),
+                tally.clone(),
+                stop.clone(),
+            ))],
+        };
         let rate = good_phase(&b.common, &producers, &topic, phase).await?;
+        let rss_beside = rss_mib(b.broker_pid);
         stop.store(true, Ordering::Relaxed);
-        for f in flooders {
-            f.await?;
+        for a in abusers {
+            a.await?;
         }
         beside.push(rate);
         let after = good_phase(&b.common, &producers, &topic, phase).await?;
+        rss_alone.push(rss_mib(b.broker_pid));
         if crate::cli::shutdown::requested() {
             // A round cut short by a stop signal compares nothing.
             break;
@@ -116,13 +165,17 @@ pub async fn abuse(b: AbuseBench) -> anyhow::Result<()> {
             "flood_cut_off": tally.cut_off.load(Ordering::Relaxed),
             "flood_connects_refused": tally.connects_refused.load(Ordering::Relaxed),
             "flood_close_reason": reason,
+            "holders_open": tally.holders_open.load(Ordering::Relaxed),
+            "broker_rss_alone_before_mib": rss_alone[round],
+            "broker_rss_beside_mib": rss_beside,
         });
         if !b.common.json {
             println!(
-                "round {}: alone {:.0} msg/s, beside the flood {rate:.0} msg/s, alone again {after:.0} msg/s: ratio {ratio:.2}; \
+                "round {}: alone {:.0} msg/s, beside the {} {rate:.0} msg/s, alone again {after:.0} msg/s: ratio {ratio:.2}; \
                  flooders: {} answered, {} refused, {} cut off, {} reconnects refused",
                 round + 1,
                 alone[round],
+                b.attack.noun(),
                 flood["flood_answered"],
                 flood["flood_refused"],
                 flood["flood_cut_off"],
@@ -130,6 +183,12 @@ pub async fn abuse(b: AbuseBench) -> anyhow::Result<()> {
             );
             if !reason.is_empty() {
                 println!("  close reason: {reason}");
+            }
+            if b.attack == Attack::Hold {
+                println!(
+                    "  {} holders held unfinished frames; broker RSS alone {} MiB, beside them {} MiB",
+                    flood["holders_open"], flood["broker_rss_alone_before_mib"], flood["broker_rss_beside_mib"]
+                );
             }
         }
         floods.push(flood);
@@ -148,8 +207,9 @@ pub async fn abuse(b: AbuseBench) -> anyhow::Result<()> {
         );
     } else {
         println!(
-            "abuse: well-behaved producers kept {:.0}% of their throughput beside the flood (median ratio {median:.2} of {} rounds)",
+            "abuse: well-behaved producers kept {:.0}% of their throughput beside the {} (median ratio {median:.2} of {} rounds)",
             median * 100.0,
+            b.attack.noun(),
             ratios.len()
         );
     }
@@ -253,4 +313,116 @@ async fn flood(
             tokio::time::sleep(reconnect_delay).await;
         }
     }
+}
+
+/// The resident memory of process `pid` in MiB, read from /proc (Linux).
+fn rss_mib(pid: Option<u32>) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", pid?)).ok()?;
+    let kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse::<u64>()
+        .ok()?;
+    Some(kib / 1024)
+}
+
+/// `holders` connections, each authenticating with the abusers' token and
+/// sending `sent_bytes` of a frame declared `frame_bytes` long, never the
+/// rest; held until `stop`. Connections the broker refuses are counted.
+async fn hold(
+    options: msmq_client::ClientOptions,
+    holders: usize,
+    frame_bytes: u64,
+    sent_bytes: u64,
+    tally: Arc<FloodTally>,
+    stop: Arc<AtomicBool>,
+) {
+    let Ok(addr) = resolve(&options.server).await else {
+        tally.connects_refused.fetch_add(1, Ordering::Relaxed);
+        return;
+    };
+    let Ok(config) = options.quic_client_config() else {
+        tally.connects_refused.fetch_add(1, Ordering::Relaxed);
+        return;
+    };
+    let Ok(endpoint) = quinn::Endpoint::client((std::net::Ipv4Addr::LOCALHOST, 0).into()) else {
+        tally.connects_refused.fetch_add(1, Ordering::Relaxed);
+        return;
+    };
+    let declared = u32::try_from(frame_bytes).unwrap_or(u32::MAX).to_be_bytes();
+    let held: Arc<[u8]> = declared
+        .into_iter()
+        .chain(std::iter::repeat_n(
+            b'h',
+            sent_bytes.min(frame_bytes) as usize,
+        ))
+        .collect();
+    let mut open = Vec::new();
+    for _ in 0..holders {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        match hold_one(&endpoint, &config, addr, &options, held.clone()).await {
+            Ok(held) => {
+                tally.holders_open.fetch_add(1, Ordering::Relaxed);
+                open.push(held);
+            }
+            Err(e) => {
+                tally.connects_refused.fetch_add(1, Ordering::Relaxed);
+                *tally.last_reason.lock().expect("reason lock") = e.to_string();
+            }
+        }
+    }
+    while !stop.load(Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for (conn, writer) in open {
+        writer.abort();
+        conn.close(0u32.into(), b"bench over");
+    }
+    endpoint.wait_idle().await;
+}
+
+async fn resolve(server: &str) -> anyhow::Result<std::net::SocketAddr> {
+    tokio::net::lookup_host(server)
+        .await?
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("{server} resolves to nothing"))
+}
+
+/// One holder's connection and the task writing its frame.
+async fn hold_one(
+    endpoint: &quinn::Endpoint,
+    config: &quinn::ClientConfig,
+    addr: std::net::SocketAddr,
+    options: &msmq_client::ClientOptions,
+    held: Arc<[u8]>,
+) -> anyhow::Result<(quinn::Connection, tokio::task::JoinHandle<()>)> {
+    use msmq_client::protocol::{decode_frame, encode_frame, Reply, Request};
+    let conn = endpoint
+        .connect_with(config.clone(), addr, &options.server_name)?
+        .await?;
+    if let Some(token) = &options.token {
+        let (mut send, mut recv) = conn.open_bi().await?;
+        send.write_all(&encode_frame(&Request::Authenticate {
+            token: token.clone(),
+        })?)
+        .await?;
+        send.finish()?;
+        let reply = recv.read_to_end(1 << 16).await?;
+        if let Reply::Error(e) = decode_frame::<Reply>(&reply)? {
+            anyhow::bail!("authentication refused: {e}");
+        }
+    }
+    let (mut send, recv) = conn.open_bi().await?;
+    let writer = tokio::spawn(async move {
+        let _reply_side = recv;
+        // Blocks once the broker stops granting credit; never finishes.
+        let _ = send.write_all(&held).await;
+        std::future::pending::<()>().await;
+    });
+    Ok((conn, writer))
 }
