@@ -31,6 +31,7 @@ pub struct Metrics {
     pub retention_removed_messages: Counter,
     pub segment_moved_bytes: Counter,
     pub storage_errors: Counter,
+    pub storage_recovering: Gauge,
     backlog: Family<Labels, Gauge>,
     lag: Family<Labels, Gauge>,
     transactions_pending: Gauge,
@@ -75,6 +76,7 @@ impl Metrics {
             retention_removed_messages: Counter::default(),
             segment_moved_bytes: Counter::default(),
             storage_errors: Counter::default(),
+            storage_recovering: Gauge::default(),
             backlog: Family::default(),
             lag: Family::default(),
             transactions_pending: Gauge::default(),
@@ -169,6 +171,11 @@ impl Metrics {
                 "storage_errors",
                 "Storage commits that failed (their requests were refused with STORAGE_ERROR)",
                 m.storage_errors.clone(),
+            );
+            r.register(
+                "storage_recovering",
+                "1 while the database is being reopened after an I/O error (writes refused)",
+                m.storage_recovering.clone(),
             );
             r.register(
                 "segment_moved_bytes",

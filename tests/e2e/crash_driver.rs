@@ -345,13 +345,17 @@ async fn check(
     ledger: &Shared,
     report: &mut Report,
 ) -> anyhow::Result<Vec<String>> {
-    let log = read_log(client, TOPIC).await?;
-    let audit = read_log(client, AUDIT).await?;
-    let counts = state(client, PLUGIN, "n/").await?;
-    let group = client.describe_group(GROUP).await?;
+    // The plugin keeps running while this reads. Each of its batches
+    // commits state, publishes and offset together, so what is read before
+    // the audit is covered by it, and what is read after covers it.
     let plugin_group = client
         .describe_group(&spec(PLUGIN, TOPIC).group_name())
         .await?;
+    let counted_before = state(client, PLUGIN, "n/").await?;
+    let log = read_log(client, TOPIC).await?;
+    let audit = read_log(client, AUDIT).await?;
+    let counted_after = state(client, PLUGIN, "n/").await?;
+    let group = client.describe_group(GROUP).await?;
     let ledger = ledger.lock().expect("ledger");
     let mut found = Vec::new();
     let mut note = |v: String| {
@@ -422,14 +426,18 @@ async fn check(
         if *n != 1 {
             note(format!("plugin published {payload} {n} times"));
         }
-        if counts.get(&format!("n/{payload}")).map(String::as_str) != Some("1") {
+        if counted_after
+            .get(&format!("n/{payload}"))
+            .map(String::as_str)
+            != Some("1")
+        {
             note(format!(
                 "plugin published {payload} but counted it {:?}",
-                counts.get(&format!("n/{payload}"))
+                counted_after.get(&format!("n/{payload}"))
             ));
         }
     }
-    for (key, n) in &counts {
+    for (key, n) in &counted_before {
         let payload = key.trim_start_matches("n/").to_string();
         if n != "1" || !published.contains_key(&payload) {
             note(format!(

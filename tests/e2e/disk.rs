@@ -2,7 +2,8 @@
 //! the retryable `DISK_FULL` before the filesystem is full; a consumer group
 //! joins, drains and commits meanwhile; once space is freed producers are
 //! served again within seconds, with no restart, and nothing acknowledged is
-//! lost. The filesystem is a small tmpfs the test mounts (it needs root; CI
+//! lost. With the watermark off, a write that really meets `ENOSPC` is
+//! recovered from without a restart too. The filesystem is a small tmpfs the test mounts (it needs root; CI
 //! runs as root; elsewhere the test says why it skipped).
 
 use crate::harness::{read_all, TestBroker};
@@ -57,6 +58,16 @@ impl Tmpfs {
         }
     }
 
+    /// A mount of `TMPFS_MIB` holding `BALLAST_MIB` in a file to free later.
+    fn mount_with_ballast() -> anyhow::Result<Option<(Tmpfs, PathBuf)>> {
+        let Some(fs) = Tmpfs::mount(TMPFS_MIB)? else {
+            return Ok(None);
+        };
+        let ballast = fs.path().join("ballast");
+        std::fs::write(&ballast, vec![0u8; (BALLAST_MIB << 20) as usize])?;
+        Ok(Some((fs, ballast)))
+    }
+
     fn path(&self) -> &Path {
         self.dir.path()
     }
@@ -73,6 +84,32 @@ fn free_bytes(dir: &Path) -> anyhow::Result<u64> {
     Ok(stat.f_bavail * stat.f_frsize)
 }
 
+/// Remove the ballast, then send until the producer is served, refused
+/// only with `refusal` meanwhile and for at most `limit_secs`; the ack and
+/// how long it took.
+async fn served_again(
+    producer: &msmq_client::Producer,
+    ballast: &Path,
+    refusal: ErrorCode,
+    limit_secs: u64,
+) -> anyhow::Result<(msmq_client::MessageAck, Duration)> {
+    std::fs::remove_file(ballast)?;
+    let freed = Instant::now();
+    loop {
+        match producer.send(NewMessage::new("after")).await {
+            Ok(ack) => return Ok((ack, freed.elapsed())),
+            Err(e) if e.code() == Some(refusal) => {
+                anyhow::ensure!(
+                    freed.elapsed() < Duration::from_secs(limit_secs),
+                    "still refused {limit_secs} s after space returned: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 fn batch(tag: &str, n: usize) -> Vec<NewMessage> {
     (0..n)
         .map(|i| {
@@ -86,11 +123,9 @@ fn batch(tag: &str, n: usize) -> Vec<NewMessage> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_refuses_producers_early_and_serves_them_again_when_space_returns(
 ) -> anyhow::Result<()> {
-    let Some(fs) = Tmpfs::mount(TMPFS_MIB)? else {
+    let Some((fs, ballast)) = Tmpfs::mount_with_ballast()? else {
         return Ok(());
     };
-    let ballast: PathBuf = fs.path().join("ballast");
-    std::fs::write(&ballast, vec![0u8; (BALLAST_MIB << 20) as usize])?;
     let broker = TestBroker::start_in(
         fs.path(),
         &[
@@ -119,7 +154,11 @@ async fn a_full_disk_refuses_producers_early_and_serves_them_again_when_space_re
         .await?;
     client
         .producer("scratch")
-        .send_batch(batch("scratch", 100))
+        .send_batch(
+            (0..100)
+                .map(|i| NewMessage::new(format!("scratch-{i}")))
+                .collect(),
+        )
         .await?;
     let producer = client.producer("payments");
     // A plugin that publishes, paused with input waiting for it.
@@ -168,6 +207,9 @@ async fn a_full_disk_refuses_producers_early_and_serves_them_again_when_space_re
     );
     assert!(free > 16 << 20, "refused only with {free} bytes left");
     assert!(refusal.code().is_some_and(|c| c.is_retryable()));
+    // Keep the disk well below the floor from here on, whatever retention
+    // frees meanwhile; it goes with the ballast.
+    std::fs::write(fs.path().join("margin"), vec![0u8; 8 << 20])?;
     // Half messages are refused the same way.
     let tx = client
         .transactional_producer("pay", "payments", |_: &msmq_client::TransactionCheck| {
@@ -229,22 +271,8 @@ async fn a_full_disk_refuses_producers_early_and_serves_them_again_when_space_re
     assert_eq!(read_all(&client, "echo", 0, 0).await?.len(), 0);
 
     // Space returns: producers are served again within 5 s, no restart.
-    std::fs::remove_file(&ballast)?;
-    let freed = Instant::now();
-    let resumed = loop {
-        match producer.send(NewMessage::new("after")).await {
-            Ok(ack) => break ack,
-            Err(e) if e.code() == Some(ErrorCode::DISK_FULL) => {
-                anyhow::ensure!(
-                    freed.elapsed() < Duration::from_secs(5),
-                    "still refused 5 s after space returned: {e}"
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Err(e) => return Err(e.into()),
-        }
-    };
-    eprintln!("served again {:?} after space returned", freed.elapsed());
+    let (resumed, waited) = served_again(&producer, &ballast, ErrorCode::DISK_FULL, 5).await?;
+    eprintln!("served again {waited:?} after space returned");
     // The plugin's batch commits now, each publish exactly once.
     wait_stats(&client, "echoer", Duration::from_secs(30), |s| s.lag == 0).await?;
     let echoed = read_all(&client, "echo", 0, 0).await?;
@@ -268,4 +296,103 @@ async fn a_full_disk_refuses_producers_early_and_serves_them_again_when_space_re
     drop(broker);
     drop(fs);
     Ok(())
+}
+
+/// With the watermark off, a write really meets `ENOSPC`: redb latches the
+/// error, the broker reopens its database once space returns, and writes
+/// resume with no restart; nothing acknowledged is lost, then or after a
+/// restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_that_meets_enospc_recovers_without_a_restart_once_space_returns(
+) -> anyhow::Result<()> {
+    let Some((fs, ballast)) = Tmpfs::mount_with_ballast()? else {
+        return Ok(());
+    };
+    let mut broker = TestBroker::start_in(fs.path(), &["--disk-free-min", "0"])?;
+    let client = broker.client().await?;
+    client.create_topic("payments", 1).await?;
+    let producer = client.producer("payments");
+
+    // Fill until a write fails for want of space.
+    let started = Instant::now();
+    let mut acked: Vec<Vec<u8>> = Vec::new();
+    let mut failure = None;
+    for i in 0..FILL_BATCHES_MAX {
+        if started.elapsed() > FILL_TIME_MAX {
+            break;
+        }
+        let messages = batch(&format!("fill{i}"), BATCH_MESSAGES);
+        match producer.send_batch(messages.clone()).await {
+            Ok(_) => acked.extend(messages.into_iter().map(|m| m.payload.to_vec())),
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        }
+    }
+    let failure = failure.ok_or_else(|| {
+        anyhow::anyhow!("{} messages acknowledged and no write failed", acked.len())
+    })?;
+    assert_eq!(failure.code(), Some(ErrorCode::STORAGE_ERROR), "{failure}");
+    eprintln!(
+        "a write failed after {} messages with {} KiB free: {failure}",
+        acked.len(),
+        free_bytes(fs.path())? >> 10
+    );
+    // Still full: whatever is acknowledged meanwhile must be stored too
+    // (a small write may fit in the pages the failed commit left free).
+    if producer.send(NewMessage::new("while full")).await.is_ok() {
+        acked.push(b"while full".to_vec());
+    }
+    // Reads work while the disk is still full: the database was reopened
+    // (its repair fits in the pages the failed commit left).
+    let full_since = Instant::now();
+    let read_while_full = loop {
+        match read_all(&client, "payments", 0, 0).await {
+            Ok(messages) => break messages.len(),
+            Err(e) => anyhow::ensure!(
+                full_since.elapsed() < Duration::from_secs(5),
+                "reads still fail 5 s after the failed write: {e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(read_while_full, acked.len(), "reads while full");
+    let free = free_bytes(fs.path())?;
+    assert!(free < 1 << 20, "the disk is still full: {free} bytes free");
+
+    // Space returns: writes resume with no restart.
+    let (_, waited) = served_again(&producer, &ballast, ErrorCode::STORAGE_ERROR, 10).await?;
+    acked.push(b"after".to_vec());
+    eprintln!("writes resumed {waited:?} after space returned");
+    assert!(broker.log().contains("storage reopened after an I/O error"));
+
+    // Every acknowledged message is there, once, now and after a restart.
+    let stored = stored_once(&client, &acked).await?;
+    drop(client);
+    broker.restart()?;
+    let client = broker.client().await?;
+    let after_restart = stored_once(&client, &acked).await?;
+    eprintln!(
+        "{} acknowledged; {stored} stored before the restart, {after_restart} after",
+        acked.len()
+    );
+    Ok(())
+}
+
+/// How many messages `payments` stores, once every payload of `acked` is
+/// there exactly once and nothing is stored twice.
+async fn stored_once(client: &msmq_client::Client, acked: &[Vec<u8>]) -> anyhow::Result<usize> {
+    let mut seen = std::collections::HashMap::new();
+    let stored = read_all(client, "payments", 0, 0).await?;
+    for m in &stored {
+        *seen.entry(m.payload.to_vec()).or_insert(0u32) += 1;
+    }
+    let lost = acked.iter().filter(|p| !seen.contains_key(*p)).count();
+    let doubled = seen.values().filter(|&&n| n > 1).count();
+    anyhow::ensure!(
+        lost == 0 && doubled == 0,
+        "{lost} lost, {doubled} stored twice"
+    );
+    Ok(stored.len())
 }

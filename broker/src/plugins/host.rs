@@ -11,8 +11,8 @@
 //! - Memory growth past the plugin's limit traps the call.
 
 use crate::storage::read;
+use crate::storage::ReadSource;
 use crate::topics::TopicRegistry;
-use redb::{Database, ReadableDatabase};
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
@@ -41,7 +41,7 @@ pub const STATE_SCAN_ENTRIES_MAX: u32 = 10_000;
 /// The data of one plugin's `Store`.
 pub struct HostState {
     pub plugin: Arc<str>,
-    db: Arc<Database>,
+    db: Arc<crate::storage::db::Db>,
     registry: Arc<TopicRegistry>,
     allowed_topics: HashSet<String>,
     message_bytes_max: usize,
@@ -95,7 +95,7 @@ impl wasmtime::ResourceLimiter for MemoryLimiter {
 impl HostState {
     pub fn new(
         plugin: Arc<str>,
-        db: Arc<Database>,
+        db: Arc<crate::storage::db::Db>,
         registry: Arc<TopicRegistry>,
         allowed_topics: HashSet<String>,
         message_bytes_max: usize,
@@ -145,7 +145,7 @@ impl HostState {
 
     fn snapshot(&mut self) -> Option<&redb::ReadTransaction> {
         if self.snapshot.is_none() {
-            match self.db.begin_read() {
+            match self.db.read_txn() {
                 Ok(txn) => self.snapshot = Some(txn),
                 Err(e) => {
                     tracing::error!(plugin = %self.plugin, error = %e, "state read failed");

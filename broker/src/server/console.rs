@@ -53,6 +53,8 @@ struct Health {
     disk_low: bool,
     /// Storage commits that failed since start.
     storage_errors: u64,
+    /// The database is being reopened after an I/O error: writes refused.
+    storage_recovering: bool,
     request_memory_reserved_bytes: u64,
     request_memory_budget_bytes: u64,
     request_memory_waiting_streams: u64,
@@ -281,6 +283,7 @@ async fn build_overview(
             disk_free_min_bytes: state.config.disk_free_min.as_u64(),
             disk_low: state.disk.is_low(),
             storage_errors: metrics.storage_errors.get(),
+            storage_recovering: metrics.storage_recovering.get() != 0,
             request_memory_reserved_bytes: state.request_memory.reserved_bytes(),
             request_memory_budget_bytes: state.request_memory.budget_bytes(),
             request_memory_waiting_streams: state.request_memory.waiting_streams(),

@@ -2,7 +2,8 @@
 //! offsets, consumer-group offsets and everything else, and the log's batch
 //! bytes in segment files beside it.
 //!
-//! Owns: the redb [`Database`], the table layout ([`tables`]), the segment
+//! Owns: the redb [`Database`] (behind [`db::Db`], which reopens it after an
+//! I/O error), the table layout ([`tables`]), the segment
 //! files ([`segments`]), the single writer thread (`writer`), the read paths
 //! ([`read`]) and, for tests, a fault-injecting storage backend ([`faults`]).
 //!
@@ -17,6 +18,7 @@
 //! - Reads use redb read transactions and never block the writer.
 
 pub mod batch;
+pub mod db;
 pub mod faults;
 mod mover;
 pub mod read;
@@ -26,6 +28,7 @@ mod writer;
 
 use crate::topics::{Topic, TopicMeta, TopicRegistry};
 use crate::transactions::{HalfRecord, PendingTx, TxSchedule};
+pub use db::ReadSource;
 pub use mover::SEGMENT_MOVE_INTERVAL_MIN;
 use redb::{Database, ReadableDatabase, ReadableTable};
 use std::path::Path;
@@ -133,7 +136,7 @@ from_redb!(
 
 /// The broker's storage: the database plus its writer.
 pub struct Store {
-    db: Arc<Database>,
+    db: Arc<db::Db>,
     segments: Arc<segments::Segments>,
     writer: writer::WriterHandle,
     _mover: mover::MoverHandle,
@@ -154,46 +157,25 @@ impl Store {
             path: dir.display().to_string(),
             reason: e.to_string(),
         })?;
-        let path = dir.join(DB_FILE_NAME);
-        let open_error = |reason: String| StorageError::Open {
-            path: path.display().to_string(),
-            reason,
-        };
-        let mut builder = Database::builder();
-        builder.set_cache_size(options.cache_bytes);
+        let db = db::Db::open(dir, DB_FILE_NAME, options.cache_bytes)?;
         let faults_on = std::env::var_os(faults::FAULTS_ENV).is_some_and(|v| v == "1");
-        let db = if faults_on {
-            tracing::warn!(
-                "storage fault injection is on ({}=1): for tests only",
-                faults::FAULTS_ENV
-            );
-            let file = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(&path)
-                .map_err(|e| open_error(e.to_string()))?;
-            let backend =
-                faults::FaultyBackend::new(file, dir).map_err(|e| open_error(e.to_string()))?;
-            builder.create_with_backend(backend)
-        } else {
-            builder.create(&path)
-        }
-        .map_err(|e| open_error(e.to_string()))?;
-        tables::create_all(&db)?;
-        let segments = Arc::new(segments::Segments::recover(
-            dir,
-            &db,
-            faults_on.then(|| dir.join(faults::FAULTS_DIR)),
-        )?);
-        load_topics(&db, &registry)?;
-        for (group, topic_id, partition, offset) in read::all_group_offsets(&db)? {
-            registry.set_committed(&group, topic_id, partition, offset);
-        }
-        let (store_id, counters) = load_counters(&db)?;
-        let schedule = Arc::new(Mutex::new(load_schedule(&db)?));
-        let next_scheduled_ms = Arc::new(std::sync::atomic::AtomicU64::new(first_scheduled(&db)?));
+        let (segments, store_id, counters, schedule, next_scheduled_ms) = db.with(|db| {
+            tables::create_all(db)?;
+            let segments = Arc::new(segments::Segments::recover(
+                dir,
+                db,
+                faults_on.then(|| dir.join(faults::FAULTS_DIR)),
+            )?);
+            load_topics(db, &registry)?;
+            for (group, topic_id, partition, offset) in read::all_group_offsets(db)? {
+                registry.set_committed(&group, topic_id, partition, offset);
+            }
+            let (store_id, counters) = load_counters(db)?;
+            let schedule = Arc::new(Mutex::new(load_schedule(db)?));
+            let next_scheduled_ms =
+                Arc::new(std::sync::atomic::AtomicU64::new(first_scheduled(db)?));
+            Ok((segments, store_id, counters, schedule, next_scheduled_ms))
+        })?;
         let db = Arc::new(db);
         let mover_settings = mover::MoverSettings {
             interval: options.segment_move_interval,
@@ -228,7 +210,8 @@ impl Store {
         })
     }
 
-    pub fn db(&self) -> &Arc<Database> {
+    /// The database, for reads (`read::*` take it as a [`ReadSource`]).
+    pub fn db(&self) -> &Arc<db::Db> {
         &self.db
     }
 
@@ -272,8 +255,8 @@ impl Store {
 }
 
 /// The store id and the counters the writer hands out.
-fn load_counters(db: &Database) -> Result<(u64, writer::Counters), StorageError> {
-    let txn = db.begin_read()?;
+fn load_counters(db: &impl ReadSource) -> Result<(u64, writer::Counters), StorageError> {
+    let txn = db.read_txn()?;
     let meta = txn.open_table(tables::META)?;
     let get = |key: &str, default: u64| -> Result<u64, StorageError> {
         Ok(meta.get(key)?.map(|v| v.value()).unwrap_or(default))

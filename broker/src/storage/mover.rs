@@ -25,8 +25,8 @@ use super::batch;
 use super::segments::{Roll, SegmentAppender, Segments};
 use super::tables;
 use super::writer::{WriteOp, WriteOutcome, WriterHandle};
+use crate::storage::ReadSource;
 use crate::topics::TopicRegistry;
-use redb::{Database, ReadableDatabase};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -58,7 +58,7 @@ impl Drop for MoverHandle {
 }
 
 pub(super) fn start(
-    db: Arc<Database>,
+    db: Arc<crate::storage::db::Db>,
     segments: Arc<Segments>,
     registry: Arc<TopicRegistry>,
     writer: WriterHandle,
@@ -83,7 +83,7 @@ pub(super) fn start(
 }
 
 struct Mover {
-    db: Arc<Database>,
+    db: Arc<crate::storage::db::Db>,
     appender: SegmentAppender,
     registry: Arc<TopicRegistry>,
     writer: WriterHandle,
@@ -145,7 +145,7 @@ impl Mover {
         let mut bytes = 0usize;
         let mut full = false;
         {
-            let txn = self.db.begin_read().map_err(|e| e.to_string())?;
+            let txn = self.db.read_txn().map_err(|e| e.to_string())?;
             let log = txn.open_table(tables::LOG).map_err(|e| e.to_string())?;
             let retention = txn
                 .open_table(tables::TOPIC_RETENTION)

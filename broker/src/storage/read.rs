@@ -3,9 +3,10 @@
 //! on a blocking thread from async code.
 
 use super::segments::Segments;
+use super::ReadSource;
 use super::{batch, tables, StorageError};
 use msmq_protocol::Message;
-use redb::{Database, ReadableDatabase, ReadableTable};
+use redb::ReadableTable;
 
 /// Read messages of one partition from offset `from` (inclusive) up to `end`
 /// (exclusive, the committed end), stopping at `max_messages` or once
@@ -13,7 +14,7 @@ use redb::{Database, ReadableDatabase, ReadableTable};
 /// even when it alone exceeds `max_bytes`, so a consumer can never be stuck.
 #[allow(clippy::too_many_arguments)]
 pub fn read_partition(
-    db: &Database,
+    db: &impl ReadSource,
     segments: &Segments,
     store_id: u64,
     topic_id: u32,
@@ -27,7 +28,7 @@ pub fn read_partition(
     if from >= end || max_messages == 0 {
         return Ok(out);
     }
-    let txn = db.begin_read()?;
+    let txn = db.read_txn()?;
     let log = txn.open_table(tables::LOG)?;
     // The batch holding `from` is the last one whose base is <= from.
     let first_base = log
@@ -54,7 +55,7 @@ pub fn read_partition(
                     // Deleted since this snapshot: fine if retention has
                     // trimmed the batch by now, corruption if not.
                     let count = batch::header(value).map_err(StorageError::Corrupt)?.count;
-                    let now = db.begin_read()?;
+                    let now = db.read_txn()?;
                     let start = now
                         .open_table(tables::PARTITIONS)?
                         .get((topic_id, partition))?
@@ -88,19 +89,21 @@ pub fn read_partition(
 
 /// The committed offset of a group on one partition.
 pub fn group_offset(
-    db: &Database,
+    db: &impl ReadSource,
     group: &str,
     topic_id: u32,
     partition: u32,
 ) -> Result<Option<u64>, StorageError> {
-    let txn = db.begin_read()?;
+    let txn = db.read_txn()?;
     let table = txn.open_table(tables::GROUP_OFFSETS)?;
     Ok(table.get((group, topic_id, partition))?.map(|v| v.value()))
 }
 
 /// Every committed group offset: (group, topic id, partition, offset).
-pub fn all_group_offsets(db: &Database) -> Result<Vec<(String, u32, u32, u64)>, StorageError> {
-    let txn = db.begin_read()?;
+pub fn all_group_offsets(
+    db: &impl ReadSource,
+) -> Result<Vec<(String, u32, u32, u64)>, StorageError> {
+    let txn = db.read_txn()?;
     let table = txn.open_table(tables::GROUP_OFFSETS)?;
     let mut out = Vec::new();
     for entry in table.iter()? {
@@ -121,12 +124,12 @@ fn decode<T: serde::de::DeserializeOwned>(
 
 /// One postcard record of a table keyed by u64.
 fn get_record<T: serde::de::DeserializeOwned>(
-    db: &Database,
+    db: &impl ReadSource,
     table: redb::TableDefinition<u64, &[u8]>,
     key: u64,
     what: &str,
 ) -> Result<Option<T>, StorageError> {
-    let txn = db.begin_read()?;
+    let txn = db.read_txn()?;
     let table = txn.open_table(table)?;
     let value = table.get(key)?;
     value
@@ -136,7 +139,7 @@ fn get_record<T: serde::de::DeserializeOwned>(
 
 /// One half message by transaction id.
 pub fn half_message(
-    db: &Database,
+    db: &impl ReadSource,
     tx_id: u64,
 ) -> Result<Option<crate::transactions::HalfRecord>, StorageError> {
     get_record(db, tables::HALF_MESSAGES, tx_id, "half message")
@@ -144,11 +147,11 @@ pub fn half_message(
 
 /// Half messages, discarded or pending, oldest first, at most `limit`.
 pub fn half_messages(
-    db: &Database,
+    db: &impl ReadSource,
     discarded: bool,
     limit: usize,
 ) -> Result<Vec<(u64, crate::transactions::HalfRecord)>, StorageError> {
-    let txn = db.begin_read()?;
+    let txn = db.read_txn()?;
     let table = txn.open_table(tables::HALF_MESSAGES)?;
     let mut out = Vec::new();
     for entry in table.iter()? {
@@ -167,7 +170,7 @@ pub fn half_messages(
 
 /// How a resolved transaction ended, if its outcome is still kept.
 pub fn tx_outcome(
-    db: &Database,
+    db: &impl ReadSource,
     tx_id: u64,
 ) -> Result<Option<crate::transactions::OutcomeRecord>, StorageError> {
     get_record(db, tables::TX_OUTCOMES, tx_id, "outcome")
@@ -176,12 +179,12 @@ pub fn tx_outcome(
 /// The first offset of a partition whose message was appended at or after
 /// `timestamp_ms`; `None` when every stored message is older.
 pub fn offset_for_time(
-    db: &Database,
+    db: &impl ReadSource,
     topic_id: u32,
     partition: u32,
     timestamp_ms: u64,
 ) -> Result<Option<u64>, StorageError> {
-    let txn = db.begin_read()?;
+    let txn = db.read_txn()?;
     let times = txn.open_table(tables::BATCH_TIMES)?;
     for entry in times.range((topic_id, partition, 0)..=(topic_id, partition, u64::MAX))? {
         let (key, ts) = entry?;
@@ -195,9 +198,9 @@ pub fn offset_for_time(
 /// Every stored retry: (group, (topic id, partition, offset), record).
 #[allow(clippy::type_complexity)]
 pub fn all_retries(
-    db: &Database,
+    db: &impl ReadSource,
 ) -> Result<Vec<(String, (u32, u32, u64), crate::delivery::RetryRecord)>, StorageError> {
-    let txn = db.begin_read()?;
+    let txn = db.read_txn()?;
     let table = txn.open_table(tables::RETRIES)?;
     let mut out = Vec::new();
     for entry in table.iter()? {
@@ -214,10 +217,10 @@ pub fn all_retries(
 
 /// A group's stored retry policy.
 pub fn group_policy(
-    db: &Database,
+    db: &impl ReadSource,
     group: &str,
 ) -> Result<Option<crate::delivery::RetryPolicy>, StorageError> {
-    let txn = db.begin_read()?;
+    let txn = db.read_txn()?;
     let table = txn.open_table(tables::GROUP_POLICIES)?;
     table
         .get(group)?
@@ -227,10 +230,10 @@ pub fn group_policy(
 
 /// Where the message with id sequence `sequence` is: (topic id, partition, offset).
 pub fn locate_by_sequence(
-    db: &Database,
+    db: &impl ReadSource,
     sequence: u64,
 ) -> Result<Option<(u32, u32, u64)>, StorageError> {
-    let txn = db.begin_read()?;
+    let txn = db.read_txn()?;
     let index = txn.open_table(tables::ID_INDEX)?;
     let found = index
         .range(..=sequence)?
@@ -251,12 +254,12 @@ pub fn locate_by_sequence(
 /// (partition, offset) of messages of a topic whose key hashes to `hash`,
 /// at most `limit`, oldest first per partition.
 pub fn locate_by_key_hash(
-    db: &Database,
+    db: &impl ReadSource,
     topic_id: u32,
     hash: u64,
     limit: usize,
 ) -> Result<Vec<(u32, u64)>, StorageError> {
-    let txn = db.begin_read()?;
+    let txn = db.read_txn()?;
     let index = txn.open_table(tables::KEY_INDEX)?;
     let mut out = Vec::new();
     for entry in index.range((topic_id, hash, 0, 0)..=(topic_id, hash, u32::MAX, u64::MAX))? {
@@ -271,8 +274,10 @@ pub fn locate_by_key_hash(
 }
 
 /// Every deployed plugin's record.
-pub fn plugin_records(db: &Database) -> Result<Vec<crate::plugins::PluginRecord>, StorageError> {
-    let txn = db.begin_read()?;
+pub fn plugin_records(
+    db: &impl ReadSource,
+) -> Result<Vec<crate::plugins::PluginRecord>, StorageError> {
+    let txn = db.read_txn()?;
     let table = txn.open_table(tables::PLUGINS)?;
     let mut out = Vec::new();
     for entry in table.iter()? {
@@ -283,8 +288,11 @@ pub fn plugin_records(db: &Database) -> Result<Vec<crate::plugins::PluginRecord>
 }
 
 /// A stored plugin component by its SHA-256 (hex).
-pub fn plugin_component(db: &Database, sha256: &str) -> Result<Option<Vec<u8>>, StorageError> {
-    let txn = db.begin_read()?;
+pub fn plugin_component(
+    db: &impl ReadSource,
+    sha256: &str,
+) -> Result<Option<Vec<u8>>, StorageError> {
+    let txn = db.read_txn()?;
     let table = txn.open_table(tables::PLUGIN_COMPONENTS)?;
     Ok(table.get(sha256)?.map(|v| v.value().to_vec()))
 }
@@ -337,10 +345,10 @@ pub fn plugin_state_get(
 /// A plugin's pending retries: ((topic id, partition, offset), (due ms, attempt)).
 #[allow(clippy::type_complexity)]
 pub fn plugin_retries(
-    db: &Database,
+    db: &impl ReadSource,
     plugin: &str,
 ) -> Result<Vec<((u32, u32, u64), (u64, u32))>, StorageError> {
-    let txn = db.begin_read()?;
+    let txn = db.read_txn()?;
     let table = txn.open_table(tables::PLUGIN_RETRIES)?;
     let mut out = Vec::new();
     for entry in table.range((plugin, 0, 0, 0)..=(plugin, u32::MAX, u32::MAX, u64::MAX))? {
@@ -353,8 +361,11 @@ pub fn plugin_retries(
 
 /// A topic's own retention: (max age ms, max bytes per partition), 0 = no
 /// limit; `None` when it uses the broker default.
-pub fn topic_retention(db: &Database, topic_id: u32) -> Result<Option<(u64, u64)>, StorageError> {
-    let txn = db.begin_read()?;
+pub fn topic_retention(
+    db: &impl ReadSource,
+    topic_id: u32,
+) -> Result<Option<(u64, u64)>, StorageError> {
+    let txn = db.read_txn()?;
     let table = txn.open_table(tables::TOPIC_RETENTION)?;
     Ok(table.get(topic_id)?.map(|v| v.value()))
 }
@@ -364,7 +375,7 @@ pub fn topic_retention(db: &Database, topic_id: u32) -> Result<Option<(u64, u64)
 /// limit) and at most `max_bytes` (0: no size limit) of batches are kept.
 /// Returns `start` when nothing expires.
 pub fn retention_start(
-    db: &Database,
+    db: &impl ReadSource,
     topic_id: u32,
     partition: u32,
     start: u64,
@@ -372,7 +383,7 @@ pub fn retention_start(
     cutoff_ms: u64,
     max_bytes: u64,
 ) -> Result<u64, StorageError> {
-    let txn = db.begin_read()?;
+    let txn = db.read_txn()?;
     let mut keep_from = start;
     if cutoff_ms > 0 {
         let times = txn.open_table(tables::BATCH_TIMES)?;
@@ -412,22 +423,26 @@ pub fn retention_start(
 }
 
 /// Every stored token: (id, record).
-pub fn tokens(db: &Database) -> Result<Vec<(String, crate::auth::TokenRecord)>, StorageError> {
+pub fn tokens(
+    db: &impl ReadSource,
+) -> Result<Vec<(String, crate::auth::TokenRecord)>, StorageError> {
     all_by_name(db, tables::TOKENS, "token")
 }
 
 /// Every principal's ACL rules.
-pub fn acls(db: &Database) -> Result<Vec<(String, Vec<msmq_protocol::AclRule>)>, StorageError> {
+pub fn acls(
+    db: &impl ReadSource,
+) -> Result<Vec<(String, Vec<msmq_protocol::AclRule>)>, StorageError> {
     all_by_name(db, tables::ACLS, "ACL of")
 }
 
 /// Every record of a name-keyed table, decoded.
 fn all_by_name<T: serde::de::DeserializeOwned>(
-    db: &Database,
+    db: &impl ReadSource,
     table: redb::TableDefinition<&str, &[u8]>,
     what: &str,
 ) -> Result<Vec<(String, T)>, StorageError> {
-    let txn = db.begin_read()?;
+    let txn = db.read_txn()?;
     let table = txn.open_table(table)?;
     let mut out = Vec::new();
     for entry in table.iter()? {

@@ -21,7 +21,7 @@ use crate::delivery::{RetryPolicy, RetryRecord};
 use crate::topics::{Topic, TopicMeta, TopicRegistry};
 use crate::transactions::{HalfRecord, OutcomeRecord, PendingTx, TxOutcome, TxSchedule, TxSource};
 use msmq_protocol::NewMessage;
-use redb::{Database, ReadableTable};
+use redb::ReadableTable;
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -324,7 +324,7 @@ pub enum WriteError {
     },
     #[error("plugin {0:?} was removed or redeployed; the batch's effects were not written")]
     PluginGone(String),
-    #[error("storage failure, nothing was written: {0}")]
+    #[error("storage failure, the request was not applied: {0}")]
     Storage(String),
     #[error("a stored record could not be read, nothing was written: {0}")]
     Corrupt(String),
@@ -413,7 +413,7 @@ impl WriterHandle {
 }
 
 /// Counters the writer hands out, loaded from the `meta` table.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Counters {
     pub next_topic_id: u32,
     pub next_message_sequence: u64,
@@ -431,7 +431,7 @@ impl Counters {
 
 #[allow(clippy::too_many_arguments)]
 pub(super) fn start(
-    db: Arc<Database>,
+    db: Arc<super::db::Db>,
     fault_switches: Option<std::path::PathBuf>,
     segments: Arc<Segments>,
     registry: Arc<TopicRegistry>,
@@ -451,6 +451,7 @@ pub(super) fn start(
         options,
         counters,
         last_sync: Instant::now(),
+        recovering: None,
     };
     std::thread::Builder::new()
         .name("msmq-writer".into())
@@ -460,7 +461,7 @@ pub(super) fn start(
 }
 
 struct Writer {
-    db: Arc<Database>,
+    db: Arc<super::db::Db>,
     /// For tests: the directory of fault switch files.
     fault_switches: Option<std::path::PathBuf>,
     reaper: RefCell<SegmentReaper>,
@@ -470,6 +471,21 @@ struct Writer {
     options: StoreOptions,
     counters: Counters,
     last_sync: Instant,
+    /// Set while the database refuses writes after an I/O error and the
+    /// writer reopens it; every write is refused meanwhile.
+    recovering: Option<Recovery>,
+}
+
+/// How often the writer tries to reopen a database that failed, and how
+/// long it sleeps between looks at its queue meanwhile.
+const REOPEN_RETRY_INTERVAL: Duration = Duration::from_secs(1);
+const RECOVERY_POLL_INTERVAL: Duration = Duration::from_millis(100);
+
+struct Recovery {
+    since: Instant,
+    last_try: Option<Instant>,
+    tries: u32,
+    cause: String,
 }
 
 enum ScheduleChange {
@@ -533,7 +549,7 @@ impl Writer {
     fn run(&mut self, mut rx: mpsc::Receiver<Msg>) {
         let mut shutdown: Option<oneshot::Sender<()>> = None;
         while shutdown.is_none() {
-            let Some(first) = rx.blocking_recv() else {
+            let Some(first) = self.next_message(&mut rx) else {
                 break;
             };
             let mut jobs = Vec::new();
@@ -573,7 +589,109 @@ impl Writer {
         }
     }
 
+    /// The next message; while recovering, the reopen is retried between
+    /// looks at the queue, so reads come back even if nobody writes.
+    fn next_message(&mut self, rx: &mut mpsc::Receiver<Msg>) -> Option<Msg> {
+        loop {
+            if self.recovering.is_none() {
+                return rx.blocking_recv();
+            }
+            match rx.try_recv() {
+                Ok(msg) => return Some(msg),
+                Err(mpsc::error::TryRecvError::Disconnected) => return None,
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    self.try_recover();
+                    if self.recovering.is_some() {
+                        std::thread::sleep(RECOVERY_POLL_INTERVAL);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reopen the failed database, at most every `REOPEN_RETRY_INTERVAL`.
+    fn try_recover(&mut self) {
+        let Some(recovery) = &mut self.recovering else {
+            return;
+        };
+        if recovery
+            .last_try
+            .is_some_and(|t| t.elapsed() < REOPEN_RETRY_INTERVAL)
+        {
+            return;
+        }
+        recovery.last_try = Some(Instant::now());
+        recovery.tries += 1;
+        let (tries, since) = (recovery.tries, recovery.since);
+        match self.db.reopen().and_then(|()| self.follow_the_disk()) {
+            Ok(()) => {
+                tracing::warn!(after = ?since.elapsed(), tries,
+                    "storage reopened after an I/O error; writes resume");
+                self.recovering = None;
+                crate::metrics::global().storage_recovering.set(0);
+            }
+            // Every try while the cause lasts would flood the log.
+            Err(e) if tries == 1 || tries % 60 == 0 => {
+                tracing::warn!(error = %e, tries, "reopening the storage failed; retrying every second")
+            }
+            Err(e) => tracing::debug!(error = %e, tries, "reopening the storage failed"),
+        }
+    }
+
+    /// After a reopen the file holds the last commit that reached the disk.
+    /// A commit reported failed may still have reached it (an fsync that
+    /// failed after its data was written): then the counters and partition
+    /// ends on disk are ahead of memory, and memory follows the disk. Its
+    /// requests were answered with errors; what they stored stays.
+    fn follow_the_disk(&mut self) -> Result<(), StorageError> {
+        let (_, on_disk) = super::load_counters(&*self.db)?;
+        if on_disk != self.counters {
+            tracing::warn!(?on_disk, in_memory = ?self.counters,
+                "a commit reported failed reached the disk; following the disk");
+            self.counters = on_disk;
+        }
+        let txn = super::ReadSource::read_txn(&*self.db)?;
+        let partitions = txn.open_table(tables::PARTITIONS)?;
+        let mut moved = false;
+        for topic in self.registry.list() {
+            for p in 0..topic.partition_count() {
+                let stored = partitions
+                    .get((topic.id(), p))?
+                    .map(|v| v.value())
+                    .unwrap_or((0, 0));
+                let offsets = &topic.partitions[p as usize];
+                if (offsets.start(), offsets.end()) != stored {
+                    tracing::warn!(topic = %topic.name, partition = p, ?stored,
+                        in_memory = ?(offsets.start(), offsets.end()),
+                        "partition offsets on disk differ after a failed commit; following the disk");
+                    offsets.set(stored.0, stored.1);
+                    moved = true;
+                }
+            }
+        }
+        if moved {
+            self.registry.signal_appended();
+        }
+        Ok(())
+    }
+
     fn commit_group(&mut self, jobs: Vec<Job>) {
+        if self.recovering.is_some() {
+            self.try_recover();
+        }
+        if let Some(recovery) = &self.recovering {
+            let err = WriteError::Storage(format!(
+                "storage is reopening its database after an I/O error ({}); writes resume once \
+                 that succeeds, retry later",
+                recovery.cause
+            ));
+            for job in jobs {
+                if let Some(reply) = job.reply {
+                    let _ = reply.send(Err(err.clone()));
+                }
+            }
+            return;
+        }
         let started = Instant::now();
         let count = jobs.len();
         let bytes: usize = jobs.iter().map(|j| j.op.bytes()).sum();
@@ -665,6 +783,19 @@ impl Writer {
                     if let Some(reply) = job.reply {
                         let _ = reply.send(Err(err.clone()));
                     }
+                }
+                // redb latches an I/O error: every later transaction fails
+                // until the database is closed and opened again.
+                if self.db.needs_reopen() {
+                    tracing::error!(error = %e, "the database refuses writes after an I/O error; reopening it");
+                    crate::metrics::global().storage_recovering.set(1);
+                    self.recovering = Some(Recovery {
+                        since: Instant::now(),
+                        last_try: None,
+                        tries: 0,
+                        cause: e.to_string(),
+                    });
+                    self.try_recover();
                 }
             }
         }

@@ -72,7 +72,7 @@ pub(super) async fn state(
     let limit = limit.clamp(1, STATE_ENTRIES_PER_REQUEST_MAX) as usize;
     let db = state.store.db().clone();
     let entries = blocking(move || {
-        let txn = redb::ReadableDatabase::begin_read(&*db)?;
+        let txn = crate::storage::ReadSource::read_txn(&db)?;
         crate::storage::read::plugin_state_scan(&txn, &name, &prefix, start_after.as_deref(), limit)
     })
     .await?;
