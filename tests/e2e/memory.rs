@@ -271,3 +271,55 @@ async fn frames_at_a_limit_are_read_and_one_byte_past_it_are_refused() -> anyhow
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_over_its_share_waits_and_every_request_succeeds() -> anyhow::Result<()> {
+    // Sixteen 500 KB produces at once on one connection, against a share
+    // that holds two: the rest wait unread (QUIC holds the client back),
+    // none fails, none waits out the read timeout.
+    const PAYLOAD_BYTES: usize = 500 * 1000;
+    const SENDS: usize = 16;
+    let broker = TestBroker::start_with(&[
+        "--request-memory-max",
+        "4MiB",
+        "--request-memory-per-principal-max",
+        "1MiB",
+        "--request-read-timeout",
+        "5s",
+    ])?;
+    let client = broker.client().await?;
+    client.create_topic("big", 4).await?;
+    let producer = client.producer("big");
+    let started = Instant::now();
+    // Separate tasks, so the runtime (not this test) orders their writes.
+    let sends: Vec<_> = (0..SENDS)
+        .map(|i| {
+            let producer = producer.clone();
+            tokio::spawn(async move {
+                producer
+                    .send_batch(vec![NewMessage::new(vec![i as u8; PAYLOAD_BYTES])])
+                    .await
+            })
+        })
+        .collect();
+    for send in sends {
+        send.await??;
+    }
+    let took = started.elapsed();
+    let stored: u64 = client
+        .describe_topic("big")
+        .await?
+        .partitions
+        .iter()
+        .map(|p| p.end_offset)
+        .sum();
+    assert_eq!(stored, SENDS as u64);
+    let metrics = crate::metrics::scrape(broker.http.as_deref().expect("metrics on"))?;
+    assert_eq!(
+        metric(&metrics, "msmq_request_memory_reserved_bytes"),
+        Some(0)
+    );
+    println!("{SENDS} produces of {PAYLOAD_BYTES} bytes through a 1 MiB share took {took:?}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    Ok(())
+}
