@@ -504,6 +504,22 @@ mod tests {
         c.request_memory_max = ByteSize(REQUEST_MEMORY_BYTES_MIN - 1);
         c.request_memory_per_principal_max = ByteSize(REQUEST_MEMORY_BYTES_MIN - 1);
         assert!(c.validate().is_err());
+        // The disk check interval, and the connection limits (at least 1).
+        let mut c = Config {
+            disk_check_interval: DISK_CHECK_INTERVAL_MIN,
+            connections_max: 1,
+            unauthenticated_connections_per_address_max: 1,
+            ..Config::default()
+        };
+        c.validate().unwrap();
+        c.disk_check_interval -= Duration::from_millis(1);
+        assert!(c.validate().is_err());
+        c.disk_check_interval = DISK_CHECK_INTERVAL_MIN;
+        c.connections_max = 0;
+        assert!(c.validate().is_err());
+        c.connections_max = 1;
+        c.unauthenticated_connections_per_address_max = 0;
+        assert!(c.validate().is_err());
         // A segment holds at least one whole batch, for at least the minimum age.
         let mut c = Config {
             segment_bytes_max: ByteSize::mib(16),
