@@ -22,6 +22,8 @@ use crate::topics::{Topic, TopicMeta, TopicRegistry};
 use crate::transactions::{HalfRecord, OutcomeRecord, PendingTx, TxOutcome, TxSchedule, TxSource};
 use msmq_protocol::NewMessage;
 use redb::ReadableTable;
+mod recovery;
+
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -473,19 +475,7 @@ struct Writer {
     last_sync: Instant,
     /// Set while the database refuses writes after an I/O error and the
     /// writer reopens it; every write is refused meanwhile.
-    recovering: Option<Recovery>,
-}
-
-/// How often the writer tries to reopen a database that failed, and how
-/// long it sleeps between looks at its queue meanwhile.
-const REOPEN_RETRY_INTERVAL: Duration = Duration::from_secs(1);
-const RECOVERY_POLL_INTERVAL: Duration = Duration::from_millis(100);
-
-struct Recovery {
-    since: Instant,
-    last_try: Option<Instant>,
-    tries: u32,
-    cause: String,
+    recovering: Option<recovery::Recovery>,
 }
 
 enum ScheduleChange {
@@ -587,92 +577,6 @@ impl Writer {
         if let Some(done) = shutdown {
             let _ = done.send(());
         }
-    }
-
-    /// The next message; while recovering, the reopen is retried between
-    /// looks at the queue, so reads come back even if nobody writes.
-    fn next_message(&mut self, rx: &mut mpsc::Receiver<Msg>) -> Option<Msg> {
-        loop {
-            if self.recovering.is_none() {
-                return rx.blocking_recv();
-            }
-            match rx.try_recv() {
-                Ok(msg) => return Some(msg),
-                Err(mpsc::error::TryRecvError::Disconnected) => return None,
-                Err(mpsc::error::TryRecvError::Empty) => {
-                    self.try_recover();
-                    if self.recovering.is_some() {
-                        std::thread::sleep(RECOVERY_POLL_INTERVAL);
-                    }
-                }
-            }
-        }
-    }
-
-    /// Reopen the failed database, at most every `REOPEN_RETRY_INTERVAL`.
-    fn try_recover(&mut self) {
-        let Some(recovery) = &mut self.recovering else {
-            return;
-        };
-        if recovery
-            .last_try
-            .is_some_and(|t| t.elapsed() < REOPEN_RETRY_INTERVAL)
-        {
-            return;
-        }
-        recovery.last_try = Some(Instant::now());
-        recovery.tries += 1;
-        let (tries, since) = (recovery.tries, recovery.since);
-        match self.db.reopen().and_then(|()| self.follow_the_disk()) {
-            Ok(()) => {
-                tracing::warn!(after = ?since.elapsed(), tries,
-                    "storage reopened after an I/O error; writes resume");
-                self.recovering = None;
-                crate::metrics::global().storage_recovering.set(0);
-            }
-            // Every try while the cause lasts would flood the log.
-            Err(e) if tries == 1 || tries % 60 == 0 => {
-                tracing::warn!(error = %e, tries, "reopening the storage failed; retrying every second")
-            }
-            Err(e) => tracing::debug!(error = %e, tries, "reopening the storage failed"),
-        }
-    }
-
-    /// After a reopen the file holds the last commit that reached the disk.
-    /// A commit reported failed may still have reached it (an fsync that
-    /// failed after its data was written): then the counters and partition
-    /// ends on disk are ahead of memory, and memory follows the disk. Its
-    /// requests were answered with errors; what they stored stays.
-    fn follow_the_disk(&mut self) -> Result<(), StorageError> {
-        let (_, on_disk) = super::load_counters(&*self.db)?;
-        if on_disk != self.counters {
-            tracing::warn!(?on_disk, in_memory = ?self.counters,
-                "a commit reported failed reached the disk; following the disk");
-            self.counters = on_disk;
-        }
-        let txn = super::ReadSource::read_txn(&*self.db)?;
-        let partitions = txn.open_table(tables::PARTITIONS)?;
-        let mut moved = false;
-        for topic in self.registry.list() {
-            for p in 0..topic.partition_count() {
-                let stored = partitions
-                    .get((topic.id(), p))?
-                    .map(|v| v.value())
-                    .unwrap_or((0, 0));
-                let offsets = &topic.partitions[p as usize];
-                if (offsets.start(), offsets.end()) != stored {
-                    tracing::warn!(topic = %topic.name, partition = p, ?stored,
-                        in_memory = ?(offsets.start(), offsets.end()),
-                        "partition offsets on disk differ after a failed commit; following the disk");
-                    offsets.set(stored.0, stored.1);
-                    moved = true;
-                }
-            }
-        }
-        if moved {
-            self.registry.signal_appended();
-        }
-        Ok(())
     }
 
     fn commit_group(&mut self, jobs: Vec<Job>) {
@@ -789,12 +693,7 @@ impl Writer {
                 if self.db.needs_reopen() {
                     tracing::error!(error = %e, "the database refuses writes after an I/O error; reopening it");
                     crate::metrics::global().storage_recovering.set(1);
-                    self.recovering = Some(Recovery {
-                        since: Instant::now(),
-                        last_try: None,
-                        tries: 0,
-                        cause: e.to_string(),
-                    });
+                    self.recovering = Some(recovery::Recovery::new(e.to_string()));
                     self.try_recover();
                 }
             }
