@@ -273,7 +273,8 @@ impl Metrics {
 
     /// Count one hit of a client limit (`rate`, `cut_off`, `banned`,
     /// `connections`, `address_connections`, `broker_connections`,
-    /// `request_memory` for a frame larger than any reservation).
+    /// `request_memory` for a frame larger than any reservation,
+    /// `abandoned_frames` for a connection closed for unused credit).
     pub fn client_limit(&self, limit: &str) {
         self.client_limits
             .get_or_create(&vec![("limit".to_string(), limit.to_string())])

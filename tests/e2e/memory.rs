@@ -323,3 +323,80 @@ async fn a_client_over_its_share_waits_and_every_request_succeeds() -> anyhow::R
     assert!(took < Duration::from_secs(5), "{took:?}");
     Ok(())
 }
+
+/// Declare a frame of `frame_bytes` on a new stream, send `sent_bytes` of
+/// it once the broker granted credit for it, then reset the stream.
+async fn abandon_frame(
+    conn: &quinn::Connection,
+    frame_bytes: u32,
+    sent_bytes: usize,
+) -> anyhow::Result<()> {
+    let (mut send, _recv) = conn.open_bi().await?;
+    let mut frame = frame_bytes.to_be_bytes().to_vec();
+    frame.resize(4 + sent_bytes, 1);
+    send.write_all(&frame).await?;
+    // Give the broker time to reserve the frame and grant its credit.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    send.reset(0u32.into())?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoning_started_frames_is_tolerated_up_to_the_window_and_closed_past_it(
+) -> anyhow::Result<()> {
+    let broker = TestBroker::start()?;
+    let (_endpoint, conn) = raw_connection(&broker).await?;
+    // 64 KiB left unused: within the 128 KiB the connection may hold.
+    abandon_frame(&conn, 96 * 1024, 32 * 1024).await?;
+    assert!(conn.close_reason().is_none(), "{:?}", conn.close_reason());
+    assert!(matches!(
+        decode_frame::<Reply>(&send_raw(&conn, &encode_frame(&Request::Ping)?).await?)?,
+        Reply::Pong { .. }
+    ));
+    // Another 1 MiB: past it, the connection is closed with the reason.
+    abandon_frame(&conn, 1024 * 1024 + 32 * 1024, 32 * 1024).await?;
+    crate::bad_input::closed_with(&conn, ErrorCode::BAD_REQUEST);
+    let reason = format!("{:?}", conn.close_reason());
+    assert!(reason.contains("finish every frame you start"), "{reason}");
+    let metrics = crate::metrics::scrape(broker.http.as_deref().expect("metrics on"))?;
+    assert!(
+        metrics.contains("msmq_client_limit_hits_total{limit=\"abandoned_frames\"} 1"),
+        "{metrics}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_produce_the_caller_gives_up_on_is_finished_and_the_connection_kept() -> anyhow::Result<()>
+{
+    let broker = TestBroker::start_with(&["--request-memory-per-principal-max", "3MiB"])?;
+    let client = broker.client().await?;
+    client.create_topic("big", 1).await?;
+    // Another connection of the same address holds 2.5 MiB of the share
+    // with a frame it never finishes.
+    let (_endpoint, holder) = raw_connection(&broker).await?;
+    let (mut held, _reply) = holder.open_bi().await?;
+    let mut frame = (5u32 << 19).to_be_bytes().to_vec();
+    frame.resize(4 + (1 << 20), 7);
+    held.write_all(&frame).await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // So a 2 MB produce waits for the share, part-written; its caller gives up.
+    let producer = client.producer("big");
+    let send = producer.send_batch(vec![NewMessage::new(vec![1u8; 2_000_000])]);
+    assert!(tokio::time::timeout(Duration::from_millis(500), send)
+        .await
+        .is_err());
+    // The holder goes; the abandoned produce is reserved and finished in the
+    // background, so nothing is held against the client's connection.
+    holder.close(0u32.into(), b"done");
+    let stored = Instant::now();
+    while client.describe_topic("big").await?.partitions[0].end_offset < 1 {
+        anyhow::ensure!(stored.elapsed() < Duration::from_secs(10), "never stored");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    producer.send(NewMessage::new("after")).await?;
+    let metrics = crate::metrics::scrape(broker.http.as_deref().expect("metrics on"))?;
+    assert!(!metrics.contains("abandoned_frames"), "{metrics}");
+    Ok(())
+}

@@ -43,9 +43,10 @@ pub struct ConnectionContext {
     /// The rate and memory share of all connections of `count_key`.
     shared: std::sync::Mutex<Arc<PrincipalShared>>,
     in_flight_bytes: tokio::sync::Semaphore,
-    /// Held while the receive window is raised and lowered for one grant,
-    /// so two grants on the connection cannot undo each other.
-    window_grants: std::sync::Mutex<()>,
+    /// Flow-control credit the peer holds that no reservation stands
+    /// behind: what frames it abandoned left unused. Held while the window is
+    /// raised and lowered for a grant, so two grants cannot undo each other.
+    unbacked_credit: std::sync::Mutex<u64>,
     /// Streams that failed framing, and the first one's reason: a client
     /// dropping many half-sent requests fails them all at once, and that is
     /// logged once, when the connection ends.
@@ -80,13 +81,42 @@ impl ConnectionContext {
     /// credit and counts the shrink as a debt that reading these bytes pays
     /// off. Unread bytes of a connection stay within the base window plus
     /// what was reserved and not yet read.
+    /// Credit the peer already holds unbacked is spent first.
     fn grant_receive_credit(&self, bytes: usize) {
         use msmq_client::transport::BROKER_CONNECTION_WINDOW_BYTES as BASE;
-        let _one_grant_at_a_time = self.window_grants.lock().expect("window lock");
-        let raised =
-            quinn::VarInt::from_u64(u64::from(BASE) + bytes as u64).unwrap_or(quinn::VarInt::MAX);
+        let mut unbacked = self.unbacked_credit.lock().expect("credit lock");
+        let held = (*unbacked).min(bytes as u64);
+        *unbacked -= held;
+        let grant = bytes as u64 - held;
+        if grant == 0 {
+            return;
+        }
+        let raised = quinn::VarInt::from_u64(u64::from(BASE) + grant).unwrap_or(quinn::VarInt::MAX);
         self.conn.set_receive_window(raised);
         self.conn.set_receive_window(BASE.into());
+    }
+
+    /// A reserved frame's stream ended (reset, timed out) with `unread` of
+    /// its granted bytes never sent: the peer keeps that credit and could
+    /// park other streams' bytes with it. Past
+    /// [`UNBACKED_CREDIT_BYTES_MAX`] the connection is closed.
+    fn abandoned(&self, unread: u64) {
+        if self.conn.close_reason().is_some() {
+            // The whole connection went: its credit with it.
+            return;
+        }
+        let mut unbacked = self.unbacked_credit.lock().expect("credit lock");
+        *unbacked += unread;
+        if *unbacked > UNBACKED_CREDIT_BYTES_MAX {
+            let reason = format!(
+                "request frames whose streams ended early left {} bytes of granted flow-control \
+                 credit unused (limit {UNBACKED_CREDIT_BYTES_MAX}): finish every frame you start",
+                *unbacked
+            );
+            crate::metrics::global().client_limit("abandoned_frames");
+            tracing::warn!(conn = self.id, remote = %self.remote, %reason, "closing connection");
+            close_with(&self.conn, ErrorCode::BAD_REQUEST, &reason);
+        }
     }
 
     /// The key the connection is counted under (empty once it ended).
@@ -243,7 +273,7 @@ async fn serve_connection(state: Arc<BrokerState>, conn: quinn::Connection, requ
         in_flight_bytes: tokio::sync::Semaphore::new(
             state.config.in_flight_bytes_per_connection_max.as_u64() as usize,
         ),
-        window_grants: std::sync::Mutex::new(()),
+        unbacked_credit: std::sync::Mutex::new(0),
         framing_errors: std::sync::atomic::AtomicU32::new(0),
         first_framing_error: std::sync::Mutex::new(None),
     });
@@ -290,6 +320,12 @@ fn close_with(conn: &quinn::Connection, code: ErrorCode, reason: &str) {
     let reason: String = reason.chars().take(CLOSE_REASON_CHARS_MAX).collect();
     conn.close(code.0.into(), reason.as_bytes());
 }
+
+/// Most flow-control credit a connection may hold unbacked by a
+/// reservation, from frames it started and abandoned (see
+/// `ConnectionContext::abandoned`): as much as its base window again.
+const UNBACKED_CREDIT_BYTES_MAX: u64 =
+    msmq_client::transport::BROKER_CONNECTION_WINDOW_BYTES as u64;
 
 /// Longest close reason sent (it travels in one QUIC frame).
 const CLOSE_REASON_CHARS_MAX: usize = 200;
@@ -454,11 +490,6 @@ async fn read_frame<'a>(
     } else {
         budget
     };
-    let in_flight = ctx
-        .in_flight_bytes
-        .acquire_many(counted as u32)
-        .await
-        .map_err(|_| ReadFailed::Gone)?;
     let share = authenticated.then(|| {
         ctx.shared
             .lock()
@@ -466,10 +497,23 @@ async fn read_frame<'a>(
             .memory
             .clone()
     });
-    let memory = state
-        .request_memory
-        .reserve(share.as_ref(), len as u32)
-        .await;
+    // The waits end with the connection: a dead peer holds no place in line.
+    let reserved = async {
+        let in_flight = ctx
+            .in_flight_bytes
+            .acquire_many(counted as u32)
+            .await
+            .ok()?;
+        let memory = state
+            .request_memory
+            .reserve(share.as_ref(), len as u32)
+            .await;
+        Some((in_flight, memory))
+    };
+    let (in_flight, memory) = tokio::select! {
+        reserved = reserved => reserved.ok_or(ReadFailed::Gone)?,
+        _ = ctx.conn.closed() => return Err(ReadFailed::Gone),
+    };
     // The header was read before the reservation: its bytes are granted too.
     ctx.grant_receive_credit(FRAME_HEADER_BYTES + len);
     let held = Held {
@@ -477,21 +521,32 @@ async fn read_frame<'a>(
         _memory: memory,
     };
     let mut body = vec![0u8; len];
-    match tokio::time::timeout(timeout, recv.read_exact(&mut body)).await {
-        Err(_) => return Err(ReadFailed::TimedOut),
-        Ok(Ok(())) => {}
-        Ok(Err(quinn::ReadExactError::FinishedEarly(n))) => {
-            close_for_framing(
-                ctx,
-                ErrorCode::BAD_REQUEST,
-                format!("truncated frame: header says {len} body bytes, stream carried {n}"),
-            );
-            return Err(ReadFailed::Gone);
-        }
-        Ok(Err(quinn::ReadExactError::ReadError(e))) => {
-            tracing::debug!(conn = ctx.id, error = %e, "request stream aborted");
-            return Err(ReadFailed::Gone);
-        }
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut filled = 0;
+    while filled < len {
+        let failed = match tokio::time::timeout_at(deadline, recv.read(&mut body[filled..])).await {
+            Ok(Ok(Some(n))) => {
+                filled += n;
+                continue;
+            }
+            Ok(Ok(None)) => {
+                close_for_framing(
+                    ctx,
+                    ErrorCode::BAD_REQUEST,
+                    format!(
+                        "truncated frame: header says {len} body bytes, stream carried {filled}"
+                    ),
+                );
+                return Err(ReadFailed::Gone);
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(conn = ctx.id, error = %e, "request stream aborted");
+                ReadFailed::Gone
+            }
+            Err(_) => ReadFailed::TimedOut,
+        };
+        ctx.abandoned((len - filled) as u64);
+        return Err(failed);
     }
     // The frame must end the stream.
     match tokio::time::timeout(timeout, recv.read_chunk(1, true)).await {

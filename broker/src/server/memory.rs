@@ -37,6 +37,8 @@ pub struct RequestMemory {
     budget_bytes: u64,
     per_principal_bytes: u64,
     total: Arc<Semaphore>,
+    /// Bytes of reservations made (not of permits promised to a waiter).
+    reserved: Arc<AtomicU64>,
     waiting: AtomicU64,
 }
 
@@ -44,6 +46,14 @@ pub struct RequestMemory {
 pub struct Reservation {
     _principal: Option<OwnedSemaphorePermit>,
     _total: OwnedSemaphorePermit,
+    reserved: Arc<AtomicU64>,
+    bytes: u64,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.reserved.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
 }
 
 /// A frame no reservation could ever cover.
@@ -61,6 +71,7 @@ impl RequestMemory {
             budget_bytes,
             per_principal_bytes,
             total: Arc::new(Semaphore::new(permits(budget_bytes))),
+            reserved: Arc::new(AtomicU64::new(0)),
             waiting: AtomicU64::new(0),
         }
     }
@@ -104,10 +115,7 @@ impl RequestMemory {
             quick_share,
             self.total.clone().try_acquire_many_owned(bytes),
         ) {
-            return Reservation {
-                _principal: p,
-                _total: t,
-            };
+            return self.made(p, t, bytes);
         }
         self.waiting.fetch_add(1, Ordering::Relaxed);
         let _counted = Waiting(&self.waiting);
@@ -117,9 +125,25 @@ impl RequestMemory {
             None => None,
         };
         let t = self.total.clone().acquire_many_owned(bytes).await;
+        self.made(
+            p.map(|p| p.expect("principal share is never closed")),
+            t.expect("request memory is never closed"),
+            bytes,
+        )
+    }
+
+    fn made(
+        &self,
+        principal: Option<OwnedSemaphorePermit>,
+        total: OwnedSemaphorePermit,
+        bytes: u32,
+    ) -> Reservation {
+        self.reserved.fetch_add(u64::from(bytes), Ordering::Relaxed);
         Reservation {
-            _principal: p.map(|p| p.expect("principal share is never closed")),
-            _total: t.expect("request memory is never closed"),
+            _principal: principal,
+            _total: total,
+            reserved: self.reserved.clone(),
+            bytes: u64::from(bytes),
         }
     }
 
@@ -129,8 +153,7 @@ impl RequestMemory {
 
     /// Bytes reserved now, broker-wide.
     pub fn reserved_bytes(&self) -> u64 {
-        self.budget_bytes
-            .saturating_sub(self.total.available_permits() as u64)
+        self.reserved.load(Ordering::Relaxed)
     }
 
     /// Streams waiting for a reservation now.

@@ -102,15 +102,23 @@ impl Db {
     /// Close the database and open its file again. On failure the handle
     /// stays closed (reads and writes fail) until a later reopen succeeds.
     pub fn reopen(&self) -> Result<(), StorageError> {
-        let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
-        if let Some(failed) = current.take() {
+        let failed = self
+            .current
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(failed) = failed {
             // The close of a failed database writes nothing and releases
             // the file and its locks; its error is the I/O error we know of.
             if let Err(e) = failed.close() {
                 tracing::debug!(error = %e, "closing the failed database");
             }
         }
-        *current = Some(open_database(&self.spec)?);
+        // Opened without the lock: readers fail fast meanwhile instead of
+        // waiting out redb's repair. Only the writer reopens, so nothing
+        // else fills the handle in between.
+        let reopened = open_database(&self.spec)?;
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(reopened);
         Ok(())
     }
 }

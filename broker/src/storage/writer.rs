@@ -584,11 +584,18 @@ impl Writer {
             self.try_recover();
         }
         if let Some(recovery) = &self.recovering {
-            let err = WriteError::Storage(format!(
-                "storage is reopening its database after an I/O error ({}); writes resume once \
-                 that succeeds, retry later",
-                recovery.cause
-            ));
+            let err = WriteError::Storage(if recovery.needs_restart {
+                format!(
+                    "storage takes no writes after an I/O error: {}",
+                    recovery.cause
+                )
+            } else {
+                format!(
+                    "storage is reopening its database after an I/O error ({}); writes resume \
+                     once that succeeds, retry later",
+                    recovery.cause
+                )
+            });
             for job in jobs {
                 if let Some(reply) = job.reply {
                     let _ = reply.send(Err(err.clone()));

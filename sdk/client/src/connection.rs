@@ -212,7 +212,7 @@ struct Inner {
     /// another, so the flow-control credit the broker grants a frame it has
     /// reserved memory for is spent on that frame, not on a later one that
     /// waits for memory (which would leave both stuck).
-    frame_writes: tokio::sync::Mutex<()>,
+    frame_writes: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Drop for Inner {
@@ -256,7 +256,7 @@ impl Client {
                 checkers: std::sync::RwLock::new(HashMap::new()),
                 checking: std::sync::Mutex::new(std::collections::HashSet::new()),
                 rate_limited_until: std::sync::Mutex::new(None),
-                frame_writes: tokio::sync::Mutex::new(()),
+                frame_writes: Arc::new(tokio::sync::Mutex::new(())),
             }),
         };
         client.connection().await?;
@@ -398,23 +398,22 @@ impl Client {
     }
 
     async fn request_once(&self, request: &Request) -> Result<Reply, ClientError> {
+        let frame = encode_frame(request)?;
+        // This request's turn to write, taken before its stream is opened,
+        // so a caller that gives up while waiting leaves no stream behind.
+        let turn = self.inner.frame_writes.clone().lock_owned().await;
         // A stream that cannot even be opened sent nothing, so one retry on a
         // fresh connection is safe for every request.
         let conn = self.connection().await?;
-        match conn.open_bi().await {
-            Ok(streams) => {
-                // Only now: a request that waited for a stream must not
-                // slip past a wait the broker asked for meanwhile.
-                self.wait_if_rate_limited().await;
-                exchange(streams, request, Some(&self.inner.frame_writes)).await
-            }
-            Err(_) => {
-                let conn = self.connection().await?;
-                self.wait_if_rate_limited().await;
-                let streams = conn.open_bi().await?;
-                exchange(streams, request, Some(&self.inner.frame_writes)).await
-            }
-        }
+        let (send, recv) = match conn.open_bi().await {
+            Ok(streams) => streams,
+            Err(_) => self.connection().await?.open_bi().await?,
+        };
+        let write = FrameWrite::new(send, frame, Some(turn));
+        // Only now: a request that waited for a stream must not slip past a
+        // wait the broker asked for meanwhile.
+        self.wait_if_rate_limited().await;
+        exchange(write, recv).await
     }
 
     async fn wait_if_rate_limited(&self) {
@@ -854,28 +853,82 @@ impl Drop for CloseUnlessKept {
 
 /// One request on a new stream of `conn`, while nothing else uses it.
 async fn request_on(conn: &quinn::Connection, request: &Request) -> Result<Reply, ClientError> {
-    exchange(conn.open_bi().await?, request, None).await
+    let frame = encode_frame(request)?;
+    let (send, recv) = conn.open_bi().await?;
+    exchange(FrameWrite::new(send, frame, None), recv).await
+}
+
+/// One request frame on its way to the broker, holding this client's turn
+/// to write (frames go out one after another, PROTOCOL §1). If the caller
+/// gives up before the frame is out, a stream that carries nothing yet is
+/// reset, and a frame already started is finished in the background: the
+/// broker granted credit for the whole frame, and a connection that leaves
+/// granted credit unused is closed.
+struct FrameWrite {
+    send: Option<quinn::SendStream>,
+    frame: Vec<u8>,
+    sent: usize,
+    turn: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl FrameWrite {
+    fn new(
+        send: quinn::SendStream,
+        frame: Vec<u8>,
+        turn: Option<tokio::sync::OwnedMutexGuard<()>>,
+    ) -> FrameWrite {
+        FrameWrite {
+            send: Some(send),
+            frame,
+            sent: 0,
+            turn,
+        }
+    }
+
+    /// Write the whole frame and finish the stream, then give up the turn.
+    async fn write(mut self) -> Result<(), quinn::WriteError> {
+        let send = self.send.as_mut().expect("the stream is kept until drop");
+        while self.sent < self.frame.len() {
+            match send.write(&self.frame[self.sent..]).await {
+                Ok(n) => self.sent += n,
+                Err(e) => {
+                    // Nothing more goes out on a stopped or lost stream.
+                    self.send = None;
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for FrameWrite {
+    fn drop(&mut self) {
+        let Some(mut send) = self.send.take() else {
+            return;
+        };
+        if self.sent == self.frame.len() {
+            let _ = send.finish();
+        } else if self.sent == 0 {
+            let _ = send.reset(0u32.into());
+        } else if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let (rest, turn) = (self.frame.split_off(self.sent), self.turn.take());
+            runtime.spawn(async move {
+                let _turn = turn;
+                if send.write_all(&rest).await.is_ok() {
+                    let _ = send.finish();
+                }
+            });
+        }
+    }
 }
 
 /// Added to the broker's wait hint, so a retry does not arrive a hair early.
 const RATE_LIMITED_MARGIN: Duration = Duration::from_millis(1);
 
-async fn exchange(
-    (mut send, mut recv): (quinn::SendStream, quinn::RecvStream),
-    request: &Request,
-    frame_writes: Option<&tokio::sync::Mutex<()>>,
-) -> Result<Reply, ClientError> {
-    let frame = encode_frame(request)?;
-    let one_frame_at_a_time = match frame_writes {
-        Some(lock) => Some(lock.lock().await),
-        None => None,
-    };
-    let written = send.write_all(&frame).await;
-    drop(one_frame_at_a_time);
-    match written {
-        Ok(()) => {
-            let _ = send.finish();
-        }
+async fn exchange(write: FrameWrite, mut recv: quinn::RecvStream) -> Result<Reply, ClientError> {
+    match write.write().await {
+        Ok(()) => {}
         // The broker answers some requests without reading them (a rate
         // refusal, a read timeout): its reply is on the way.
         Err(quinn::WriteError::Stopped(_)) => {}

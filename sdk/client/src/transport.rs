@@ -15,8 +15,10 @@ pub const CONNECTION_WINDOW_BYTES: u32 = 64 * 1024 * 1024;
 /// are reserved in its request memory. A reserved frame gets credit for its
 /// whole length on top, so this bounds only what waits, not what flows.
 pub const BROKER_CONNECTION_WINDOW_BYTES: u32 = 128 * 1024;
-/// How far one request stream may run ahead of the broker's reads.
-pub const BROKER_STREAM_WINDOW_BYTES: u32 = 1024 * 1024;
+/// How far one request stream may run ahead of the broker's reads: as far
+/// as the client's, since the connection window above is what bounds the
+/// bytes that wait; a reserved frame should flow at full speed.
+pub const BROKER_STREAM_WINDOW_BYTES: u32 = STREAM_WINDOW_BYTES;
 /// A connection with no traffic (keep-alives count) for this long is closed.
 pub const IDLE_TIMEOUT_MS: u32 = 30_000;
 /// Keep-alive period; well under the idle timeout.

@@ -1,10 +1,14 @@
 //! The writer's recovery from an I/O error: redb latches a failed write or
 //! fsync, so the writer closes the database and opens it again
 //! ([`crate::storage::db::Db::reopen`]), every `REOPEN_RETRY_INTERVAL` while
-//! the cause lasts, refusing writes meanwhile; then memory follows the disk.
+//! the cause lasts, refusing writes meanwhile; then it checks that the disk
+//! holds exactly what memory says was committed.
 //!
 //! Invariants: while `Writer::recovering` is set no write transaction is
-//! begun; it is cleared only after a reopen and `follow_the_disk` succeeded.
+//! begun; it is cleared only after a reopen found the disk matching memory.
+//! A disk that does not match (a commit reported failed reached it, or
+//! non-durable commits were lost) is not patched: the broker keeps refusing
+//! writes until a restart reloads every piece of state from the file.
 
 use super::{tables, Msg, StorageError, Writer};
 use std::time::{Duration, Instant};
@@ -20,6 +24,8 @@ pub(super) struct Recovery {
     last_try: Option<Instant>,
     tries: u32,
     pub(super) cause: String,
+    /// The disk did not match memory after a reopen: only a restart helps.
+    pub(super) needs_restart: bool,
 }
 
 impl Recovery {
@@ -29,6 +35,7 @@ impl Recovery {
             last_try: None,
             tries: 0,
             cause,
+            needs_restart: false,
         }
     }
 }
@@ -59,63 +66,79 @@ impl Writer {
         let Some(recovery) = &mut self.recovering else {
             return;
         };
-        if recovery
-            .last_try
-            .is_some_and(|t| t.elapsed() < REOPEN_RETRY_INTERVAL)
+        if recovery.needs_restart
+            || recovery
+                .last_try
+                .is_some_and(|t| t.elapsed() < REOPEN_RETRY_INTERVAL)
         {
             return;
         }
         recovery.last_try = Some(Instant::now());
         recovery.tries += 1;
         let (tries, since) = (recovery.tries, recovery.since);
-        match self.db.reopen().and_then(|()| self.follow_the_disk()) {
+        if let Err(e) = self.db.reopen() {
+            // Every try while the cause lasts would flood the log.
+            if tries == 1 || tries % 60 == 0 {
+                tracing::warn!(error = %e, tries, "reopening the storage failed; retrying every second");
+            } else {
+                tracing::debug!(error = %e, tries, "reopening the storage failed");
+            }
+            return;
+        }
+        match self.disk_matches_memory() {
             Ok(()) => {
                 tracing::warn!(after = ?since.elapsed(), tries,
                     "storage reopened after an I/O error; writes resume");
                 self.recovering = None;
                 crate::metrics::global().storage_recovering.set(0);
             }
-            // Every try while the cause lasts would flood the log.
-            Err(e) if tries == 1 || tries % 60 == 0 => {
-                tracing::warn!(error = %e, tries, "reopening the storage failed; retrying every second")
+            Err(mismatch) => {
+                tracing::error!(%mismatch,
+                    "storage reopened, but the disk does not hold what memory says was committed; \
+                     writes stay refused until the broker is restarted (reads go on)");
+                if let Some(recovery) = &mut self.recovering {
+                    recovery.needs_restart = true;
+                    recovery.cause = format!("{mismatch}; restart the broker");
+                }
             }
-            Err(e) => tracing::debug!(error = %e, tries, "reopening the storage failed"),
         }
     }
 
     /// After a reopen the file holds the last commit that reached the disk.
-    /// A commit reported failed may still have reached it (an fsync that
-    /// failed after its data was written): then the counters and partition
-    /// ends on disk are ahead of memory, and memory follows the disk. Its
-    /// requests were answered with errors; what they stored stays.
-    fn follow_the_disk(&mut self) -> Result<(), StorageError> {
-        let (_, on_disk) = crate::storage::load_counters(&*self.db)?;
+    /// After a failed write (a full disk) that is the last commit memory
+    /// knows of. After a failed fsync the failed commit may have reached the
+    /// disk anyway, and with `durability = none` unsynced commits are gone;
+    /// then counters or partition ends differ, and so may topics, offsets
+    /// and the transaction schedule, which only a restart reloads.
+    fn disk_matches_memory(&self) -> Result<(), String> {
+        let storage = |e: StorageError| e.to_string();
+        let (_, on_disk) = crate::storage::load_counters(&*self.db).map_err(storage)?;
         if on_disk != self.counters {
-            tracing::warn!(?on_disk, in_memory = ?self.counters,
-                "a commit reported failed reached the disk; following the disk");
-            self.counters = on_disk;
+            return Err(format!(
+                "counters on disk {on_disk:?}, in memory {:?}",
+                self.counters
+            ));
         }
-        let txn = crate::storage::ReadSource::read_txn(&*self.db)?;
-        let partitions = txn.open_table(tables::PARTITIONS)?;
-        let mut moved = false;
+        let txn = crate::storage::ReadSource::read_txn(&*self.db).map_err(storage)?;
+        let partitions = txn
+            .open_table(tables::PARTITIONS)
+            .map_err(|e| e.to_string())?;
         for topic in self.registry.list() {
             for p in 0..topic.partition_count() {
                 let stored = partitions
-                    .get((topic.id(), p))?
+                    .get((topic.id(), p))
+                    .map_err(|e| e.to_string())?
                     .map(|v| v.value())
                     .unwrap_or((0, 0));
                 let offsets = &topic.partitions[p as usize];
-                if (offsets.start(), offsets.end()) != stored {
-                    tracing::warn!(topic = %topic.name, partition = p, ?stored,
-                        in_memory = ?(offsets.start(), offsets.end()),
-                        "partition offsets on disk differ after a failed commit; following the disk");
-                    offsets.set(stored.0, stored.1);
-                    moved = true;
+                let in_memory = (offsets.start(), offsets.end());
+                if in_memory != stored {
+                    return Err(format!(
+                        "{} partition {p}: offsets on disk {stored:?}, in memory {in_memory:?}",
+                        topic.name
+                    ));
                 }
             }
-        }
-        if moved {
-            self.registry.signal_appended();
         }
         Ok(())
     }
