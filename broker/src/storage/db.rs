@@ -79,6 +79,11 @@ impl Db {
         })
     }
 
+    /// Whether the fault-injecting backend is on (`MSMQ_STORAGE_FAULTS=1`).
+    pub fn faults_on(&self) -> bool {
+        self.spec.faults
+    }
+
     /// Run `f` on the open database (at start-up, before any writer).
     pub fn with<R>(
         &self,

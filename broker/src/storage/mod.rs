@@ -158,7 +158,7 @@ impl Store {
             reason: e.to_string(),
         })?;
         let db = db::Db::open(dir, DB_FILE_NAME, options.cache_bytes)?;
-        let faults_on = std::env::var_os(faults::FAULTS_ENV).is_some_and(|v| v == "1");
+        let faults_on = db.faults_on();
         let (segments, store_id, counters, schedule, next_scheduled_ms) = db.with(|db| {
             tables::create_all(db)?;
             let segments = Arc::new(segments::Segments::recover(
