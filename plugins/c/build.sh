@@ -5,7 +5,7 @@
 #
 # Every folder plugins/c/NAME/ holding .c files is one plugin; it becomes
 # plugins/c/target/NAME.wasm (all of them when no NAME is given). Steps:
-#   1. `wit-bindgen c` turns the repository's wit/ package (world `consumer`)
+#   1. `wit-bindgen c` turns the wit/ package (world `consumer`)
 #      into consumer.h / consumer.c / consumer_component_type.o under
 #      plugins/c/target/bindings/ (generated, never committed);
 #   2. clang compiles the plugin and the bindings for wasm32 against wasi-libc's
@@ -23,8 +23,15 @@
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-repo="$(cd "$here/../.." && pwd)"
-wit_dir="$repo/wit"
+# The WIT package: $WIT_DIR, else a wit/ folder beside this script (a plugin
+# made by `msmq plugin new --lang c`), else the repository's.
+if [ -n "${WIT_DIR:-}" ]; then
+  wit_dir="$WIT_DIR"
+elif [ -f "$here/wit/plugin.wit" ]; then
+  wit_dir="$here/wit"
+else
+  wit_dir="$(cd "$here/../.." && pwd)/wit"
+fi
 out="$here/target"
 bindings="$out/bindings"
 
@@ -102,7 +109,7 @@ else
   plugins=()
   for dir in "$here"/*/; do
     name="$(basename "$dir")"
-    [ "$name" = target ] && continue
+    [ "$name" = target ] || [ "$name" = wit ] && continue
     compgen -G "$dir*.c" >/dev/null && plugins+=("$name")
   done
 fi
@@ -159,5 +166,5 @@ for name in "${plugins[@]}"; do
     "${objects[@]}" -lc "$builtins" \
     -o "$out/$name.wasm.tmp"
   mv "$out/$name.wasm.tmp" "$out/$name.wasm"
-  say "built plugins/c/target/$name.wasm ($(wc -c <"$out/$name.wasm") bytes)"
+  say "built $out/$name.wasm ($(wc -c <"$out/$name.wasm") bytes)"
 done

@@ -298,6 +298,47 @@ async fn setup(common: &Common, topic: &str) -> anyhow::Result<Client> {
 
 /// Send `run.count` messages from `producers` connections; payloads start with
 /// the send time in µs so an e2e consumer can measure latency.
+/// What the payloads of a load are.
+#[derive(Clone, Default)]
+pub(super) enum Payload {
+    /// `--size` bytes: the send time in µs (8 bytes, little-endian), then
+    /// zeros.
+    #[default]
+    Stamped,
+    /// The payment scenario's transfers, `tx-N|acct-A|acct-B|amount`,
+    /// numbered in send order, between [`TRANSFER_ACCOUNTS`] accounts.
+    Transfers(Arc<std::sync::atomic::AtomicU64>),
+    /// The lines of a file, in turn.
+    Lines(Arc<Vec<Vec<u8>>>, Arc<std::sync::atomic::AtomicU64>),
+}
+
+/// Accounts the generated transfers move money between.
+pub(super) const TRANSFER_ACCOUNTS: u64 = 1000;
+
+impl Payload {
+    fn make(&self, size: usize, stamp: [u8; 8]) -> Vec<u8> {
+        match self {
+            Payload::Stamped => {
+                let mut payload = vec![0u8; size];
+                payload[..8].copy_from_slice(&stamp);
+                payload
+            }
+            Payload::Transfers(next) => {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                // A fixed mix of senders and receivers, never the same one.
+                let from = n.wrapping_mul(7919) % TRANSFER_ACCOUNTS;
+                let to = (from + 1 + n % (TRANSFER_ACCOUNTS - 1)) % TRANSFER_ACCOUNTS;
+                let amount = 100 + n.wrapping_mul(104_729) % 99_900;
+                format!("tx-{n:09}|acct-{from:04}|acct-{to:04}|{amount}").into_bytes()
+            }
+            Payload::Lines(lines, next) => {
+                let n = next.fetch_add(1, Ordering::Relaxed) as usize;
+                lines[n % lines.len()].clone()
+            }
+        }
+    }
+}
+
 async fn produce_load(
     common: &Common,
     topic: &str,
@@ -306,12 +347,34 @@ async fn produce_load(
     rate_per_producer: u64,
     run: Arc<Run>,
 ) -> anyhow::Result<()> {
+    produce_payloads(
+        common,
+        topic,
+        producers,
+        inflight,
+        rate_per_producer,
+        run,
+        Payload::Stamped,
+    )
+    .await
+}
+
+async fn produce_payloads(
+    common: &Common,
+    topic: &str,
+    producers: usize,
+    inflight: usize,
+    rate_per_producer: u64,
+    run: Arc<Run>,
+    payload: Payload,
+) -> anyhow::Result<()> {
     let mut tasks = Vec::new();
     for _ in 0..producers.max(1) {
         let shared = common.client.connect().await?.producer(topic);
         for _ in 0..inflight.max(1) {
             let producer = shared.clone();
             let run = run.clone();
+            let payload = payload.clone();
             let (size, batch) = (common.size.max(8), common.batch);
             tasks.push(tokio::spawn(async move {
                 let started = Instant::now();
@@ -329,14 +392,11 @@ async fn produce_load(
                     let t0 = Instant::now();
                     let stamp = now_micros().to_le_bytes();
                     let messages: Vec<NewMessage> = (0..n)
-                        .map(|_| {
-                            let mut payload = vec![0u8; size];
-                            payload[..8].copy_from_slice(&stamp);
-                            NewMessage::new(payload)
-                        })
+                        .map(|_| NewMessage::new(payload.make(size, stamp)))
                         .collect();
+                    let bytes = messages.iter().map(|m| m.payload.len() as u64).sum();
                     producer.send_batch(messages).await?;
-                    run.record(n, n * size as u64, t0.elapsed());
+                    run.record(n, bytes, t0.elapsed());
                     sent += n;
                 }
             }));

@@ -10,6 +10,7 @@ mod dlq;
 mod group;
 mod message;
 mod plugin;
+mod plugin_new;
 mod produce;
 mod serve;
 pub mod shutdown;

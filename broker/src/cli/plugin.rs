@@ -10,6 +10,31 @@ use std::time::Duration;
 
 #[derive(Subcommand)]
 pub enum PluginCommand {
+    /// Make a new plugin folder NAME that builds with one command and
+    /// deploys as it is: a small counting (Rust) or acking plugin with its
+    /// own copy of the WIT contract. Prints the build command.
+    New {
+        /// Plugin name: a letter, then letters, digits, '-' or '_'.
+        name: String,
+        /// Language of the plugin.
+        #[arg(long, value_enum)]
+        lang: super::plugin_new::Lang,
+        /// Folder to create it in.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
+    /// Say whether a broker would accept a component, without a broker and
+    /// without compiling it: its size, the consumer world's exports, and
+    /// every import with how the broker links it. Exits non-zero if the
+    /// broker would refuse it, naming the import or export and the rule.
+    Check {
+        /// The component (.wasm).
+        file: PathBuf,
+        /// The broker's `plugin_component_bytes_max` [default: the broker's
+        /// default, 32 MiB].
+        #[arg(long)]
+        component_bytes_max: Option<ByteSize>,
+    },
     /// Deploy a plugin component, or upgrade the running plugin of that name
     /// (it switches at the next batch boundary and continues from the
     /// committed progress).
@@ -123,6 +148,20 @@ impl DeployArgs {
 
 pub async fn run(cmd: PluginCommand) -> anyhow::Result<()> {
     match cmd {
+        PluginCommand::Check {
+            file,
+            component_bytes_max,
+        } => check(&file, component_bytes_max)?,
+        PluginCommand::New { name, lang, dir } => {
+            let made = super::plugin_new::create(&dir, &name, lang)?;
+            println!("created {}", made.dir.display());
+            println!("build:  cd {} && {}", made.dir.display(), made.build);
+            println!(
+                "deploy: msmq plugin deploy {name} {}/{} --topic TOPIC",
+                made.dir.display(),
+                made.component
+            );
+        }
         PluginCommand::Deploy(args) => {
             let bytes = std::fs::read(&args.file)
                 .map_err(|e| anyhow::anyhow!("reading {}: {e}", args.file.display()))?;
@@ -142,14 +181,25 @@ pub async fn run(cmd: PluginCommand) -> anyhow::Result<()> {
             );
         }
         PluginCommand::List { client } => {
-            let plugins = client.connect().await?.list_plugins().await?;
+            let client = client.connect().await?;
+            let plugins = client.list_plugins().await?;
             println!(
                 "{:<20} {:>4} {:<20} {:<24} {:>10}  STATUS",
                 "PLUGIN", "VER", "TOPIC", "GROUP", "SIZE"
             );
             for p in plugins {
+                // The end of the last error names it (a traceback's last line).
+                let last_error = match client.plugin_stats(&p.spec.name).await {
+                    Ok(s) => s
+                        .last_error
+                        .as_deref()
+                        .and_then(|e| e.lines().rev().find(|l| !l.trim().is_empty()))
+                        .map(|l| format!("; last error: {}", cut(l.trim(), LIST_ERROR_CHARS_MAX)))
+                        .unwrap_or_default(),
+                    Err(_) => String::new(),
+                };
                 println!(
-                    "{:<20} {:>4} {:<20} {:<24} {:>10}  {}",
+                    "{:<20} {:>4} {:<20} {:<24} {:>10}  {}{last_error}",
                     p.spec.name,
                     p.version,
                     p.spec.topic,
@@ -183,6 +233,7 @@ pub async fn run(cmd: PluginCommand) -> anyhow::Result<()> {
                 println!("throttled       {} ms", s.throttled_ms);
                 println!("busy            {} ms inside the plugin", s.busy_ms);
                 println!("memory          {}", ByteSize(s.memory_bytes));
+                println!("recycled        {} instances", s.instances_recycled);
                 if let Some(ms) = s.last_swap_ms {
                     println!(
                         "last upgrade    first batch {ms} ms after the deploy was acknowledged"
@@ -224,5 +275,62 @@ pub async fn run(cmd: PluginCommand) -> anyhow::Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// Most characters of a plugin's last error shown by `plugin list`.
+const LIST_ERROR_CHARS_MAX: usize = 100;
+
+/// `text`, cut to `max` characters with an ellipsis.
+fn cut(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((end, _)) => format!("{}…", &text[..end]),
+        None => text.to_string(),
+    }
+}
+
+/// `msmq plugin check`: the deploy-time checks, offline.
+fn check(file: &std::path::Path, size_max: Option<ByteSize>) -> anyhow::Result<()> {
+    use crate::plugins::check::{self as rules, ImportRule};
+    let started = std::time::Instant::now();
+    let bytes =
+        std::fs::read(file).map_err(|e| anyhow::anyhow!("reading {}: {e}", file.display()))?;
+    let size_max = size_max
+        .unwrap_or(crate::config::Config::default().plugin_component_bytes_max)
+        .as_u64() as usize;
+    let refused = |why: String| anyhow::anyhow!("a broker would refuse {}: {why}", file.display());
+    println!(
+        "{}: {} (limit {})",
+        file.display(),
+        ByteSize(bytes.len() as u64),
+        ByteSize(size_max as u64)
+    );
+    let outline = rules::outline(&bytes, size_max).map_err(|e| refused(e.to_string()))?;
+    println!(
+        "exports: {}",
+        if outline.exported_functions.is_empty() {
+            "no functions".to_string()
+        } else {
+            outline.exported_functions.join(", ")
+        }
+    );
+    println!("imports:");
+    for (name, rule) in outline.rules() {
+        let verdict = if matches!(rule, ImportRule::Refused(_)) {
+            "REFUSED"
+        } else {
+            "ok"
+        };
+        println!("  {verdict:<8} {name:<40} {}", rule.describe());
+    }
+    rules::check(&bytes, size_max).map_err(|e| refused(e.to_string()))?;
+    // What the broker's compiler would find wrong, short of compiling.
+    wasmparser::Validator::new_with_features(wasmparser::WasmFeatures::all())
+        .validate_all(&bytes)
+        .map_err(|e| refused(format!("the component is invalid: {e}")))?;
+    println!(
+        "accepted: a broker would deploy it (checked in {} ms; the function types are checked against the WIT when the broker compiles it)",
+        started.elapsed().as_millis()
+    );
     Ok(())
 }

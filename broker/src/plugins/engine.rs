@@ -7,12 +7,10 @@
 //! Invariants:
 //! - A component is compiled at most once per engine build: later deploys and
 //!   broker restarts load the cached machine code.
-//! - A component is accepted only if it targets the `consumer` world and
-//!   imports nothing but `msmq:plugin` interfaces and the harmless WASI
-//!   interfaces toolchains link in anyway (cli, io, clocks, random). Those
-//!   WASI functions trap when called, except an empty environment and an
-//!   insecure random seed (Rust's `HashMap` asks for one). Filesystem,
-//!   sockets, HTTP and anything unknown are refused at deploy.
+//! - A component is checked before it is compiled ([`super::check`]): it
+//!   must export the `consumer` world's functions and import nothing but
+//!   `msmq:plugin` 1.x and WASI 0.2. WASI is linked empty
+//!   ([`super::wasi`]); `wasi:http` is linked as functions that trap.
 
 use super::host::{ConsumerPre, HostState};
 use std::hash::{Hash, Hasher};
@@ -98,18 +96,7 @@ impl PluginEngine {
 
     /// Check, compile (or load compiled) and link a component. Blocking.
     pub fn prepare(&self, bytes: &[u8], size_max: usize) -> Result<Prepared, RefusedComponent> {
-        if bytes.len() > size_max {
-            return Err(RefusedComponent::TooLarge {
-                size: bytes.len(),
-                max: size_max,
-            });
-        }
-        if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
-            return Err(RefusedComponent::NotWasm);
-        }
-        if bytes[4..8] == [1, 0, 0, 0] {
-            return Err(RefusedComponent::CoreModule);
-        }
+        super::check::check(bytes, size_max)?;
         let sha256 = sha256_hex(bytes);
         let started = Instant::now();
         let (component, compiled) = self.load_or_compile(&sha256, bytes)?;
@@ -168,82 +155,81 @@ impl PluginEngine {
         Ok((component, true))
     }
 
-    /// A linker with the host interface, the granted WASI stubs, and traps
-    /// for the other harmless WASI imports of this component.
+    /// A linker with the host interface, the empty WASI, and traps for
+    /// `wasi:http` (the only other imports [`super::check`] lets through).
     fn linker_for(&self, component: &Component) -> Result<Linker<HostState>, RefusedComponent> {
+        let invalid = |e: wasmtime::Error| RefusedComponent::Invalid(format!("{e:#}"));
         let mut linker: Linker<HostState> = Linker::new(&self.engine);
         super::host::Consumer::add_to_linker::<HostState, wasmtime::component::HasSelf<HostState>>(
             &mut linker,
             |s| s,
         )
-        .map_err(|e| RefusedComponent::Invalid(format!("{e:#}")))?;
-        let ty = component.component_type();
-        for (name, _) in ty.imports(&self.engine) {
-            let interface = name.split('@').next().unwrap_or(name);
-            match interface {
-                "msmq:plugin/host" | "msmq:plugin/types" => {
-                    let major_one = name.split('@').nth(1).is_some_and(|v| v.starts_with("1."));
-                    if !major_one {
-                        return Err(RefusedComponent::WrongWorld(format!(
-                            "it imports {name}; this broker speaks msmq:plugin@1.x"
-                        )));
-                    }
-                }
-                "wasi:random/insecure-seed" => {
-                    let mut inst = linker
-                        .instance(name)
-                        .map_err(|e| RefusedComponent::Invalid(format!("{e:#}")))?;
-                    inst.func_wrap("insecure-seed", |_, (): ()| {
-                        Ok(((rand::random::<u64>(), rand::random::<u64>()),))
-                    })
-                    .map_err(|e| RefusedComponent::Invalid(format!("{e:#}")))?;
-                }
-                "wasi:cli/environment" => {
-                    let mut inst = linker
-                        .instance(name)
-                        .map_err(|e| RefusedComponent::Invalid(format!("{e:#}")))?;
-                    let wrap = |e: wasmtime::Error| RefusedComponent::Invalid(format!("{e:#}"));
-                    inst.func_wrap("get-environment", |_, (): ()| {
-                        Ok((Vec::<(String, String)>::new(),))
-                    })
-                    .map_err(wrap)?;
-                    inst.func_wrap("get-arguments", |_, (): ()| Ok((Vec::<String>::new(),)))
-                        .map_err(wrap)?;
-                    inst.func_wrap("initial-cwd", |_, (): ()| Ok((None::<String>,)))
-                        .map_err(wrap)?;
-                }
-                _ => check_import(name, interface)?,
-            }
-        }
-        linker
-            .define_unknown_imports_as_traps(component)
-            .map_err(|e| RefusedComponent::Invalid(format!("{e:#}")))?;
+        .map_err(invalid)?;
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(invalid)?;
+        self.link_http_as_traps(&mut linker, component)
+            .map_err(invalid)?;
         Ok(linker)
     }
-}
 
-/// Refuse imports that would reach outside the sandbox.
-fn check_import(name: &str, interface: &str) -> Result<(), RefusedComponent> {
-    let package = interface.split('/').next().unwrap_or(interface);
-    match package {
-        "wasi:filesystem" => Err(RefusedComponent::ForbiddenImport(
-            name.into(),
-            "plugins get no filesystem",
-        )),
-        "wasi:sockets" => Err(RefusedComponent::ForbiddenImport(
-            name.into(),
-            "plugins get no network",
-        )),
-        "wasi:http" => Err(RefusedComponent::ForbiddenImport(
-            name.into(),
-            "plugins get no network",
-        )),
-        // Linked in by toolchains whether used or not; calls trap.
-        "wasi:cli" | "wasi:io" | "wasi:clocks" | "wasi:random" => Ok(()),
-        _ => Err(RefusedComponent::ForbiddenImport(
-            name.into(),
-            "only msmq:plugin/host is offered",
-        )),
+    /// `wasi:http` imports get functions that trap and placeholder
+    /// resources: a component whose toolchain imports HTTP deploys, and a
+    /// plugin that actually calls it fails that call.
+    fn link_http_as_traps(
+        &self,
+        linker: &mut Linker<HostState>,
+        component: &Component,
+    ) -> wasmtime::Result<()> {
+        use wasmtime::component::types::ComponentItem;
+        /// The host side of a `wasi:http` resource no plugin can create.
+        struct NoHttp;
+        let component_type = component.component_type();
+        let imports = || component_type.imports(&self.engine);
+        let is_http =
+            |name: &str| super::check::import_rule(name) == super::check::ImportRule::Traps;
+        // Resources `wasi:http` takes from other interfaces (its streams are
+        // wasi:io's) are linked there already and must stay those types.
+        let mut elsewhere = Vec::new();
+        for (name, item) in imports() {
+            if let ComponentItem::ComponentInstance(instance) = item.ty {
+                if !is_http(name) {
+                    elsewhere.extend(instance.exports(&self.engine).filter_map(
+                        |(_, e)| match e.ty {
+                            ComponentItem::Resource(r) => Some(r),
+                            _ => None,
+                        },
+                    ));
+                }
+            }
+        }
+        for (name, item) in imports() {
+            if !is_http(name) {
+                continue;
+            }
+            let ComponentItem::ComponentInstance(instance) = item.ty else {
+                continue;
+            };
+            let mut linked = linker.instance(name)?;
+            for (export, item) in instance.exports(&self.engine) {
+                match item.ty {
+                    ComponentItem::ComponentFunc(_) => {
+                        let what = format!("{name}#{export}");
+                        linked.func_new(export, move |_, _, _, _| {
+                            wasmtime::bail!("{what} was called: plugins get no network")
+                        })?;
+                    }
+                    ComponentItem::Resource(r) if elsewhere.contains(&r) => {}
+                    ComponentItem::Resource(_) => {
+                        linked.resource(
+                            export,
+                            wasmtime::component::ResourceType::host::<NoHttp>(),
+                            |_, _| Ok(()),
+                        )?;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
     }
 }
 

@@ -55,6 +55,20 @@ pub struct HostState {
     /// Refused publishes and state writes of this batch.
     pub refusals: u64,
     pub memory: MemoryLimiter,
+    /// The empty WASI of this instance ([`super::wasi`]).
+    wasi: wasmtime_wasi::WasiCtx,
+    table: wasmtime_wasi::ResourceTable,
+    /// Where its stdout, stderr and error logs go.
+    pub output: super::wasi::PluginOutput,
+}
+
+impl wasmtime_wasi::WasiView for HostState {
+    fn ctx(&mut self) -> wasmtime_wasi::WasiCtxView<'_> {
+        wasmtime_wasi::WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
 }
 
 /// Caps linear memory and tables, and remembers the current size.
@@ -101,7 +115,11 @@ impl HostState {
         message_bytes_max: usize,
         memory_bytes_max: usize,
     ) -> Self {
+        let output = super::wasi::PluginOutput::new(plugin.clone());
         HostState {
+            wasi: super::wasi::empty_wasi(&output),
+            table: wasmtime_wasi::ResourceTable::new(),
+            output,
             plugin,
             db,
             registry,
@@ -175,6 +193,23 @@ impl HostState {
     }
 }
 
+/// A state write's key and value within their limits, or why not.
+fn check_state_entry(key: &[u8], value: &[u8]) -> Result<(), HostError> {
+    if key.len() > STATE_KEY_BYTES_MAX {
+        return Err(HostError::TooLarge(format!(
+            "state key of {} bytes exceeds {STATE_KEY_BYTES_MAX}",
+            key.len()
+        )));
+    }
+    if value.len() > STATE_VALUE_BYTES_MAX {
+        return Err(HostError::TooLarge(format!(
+            "state value of {} bytes exceeds {STATE_VALUE_BYTES_MAX}",
+            value.len()
+        )));
+    }
+    Ok(())
+}
+
 impl msmq::plugin::types::Host for HostState {}
 
 impl msmq::plugin::host::Host for HostState {
@@ -193,7 +228,10 @@ impl msmq::plugin::host::Host for HostState {
             LogLevel::Debug => tracing::debug!(plugin, "{message}"),
             LogLevel::Info => tracing::info!(plugin, "{message}"),
             LogLevel::Warn => tracing::warn!(plugin, "{message}"),
-            LogLevel::Error => tracing::error!(plugin, "{message}"),
+            LogLevel::Error => {
+                tracing::error!(plugin, "{message}");
+                self.output.note_error(&message);
+            }
         }
     }
 
@@ -246,20 +284,43 @@ impl msmq::plugin::host::Host for HostState {
     }
 
     fn state_put(&mut self, key: Vec<u8>, value: Vec<u8>) -> Result<(), HostError> {
-        if key.len() > STATE_KEY_BYTES_MAX {
-            return self.refuse(HostError::TooLarge(format!(
-                "state key of {} bytes exceeds {STATE_KEY_BYTES_MAX}",
-                key.len()
-            )));
-        }
-        if value.len() > STATE_VALUE_BYTES_MAX {
-            return self.refuse(HostError::TooLarge(format!(
-                "state value of {} bytes exceeds {STATE_VALUE_BYTES_MAX}",
-                value.len()
-            )));
+        if let Err(error) = check_state_entry(&key, &value) {
+            return self.refuse(error);
         }
         self.charge(key.len() + value.len())?;
         self.overlay.insert(key, Some(value));
+        Ok(())
+    }
+
+    fn state_get_many(&mut self, keys: Vec<Vec<u8>>) -> Vec<Option<Vec<u8>>> {
+        keys.into_iter().map(|key| self.state_get(key)).collect()
+    }
+
+    fn state_put_many(&mut self, entries: Vec<(Vec<u8>, Vec<u8>)>) -> Result<(), HostError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        for (index, (key, value)) in entries.iter().enumerate() {
+            if let Err(error) = check_state_entry(key, value) {
+                let error = match error {
+                    HostError::TooLarge(why) => {
+                        HostError::TooLarge(format!("entry {index}: {why}"))
+                    }
+                    other => other,
+                };
+                return self.refuse(error);
+            }
+        }
+        // Charged at once, so a refusal leaves nothing half-written; `charge`
+        // adds one entry's overhead itself.
+        let bytes: usize = entries
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + EFFECT_ENTRY_OVERHEAD_BYTES)
+            .sum();
+        self.charge(bytes - EFFECT_ENTRY_OVERHEAD_BYTES)?;
+        for (key, value) in entries {
+            self.overlay.insert(key, Some(value));
+        }
         Ok(())
     }
 

@@ -16,10 +16,12 @@
 //!   retried with back-off, its poison messages dead-lettered, and after
 //!   `failures_before_pause` consecutive failures it is paused.
 
+pub mod check;
 pub mod engine;
 pub mod host;
 pub mod quota;
 mod runner;
+pub mod wasi;
 pub mod watch;
 
 use crate::server::BrokerState;

@@ -40,7 +40,14 @@ pub const FAILURE_BACKOFF_MS_FIRST: u64 = 50;
 /// How long an idle runner sleeps before looking again without a wake-up.
 const IDLE_RECHECK_MS: u64 = 1_000;
 /// Longest error text kept for `plugin stats`.
-const ERROR_TEXT_BYTES_MAX: usize = 1024;
+const ERROR_TEXT_BYTES_MAX: usize = 4096;
+/// Most bytes of a plugin's own error output added to a failure's text.
+const PLUGIN_SAID_BYTES_MAX: usize = 3072;
+/// An instance whose linear memory passed this share of its limit (in
+/// percent) is replaced before its next batch: guests whose memory only grows
+/// (some language runtimes keep what the host hands them) get a fresh
+/// instance instead of a trapped batch.
+pub const INSTANCE_RECYCLE_MEMORY_PERCENT: u64 = 75;
 /// Window of the recent-throughput figure.
 const RATE_WINDOW_MS: u64 = 3_000;
 /// Longest dead-letter reason kept from a plugin.
@@ -91,6 +98,7 @@ struct Counters {
     throttled_us: AtomicU64,
     busy_us: AtomicU64,
     memory_bytes: AtomicU64,
+    instances_recycled: AtomicU64,
     consecutive_failures: AtomicU32,
     /// `u64::MAX`: no upgrade yet.
     last_swap_us: AtomicU64,
@@ -184,6 +192,7 @@ impl RunnerShared {
             throttled_ms: c.throttled_us.load(Ordering::Relaxed) / 1000,
             busy_ms: c.busy_us.load(Ordering::Relaxed) / 1000,
             memory_bytes: c.memory_bytes.load(Ordering::Relaxed),
+            instances_recycled: c.instances_recycled.load(Ordering::Relaxed),
             last_swap_ms: (swap != u64::MAX).then_some(swap / 1000),
             recent_messages_per_second: self.recent_rate().round() as u64,
         }
@@ -283,15 +292,39 @@ fn instantiate(
     store.limiter(|s| &mut s.memory);
     store.epoch_deadline_trap();
     store.set_epoch_deadline(deadline_ticks(spec.limits.batch_time_ms_max));
+    let output = store.data().output.clone();
+    output.begin_call();
     let bindings = prepared
         .pre
         .instantiate(&mut store)
-        .map_err(|e| describe_failure(&e, spec))?;
+        .map_err(|e| with_plugin_errors(describe_failure(&e, spec), &output))?;
     store.set_epoch_deadline(deadline_ticks(spec.limits.batch_time_ms_max));
-    match bindings.call_init(&mut store, &spec.config) {
+    let result = bindings.call_init(&mut store, &spec.config);
+    output.end_call();
+    match result {
         Ok(Ok(())) => Ok(Instance { store, bindings }),
         Ok(Err(message)) => Err(format!("init returned an error: {message}")),
-        Err(e) => Err(format!("init failed: {}", describe_failure(&e, spec))),
+        Err(e) => Err(format!(
+            "init failed: {}",
+            with_plugin_errors(describe_failure(&e, spec), &output)
+        )),
+    }
+}
+
+/// A failure's description followed by what the plugin wrote to stderr or
+/// logged as errors during the call (a traceback, a panic message), which
+/// usually says more than the trap.
+fn with_plugin_errors(failure: String, output: &super::wasi::PluginOutput) -> String {
+    match output.recent_errors() {
+        Some(said) => {
+            // The end of a traceback names the error and its frame: keep it.
+            let mut start = said.len().saturating_sub(PLUGIN_SAID_BYTES_MAX);
+            while !said.is_char_boundary(start) {
+                start += 1;
+            }
+            format!("{failure}; the plugin said: {}", &said[start..])
+        }
+        None => failure,
     }
 }
 
@@ -316,15 +349,15 @@ fn describe_failure(e: &wasmtime::Error, spec: &PluginSpec) -> String {
             spec.limits.batch_time_ms_max
         );
     }
-    let text = format!("{e:#}");
-    // The first line names the cause; the rest is a wasm backtrace.
-    let mut lines = text.lines();
-    let first = lines.next().unwrap_or("").to_string();
-    let detail = lines.find(|l| l.contains("limit") || l.contains("trap"));
-    match detail {
-        Some(d) if !first.contains(d.trim()) => format!("{first}: {}", d.trim()),
-        _ => first,
-    }
+    // The outer layer is the backtrace; the root says what happened (a
+    // trap, or a host function's error such as the memory limit).
+    let cause = e.root_cause().to_string();
+    let frame = e
+        .downcast_ref::<wasmtime::WasmBacktrace>()
+        .and_then(|bt| bt.frames().iter().find_map(|f| f.func_name()))
+        .map(|name| format!(" (in {name})"))
+        .unwrap_or_default();
+    format!("{cause}{frame}")
 }
 
 /// Where a message handed to the plugin came from.
@@ -707,6 +740,23 @@ impl Runner {
 
     /// Call the plugin; on a trap the instance is dropped.
     fn call(&mut self, batch: &Batch) -> Result<Vec<Outcome>, String> {
+        let limit = self.record.spec.limits.memory_bytes_max;
+        if let Some(instance) = &self.instance {
+            let used = instance.store.data().memory.current_bytes as u64;
+            if used.saturating_mul(100) > limit.saturating_mul(INSTANCE_RECYCLE_MEMORY_PERCENT) {
+                tracing::info!(
+                    plugin = %self.name(),
+                    memory_bytes = used,
+                    limit_bytes = limit,
+                    "replacing the plugin's instance between batches: its memory passed {INSTANCE_RECYCLE_MEMORY_PERCENT}% of its limit"
+                );
+                self.shared
+                    .counters
+                    .instances_recycled
+                    .fetch_add(1, Ordering::Relaxed);
+                self.instance = None;
+            }
+        }
         if self.instance.is_none() {
             self.instance = Some(instantiate(&self.state, &self.record.spec, &self.prepared)?);
         }
@@ -716,10 +766,13 @@ impl Runner {
         instance
             .store
             .set_epoch_deadline(deadline_ticks(spec.limits.batch_time_ms_max));
+        let output = instance.store.data().output.clone();
+        output.begin_call();
         let started = Instant::now();
         let result = instance
             .bindings
             .call_handle_batch(&mut instance.store, batch);
+        output.end_call();
         self.shared
             .counters
             .busy_us
@@ -729,7 +782,7 @@ impl Runner {
             Ordering::Relaxed,
         );
         result.map_err(|e| {
-            let text = describe_failure(&e, spec);
+            let text = with_plugin_errors(describe_failure(&e, spec), &output);
             self.instance = None;
             text
         })

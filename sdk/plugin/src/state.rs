@@ -92,14 +92,11 @@ pub fn put(key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) -> Result<(), HostErr
     host::state_put(key.as_ref(), value.as_ref()).map_err(HostError::from)
 }
 
-/// Writes all `entries` in order, or none of them.
-///
-/// If the broker refuses one of the writes, the entries already written by
-/// this call are restored to their previous values (deleted if they were not
-/// set) before the error is returned, so the caller can answer with
+/// Writes all `entries` in order, or none of them, in one call into the
+/// broker (`state-put-many`): if the broker refuses one entry, nothing is
+/// written and the error names the entry, so the caller can answer with
 /// [`Outcome::retry`](crate::Outcome::retry) without leaving half a message's
-/// changes behind. Restoring is itself a write; should the broker refuse that
-/// too, this function panics, which traps and rolls the whole batch back.
+/// changes behind. A later entry wins over an earlier one with the same key.
 ///
 /// ```ignore
 /// state::put_all(&[
@@ -113,30 +110,18 @@ where
     K: AsRef<[u8]>,
     V: AsRef<[u8]>,
 {
-    let mut written: Vec<(&[u8], Option<Vec<u8>>)> = Vec::with_capacity(entries.len());
-    for (key, value) in entries {
-        let key = key.as_ref();
-        let previous = get(key);
-        if let Err(refusal) = put(key, value) {
-            for (key, previous) in written.into_iter().rev() {
-                match previous {
-                    None => delete(key),
-                    Some(previous) => {
-                        if let Err(e) = put(key, &previous) {
-                            panic!(
-                                "msmq-plugin: cannot restore state key `{}` after a refused \
-                                 write ({refusal}): {e}",
-                                String::from_utf8_lossy(key)
-                            );
-                        }
-                    }
-                }
-            }
-            return Err(refusal);
-        }
-        written.push((key, previous));
-    }
-    Ok(())
+    let entries: Vec<(Vec<u8>, Vec<u8>)> = entries
+        .iter()
+        .map(|(k, v)| (k.as_ref().to_vec(), v.as_ref().to_vec()))
+        .collect();
+    host::state_put_many(&entries).map_err(HostError::from)
+}
+
+/// Reads several keys in one call into the broker (`state-get-many`): one
+/// answer per key, in order, each as [`get`] would give it.
+pub fn get_many<K: AsRef<[u8]>>(keys: &[K]) -> Vec<Option<Vec<u8>>> {
+    let keys: Vec<Vec<u8>> = keys.iter().map(|k| k.as_ref().to_vec()).collect();
+    host::state_get_many(&keys)
 }
 
 /// Deletes `key` (nothing happens if it is not set); committed with the batch.

@@ -148,6 +148,9 @@ pub struct PluginStats {
     pub last_swap_ms: Option<u64>,
     /// Messages per second over the last few seconds.
     pub recent_messages_per_second: u64,
+    /// Instances replaced between batches because their memory passed the
+    /// recycle threshold (three quarters of the limit).
+    pub instances_recycled: u64,
 }
 
 /// One key-value entry of a plugin's state.

@@ -43,6 +43,20 @@ async fn bad_components_and_specs_are_refused_with_clear_errors() -> anyhow::Res
         "{e}"
     );
 
+    // An import of another package: refused before anything is compiled.
+    let e = refusal(deploy(&client, spec("x", "t"), &rust_component("foreign-import")?).await);
+    assert_eq!(e.code(), Some(ErrorCode::PLUGIN_REFUSED));
+    assert!(
+        e.to_string().contains("test:vault/secrets"),
+        "the refusal names the import: {e}"
+    );
+    let cache = broker.data_dir().join("plugin-cache");
+    let compiled = std::fs::read_dir(&cache).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(
+        compiled, 0,
+        "nothing may be compiled for refused components"
+    );
+
     // The size limit: ack-all is under 60 000 bytes, recorder-v1 is over.
     let small = rust_component("ack-all")?;
     let large = rust_component("recorder-v1")?;
@@ -375,5 +389,43 @@ async fn a_stored_plugin_that_cannot_load_is_listed_and_can_be_replaced() -> any
     .await?;
     client.remove_plugin("rec").await?;
     assert!(client.list_plugins().await?.is_empty());
+    Ok(())
+}
+
+/// `msmq plugin check` answers offline: the imports with their rules, and a
+/// non-zero exit naming the import a broker would refuse.
+#[test]
+fn plugin_check_names_a_refused_import_and_accepts_a_good_component() -> anyhow::Result<()> {
+    let run = |component: &std::path::Path| {
+        std::process::Command::new(crate::harness::MSMQ)
+            .args(["plugin", "check"])
+            .arg(component)
+            .output()
+    };
+    let out = run(&rust_component("foreign-import")?)?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.contains("REFUSED") && l.contains("test:vault/secrets")),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("test:vault/secrets")
+            && stderr.contains("only msmq:plugin/host@1.x and WASI 0.2"),
+        "{stderr}"
+    );
+
+    let out = run(&rust_component("billing")?)?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("accepted"), "{stdout}");
+    assert!(stdout.contains("msmq:plugin/host@1."), "{stdout}");
     Ok(())
 }

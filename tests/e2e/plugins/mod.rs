@@ -2,10 +2,12 @@
 //! deployed into a real broker over QUIC.
 
 mod exactly_once;
+mod languages;
 mod lifecycle;
 mod payment;
 mod quota;
 mod sandbox;
+mod scaffold;
 
 use anyhow::Context;
 use msmq_client::protocol::{PluginSpec, PluginStats};
@@ -73,6 +75,40 @@ pub fn c_component(name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// Build the plugins of `plugins/<language>/` once per test process with
+/// their own `build.sh` (pinned toolchain, then `msmq plugin check` with
+/// this build's `msmq`), and return `target/<name>.wasm`.
+pub fn language_component(language: &str, name: &str) -> anyhow::Result<PathBuf> {
+    static BUILT: std::sync::Mutex<Vec<(String, Result<PathBuf, String>)>> =
+        std::sync::Mutex::new(Vec::new());
+    let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
+    if !built.iter().any(|(l, _)| l == language) {
+        let dir = repo_root().join("plugins").join(language);
+        let result = Command::new("bash")
+            .arg(dir.join("build.sh"))
+            .env("MSMQ", crate::harness::MSMQ)
+            .status()
+            .map_err(|e| format!("running plugins/{language}/build.sh: {e}"))
+            .and_then(|status| {
+                if status.success() {
+                    Ok(dir.join("target"))
+                } else {
+                    Err(format!("plugins/{language}/build.sh failed: {status}"))
+                }
+            });
+        built.push((language.to_string(), result));
+    }
+    let dir = built
+        .iter()
+        .find(|(l, _)| l == language)
+        .map(|(_, r)| r.clone())
+        .expect("just built")
+        .map_err(anyhow::Error::msg)?;
+    let path = dir.join(format!("{name}.wasm"));
+    anyhow::ensure!(path.exists(), "{} was not built", path.display());
+    Ok(path)
+}
+
 /// A spec with default limits.
 pub fn spec(name: &str, topic: &str) -> PluginSpec {
     PluginSpec::new(name, topic)
@@ -122,4 +158,23 @@ pub async fn state(
             )
         })
         .collect())
+}
+
+/// The transfer ids of the notification plugin's messages on `topic`, each
+/// checked to be there once.
+pub async fn notified_transfers(
+    client: &Client,
+    topic: &str,
+) -> anyhow::Result<std::collections::BTreeSet<String>> {
+    let mut notified = std::collections::BTreeSet::new();
+    for m in crate::harness::read_all(client, topic, 0, 0).await? {
+        let text = String::from_utf8(m.payload)?;
+        let id = text
+            .split(" transfer ")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .ok_or_else(|| anyhow::anyhow!("unexpected notification {text:?}"))?;
+        anyhow::ensure!(notified.insert(id.to_string()), "{id} notified twice");
+    }
+    Ok(notified)
 }

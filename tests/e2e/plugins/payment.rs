@@ -3,7 +3,7 @@
 //! must end exactly consistent with the committed set.
 
 use super::{c_component, deploy, rust_component, spec, state, wait_stats};
-use crate::harness::{read_all, TestBroker};
+use crate::harness::TestBroker;
 use msmq_client::protocol::{NewMessage, TransactionCheck, TxAction};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -110,17 +110,7 @@ async fn payment_scenario(points_component: PathBuf) -> anyhow::Result<()> {
     );
 
     // One notification per committed transfer, none for a rolled-back one.
-    let outbox = read_all(&client, "outbox", 0, 0).await?;
-    let mut notified = BTreeSet::new();
-    for m in &outbox {
-        let text = String::from_utf8(m.payload.clone())?;
-        let id = text
-            .split(" transfer ")
-            .nth(1)
-            .and_then(|rest| rest.split_whitespace().next())
-            .ok_or_else(|| anyhow::anyhow!("unexpected notification {text:?}"))?;
-        assert!(notified.insert(id.to_string()), "{id} notified twice");
-    }
+    let notified = super::notified_transfers(&client, "outbox").await?;
     assert_eq!(notified, committed);
     for name in ["billing", "points", "notification"] {
         let s = client.plugin_stats(name).await?;

@@ -1,9 +1,9 @@
 //! Acceptance: misbehaving plugins are stopped or refused with a clear
 //! error, and a well-behaved plugin beside them still does all its work.
 
-use super::{deploy, rust_component, spec, wait_stats};
+use super::{deploy, rust_component, spec, state, wait_stats};
 use crate::harness::{read_all, TestBroker};
-use msmq_client::protocol::{ErrorCode, NewMessage, PluginLimits};
+use msmq_client::protocol::{NewMessage, PluginLimits};
 use std::time::Duration;
 
 const WORK: usize = 2_000;
@@ -32,14 +32,6 @@ async fn misbehaving_plugins_are_stopped_and_a_good_one_keeps_working() -> anyho
         })
         .collect();
     client.producer("mixed").send_batch(mixed).await?;
-
-    // (e) WASI filesystem: refused at deploy, naming the import.
-    let err = deploy(&client, spec("fs", "work"), &rust_component("fs-reader")?)
-        .await
-        .expect_err("a plugin importing wasi:filesystem must be refused");
-    let err = err.downcast::<msmq_client::ClientError>()?;
-    assert_eq!(err.code(), Some(ErrorCode::PLUGIN_REFUSED), "{err}");
-    assert!(err.to_string().contains("wasi:filesystem"), "{err}");
 
     let strict = |limits: PluginLimits| PluginLimits {
         batch_time_ms_max: 200,
@@ -116,5 +108,107 @@ async fn misbehaving_plugins_are_stopped_and_a_good_one_keeps_working() -> anyho
 
     // A paused plugin's backlog shows as lag; resuming retries it.
     assert_eq!(looper.lag, WORK as u64);
+    Ok(())
+}
+
+/// The empty WASI: a plugin that uses `std::fs`, `std::env` and `std::net`
+/// deploys, and finds no file, no directory, no environment, no arguments
+/// and no network; what it prints reaches the broker's log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_empty_wasi_gives_a_plugin_no_files_no_network_and_no_environment() -> anyhow::Result<()>
+{
+    // A listener the plugin is told about: nothing may ever connect to it.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    listener.set_nonblocking(true)?;
+    let port = listener.local_addr()?.port();
+    let broker = TestBroker::start()?;
+    let client = broker.client().await?;
+    client.create_topic("work", 1).await?;
+    let mut probe = spec("probe", "work");
+    probe.config = vec![("tcp_port".into(), port.to_string())];
+    deploy(&client, probe, &rust_component("sandbox-probe")?).await?;
+    client.producer("work").send(NewMessage::new("go")).await?;
+    let stats = wait_stats(&client, "probe", Duration::from_secs(30), |s| {
+        s.processed == 1
+    })
+    .await?;
+    assert_eq!(stats.acked, 1, "{stats:?}\n{}", broker.log());
+
+    let found = state(&client, "probe", "probe/").await?;
+    let get = |k: &str| found.get(k).cloned().unwrap_or_default();
+    assert!(get("probe/file").starts_with("error:"), "{found:?}");
+    assert!(get("probe/dir").starts_with("error:"), "{found:?}");
+    assert!(get("probe/tcp").starts_with("error:"), "{found:?}");
+    assert_eq!(get("probe/env"), "0 variables", "{found:?}");
+    assert_eq!(get("probe/args"), "0 arguments", "{found:?}");
+    match listener.accept() {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => anyhow::bail!("the plugin reached the listener: {other:?}"),
+    }
+    let log = broker.log();
+    for line in [
+        "sandbox-probe: hello on stdout",
+        "sandbox-probe: hello on stderr",
+    ] {
+        assert!(
+            log.lines().any(|l| l.contains(line) && l.contains("probe")),
+            "{line:?} is not in the broker log:\n{log}"
+        );
+    }
+    Ok(())
+}
+
+/// State writes at each limit are taken and one past it refused, with
+/// `state-put` and with `state-put-many`; a refused `state-put-many` writes
+/// none of its entries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_writes_hold_at_the_limits_and_are_refused_past_them() -> anyhow::Result<()> {
+    use msmq_broker::plugins::host::{STATE_KEY_BYTES_MAX, STATE_VALUE_BYTES_MAX};
+    let broker = TestBroker::start()?;
+    let client = broker.client().await?;
+    client.create_topic("work", 1).await?;
+    let mut limits = spec("limits", "work");
+    limits.config = vec![
+        ("key_max".into(), STATE_KEY_BYTES_MAX.to_string()),
+        ("value_max".into(), STATE_VALUE_BYTES_MAX.to_string()),
+    ];
+    deploy(&client, limits, &rust_component("state-limits")?).await?;
+    client.producer("work").send(NewMessage::new("go")).await?;
+    let stats = wait_stats(&client, "limits", Duration::from_secs(30), |s| {
+        s.processed == 1
+    })
+    .await?;
+    assert_eq!(stats.acked, 1, "{stats:?}");
+
+    let results = state(&client, "limits", "result/").await?;
+    let get = |case: &str| {
+        results
+            .get(&format!("result/{case}"))
+            .cloned()
+            .unwrap_or_default()
+    };
+    for case in ["put-key-at-limit", "put-value-at-limit", "many-at-limit"] {
+        assert_eq!(get(case), "ok", "{case}: {results:?}");
+    }
+    for case in ["put-key-past-limit", "put-value-past-limit"] {
+        assert!(
+            get(case).starts_with("refused:") && get(case).contains("exceeds"),
+            "{case}: {results:?}"
+        );
+    }
+    assert!(
+        get("many-key-past-limit").contains("entry 1"),
+        "{results:?}"
+    );
+    assert!(
+        get("many-value-past-limit").contains("entry 1"),
+        "{results:?}"
+    );
+    // The accepted list wrote both entries; the refused lists wrote nothing.
+    assert_eq!(
+        get("read-back"),
+        format!("{STATE_VALUE_BYTES_MAX},1,missing,missing"),
+        "{results:?}"
+    );
     Ok(())
 }

@@ -3,13 +3,15 @@
 //! batch, the same drain beside misbehaving plugins, and deploy times.
 
 use super::{
-    drain_backlog, produce_load, setup, topic_name, Common, ConsumeBench, ConsumeMode, Run,
+    drain_backlog, produce_payloads, setup, topic_name, Common, ConsumeBench, ConsumeMode, Payload,
+    Run,
 };
 use msmq_client::protocol::{NewMessage, PluginSpec, PluginStats};
 use msmq_client::Client;
 use serde_json::json;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How often plugin stats are polled while a drain runs.
@@ -34,8 +36,27 @@ pub struct PluginBench {
     /// Skip the native consumer.
     #[arg(long)]
     no_native: bool,
+    /// What the backlog's messages hold: `stamped` (a timestamp, then
+    /// zeros, --size bytes) or `transfer` (the payment scenario's
+    /// `tx-N|acct-A|acct-B|amount_cents` between 1000 accounts, for billing
+    /// plugins).
+    #[arg(long, value_enum, default_value_t = PayloadKind::Stamped)]
+    payload: PayloadKind,
+    /// Use the lines of this file as payloads, in turn (overrides --payload).
+    #[arg(long)]
+    payload_file: Option<PathBuf>,
+    /// Linear memory limit of the measured plugin, e.g. "256 MiB".
+    #[arg(long, default_value = "64 MiB")]
+    memory: bytesize::ByteSize,
     #[command(flatten)]
     common: Common,
+}
+
+/// `--payload` of `bench plugin`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum PayloadKind {
+    Stamped,
+    Transfer,
 }
 
 #[derive(clap::Args)]
@@ -59,26 +80,43 @@ fn spec(name: &str, topic: &str, batch_messages: u32) -> PluginSpec {
     spec
 }
 
+impl PluginBench {
+    fn payload(&self) -> anyhow::Result<Payload> {
+        if let Some(path) = &self.payload_file {
+            let text = std::fs::read(path)
+                .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+            let lines: Vec<Vec<u8>> = text
+                .split(|b| *b == b'\n')
+                .filter(|l| !l.is_empty())
+                .map(<[u8]>::to_vec)
+                .collect();
+            anyhow::ensure!(!lines.is_empty(), "{} has no lines", path.display());
+            return Ok(Payload::Lines(Arc::new(lines), Arc::default()));
+        }
+        Ok(match self.payload {
+            PayloadKind::Stamped => Payload::Stamped,
+            PayloadKind::Transfer => Payload::Transfers(Arc::default()),
+        })
+    }
+}
+
 /// Deploy a plugin on `topic` and wait until it has processed `count`
 /// messages. Returns (elapsed from the deploy acknowledgement, final stats).
 async fn plugin_drain(
     client: &Client,
     component: &[u8],
-    name: &str,
-    topic: &str,
-    batch_messages: u32,
+    spec: PluginSpec,
     count: u64,
     timeout: Duration,
 ) -> anyhow::Result<(Duration, PluginStats)> {
-    client
-        .deploy_plugin(spec(name, topic, batch_messages), component.to_vec())
-        .await?;
+    let name = spec.name.clone();
+    client.deploy_plugin(spec, component.to_vec()).await?;
     let started = Instant::now();
     loop {
-        let stats = client.plugin_stats(name).await?;
+        let stats = client.plugin_stats(&name).await?;
         if stats.processed >= count || crate::cli::shutdown::requested() {
             let elapsed = started.elapsed();
-            client.remove_plugin(name).await?;
+            client.remove_plugin(&name).await?;
             return Ok((elapsed, stats));
         }
         anyhow::ensure!(
@@ -100,12 +138,23 @@ pub(super) async fn plugin(b: PluginBench) -> anyhow::Result<()> {
         ..b.common.clone()
     };
     let prefill = Run::new(&fill, "prefill");
-    produce_load(&fill, &topic, 4, 1, 0, prefill.clone()).await?;
+    produce_payloads(&fill, &topic, 4, 1, 0, prefill.clone(), b.payload()?).await?;
     prefill.bar.finish_and_clear();
     let count = prefill.done.load(Ordering::Relaxed);
 
+    let payload_name = match (&b.payload_file, b.payload) {
+        (Some(path), _) => path.display().to_string(),
+        (None, PayloadKind::Stamped) => "stamped".into(),
+        (None, PayloadKind::Transfer) => "transfer".into(),
+    };
     let mut out = json!({"bench": "plugin", "messages": count, "size": b.common.size,
-        "batch_messages": b.batch_messages, "topic": topic});
+        "payload": payload_name, "batch_messages": b.batch_messages,
+        "memory_bytes_max": b.memory.as_u64(), "topic": topic});
+    let measured = |name: &str, topic: &str| {
+        let mut s = spec(name, topic, b.batch_messages);
+        s.limits.memory_bytes_max = b.memory.as_u64();
+        s
+    };
     if !b.no_native {
         let consume = ConsumeBench {
             consumers: 1,
@@ -121,16 +170,8 @@ pub(super) async fn plugin(b: PluginBench) -> anyhow::Result<()> {
     }
     let timeout = b.common.duration;
     let name = format!("bench-{}", super::now_micros());
-    let (elapsed, stats) = plugin_drain(
-        &client,
-        &component,
-        &name,
-        &topic,
-        b.batch_messages,
-        count,
-        timeout,
-    )
-    .await?;
+    let (elapsed, stats) =
+        plugin_drain(&client, &component, measured(&name, &topic), count, timeout).await?;
     let rate = stats.processed as f64 / elapsed.as_secs_f64().max(1e-9);
     let batches = stats.batches.max(1) as f64;
     let per_batch_us = elapsed.as_secs_f64() * 1e6 / batches;
@@ -140,6 +181,10 @@ pub(super) async fn plugin(b: PluginBench) -> anyhow::Result<()> {
     out["per_batch_us"] = json!(per_batch_us);
     out["per_batch_in_call_us"] = json!(inside_us);
     out["per_batch_host_loop_us"] = json!(per_batch_us - inside_us);
+    out["failed_batches"] = json!(stats.failed_batches);
+    out["dead_lettered"] = json!(stats.dead_lettered);
+    out["instances_recycled"] = json!(stats.instances_recycled);
+    out["plugin_memory_bytes"] = json!(stats.memory_bytes);
     if let Some(native) = out["native_messages_per_sec"].as_f64() {
         out["plugin_to_native_ratio"] = json!(rate / native.max(1e-9));
     }
@@ -166,9 +211,7 @@ pub(super) async fn plugin(b: PluginBench) -> anyhow::Result<()> {
         let (elapsed, stats) = plugin_drain(
             &client,
             &component,
-            &format!("{name}-beside"),
-            &topic,
-            b.batch_messages,
+            measured(&format!("{name}-beside"), &topic),
             count,
             timeout,
         )

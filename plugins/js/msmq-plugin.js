@@ -1,0 +1,404 @@
+// msmq-plugin.js: a thin guest SDK for MSMQ consumer plugins written in
+// JavaScript and built with componentize-js for the world
+// `msmq:plugin/consumer@1.1.0` (see ../../wit/plugin.wit).
+//
+// A plugin module does:
+//
+//   import { definePlugin, ack, deadLetter, state, log } from '../msmq-plugin.js';
+//   export const { init, handleBatch } = definePlugin({
+//     init(config) { ... },            // optional; throw to refuse the deploy
+//     handle(batch) { return batch.messages.map(m => ack()); },
+//   });
+//
+// Everything here is a wrapper over the `host` interface; the broker's
+// contract (atomic commit with the outcomes, idempotency by message id) is
+// described in plugins/README.md.
+
+import * as host from 'msmq:plugin/host@1.1.0';
+
+const encoder = new TextEncoder();
+const strictDecoder = new TextDecoder('utf-8', { fatal: true });
+const lossyDecoder = new TextDecoder('utf-8');
+
+// ------------------------------------------------------------------ bytes --
+
+/** `value` as bytes: strings are UTF-8 encoded, byte arrays passed as is. */
+export function bytes(value) {
+  if (value instanceof Uint8Array) return value;
+  if (typeof value === 'string') return encoder.encode(value);
+  if (ArrayBuffer.isView(value)) {
+    return new Uint8Array(value.buffer, value.byteOffset, value.byteLength);
+  }
+  if (value instanceof ArrayBuffer) return new Uint8Array(value);
+  throw new TypeError(`expected a string or bytes, got ${typeof value}`);
+}
+
+/**
+ * UTF-8 text of `data`. Throws a TypeError on invalid UTF-8 unless `lossy`,
+ * which replaces bad sequences with U+FFFD instead.
+ */
+export function text(data, lossy = false) {
+  if (data === undefined || data === null) return data;
+  return (lossy ? lossyDecoder : strictDecoder).decode(data);
+}
+
+// ---------------------------------------------------------------- outcomes --
+
+const ACK = Object.freeze({ tag: 'ack' });
+
+/** Done; the message is never delivered again. */
+export function ack() {
+  return ACK;
+}
+
+/** Deliver the message again after `ms` milliseconds (a u32). */
+export function retry(ms) {
+  if (!Number.isInteger(ms) || ms < 0 || ms > 0xffffffff) {
+    throw new RangeError(`retry delay must be an integer 0..=4294967295 ms, got ${ms}`);
+  }
+  return { tag: 'retry', val: ms };
+}
+
+/** Move the message to the plugin's dead-letter topic with `reason`. */
+export function deadLetter(reason) {
+  return { tag: 'dead-letter', val: String(reason) };
+}
+
+// ------------------------------------------------------------ host errors --
+
+/**
+ * A refused publish or state write. `kind` is one of `not-allowed`,
+ * `unknown-topic`, `too-large`, `other`; `detail` is the broker's text.
+ */
+export class HostError extends Error {
+  constructor(kind, detail) {
+    super(`${kind}: ${detail}`);
+    this.name = 'HostError';
+    this.kind = kind;
+    this.detail = detail;
+  }
+}
+
+// Imports returning `result<_, host-error>` throw an error whose `payload`
+// is the variant; turn it into a HostError and let anything else through.
+function call(fn, ...args) {
+  try {
+    return fn(...args);
+  } catch (e) {
+    const p = e && e.payload;
+    if (p && typeof p === 'object' && typeof p.tag === 'string') {
+      throw new HostError(p.tag, String(p.val));
+    }
+    throw e;
+  }
+}
+
+// -------------------------------------------------------------------- log --
+
+const LEVELS = ['trace', 'debug', 'info', 'warn', 'error'];
+
+function format(args) {
+  return args
+    .map((a) => {
+      if (typeof a === 'string') return a;
+      if (a instanceof Error) return a.message;
+      if (typeof a === 'bigint') return a.toString();
+      try {
+        return JSON.stringify(a, (_k, v) => (typeof v === 'bigint' ? v.toString() : v));
+      } catch {
+        return String(a);
+      }
+    })
+    .join(' ');
+}
+
+/**
+ * Lines in the broker's log, tagged with the plugin's name:
+ * `log.info('x', 1)`, or `log.write(level, ...)`. Not part of the batch's
+ * transaction: a redelivered batch logs again.
+ */
+export const log = {
+  write(level, ...args) {
+    if (!LEVELS.includes(level)) throw new RangeError(`unknown log level ${level}`);
+    host.log(level, format(args));
+  },
+  trace: (...args) => host.log('trace', format(args)),
+  debug: (...args) => host.log('debug', format(args)),
+  info: (...args) => host.log('info', format(args)),
+  warn: (...args) => host.log('warn', format(args)),
+  error: (...args) => host.log('error', format(args)),
+};
+
+// ---------------------------------------------------------------- publish --
+
+function headerList(headers) {
+  if (!headers) return [];
+  const list = Array.isArray(headers) ? headers : Object.entries(headers);
+  return list.map((h) =>
+    Array.isArray(h) ? { name: String(h[0]), value: String(h[1]) } : { name: String(h.name), value: String(h.value) },
+  );
+}
+
+/**
+ * Publish `payload` (string or bytes) to `topic`, visible only if the batch
+ * commits. Options: `key` (string or bytes), `tag`, `headers` (an object or
+ * a list of [name, value]). Throws HostError when refused.
+ */
+export function publish(topic, payload, { key, tag, headers } = {}) {
+  call(host.publish, {
+    topic: String(topic),
+    payload: bytes(payload),
+    key: key === undefined || key === null ? undefined : bytes(key),
+    tag: tag === undefined || tag === null ? undefined : String(tag),
+    headers: headerList(headers),
+  });
+}
+
+/** Broker wall-clock time in ms since the Unix epoch, as a Number. */
+export function nowMs() {
+  return Number(host.nowMs());
+}
+
+// ------------------------------------------------------------------ state --
+
+/**
+ * The plugin's key-value state. Keys and values are strings (UTF-8) or
+ * bytes; reads return a Uint8Array (or undefined when missing), the `*Text`
+ * variants a string. Reads see this batch's own writes; writes commit with
+ * the batch. Writes throw HostError when refused.
+ */
+export const state = {
+  get(key) {
+    return host.stateGet(bytes(key));
+  },
+  getText(key) {
+    return text(host.stateGet(bytes(key)));
+  },
+  /** One host call for many keys: one answer per key, in order. */
+  getMany(keys) {
+    return host.stateGetMany(keys.map(bytes));
+  },
+  getManyText(keys) {
+    return host.stateGetMany(keys.map(bytes)).map((v) => text(v));
+  },
+  contains(key) {
+    return host.stateGet(bytes(key)) !== undefined;
+  },
+  put(key, value) {
+    call(host.statePut, bytes(key), bytes(value));
+  },
+  /**
+   * Write several entries (a list of [key, value], or a Map) in one call,
+   * all or none. Later entries win over earlier ones with the same key.
+   */
+  putMany(entries) {
+    const list = [];
+    for (const [k, v] of entries) list.push([bytes(k), bytes(v)]);
+    if (list.length > 0) call(host.statePutMany, list);
+  },
+  delete(key) {
+    host.stateDelete(bytes(key));
+  },
+  /**
+   * One page: up to `limit` [key, value] byte pairs under `prefix` in key
+   * order, after `startAfter` when given.
+   */
+  scan(prefix, { startAfter, limit = 100 } = {}) {
+    return host.stateScan(bytes(prefix), startAfter === undefined ? undefined : bytes(startAfter), limit);
+  },
+  /** Every [key, value] under `prefix`, fetched a page at a time. */
+  *scanAll(prefix, { pageSize = 100 } = {}) {
+    let after;
+    for (;;) {
+      const page = state.scan(prefix, { startAfter: after, limit: pageSize });
+      yield* page;
+      if (page.length < pageSize) return;
+      after = page[page.length - 1][0];
+    }
+  },
+};
+
+// ------------------------------------------------------- batch and message --
+
+function hex64(n) {
+  return n.toString(16).padStart(16, '0');
+}
+
+/** One message of a batch; the raw WIT record is `raw`. */
+export class Message {
+  constructor(raw, topic) {
+    this.raw = raw;
+    this.topic = topic;
+    this._idHex = undefined;
+  }
+  /** `{ hi, lo }`, two BigInts. */
+  get id() {
+    return this.raw.id;
+  }
+  /** The id as 32 lowercase hex digits, `hi` then `lo` (big-endian). */
+  get idHex() {
+    if (this._idHex === undefined) this._idHex = hex64(this.raw.id.hi) + hex64(this.raw.id.lo);
+    return this._idHex;
+  }
+  get partition() {
+    return this.raw.partition;
+  }
+  /** BigInt. */
+  get offset() {
+    return this.raw.offset;
+  }
+  /** BigInt, ms since the Unix epoch. */
+  get timestampMs() {
+    return this.raw.timestampMs;
+  }
+  get attempt() {
+    return this.raw.attempt;
+  }
+  get isRedelivery() {
+    return this.raw.attempt > 1;
+  }
+  /** Uint8Array. */
+  get payload() {
+    return this.raw.payload;
+  }
+  /** The payload as UTF-8 text; throws a TypeError if it is not. */
+  text(lossy = false) {
+    return text(this.raw.payload, lossy);
+  }
+  /** Uint8Array or undefined. */
+  get key() {
+    return this.raw.key;
+  }
+  keyText(lossy = false) {
+    return text(this.raw.key, lossy);
+  }
+  /** String or undefined. */
+  get tag() {
+    return this.raw.tag;
+  }
+  /** A list of `{ name, value }`. */
+  get headers() {
+    return this.raw.headers;
+  }
+  /** The first header named `name`, or undefined. */
+  header(name) {
+    const h = this.raw.headers.find((h) => h.name === name);
+    return h === undefined ? undefined : h.value;
+  }
+}
+
+/** The messages of one call, from `topic`. Iterable. */
+export class Batch {
+  constructor(raw) {
+    this.topic = raw.topic;
+    this.messages = raw.messages.map((m) => new Message(m, raw.topic));
+  }
+  get length() {
+    return this.messages.length;
+  }
+  [Symbol.iterator]() {
+    return this.messages[Symbol.iterator]();
+  }
+}
+
+/** The deploy-time `--config key=value` pairs. */
+export class Config {
+  constructor(pairs) {
+    this.map = new Map(pairs);
+  }
+  get(key) {
+    return this.map.get(key);
+  }
+  getOr(key, fallback) {
+    return this.map.has(key) ? this.map.get(key) : fallback;
+  }
+  has(key) {
+    return this.map.has(key);
+  }
+  /** The value, or an Error that refuses the deploy. */
+  require(key) {
+    if (!this.map.has(key)) throw new Error(`missing config key \`${key}\``);
+    return this.map.get(key);
+  }
+  entries() {
+    return this.map.entries();
+  }
+}
+
+// ---------------------------------------------------------------- exports --
+
+// One log line: the broker log is line-oriented, so the stack's newlines go.
+function describe(e) {
+  if (e instanceof Error) {
+    // Frames of the generated bindings name a build-time temp file: drop them.
+    const frames = (e.stack || '').split('\n').filter((f) => f.trim() && !f.includes('initializer.js'));
+    const stack = frames.join(' <- ');
+    return `${e.name}: ${e.message}${stack ? ` | stack: ${stack}` : ''}`;
+  }
+  return `thrown value: ${format([e])}`;
+}
+
+function checkOutcomes(outcomes, count) {
+  if (!Array.isArray(outcomes)) {
+    throw new TypeError(`handle must return an array of outcomes, got ${typeof outcomes}`);
+  }
+  if (outcomes.length !== count) {
+    throw new Error(`handle returned ${outcomes.length} outcomes for ${count} messages`);
+  }
+  return outcomes;
+}
+
+/**
+ * The component's exports for `plugin`: an object (or a class, constructed
+ * without arguments) with `handle(batch) -> outcome[]` and an optional
+ * `init(config)`. Either may be async.
+ *
+ * A throw from `init` is logged and refuses the deploy with its message. A
+ * throw from `handle` (or a wrong number of outcomes) is logged at error
+ * level with its stack, then rethrown: the call traps, the broker rolls the
+ * whole batch back (state, publishes) and delivers it again.
+ */
+export function definePlugin(plugin) {
+  let instance = typeof plugin === 'function' ? null : plugin;
+
+  function initFailed(e) {
+    host.log('error', `init failed: ${describe(e)}`);
+    return { tag: 'err', val: e instanceof Error ? e.message : format([e]) };
+  }
+
+  function init(pairs) {
+    try {
+      if (instance === null) instance = new plugin();
+      const config = new Config(pairs);
+      const r = typeof instance.init === 'function' ? instance.init(config) : undefined;
+      if (r && typeof r.then === 'function') {
+        return r.then(() => ({ tag: 'ok' }), initFailed);
+      }
+      return { tag: 'ok' };
+    } catch (e) {
+      return initFailed(e);
+    }
+  }
+
+  function batchFailed(e, count) {
+    const what = `${count} message${count === 1 ? '' : 's'}`;
+    host.log('error', `handle-batch failed (${what}; the batch is rolled back): ${describe(e)}`);
+    throw e;
+  }
+
+  function handleBatch(raw) {
+    const count = raw.messages.length;
+    try {
+      if (instance === null) throw new Error('handle-batch called before init');
+      const r = instance.handle(new Batch(raw));
+      if (r && typeof r.then === 'function') {
+        return r.then((o) => checkOutcomes(o, count)).catch((e) => batchFailed(e, count));
+      }
+      return checkOutcomes(r, count);
+    } catch (e) {
+      return batchFailed(e, count);
+    }
+  }
+
+  return { init, handleBatch };
+}

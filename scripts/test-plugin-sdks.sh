@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Unit tests of the Python, JavaScript and Go plugin SDKs and examples,
+# outside the broker: each runs the plugins against an in-memory host that
+# commits or rolls back like the broker's. The e2e suite runs the same
+# plugins in a real broker. Installs each language's pinned toolchain first
+# (its build.sh does, when missing); needs a built msmq for the JavaScript
+# tests' `msmq plugin check` ($MSMQ, or the repository's target/debug/msmq).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export MSMQ="${MSMQ:-$PWD/target/debug/msmq}"
+
+echo "test-plugin-sdks.sh: Python"
+(cd plugins/python && bash build.sh --bindings && python3 -m unittest discover -s tests)
+
+echo "test-plugin-sdks.sh: Go"
+bash plugins/go/build.sh billing
+(cd plugins/go && GOTOOLCHAIN=local GOPROXY=off GOFLAGS= GOWORK=off .venv/bin/go test ./...)
+
+echo "test-plugin-sdks.sh: JavaScript"
+(cd plugins/js && npm test)
