@@ -315,6 +315,27 @@ pub(super) enum Payload {
 /// Accounts the generated transfers move money between.
 pub(super) const TRANSFER_ACCOUNTS: u64 = 1000;
 
+/// Transfer `n` of [`Payload::Transfers`]: (from, to, amount in cents). A
+/// fixed mix of senders and receivers, never the same account twice.
+pub(super) fn transfer(n: u64) -> (u64, u64, u64) {
+    let from = n.wrapping_mul(7919) % TRANSFER_ACCOUNTS;
+    let to = (from + 1 + n % (TRANSFER_ACCOUNTS - 1)) % TRANSFER_ACCOUNTS;
+    let amount = 100 + n.wrapping_mul(104_729) % 99_900;
+    (from, to, amount)
+}
+
+/// The balances (`bill/acct-NNNN` → cents) a billing plugin must end with
+/// after transfers `0..count`.
+pub(super) fn transfer_balances(count: u64) -> std::collections::BTreeMap<String, i64> {
+    let mut balances = std::collections::BTreeMap::new();
+    for n in 0..count {
+        let (from, to, amount) = transfer(n);
+        *balances.entry(format!("bill/acct-{from:04}")).or_insert(0) -= amount as i64;
+        *balances.entry(format!("bill/acct-{to:04}")).or_insert(0) += amount as i64;
+    }
+    balances
+}
+
 impl Payload {
     fn make(&self, size: usize, stamp: [u8; 8]) -> Vec<u8> {
         match self {
@@ -325,10 +346,7 @@ impl Payload {
             }
             Payload::Transfers(next) => {
                 let n = next.fetch_add(1, Ordering::Relaxed);
-                // A fixed mix of senders and receivers, never the same one.
-                let from = n.wrapping_mul(7919) % TRANSFER_ACCOUNTS;
-                let to = (from + 1 + n % (TRANSFER_ACCOUNTS - 1)) % TRANSFER_ACCOUNTS;
-                let amount = 100 + n.wrapping_mul(104_729) % 99_900;
+                let (from, to, amount) = transfer(n);
                 format!("tx-{n:09}|acct-{from:04}|acct-{to:04}|{amount}").into_bytes()
             }
             Payload::Lines(lines, next) => {

@@ -188,12 +188,13 @@ pub async fn run(cmd: PluginCommand) -> anyhow::Result<()> {
                 "PLUGIN", "VER", "TOPIC", "GROUP", "SIZE"
             );
             for p in plugins {
-                // The end of the last error names it (a traceback's last line).
+                // What the plugin said names the error better than the trap.
                 let last_error = match client.plugin_stats(&p.spec.name).await {
                     Ok(s) => s
                         .last_error
                         .as_deref()
-                        .and_then(|e| e.lines().rev().find(|l| !l.trim().is_empty()))
+                        .map(|e| e.rsplit_once(PLUGIN_SAID).map_or(e, |(_, said)| said))
+                        .and_then(|e| e.lines().find(|l| !l.trim().is_empty()))
                         .map(|l| format!("; last error: {}", cut(l.trim(), LIST_ERROR_CHARS_MAX)))
                         .unwrap_or_default(),
                     Err(_) => String::new(),
@@ -278,6 +279,8 @@ pub async fn run(cmd: PluginCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Where a failed call's text goes on with the plugin's own words.
+const PLUGIN_SAID: &str = "the plugin said: ";
 /// Most characters of a plugin's last error shown by `plugin list`.
 const LIST_ERROR_CHARS_MAX: usize = 100;
 

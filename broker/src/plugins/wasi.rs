@@ -52,7 +52,10 @@ struct OutputLines {
     stderr_partial: Vec<u8>,
     lines_this_call: u32,
     dropped_this_call: u32,
-    recent_errors: VecDeque<String>,
+    /// Lines the plugin logged at error level through `host.log`.
+    logged_errors: VecDeque<String>,
+    /// Lines it wrote to stderr.
+    stderr_lines: VecDeque<String>,
 }
 
 impl PluginOutput {
@@ -64,7 +67,8 @@ impl PluginOutput {
                 stderr_partial: Vec::new(),
                 lines_this_call: 0,
                 dropped_this_call: 0,
-                recent_errors: VecDeque::new(),
+                logged_errors: VecDeque::new(),
+                stderr_lines: VecDeque::new(),
             })),
         }
     }
@@ -79,7 +83,8 @@ impl PluginOutput {
         let mut out = self.lock();
         out.lines_this_call = 0;
         out.dropped_this_call = 0;
-        out.recent_errors.clear();
+        out.logged_errors.clear();
+        out.stderr_lines.clear();
     }
 
     /// End a call: log unfinished lines and the count of dropped ones.
@@ -103,21 +108,20 @@ impl PluginOutput {
 
     /// Remember an error-level line the plugin logged through `host.log`.
     pub fn note_error(&self, line: &str) {
-        self.lock().remember_error(line);
+        remember(&mut self.lock().logged_errors, line);
     }
 
     /// What the plugin said about errors during the current call, oldest
-    /// first, or `None` if nothing.
+    /// first, or `None` if nothing: its error-level `host.log` lines if it
+    /// logged any (what an SDK reports on purpose), else its stderr.
     pub fn recent_errors(&self) -> Option<String> {
         self.end_call();
         let out = self.lock();
-        (!out.recent_errors.is_empty()).then(|| {
-            out.recent_errors
-                .iter()
-                .cloned()
-                .collect::<Vec<_>>()
-                .join("\n")
-        })
+        let said = [&out.logged_errors, &out.stderr_lines]
+            .into_iter()
+            .find(|lines| !lines.is_empty())
+            .map(|lines| lines.iter().cloned().collect::<Vec<_>>().join("\n"));
+        said
     }
 
     fn write(&self, stream: Stream, bytes: &[u8]) {
@@ -154,7 +158,7 @@ impl OutputLines {
         }
         let text = String::from_utf8_lossy(&bytes[..end]);
         if stream == Stream::Stderr && !text.trim().is_empty() {
-            self.remember_error(&text);
+            remember(&mut self.stderr_lines, &text);
         }
         if self.lines_this_call >= OUTPUT_LINES_PER_CALL_MAX {
             self.dropped_this_call += 1;
@@ -167,13 +171,14 @@ impl OutputLines {
             Stream::Stderr => tracing::warn!(plugin, stream = "stderr", "{text}"),
         }
     }
+}
 
-    fn remember_error(&mut self, line: &str) {
-        if self.recent_errors.len() >= ERROR_LINES_KEPT_MAX {
-            self.recent_errors.pop_front();
-        }
-        self.recent_errors.push_back(line.to_string());
+/// Keep `line` among the last [`ERROR_LINES_KEPT_MAX`] of `lines`.
+fn remember(lines: &mut VecDeque<String>, line: &str) {
+    if lines.len() >= ERROR_LINES_KEPT_MAX {
+        lines.pop_front();
     }
+    lines.push_back(line.to_string());
 }
 
 /// One of a plugin's standard output streams, as WASI sees it.
@@ -301,6 +306,12 @@ mod tests {
         let errors = output.recent_errors().expect("kept");
         assert_eq!(errors.lines().count(), ERROR_LINES_KEPT_MAX);
         assert!(errors.ends_with(&format!("line {}", OUTPUT_LINES_PER_CALL_MAX + 4)));
+        output.note_error("ValueError: bad amount");
+        assert_eq!(
+            output.recent_errors().as_deref(),
+            Some("ValueError: bad amount"),
+            "what the plugin logged as an error wins over its stderr"
+        );
         output.begin_call();
         assert_eq!(output.recent_errors(), None);
     }

@@ -138,3 +138,40 @@ async fn upgrade(client: &Client, spec: PluginSpec, component: &Path) -> anyhow:
     anyhow::ensure!(done.upgraded, "{done:?}");
     Ok(())
 }
+
+/// A Python exception on one message: its text and the traceback's last
+/// frame reach the broker's log, `plugin stats` and `plugin list`, and the
+/// message is dead-lettered alone while the others are acked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_exception_shows_its_message_and_last_frame() -> anyhow::Result<()> {
+    let component = super::language_component("python", "testing_raiser")?;
+    let broker = TestBroker::start()?;
+    let client = broker.client().await?;
+    client.create_topic("work", 1).await?;
+    let mut raiser = spec("raiser", "work");
+    raiser.limits.delivery_attempts_max = 2;
+    deploy(&client, raiser, &component).await?;
+    let batch = ["ok-1", "bad", "ok-2"].map(NewMessage::new).to_vec();
+    client.producer("work").send_batch(batch).await?;
+    let stats = wait_stats(&client, "raiser", Duration::from_secs(60), |s| {
+        s.processed == 3
+    })
+    .await?;
+    assert_eq!((stats.acked, stats.dead_lettered), (2, 1), "{stats:?}");
+    let error = stats.last_error.clone().unwrap_or_default();
+    assert!(error.contains("ValueError: bad amount"), "{error}");
+    assert!(
+        error.contains("in amount_of"),
+        "the traceback's last frame is missing: {error}"
+    );
+    let log = broker.log();
+    assert!(
+        log.contains("ValueError: bad amount") && log.contains("in amount_of"),
+        "{log}"
+    );
+
+    let list = crate::harness::cli(&broker, &["plugin", "list"], None)?;
+    let list = String::from_utf8_lossy(&list.stdout);
+    assert!(list.contains("bad amount"), "{list}");
+    Ok(())
+}

@@ -100,15 +100,24 @@ impl PluginBench {
     }
 }
 
+/// What a measured drain left.
+struct Drained {
+    /// From the deploy acknowledgement to the last message processed.
+    elapsed: Duration,
+    stats: PluginStats,
+    /// The plugin's `bill/` state (a billing plugin's balances), if any.
+    balances: std::collections::BTreeMap<String, Option<i64>>,
+}
+
 /// Deploy a plugin on `topic` and wait until it has processed `count`
-/// messages. Returns (elapsed from the deploy acknowledgement, final stats).
+/// messages; then read its `bill/` state and remove it.
 async fn plugin_drain(
     client: &Client,
     component: &[u8],
     spec: PluginSpec,
     count: u64,
     timeout: Duration,
-) -> anyhow::Result<(Duration, PluginStats)> {
+) -> anyhow::Result<Drained> {
     let name = spec.name.clone();
     client.deploy_plugin(spec, component.to_vec()).await?;
     let started = Instant::now();
@@ -116,8 +125,21 @@ async fn plugin_drain(
         let stats = client.plugin_stats(&name).await?;
         if stats.processed >= count || crate::cli::shutdown::requested() {
             let elapsed = started.elapsed();
+            let billed = client.plugin_state_all(&name, b"bill/").await?;
             client.remove_plugin(&name).await?;
-            return Ok((elapsed, stats));
+            let balances = billed
+                .into_iter()
+                .map(|e| {
+                    let key = String::from_utf8_lossy(&e.key).into_owned();
+                    let value = String::from_utf8_lossy(&e.value).parse::<i64>().ok();
+                    (key, value)
+                })
+                .collect();
+            return Ok(Drained {
+                elapsed,
+                stats,
+                balances,
+            });
         }
         anyhow::ensure!(
             started.elapsed() < timeout,
@@ -170,8 +192,28 @@ pub(super) async fn plugin(b: PluginBench) -> anyhow::Result<()> {
     }
     let timeout = b.common.duration;
     let name = format!("bench-{}", super::now_micros());
-    let (elapsed, stats) =
-        plugin_drain(&client, &component, measured(&name, &topic), count, timeout).await?;
+    let Drained {
+        elapsed,
+        stats,
+        balances,
+    } = plugin_drain(&client, &component, measured(&name, &topic), count, timeout).await?;
+    // A billing plugin on transfers must end with exact balances.
+    if matches!(b.payload, PayloadKind::Transfer)
+        && b.payload_file.is_none()
+        && !balances.is_empty()
+    {
+        let expected = super::transfer_balances(count);
+        let wrong = expected
+            .iter()
+            .filter(|(k, v)| balances.get(*k) != Some(&Some(**v)))
+            .count()
+            + balances
+                .keys()
+                .filter(|k| !expected.contains_key(*k))
+                .count();
+        out["balances_checked"] = json!(expected.len());
+        out["balances_wrong"] = json!(wrong);
+    }
     let rate = stats.processed as f64 / elapsed.as_secs_f64().max(1e-9);
     let batches = stats.batches.max(1) as f64;
     let per_batch_us = elapsed.as_secs_f64() * 1e6 / batches;
@@ -208,7 +250,7 @@ pub(super) async fn plugin(b: PluginBench) -> anyhow::Result<()> {
         }
         // Let them start misbehaving before the measured drain.
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let (elapsed, stats) = plugin_drain(
+        let Drained { elapsed, stats, .. } = plugin_drain(
             &client,
             &component,
             measured(&format!("{name}-beside"), &topic),
