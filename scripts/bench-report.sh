@@ -118,6 +118,14 @@ def sh(cmd):
 cpu = sh("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2").strip()
 mem = sh("awk '/MemTotal/ {printf \"%.0f GiB\", $2/1048576}' /proc/meminfo")
 fs = sh("df -T . | awk 'NR==2 {print $2}'")
+# The per-language plugin section is written by its own script
+# (bench-plugin-languages.sh); keep it across a regeneration.
+try:
+    kept = open("docs/benchmarks.md").read()
+    begin, end = "<!-- plugin-languages:begin -->", "<!-- plugin-languages:end -->"
+    kept = kept[kept.index(begin):kept.index(end) + len(end)] + "\n"
+except (OSError, ValueError):
+    kept = ""
 with open("docs/benchmarks.md", "w") as out:
     out.write(f"""# Benchmarks
 
@@ -149,5 +157,7 @@ Each is `msmq bench` with these arguments and `--json`, against
 """)
     for label, name, _ in rows:
         out.write(f"| {label} | `{commands[name].replace(os.getcwd() + '/', '')}` |\n")
+    if kept:
+        out.write("\n" + kept)
 print(open("docs/benchmarks.md").read())
 PY

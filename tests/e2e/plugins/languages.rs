@@ -1,4 +1,4 @@
-//! Acceptance: plugins written in Python, JavaScript and Go, built from
+//! Acceptance: plugins written in Python, JavaScript, Go and C, built from
 //! source with their pinned toolchains, keep exact balances and send one
 //! notification per transfer across a hot upgrade mid-stream, like the Rust
 //! ones. Each language's folder has a `build.sh` that also runs
@@ -29,6 +29,12 @@ async fn javascript_billing_and_notification_survive_a_hot_upgrade() -> anyhow::
     let billing = super::language_component("js", "billing")?;
     let notification = super::language_component("js", "notification")?;
     scenario(&billing, Some(&notification), "256 MiB").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c_billing_survives_a_hot_upgrade() -> anyhow::Result<()> {
+    let billing = super::c_component("billing")?;
+    scenario(&billing, None, "64 MiB").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
