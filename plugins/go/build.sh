@@ -118,6 +118,6 @@ for name in "${plugins[@]}"; do
     -o "$core" "./$name"
   "$componentize" "$wit" consumer "$core" "$out/$name.wasm"
   "$msmq" plugin check "$out/$name.wasm" ||
-    die "msmq plugin check refused plugins/go/target/$name.wasm"
-  say "built plugins/go/target/$name.wasm ($(wc -c <"$out/$name.wasm") bytes)"
+    die "msmq plugin check refused $out/$name.wasm"
+  say "built $out/$name.wasm ($(wc -c <"$out/$name.wasm") bytes)"
 done

@@ -180,7 +180,7 @@ strip = true
     );
     let lib = format!(
         r#"//! `{name}`: an MSMQ consumer plugin. Build it with
-//! `cargo build --release --target wasm32-wasip2`.
+//! `cargo build --release --target wasm32-wasip2 --target-dir target`.
 //!
 //! The contract is `wit/plugin.wit`; `plugins/README.md` of MSMQ explains it.
 //! Effects (state writes, publishes) commit with the batch's outcomes, all or
@@ -226,7 +226,9 @@ export!(Plugin);
             file("wit/plugin.wit", WIT),
             file(".gitignore", "/target\n"),
         ],
-        "cargo build --release --target wasm32-wasip2".into(),
+        // --target-dir: the component lands where `deploy` says, even if
+        // CARGO_TARGET_DIR points elsewhere.
+        "cargo build --release --target wasm32-wasip2 --target-dir target".into(),
         format!("target/wasm32-wasip2/release/{crate_name}.wasm"),
     )
 }
