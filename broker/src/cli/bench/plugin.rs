@@ -2,9 +2,9 @@
 //! consumer draining the same backlog in the same run, the host's cost per
 //! batch, the same drain beside misbehaving plugins, and deploy times.
 
+use super::payload::{transfer_balances, Payload};
 use super::{
-    drain_backlog, produce_payloads, setup, topic_name, Common, ConsumeBench, ConsumeMode, Payload,
-    Run,
+    drain_backlog, produce_payloads, setup, topic_name, Common, ConsumeBench, ConsumeMode, Run,
 };
 use msmq_client::protocol::{NewMessage, PluginSpec, PluginStats};
 use msmq_client::Client;
@@ -202,7 +202,7 @@ pub(super) async fn plugin(b: PluginBench) -> anyhow::Result<()> {
         && b.payload_file.is_none()
         && !balances.is_empty()
     {
-        let expected = super::transfer_balances(count);
+        let expected = transfer_balances(count);
         let wrong = expected
             .iter()
             .filter(|(k, v)| balances.get(*k) != Some(&Some(**v)))
