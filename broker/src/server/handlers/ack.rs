@@ -2,6 +2,10 @@
 //! invisibility, retries with back-off and dead letters. The decisions are
 //! in `crate::delivery`; this is the glue to storage and the wire.
 //!
+//! Size: over 800 lines because the per-message-ack domain logic still
+//! lives here; the deterministic-core issue moves it to the core (where the
+//! plugin runner will call it too), and this file keeps only the wire side.
+//!
 //! Invariant: a message's retry record or dead letter is durable before its
 //! lease is settled in memory, so the floor the group commits never passes
 //! a message that is neither acked, nor scheduled for retry, nor dead-lettered.
