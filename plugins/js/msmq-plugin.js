@@ -1,6 +1,6 @@
 // msmq-plugin.js: a thin guest SDK for MSMQ consumer plugins written in
 // JavaScript and built with componentize-js for the world
-// `msmq:plugin/consumer@1.1.0` (see ../../wit/plugin.wit).
+// `msmq:plugin/consumer@1.2.0` (see ../../wit/plugin.wit).
 //
 // A plugin module does:
 //
@@ -14,7 +14,7 @@
 // contract (atomic commit with the outcomes, idempotency by message id) is
 // described in plugins/README.md.
 
-import * as host from 'msmq:plugin/host@1.1.0';
+import * as host from 'msmq:plugin/host@1.2.0';
 
 const encoder = new TextEncoder();
 const strictDecoder = new TextDecoder('utf-8', { fatal: true });
@@ -161,6 +161,54 @@ export function nowMs() {
 
 // ------------------------------------------------------------------ state --
 
+// Many keys or values as one `byte-strings` (WIT 1.2): the bindings copy it
+// in two pieces, where a list of byte arrays costs several objects and calls
+// per element. Strings that are all ASCII (the usual keys) take one join and
+// one encode.
+function pack(items) {
+  const n = items.length;
+  const ends = new Uint32Array(n);
+  // String lengths as byte offsets, right if every string is ASCII.
+  let end = 0;
+  let i = 0;
+  for (; i < n; i++) {
+    const item = items[i];
+    if (typeof item !== 'string') break;
+    end += item.length;
+    ends[i] = end;
+  }
+  if (i === n) {
+    const data = encoder.encode(items.join(''));
+    // UTF-8 is longer than UTF-16 for anything but ASCII.
+    if (data.length === end) return { data, ends };
+  }
+  const parts = new Array(n);
+  let total = 0;
+  for (let i = 0; i < n; i++) {
+    parts[i] = bytes(items[i]);
+    total += parts[i].length;
+    ends[i] = total;
+  }
+  const data = new Uint8Array(total);
+  for (let i = 0, at = 0; i < n; i++) {
+    data.set(parts[i], at);
+    at += parts[i].length;
+  }
+  return { data, ends };
+}
+
+// The answer of `state-get-packed` as one value per key: views into one
+// buffer, or `undefined` for a missing key.
+function unpackValues({ values: { data, ends }, missing }) {
+  const out = new Array(ends.length);
+  for (let i = 0, start = 0; i < ends.length; i++) {
+    out[i] = data.subarray(start, ends[i]);
+    start = ends[i];
+  }
+  for (let j = 0; j < missing.length; j++) out[missing[j]] = undefined;
+  return out;
+}
+
 /**
  * The plugin's key-value state. Keys and values are strings (UTF-8) or
  * bytes; reads return a Uint8Array (or undefined when missing), the `*Text`
@@ -176,10 +224,30 @@ export const state = {
   },
   /** One host call for many keys: one answer per key, in order. */
   getMany(keys) {
-    return host.stateGetMany(keys.map(bytes));
+    if (keys.length === 0) return [];
+    return unpackValues(host.stateGetPacked(pack(keys)));
   },
+  /** `getMany` as strings; throws a TypeError if a value is not UTF-8. */
   getManyText(keys) {
-    return host.stateGetMany(keys.map(bytes)).map((v) => text(v));
+    if (keys.length === 0) return [];
+    const found = host.stateGetPacked(pack(keys));
+    const { data, ends } = found.values;
+    const all = strictDecoder.decode(data);
+    const out = new Array(ends.length);
+    if (all.length === data.length) {
+      // ASCII: byte offsets are string offsets.
+      for (let i = 0, start = 0; i < ends.length; i++) {
+        out[i] = all.slice(start, ends[i]);
+        start = ends[i];
+      }
+    } else {
+      for (let i = 0, start = 0; i < ends.length; i++) {
+        out[i] = strictDecoder.decode(data.subarray(start, ends[i]));
+        start = ends[i];
+      }
+    }
+    for (let j = 0; j < found.missing.length; j++) out[found.missing[j]] = undefined;
+    return out;
   },
   contains(key) {
     return host.stateGet(bytes(key)) !== undefined;
@@ -188,13 +256,24 @@ export const state = {
     call(host.statePut, bytes(key), bytes(value));
   },
   /**
-   * Write several entries (a list of [key, value], or a Map) in one call,
-   * all or none. Later entries win over earlier ones with the same key.
+   * Write several entries in one call, all or none: `putMany(entries)`
+   * with a list of [key, value] or a Map, or `putMany(keys, values)` with
+   * two arrays of one length (the fastest: no pair per entry). Later
+   * entries win over earlier ones with the same key.
    */
-  putMany(entries) {
-    const list = [];
-    for (const [k, v] of entries) list.push([bytes(k), bytes(v)]);
-    if (list.length > 0) call(host.statePutMany, list);
+  putMany(entries, values) {
+    let keys = entries;
+    if (values === undefined) {
+      keys = [];
+      values = [];
+      for (const [k, v] of entries) {
+        keys.push(k);
+        values.push(v);
+      }
+    } else if (keys.length !== values.length) {
+      throw new RangeError(`putMany: ${keys.length} keys but ${values.length} values`);
+    }
+    if (keys.length > 0) call(host.statePutPacked, pack(keys), pack(values));
   },
   delete(key) {
     host.stateDelete(bytes(key));
@@ -224,6 +303,11 @@ function hex64(n) {
   return n.toString(16).padStart(16, '0');
 }
 
+/** A message id (`{ hi, lo }`, as in a raw record) as 32 lowercase hex digits. */
+export function idHex(id) {
+  return hex64(id.hi) + hex64(id.lo);
+}
+
 /** One message of a batch; the raw WIT record is `raw`. */
 export class Message {
   constructor(raw, topic) {
@@ -237,7 +321,7 @@ export class Message {
   }
   /** The id as 32 lowercase hex digits, `hi` then `lo` (big-endian). */
   get idHex() {
-    if (this._idHex === undefined) this._idHex = hex64(this.raw.id.hi) + hex64(this.raw.id.lo);
+    if (this._idHex === undefined) this._idHex = idHex(this.raw.id);
     return this._idHex;
   }
   get partition() {
@@ -287,14 +371,26 @@ export class Message {
   }
 }
 
-/** The messages of one call, from `topic`. Iterable. */
+/**
+ * The messages of one call, from `topic`. Iterable. `rawMessages` are the
+ * broker's records themselves (`id.hi`, `id.lo`, `payload`, ...), with no
+ * wrapper object per message: the fastest way through a large batch.
+ */
 export class Batch {
   constructor(raw) {
     this.topic = raw.topic;
-    this.messages = raw.messages.map((m) => new Message(m, raw.topic));
+    this.rawMessages = raw.messages;
+    this._messages = undefined;
+  }
+  /** The messages as `Message` views, made on first use. */
+  get messages() {
+    if (this._messages === undefined) {
+      this._messages = this.rawMessages.map((m) => new Message(m, this.topic));
+    }
+    return this._messages;
   }
   get length() {
-    return this.messages.length;
+    return this.rawMessages.length;
   }
   [Symbol.iterator]() {
     return this.messages[Symbol.iterator]();

@@ -19,9 +19,14 @@ use std::sync::Arc;
 wasmtime::component::bindgen!({
     world: "consumer",
     path: "../wit",
+    // Malformed packed keys, or an answer the plugin's memory could not
+    // hold, have no error in the WIT signature: they trap the call.
+    imports: { "msmq:plugin/host.state-get-packed": trappable },
 });
 
-pub use msmq::plugin::types::{Header, HostError, LogLevel, Message, MessageId, NewMessage};
+pub use msmq::plugin::types::{
+    ByteStrings, Header, HostError, LogLevel, Message, MessageId, NewMessage, PackedValues,
+};
 
 /// Longest state key a plugin may write.
 pub const STATE_KEY_BYTES_MAX: usize = 1024;
@@ -186,11 +191,79 @@ impl HostState {
         Ok(())
     }
 
+    /// A key's value: this batch's write, else the stored one.
+    fn read_state(&mut self, key: &[u8]) -> Option<Vec<u8>> {
+        if let Some(pending) = self.overlay.get(key) {
+            return pending.clone();
+        }
+        let plugin = self.plugin.clone();
+        let txn = self.snapshot()?;
+        read::plugin_state_get(txn, &plugin, key).unwrap_or_else(|e| {
+            tracing::error!(%plugin, error = %e, "state read failed");
+            None
+        })
+    }
+
+    /// Write all `entries` or, if one breaks a limit (named by its index) or
+    /// the batch total would pass its cap, none.
+    fn write_all(&mut self, entries: &[(&[u8], &[u8])]) -> Result<(), HostError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        for (index, (key, value)) in entries.iter().enumerate() {
+            if let Err(error) = check_state_entry(key, value) {
+                let error = match error {
+                    HostError::TooLarge(why) => {
+                        HostError::TooLarge(format!("entry {index}: {why}"))
+                    }
+                    other => other,
+                };
+                return self.refuse(error);
+            }
+        }
+        // Charged at once, so a refusal leaves nothing half-written; `charge`
+        // adds one entry's overhead itself.
+        let bytes: usize = entries
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + EFFECT_ENTRY_OVERHEAD_BYTES)
+            .sum();
+        self.charge(bytes - EFFECT_ENTRY_OVERHEAD_BYTES)?;
+        for (key, value) in entries {
+            self.overlay.insert(key.to_vec(), Some(value.to_vec()));
+        }
+        Ok(())
+    }
+
     fn refuse(&mut self, error: HostError) -> Result<(), HostError> {
         self.refusals += 1;
         tracing::warn!(plugin = %self.plugin, error = ?error, "plugin request refused");
         Err(error)
     }
+}
+
+/// The strings of a `byte-strings`, or why its `ends` do not describe
+/// `data`.
+fn unpack(packed: &ByteStrings) -> Result<Vec<&[u8]>, String> {
+    let mut strings = Vec::with_capacity(packed.ends.len());
+    let mut start = 0usize;
+    for (index, &end) in packed.ends.iter().enumerate() {
+        let end = end as usize;
+        if end < start || end > packed.data.len() {
+            return Err(format!(
+                "byte-strings end {index} is {end}, outside {start}..={}",
+                packed.data.len()
+            ));
+        }
+        strings.push(&packed.data[start..end]);
+        start = end;
+    }
+    if start != packed.data.len() {
+        return Err(format!(
+            "byte-strings ends at {start} but holds {} bytes",
+            packed.data.len()
+        ));
+    }
+    Ok(strings)
 }
 
 /// A state write's key and value within their limits, or why not.
@@ -272,15 +345,7 @@ impl msmq::plugin::host::Host for HostState {
     }
 
     fn state_get(&mut self, key: Vec<u8>) -> Option<Vec<u8>> {
-        if let Some(pending) = self.overlay.get(&key) {
-            return pending.clone();
-        }
-        let plugin = self.plugin.clone();
-        let txn = self.snapshot()?;
-        read::plugin_state_get(txn, &plugin, &key).unwrap_or_else(|e| {
-            tracing::error!(%plugin, error = %e, "state read failed");
-            None
-        })
+        self.read_state(&key)
     }
 
     fn state_put(&mut self, key: Vec<u8>, value: Vec<u8>) -> Result<(), HostError> {
@@ -293,35 +358,68 @@ impl msmq::plugin::host::Host for HostState {
     }
 
     fn state_get_many(&mut self, keys: Vec<Vec<u8>>) -> Vec<Option<Vec<u8>>> {
-        keys.into_iter().map(|key| self.state_get(key)).collect()
+        keys.iter().map(|key| self.read_state(key)).collect()
     }
 
     fn state_put_many(&mut self, entries: Vec<(Vec<u8>, Vec<u8>)>) -> Result<(), HostError> {
-        if entries.is_empty() {
-            return Ok(());
-        }
-        for (index, (key, value)) in entries.iter().enumerate() {
-            if let Err(error) = check_state_entry(key, value) {
-                let error = match error {
-                    HostError::TooLarge(why) => {
-                        HostError::TooLarge(format!("entry {index}: {why}"))
-                    }
-                    other => other,
-                };
-                return self.refuse(error);
-            }
-        }
-        // Charged at once, so a refusal leaves nothing half-written; `charge`
-        // adds one entry's overhead itself.
-        let bytes: usize = entries
+        let entries: Vec<(&[u8], &[u8])> = entries
             .iter()
-            .map(|(k, v)| k.len() + v.len() + EFFECT_ENTRY_OVERHEAD_BYTES)
-            .sum();
-        self.charge(bytes - EFFECT_ENTRY_OVERHEAD_BYTES)?;
-        for (key, value) in entries {
-            self.overlay.insert(key, Some(value));
+            .map(|(k, v)| (k.as_slice(), v.as_slice()))
+            .collect();
+        self.write_all(&entries)
+    }
+
+    fn state_get_packed(&mut self, keys: ByteStrings) -> wasmtime::Result<PackedValues> {
+        let keys = unpack(&keys)
+            .map_err(|why| wasmtime::Error::msg(format!("state-get-packed: {why}")))?;
+        // The answer is copied into the plugin's memory: one larger than
+        // its limit could never arrive, so it is not built.
+        // (And `ends` are u32.)
+        let limit = self.memory.limit_bytes.min(u32::MAX as usize);
+        let mut data = Vec::new();
+        let mut ends = Vec::with_capacity(keys.len());
+        let mut missing = Vec::new();
+        for (index, key) in keys.iter().enumerate() {
+            match self.read_state(key) {
+                Some(value) => {
+                    if data.len() + value.len() > limit {
+                        return Err(wasmtime::Error::msg(format!(
+                            "state-get-packed: the values of {} keys pass the plugin's memory limit of {}",
+                            index + 1,
+                            bytesize::ByteSize(limit as u64)
+                        )));
+                    }
+                    data.extend_from_slice(&value);
+                }
+                None => missing.push(index as u32),
+            }
+            ends.push(data.len() as u32);
         }
-        Ok(())
+        Ok(PackedValues {
+            values: ByteStrings { data, ends },
+            missing,
+        })
+    }
+
+    fn state_put_packed(
+        &mut self,
+        keys: ByteStrings,
+        values: ByteStrings,
+    ) -> Result<(), HostError> {
+        let unpacked = unpack(&keys).and_then(|k| Ok((k, unpack(&values)?)));
+        let (keys, values) = match unpacked {
+            Ok(kv) => kv,
+            Err(why) => return self.refuse(HostError::Other(format!("state-put-packed: {why}"))),
+        };
+        if keys.len() != values.len() {
+            return self.refuse(HostError::Other(format!(
+                "state-put-packed: {} keys but {} values",
+                keys.len(),
+                values.len()
+            )));
+        }
+        let entries: Vec<(&[u8], &[u8])> = keys.into_iter().zip(values).collect();
+        self.write_all(&entries)
     }
 
     fn state_delete(&mut self, key: Vec<u8>) {

@@ -26,8 +26,8 @@ test('balances, markers, malformed payloads', () => {
   assert.equal(out[7].val, 'malformed transfer: amount_cents is too large');
   assert.deepEqual(stateText(host, 'bill/'), { 'bill/alice': '-1250', 'bill/bob': '1000', 'bill/carol': '250' });
   assert.equal(Object.keys(stateText(host, 'seen/')).length, 3);
-  assert.equal(host.knobs.calls.stateGetMany, 1);
-  assert.equal(host.knobs.calls.statePutMany, 1);
+  assert.equal(host.knobs.calls.stateGetPacked, 1);
+  assert.equal(host.knobs.calls.statePutPacked, 1);
 });
 
 test('same account and same message id twice in a batch', () => {

@@ -105,6 +105,44 @@ export function statePutMany(entries) {
   for (const [key, v] of entries) overlay.set(k(key), v);
 }
 
+// A `byte-strings` as its list of byte arrays, checked as the broker does.
+function unpack({ data, ends }) {
+  const out = [];
+  let start = 0;
+  for (const end of ends) {
+    if (end < start || end > data.length) throw new Error(`bad end ${end}`);
+    out.push(data.slice(start, end));
+    start = end;
+  }
+  if (start !== data.length) throw new Error(`ends at ${start} of ${data.length} bytes`);
+  return out;
+}
+
+export function stateGetPacked(keys) {
+  count('stateGetPacked');
+  const values = unpack(keys).map((key) => read(k(key)));
+  const parts = values.map((v) => v ?? new Uint8Array(0));
+  const data = new Uint8Array(parts.reduce((n, v) => n + v.length, 0));
+  const ends = new Uint32Array(parts.length);
+  let at = 0;
+  parts.forEach((v, i) => {
+    data.set(v, at);
+    at += v.length;
+    ends[i] = at;
+  });
+  const missing = new Uint32Array(values.flatMap((v, i) => (v === undefined ? [i] : [])));
+  return { values: { data, ends }, missing };
+}
+
+export function statePutPacked(keys, values) {
+  count('statePutPacked');
+  const ks = unpack(keys);
+  const vs = unpack(values);
+  if (ks.length !== vs.length) throw new Refusal('other', `${ks.length} keys but ${vs.length} values`);
+  if (knobs.refusePuts) throw new Refusal('too-large', 'entry 0: refused by the test');
+  ks.forEach((key, i) => overlay.set(k(key), vs[i]));
+}
+
 export function nowMs() {
   return BigInt(Date.now());
 }

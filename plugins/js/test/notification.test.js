@@ -25,7 +25,7 @@ test('with an outbox: publishes with key = account', () => {
   const out = run([message('t9|carol|5|15'), message('t9|carol|5|15')]);
   assert.deepEqual(out.map((o) => o.tag), ['ack', 'ack']);
   assert.deepEqual(host.published, [{ topic: 'outbox', key: 'carol', payload: 'notified carol: transfer t9 earned 5 points (total 15)' }]);
-  assert.equal(host.knobs.calls.stateGetMany, 1);
+  assert.equal(host.knobs.calls.stateGetPacked, 1);
 });
 
 test('a refused publish retries the message and marks nothing', () => {

@@ -32,6 +32,18 @@ test('the JS platform: console, random, clocks, timers', () => {
   assert.deepEqual(probe.host.logs.map((l) => l.message), ['platform: random=true crypto=4 dateSkewMs=true timerWaitedMs>=20:true']);
 });
 
+test('many-key state calls: every kind of key and value, missing keys, errors', () => {
+  probe.host.reset();
+  probe.handleBatch(batch('state', [message('a')]));
+  const enc = (s) => [...new TextEncoder().encode(s)];
+  assert.deepEqual(probe.host.logs.map((l) => l.message), [
+    `state: ${JSON.stringify([enc('v1'), enc('значение'), [0xff], [], null, enc('B')])} ` +
+      `${JSON.stringify(['v1', 'значение', '', null])} TypeError RangeError 0`,
+  ]);
+  assert.equal(probe.host.knobs.calls.stateGetPacked, 3);
+  assert.equal(probe.host.knobs.calls.statePutPacked, 2);
+});
+
 test('an init throw refuses the deploy with its message', () => {
   probe.host.reset();
   // jco hands a host the err value as a thrown error's payload.

@@ -13,12 +13,22 @@ One `state-get-many` per batch reads every marker and balance it needs; the
 batch is applied in memory in message order and written with one
 `state-put-many`. If that write is refused nothing was written, so every
 message of the batch is retried a second later.
+
+Written for speed, since an interpreter pays for every line per message: it
+reads the broker's records (`batch.raw_messages`) rather than a wrapper per
+message, keeps keys and values as bytes (nothing to encode at the host call),
+formats ids with `%` (three times an f-string's speed), takes a
+well-formed ASCII payload through a short path of C-implemented methods and
+leaves every other payload to `parse`, which says what is wrong with it.
 """
 
 import msmq_plugin as mp
 
 I64_MIN = -(1 << 63)
 I64_MAX = (1 << 63) - 1
+# Amounts of at most 18 digits fit in an i64 without a range check.
+FAST_AMOUNT_DIGITS_MAX = 18
+MARKER = b"1"
 
 
 def parse(payload):
@@ -39,21 +49,50 @@ def parse(payload):
     if not (amount.isascii() and amount.isdigit()) or int(amount) == 0 \
             or int(amount) > 0xFFFF_FFFF_FFFF_FFFF:
         return f"amount_cents `{amount}` is not a positive integer"
-    return transfer_id, src, dst, int(amount)
+    return transfer_id, src.encode(), dst.encode(), int(amount)
 
 
 def parse_balance(key, raw):
     """The stored balance, or a reason (str) when it does not parse."""
+    digits = raw[1:] if raw[:1] in (b"-", b"+") else raw
+    if digits.isdigit():  # bytes.isdigit: ASCII digits only
+        n = int(raw)
+        if I64_MIN <= n <= I64_MAX:
+            return n
     try:
         text = raw.decode()
     except UnicodeDecodeError as e:
-        return f"state key `{key}` does not hold UTF-8 text: {e}"
-    s = text[1:] if text[:1] in ("-", "+") else text
-    if s.isascii() and s.isdigit():
-        n = int(text)
-        if I64_MIN <= n <= I64_MAX:
-            return n
-    return f"state key `{key}` holds `{text}`, which does not parse as a 64-bit integer"
+        return f"state key `{key.decode()}` does not hold UTF-8 text: {e}"
+    return f"state key `{key.decode()}` holds `{text}`, which does not parse as a 64-bit integer"
+
+
+def transfers(raws, wanted):
+    """Per message (from key, to key, amount) or the reason it is malformed;
+    adds the balance keys to `wanted`."""
+    out = []
+    add = out.append
+    for r in raws:
+        p = r.payload
+        f = p.split(b"|")
+        if len(f) == 4 and p.isascii():
+            a = f[3]
+            if (a.isdigit() and len(a) <= FAST_AMOUNT_DIGITS_MAX
+                    and f[0].strip() and f[1].strip() and f[2].strip()):
+                n = int(a)
+                if n:
+                    fk = b"bill/" + f[1]
+                    tk = b"bill/" + f[2]
+                    wanted[fk] = wanted[tk] = None
+                    add((fk, tk, n))
+                    continue
+        t = parse(p)
+        if type(t) is tuple:
+            fk = b"bill/" + t[1]
+            tk = b"bill/" + t[2]
+            wanted[fk] = wanted[tk] = None
+            t = (fk, tk, t[3])
+        add(t)
+    return out
 
 
 @mp.plugin
@@ -62,65 +101,62 @@ class Billing:
         pass
 
     def handle(self, batch):
-        msgs = batch.messages
-        parsed = [parse(m.payload) for m in msgs]
-        seen_keys = ["seen/" + m.id_hex for m in msgs]
-
+        raws = batch.raw_messages
+        seen_keys = [b"seen/%016x%016x" % (r.id.hi, r.id.lo) for r in raws]
         # Every key the batch may read, once each, in one host call.
-        keys = dict.fromkeys(seen_keys)
-        for p in parsed:
-            if type(p) is tuple:
-                keys["bill/" + p[1]] = None
-                keys["bill/" + p[2]] = None
-        names = list(keys)
-        values = dict(zip(names, mp.get_many(names)))
+        wanted = dict.fromkeys(seen_keys)
+        parsed = transfers(raws, wanted)
+        names = list(wanted)
+        # key -> stored bytes, a balance (int) computed here, or None
+        view = dict(zip(names, mp.get_many(names)))
 
-        balances = {}  # bill key -> int, or reason str if the stored value is bad
         writes = {}
         outcomes = []
+        add = outcomes.append
         for seen, p in zip(seen_keys, parsed):
-            if values[seen] is not None:
-                outcomes.append(mp.Ack())
+            if view[seen] is not None:  # processed before, or earlier in this batch
+                add(mp.ACK)
                 continue
             if type(p) is str:
-                outcomes.append(mp.DeadLetter("malformed transfer: " + p))
+                add(mp.DeadLetter("malformed transfer: " + p))
                 continue
-            _, src, dst, amount = p
+            fk, tk, amount = p
             if amount > I64_MAX:
-                outcomes.append(mp.DeadLetter("malformed transfer: amount_cents is too large"))
+                add(mp.DeadLetter("malformed transfer: amount_cents is too large"))
                 continue
             # A transfer to the same account leaves its balance unchanged.
-            if src != dst:
-                fk, tk = "bill/" + src, "bill/" + dst
-                fb, tb = self.balance(fk, values, balances), self.balance(tk, values, balances)
-                if type(fb) is str or type(tb) is str:
-                    outcomes.append(mp.DeadLetter(fb if type(fb) is str else tb))
-                    continue
-                nf, nt = fb - amount, tb + amount
+            # The two balance reads are written out, not a helper: a Python
+            # call per balance costs more than the lines.
+            if fk != tk:
+                fb = view[fk]
+                if type(fb) is not int:
+                    fb = 0 if fb is None else parse_balance(fk, fb)
+                    if type(fb) is str:
+                        add(mp.DeadLetter(fb))
+                        continue
+                tb = view[tk]
+                if type(tb) is not int:
+                    tb = 0 if tb is None else parse_balance(tk, tb)
+                    if type(tb) is str:
+                        add(mp.DeadLetter(tb))
+                        continue
+                nf = fb - amount
+                nt = tb + amount
                 if nf < I64_MIN or nt > I64_MAX:
-                    outcomes.append(mp.DeadLetter("balance would overflow a 64-bit integer"))
+                    add(mp.DeadLetter("balance would overflow a 64-bit integer"))
                     continue
-                balances[fk] = nf
-                balances[tk] = nt
-                writes[fk] = str(nf)
-                writes[tk] = str(nt)
+                view[fk] = writes[fk] = nf
+                view[tk] = writes[tk] = nt
             # Marked at once: the same message id later in the batch is a duplicate.
-            values[seen] = b"1"
-            writes[seen] = "1"
-            outcomes.append(mp.Ack())
+            view[seen] = writes[seen] = MARKER
+            add(mp.ACK)
 
+        for k, v in writes.items():
+            if type(v) is int:
+                writes[k] = b"%d" % v
         try:
             mp.put_many(writes)
         except mp.HostError as e:
-            mp.warn(f"batch of {len(msgs)}: state write refused, retrying it: {e}")
-            return [mp.Retry(1000)] * len(msgs)
+            mp.warn(f"batch of {len(raws)}: state write refused, retrying it: {e}")
+            return [mp.Retry(1000)] * len(raws)
         return outcomes
-
-    @staticmethod
-    def balance(key, values, balances):
-        b = balances.get(key)
-        if b is None:
-            raw = values[key]
-            b = 0 if raw is None else parse_balance(key, raw)
-            balances[key] = b
-        return b

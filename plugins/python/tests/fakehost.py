@@ -33,7 +33,8 @@ class FakeHost:
         self.refuse_puts = False
         self.now = 1_700_000_000_000
         for name in ("log", "publish", "state_get", "state_put", "state_delete",
-                     "state_scan", "state_get_many", "state_put_many", "now_ms"):
+                     "state_scan", "state_get_many", "state_put_many", "state_get_packed",
+                     "state_put_packed", "now_ms"):
             setattr(host, name, getattr(self, name))
 
     # -- host functions
@@ -59,6 +60,42 @@ class FakeHost:
     def state_get_many(self, keys):
         self.calls.append("state_get_many")
         return [self._get(k) for k in keys]
+
+    @staticmethod
+    def _unpack(packed):
+        out, start = [], 0
+        for end in packed.ends:
+            if end < start or end > len(packed.data):
+                raise ValueError(f"bad end {end}")
+            out.append(packed.data[start:end])
+            start = end
+        if start != len(packed.data):
+            raise ValueError(f"ends at {start} of {len(packed.data)} bytes")
+        return out
+
+    def state_get_packed(self, keys):
+        self.calls.append("state_get_packed")
+        values = [self._get(k) for k in self._unpack(keys)]
+        data, ends, missing = b"", [], []
+        for i, v in enumerate(values):
+            if v is None:
+                missing.append(i)
+            else:
+                data += v
+            ends.append(len(data))
+        return types.PackedValues(types.ByteStrings(data, ends), missing)
+
+    def state_put_packed(self, keys, values):
+        self.calls.append("state_put_packed")
+        ks, vs = self._unpack(keys), self._unpack(values)
+        if len(ks) != len(vs):
+            raise Err(types.HostError_Other(f"{len(ks)} keys but {len(vs)} values"))
+        for k, v in zip(ks, vs):
+            err = self._check(k, v)
+            if err:
+                raise Err(err)
+        for k, v in zip(ks, vs):
+            self.overlay[k] = v
 
     def _check(self, key, value):
         if self.refuse_puts:

@@ -49,6 +49,8 @@ class SdkTest(unittest.TestCase):
         self.assertEqual(len(list(mp.scan_all("p/", page=10))), 25)
         self.assertEqual(h.calls.count("state_scan"), 3)
         self.assertEqual(mp.get_many(["p/000", b"nope"]), [b"v", None])
+        mp.put_many([("empty", b""), ("p/000", "w")])
+        self.assertEqual(mp.get_many(["empty", "nope", "p/000", "p/001"]), [b"", None, b"w", b"v"])
         self.assertTrue(mp.contains("p/001"))
         mp.put_many({"a": "1", b"b": b"2"})
         self.assertEqual(mp.get_str("a"), "1")
@@ -147,7 +149,7 @@ class BillingTest(unittest.TestCase):
         self.assertEqual(self.h.state(b"bill/"),
                          {"bill/alice": "-80", "bill/bob": "50", "bill/carol": "30"})
         self.assertEqual(len(self.h.state(b"seen/")), 4)
-        self.assertEqual(self.h.calls, ["state_get_many", "state_put_many"])
+        self.assertEqual(self.h.calls, ["state_get_packed", "state_put_packed"])
         # Redelivery changes nothing.
         out = self.h.run(self.w, batch(msgs))
         self.assertEqual(kinds(out), ["ack"] * 5)
@@ -202,7 +204,7 @@ class NotificationTest(unittest.TestCase):
                          [(b"notified alice: transfer t1 earned 5 points (total 10)", b"alice"),
                           (b"notified bob: transfer t2 earned 1 points (total 1)", b"bob")])
         self.assertEqual(h.state(), {"sent/t1": "1", "sent/t2": "1"})
-        self.assertEqual(h.calls, ["state_get_many", "publish", "publish", "state_put_many"])
+        self.assertEqual(h.calls, ["state_get_packed", "publish", "publish", "state_put_packed"])
         h.run(w, batch(msgs, "notify"))
         self.assertEqual(len(h.published), 2)
 

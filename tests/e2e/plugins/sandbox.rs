@@ -159,8 +159,8 @@ async fn the_empty_wasi_gives_a_plugin_no_files_no_network_and_no_environment() 
 }
 
 /// State writes at each limit are taken and one past it refused, with
-/// `state-put` and with `state-put-many`; a refused `state-put-many` writes
-/// none of its entries.
+/// `state-put`, `state-put-many` and `state-put-packed`; a refused list
+/// writes none of its entries, and malformed packed lists are refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn state_writes_hold_at_the_limits_and_are_refused_past_them() -> anyhow::Result<()> {
     use msmq_broker::plugins::host::{STATE_KEY_BYTES_MAX, STATE_VALUE_BYTES_MAX};
@@ -210,5 +210,70 @@ async fn state_writes_hold_at_the_limits_and_are_refused_past_them() -> anyhow::
         format!("{STATE_VALUE_BYTES_MAX},1,missing,missing"),
         "{results:?}"
     );
+    assert_eq!(get("packed-at-limit"), "ok", "{results:?}");
+    assert!(
+        get("packed-key-past-limit").contains("entry 1")
+            && get("packed-key-past-limit").contains("exceeds"),
+        "{results:?}"
+    );
+    assert!(
+        get("packed-bad-ends").contains("byte-strings end 1 is 99"),
+        "{results:?}"
+    );
+    assert!(
+        get("packed-count-mismatch").contains("1 keys but 2 values"),
+        "{results:?}"
+    );
+    // The value at the limit and the empty value are there (an empty value
+    // is not a missing one); the refused lists wrote nothing.
+    let v = STATE_VALUE_BYTES_MAX;
+    assert_eq!(
+        get("packed-read-back"),
+        format!("ends=[{v}, {v}, {v}, {v}, {v}] missing=[2, 3, 4]"),
+        "{results:?}"
+    );
+    Ok(())
+}
+
+/// `state-get-packed` traps, rather than answering wrongly, on `ends` that do
+/// not describe the data and on an answer larger than the plugin's memory;
+/// the broker says which.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_or_oversized_packed_read_traps_the_call() -> anyhow::Result<()> {
+    use msmq_broker::plugins::host::{STATE_KEY_BYTES_MAX, STATE_VALUE_BYTES_MAX};
+    let broker = TestBroker::start()?;
+    let client = broker.client().await?;
+    client.create_topic("work", 1).await?;
+    for trap in ["bad-ends", "past-memory"] {
+        let name = format!("trap-{trap}");
+        let mut s = spec(&name, "work");
+        s.config = vec![
+            ("key_max".into(), STATE_KEY_BYTES_MAX.to_string()),
+            ("value_max".into(), STATE_VALUE_BYTES_MAX.to_string()),
+            ("trap".into(), trap.into()),
+        ];
+        s.limits.memory_bytes_max = 64 * 1024 * 1024;
+        deploy(&client, s, &rust_component("state-limits")?).await?;
+    }
+    client.producer("work").send(NewMessage::new("go")).await?;
+    for (trap, expected) in [
+        (
+            "bad-ends",
+            "state-get-packed: byte-strings end 1 is 4, outside 2..=3",
+        ),
+        (
+            "past-memory",
+            "the values of 65 keys pass the plugin's memory limit of",
+        ),
+    ] {
+        let name = format!("trap-{trap}");
+        let stats = wait_stats(&client, &name, Duration::from_secs(60), |s| {
+            s.failed_batches >= 1
+        })
+        .await?;
+        let error = stats.last_error.clone().unwrap_or_default();
+        assert!(error.contains(expected), "{trap}: {error}");
+        assert_eq!(stats.acked, 0, "{trap}: {stats:?}");
+    }
     Ok(())
 }

@@ -1,10 +1,33 @@
 // asyncprobe: async init and handle, for the SDK's tests. Config `fail`
 // makes init throw; a batch from topic `boom` makes handle throw; one from
 // `platform` logs what the JS platform offers (console, random, clocks,
-// timers) and one from `fetch` calls fetch; otherwise every other message is
+// timers), one from `fetch` calls fetch and one from `state` logs what the
+// SDK's many-key state calls read back; otherwise every other message is
 // retried after 5 ms.
 
-import { definePlugin, ack, retry, log, nowMs } from '../../msmq-plugin.js';
+import { definePlugin, ack, retry, log, nowMs, state } from '../../msmq-plugin.js';
+
+// Keys and values of every kind the SDK packs: ASCII, non-ASCII, bytes,
+// empty; missing keys; both forms of putMany and their errors.
+function stateCalls() {
+  const raw = new Uint8Array([1, 2]);
+  state.putMany([['ascii', 'v1'], ['ключ', 'значение'], [raw, new Uint8Array([0xff])], ['empty', '']]);
+  state.putMany(['pair-a', 'pair-b'], ['A', 'B']);
+  const got = state.getMany(['ascii', 'ключ', raw, 'empty', 'missing', 'pair-b']);
+  const text = state.getManyText(['ascii', 'ключ', 'empty', 'missing']);
+  const errorName = (f) => {
+    try {
+      f();
+      return 'none';
+    } catch (e) {
+      return e.name;
+    }
+  };
+  const notText = errorName(() => state.getManyText([raw]));
+  const unequal = errorName(() => state.putMany(['k'], []));
+  const bytes = got.map((v) => (v === undefined ? null : [...v]));
+  log.info(`state: ${JSON.stringify(bytes)} ${JSON.stringify(text)} ${notText} ${unequal} ${state.getMany([]).length}`);
+}
 
 async function platform() {
   console.log('asyncprobe: console.log reaches stdout');
@@ -26,6 +49,7 @@ export const { init, handleBatch } = definePlugin({
     if (batch.topic === 'boom') throw new Error('async boom');
     if (batch.topic === 'platform') await platform();
     if (batch.topic === 'fetch') await fetch('http://127.0.0.1:9/');
+    if (batch.topic === 'state') stateCalls();
     return batch.messages.map((_m, i) => (i % 2 ? retry(5) : ack()));
   },
 });
