@@ -21,7 +21,10 @@ wasmtime::component::bindgen!({
     path: "../wit",
     // Malformed packed keys, or an answer the plugin's memory could not
     // hold, have no error in the WIT signature: they trap the call.
-    imports: { "msmq:plugin/host.state-get-packed": trappable },
+    imports: {
+        "msmq:plugin/host.state-get-many": trappable,
+        "msmq:plugin/host.state-get-packed": trappable,
+    },
 });
 
 pub use msmq::plugin::types::{
@@ -204,6 +207,59 @@ impl HostState {
         })
     }
 
+    /// The values of `keys`, in order, as [`Self::read_state`] gives each,
+    /// with the stored ones read under one open table. An answer is copied
+    /// into the plugin's memory, so one larger than its limit could never
+    /// arrive: past that many bytes the reading stops and the call traps.
+    fn read_states(
+        &mut self,
+        call: &str,
+        keys: &[&[u8]],
+    ) -> wasmtime::Result<Vec<Option<Vec<u8>>>> {
+        // (`byte-strings` ends are u32 too.)
+        let budget = self.memory.limit_bytes.min(u32::MAX as usize);
+        let plugin = self.plugin.clone();
+        let too_large = |count: usize| {
+            wasmtime::Error::msg(format!(
+                "{call}: the values of {count} keys pass the plugin's memory limit of {}",
+                bytesize::ByteSize(budget as u64)
+            ))
+        };
+        let mut bytes = 0usize;
+        let mut values = Vec::with_capacity(keys.len());
+        // The snapshot is opened only if some key is not this batch's write.
+        let overlay = &self.overlay;
+        let reader = match keys.iter().all(|k| overlay.contains_key(*k)) {
+            true => None,
+            false => self.snapshot().map(read::PluginStateReader::open),
+        };
+        let reader = match reader {
+            Some(Ok(reader)) => Some(reader),
+            Some(Err(e)) => {
+                tracing::error!(%plugin, error = %e, "state read failed");
+                None
+            }
+            None => None,
+        };
+        for key in keys {
+            let value = match self.overlay.get(*key) {
+                Some(pending) => pending.clone(),
+                None => reader.as_ref().and_then(|r| {
+                    r.get(&plugin, key).unwrap_or_else(|e| {
+                        tracing::error!(%plugin, error = %e, "state read failed");
+                        None
+                    })
+                }),
+            };
+            bytes += value.as_ref().map_or(0, Vec::len);
+            if bytes > budget {
+                return Err(too_large(values.len() + 1));
+            }
+            values.push(value);
+        }
+        Ok(values)
+    }
+
     /// Write all `entries` or, if one breaks a limit (named by its index) or
     /// the batch total would pass its cap, none.
     fn write_all(&mut self, entries: &[(&[u8], &[u8])]) -> Result<(), HostError> {
@@ -357,8 +413,9 @@ impl msmq::plugin::host::Host for HostState {
         Ok(())
     }
 
-    fn state_get_many(&mut self, keys: Vec<Vec<u8>>) -> Vec<Option<Vec<u8>>> {
-        keys.iter().map(|key| self.read_state(key)).collect()
+    fn state_get_many(&mut self, keys: Vec<Vec<u8>>) -> wasmtime::Result<Vec<Option<Vec<u8>>>> {
+        let keys: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+        self.read_states("state-get-many", &keys)
     }
 
     fn state_put_many(&mut self, entries: Vec<(Vec<u8>, Vec<u8>)>) -> Result<(), HostError> {
@@ -372,27 +429,19 @@ impl msmq::plugin::host::Host for HostState {
     fn state_get_packed(&mut self, keys: ByteStrings) -> wasmtime::Result<PackedValues> {
         let keys = unpack(&keys)
             .map_err(|why| wasmtime::Error::msg(format!("state-get-packed: {why}")))?;
-        // The answer is copied into the plugin's memory: one larger than
-        // its limit could never arrive, so it is not built.
-        // (And `ends` are u32.)
-        let limit = self.memory.limit_bytes.min(u32::MAX as usize);
         let mut data = Vec::new();
         let mut ends = Vec::with_capacity(keys.len());
         let mut missing = Vec::new();
-        for (index, key) in keys.iter().enumerate() {
-            match self.read_state(key) {
-                Some(value) => {
-                    if data.len() + value.len() > limit {
-                        return Err(wasmtime::Error::msg(format!(
-                            "state-get-packed: the values of {} keys pass the plugin's memory limit of {}",
-                            index + 1,
-                            bytesize::ByteSize(limit as u64)
-                        )));
-                    }
-                    data.extend_from_slice(&value);
-                }
+        for (index, value) in self
+            .read_states("state-get-packed", &keys)?
+            .into_iter()
+            .enumerate()
+        {
+            match value {
+                Some(value) => data.extend_from_slice(&value),
                 None => missing.push(index as u32),
             }
+            // At most the memory limit, itself capped at u32::MAX.
             ends.push(data.len() as u32);
         }
         Ok(PackedValues {

@@ -342,6 +342,21 @@ pub fn plugin_state_get(
     Ok(table.get((plugin, key))?.map(|v| v.value().to_vec()))
 }
 
+/// The plugin-state table open for many reads: opening it per key costs
+/// about as much as the read.
+pub struct PluginStateReader(redb::ReadOnlyTable<(&'static str, &'static [u8]), &'static [u8]>);
+
+impl PluginStateReader {
+    pub fn open(txn: &redb::ReadTransaction) -> Result<Self, StorageError> {
+        Ok(PluginStateReader(txn.open_table(tables::PLUGIN_STATE)?))
+    }
+
+    /// One state value of `plugin`.
+    pub fn get(&self, plugin: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(self.0.get((plugin, key))?.map(|v| v.value().to_vec()))
+    }
+}
+
 /// A plugin's pending retries: ((topic id, partition, offset), (due ms, attempt)).
 #[allow(clippy::type_complexity)]
 pub fn plugin_retries(

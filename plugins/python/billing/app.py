@@ -22,6 +22,9 @@ well-formed ASCII payload through a short path of C-implemented methods and
 leaves every other payload to `parse`, which says what is wrong with it.
 """
 
+from itertools import chain, repeat
+from operator import attrgetter
+
 import msmq_plugin as mp
 
 I64_MIN = -(1 << 63)
@@ -95,6 +98,52 @@ def transfers(raws, wanted):
     return out
 
 
+ID = attrgetter("id.hi", "id.lo")
+PAYLOAD = attrgetter("payload")
+# d.get(v, v) with this d: b"0" for None, anything else as it is.
+MISSING_AS_ZERO = {None: b"0"}
+
+
+def plain_transfers(payloads):
+    """(from keys, to keys, amounts) when every payload is a plain transfer
+    (ASCII, no whitespace, four fields, none empty, an amount of digits that
+    is not zero), else None. Each step runs over the whole
+    batch in C: in an interpreter a pass over a list costs less than one
+    Python-level step per message."""
+    n = len(payloads)
+    if list(map(bytes.count, payloads, repeat(b"|", n))).count(3) != n:
+        return None
+    joined = b"|".join(payloads)
+    # Empty fields show as `||` or a `|` at either end, even across payloads.
+    if (not joined.isascii() or b"||" in joined or joined[:1] == b"|" or joined[-1:] == b"|"
+            or joined.split() != [joined]):  # any whitespace
+        return None
+    fields = joined.split(b"|")
+    amounts = fields[3::4]
+    if not b"".join(amounts).isdigit():
+        return None
+    amounts = list(map(int, amounts))
+    # (Amounts past the i64 range fail plain_batch's overflow bound.)
+    if min(amounts) == 0:
+        return None
+    return (list(map(b"bill/".__add__, fields[1::4])),
+            list(map(b"bill/".__add__, fields[2::4])), amounts)
+
+
+def plain_balances(stored):
+    """The balances (ints) when every stored one is a plain decimal i64 or
+    missing (0), else None."""
+    stored = list(map(MISSING_AS_ZERO.get, stored, stored))
+    joined = b"".join(stored)
+    # int() also takes " 5" and "5_0"; what is left it takes, Rust's i64 does.
+    if b"_" in joined or joined.split() != [joined]:
+        return None
+    try:
+        return list(map(int, stored))
+    except ValueError:
+        return None
+
+
 @mp.plugin
 class Billing:
     def init(self, config):
@@ -102,7 +151,49 @@ class Billing:
 
     def handle(self, batch):
         raws = batch.raw_messages
-        seen_keys = [b"seen/%016x%016x" % (r.id.hi, r.id.lo) for r in raws]
+        if not raws:
+            return []
+        seen_keys = list(map(b"seen/%016x%016x".__mod__, map(ID, raws)))
+        plain = plain_transfers(list(map(PAYLOAD, raws)))
+        if plain is not None:
+            outcomes = self.plain_batch(seen_keys, *plain)
+            if outcomes is not None:
+                return outcomes
+        return self.any_batch(raws, seen_keys)
+
+    def plain_batch(self, seen_keys, from_keys, to_keys, amounts):
+        """The whole batch at once when nothing in it needs a message-by-
+        message decision: every payload a plain transfer between two
+        accounts, no message seen before or twice, every balance plain, and
+        no sum that could pass the i64 range. None otherwise, having written
+        nothing."""
+        n = len(seen_keys)
+        if any(map(bytes.__eq__, from_keys, to_keys)) or len(set(seen_keys)) != n:
+            return None
+        accounts = list(dict.fromkeys(chain(from_keys, to_keys)))
+        values = mp.get_many(seen_keys + accounts)
+        if values[:n].count(None) != n:
+            return None
+        balances = plain_balances(values[n:])
+        if balances is None:
+            return None
+        # Bounds every balance along the way, so none can overflow.
+        if max(map(abs, balances)) + sum(amounts) > I64_MAX:
+            return None
+        balance = dict(zip(accounts, balances))
+        for fk, tk, amount in zip(from_keys, to_keys, amounts):
+            balance[fk] -= amount
+            balance[tk] += amount
+        try:
+            mp.put_many(accounts + seen_keys,
+                        list(map(b"%d".__mod__, balance.values())) + [MARKER] * n)
+        except mp.HostError as e:
+            mp.warn(f"batch of {n}: state write refused, retrying it: {e}")
+            return [mp.Retry(1000)] * n
+        return [mp.ACK] * n
+
+    def any_batch(self, raws, seen_keys):
+        """Message by message, for batches with anything unusual in them."""
         # Every key the batch may read, once each, in one host call.
         wanted = dict.fromkeys(seen_keys)
         parsed = transfers(raws, wanted)

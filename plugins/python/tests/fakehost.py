@@ -32,6 +32,10 @@ class FakeHost:
         self.allowed = set(allowed_topics)
         self.refuse_puts = False
         self.now = 1_700_000_000_000
+        self.install()
+
+    def install(self):
+        """Make this the host the bindings call (the last one made is)."""
         for name in ("log", "publish", "state_get", "state_put", "state_delete",
                      "state_scan", "state_get_many", "state_put_many", "state_get_packed",
                      "state_put_packed", "now_ms"):

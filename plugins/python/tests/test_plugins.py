@@ -3,6 +3,7 @@
 Run: ./build.sh --bindings && python3 -m unittest discover -s tests
 """
 
+import sys
 import unittest
 
 from fakehost import FakeHost, batch, load_app, message
@@ -188,6 +189,76 @@ class BillingTest(unittest.TestCase):
         self.assertEqual(kinds(out), ["retry(1000)"] * 2)
         self.assertEqual(self.h.committed, {})
         self.assertEqual(self.h.logs[0][0], "warn")
+
+
+class BillingPathsTest(unittest.TestCase):
+    """The whole-batch path must end exactly where the message-by-message
+    one does: same outcomes, same state, batch after batch."""
+
+    def random_batch(self, rng, ids):
+        msgs = []
+        # Half the batches hold only well-formed transfers, the whole-batch
+        # path's case, but still with self-transfers, whitespace, and
+        # messages seen before or twice.
+        plain_only = rng.random() < 0.5
+        for _ in range(rng.randint(1, 12)):
+            kind = rng.random() * (0.75 if plain_only else 1)
+            src, dst = rng.choice("abcd"), rng.choice("abcd")
+            # Amounts near the i64 range now and then, so most batches stay
+            # clear of it (and on the whole-batch path) and some do not.
+            amount = rng.choices([1, 7, 250, 10**17, 9 * 10**18], weights=[30, 30, 30, 8, 2])[0]
+            if kind < 0.6:
+                payload = f"t|{src}|{dst if dst != src else 'e'}|{amount}"
+            elif kind < 0.7:
+                own = f"own{rng.randint(0, 10**6)}"  # often an account never written
+                payload = f"t|{own}|{own}|{amount}"
+            elif kind < 0.75:
+                payload = rng.choice(["t| |b|5", " t|a|b|5", "t|a|b|5 ", "t|a |b|5", "t|\ta|b|5",
+                                      "t|a|b|0", "t|a|b|00", "t|a|b|9223372036854775808"])
+            elif kind < 0.8:
+                payload = rng.choice(["a|b|c", "t| |b|5", "t|a|b|0", "t|a|b|+5", "t|ä|b|5",
+                                      "t|a|b|99999999999999999999", "t|a|b| 5"])
+            else:
+                payload = f"t|{src}|{dst}|{amount}"
+            if rng.random() < 0.1 and ids:
+                msgs.append(message(payload, id=rng.choice(ids)))  # seen before
+            else:
+                m = message(payload)
+                ids.append((m.id.hi, m.id.lo))
+                msgs.append(m)
+            if rng.random() < 0.05:
+                msgs.append(msgs[-1])  # twice in the batch
+        return batch(msgs)
+
+    def test_the_whole_batch_path_matches_message_by_message(self):
+        import random
+        rng = random.Random(7)
+        plain, general = FakeHost(), FakeHost()
+        w_plain, w_general = world(billing), world(billing)
+        general_only = billing.Billing.plain_batch
+        ids = []
+        took_plain = 0
+        for round_ in range(400):
+            b = self.random_batch(rng, ids)
+            if round_ % 25 == 0:  # stored balances that are not plain
+                bad = rng.choice([b"abc", b"+5", b"007", b"", b" 5", b"5_0", str(2**63 - 3).encode()])
+                plain.committed[b"bill/a"] = general.committed[b"bill/a"] = bad
+            plain.install()
+            out_plain = plain.run(w_plain, b)
+            took_plain += plain.calls == ["state_get_packed", "state_put_packed"] and \
+                all(type(o) is mp.Ack for o in out_plain)
+            general.install()
+            billing.Billing.plain_batch = lambda *a: None
+            try:
+                out_general = general.run(w_general, b)
+            finally:
+                billing.Billing.plain_batch = general_only
+            self.assertEqual(kinds(out_plain), kinds(out_general), f"round {round_}")
+            self.assertEqual([getattr(o, "value", None) for o in out_plain],
+                             [getattr(o, "value", None) for o in out_general], f"round {round_}")
+            self.assertEqual(plain.committed, general.committed, f"round {round_}")
+        self.assertGreater(took_plain, 100)
+        print(f"whole-batch path: {took_plain} of 400 batches", file=sys.stderr)
 
 
 class NotificationTest(unittest.TestCase):
