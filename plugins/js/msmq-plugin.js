@@ -303,9 +303,18 @@ function hex64(n) {
   return n.toString(16).padStart(16, '0');
 }
 
+// The ids of one broker share `hi` (its store id): its digits are kept.
+let lastHi;
+let lastHiHex = '';
+
 /** A message id (`{ hi, lo }`, as in a raw record) as 32 lowercase hex digits. */
 export function idHex(id) {
-  return hex64(id.hi) + hex64(id.lo);
+  const hi = id.hi;
+  if (hi !== lastHi) {
+    lastHi = hi;
+    lastHiHex = hex64(hi);
+  }
+  return lastHiHex + hex64(id.lo);
 }
 
 /** One message of a batch; the raw WIT record is `raw`. */

@@ -139,7 +139,7 @@ impl PluginManager {
                 Ok(prepared) => {
                     tracing::info!(plugin = %record.spec.name, version = record.version,
                         status = %record.status(), "plugin loaded");
-                    state.plugins.spawn(state, record, prepared);
+                    state.plugins.spawn(state, record, prepared, None);
                 }
                 Err(e) => {
                     tracing::error!(plugin = %record.spec.name, error = %e, "stored plugin cannot be loaded; it stays deployed but does not run");
@@ -159,7 +159,13 @@ impl PluginManager {
         &self.engine
     }
 
-    fn spawn(&self, state: &Arc<BrokerState>, record: PluginRecord, prepared: Prepared) {
+    fn spawn(
+        &self,
+        state: &Arc<BrokerState>,
+        record: PluginRecord,
+        prepared: Prepared,
+        instance: Option<runner::Instance>,
+    ) {
         let mut runners = self.runners.lock().expect("runner lock");
         if self.closed.load(std::sync::atomic::Ordering::Acquire) {
             return;
@@ -169,7 +175,10 @@ impl PluginManager {
             .lock()
             .expect("unloadable lock")
             .remove(&name);
-        runners.insert(name, runner::spawn(state.clone(), record, prepared));
+        runners.insert(
+            name,
+            runner::spawn(state.clone(), record, prepared, instance),
+        );
     }
 
     /// Deploy a new plugin or upgrade a running one.
@@ -190,16 +199,17 @@ impl PluginManager {
         })
         .await
         .map_err(|e| PluginError::Internal(e.to_string()))??;
-        // Run `init` once with the real config and limits before accepting.
-        {
+        // Run `init` once with the real config and limits before accepting;
+        // that instance then handles the first batch.
+        let instance = {
             let state2 = state.clone();
             let spec2 = spec.clone();
             let prepared2 = prepared.clone();
             tokio::task::spawn_blocking(move || runner::trial_init(&state2, &spec2, &prepared2))
                 .await
                 .map_err(|e| PluginError::Internal(e.to_string()))?
-                .map_err(|e| PluginError::Refused(RefusedComponent::InitFailed(e)))?;
-        }
+                .map_err(|e| PluginError::Refused(RefusedComponent::InitFailed(e)))?
+        };
         let previous = {
             let db = state.store.db().clone();
             let name = spec.name.clone();
@@ -268,12 +278,12 @@ impl PluginManager {
         match running {
             Some(shared) => {
                 tracing::info!(plugin = %record.spec.name, version = record.version, "plugin upgrade queued for the next batch boundary");
-                shared.upgrade(record, prepared, acknowledged);
+                shared.upgrade(record, prepared, acknowledged, Some(instance));
             }
             None => {
                 tracing::info!(plugin = %record.spec.name, version = record.version,
                     topic = %record.spec.topic, group = %record.spec.group_name(), "plugin deployed");
-                manager.spawn(state, record, prepared);
+                manager.spawn(state, record, prepared, Some(instance));
             }
         }
         Ok(reply)

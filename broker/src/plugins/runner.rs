@@ -82,7 +82,9 @@ impl RunnerHandle {
 
 struct Control {
     record: PluginRecord,
-    upgrade: Option<(PluginRecord, Prepared, Instant)>,
+    /// The new version, its trial instance, and when the deploy was
+    /// acknowledged.
+    upgrade: Option<(PluginRecord, Prepared, Instant, Option<Instance>)>,
     stop: bool,
 }
 
@@ -122,8 +124,15 @@ impl RunnerShared {
         self.control.lock().expect("control lock").record.clone()
     }
 
-    pub fn upgrade(&self, record: PluginRecord, prepared: Prepared, acknowledged: Instant) {
-        self.control.lock().expect("control lock").upgrade = Some((record, prepared, acknowledged));
+    pub fn upgrade(
+        &self,
+        record: PluginRecord,
+        prepared: Prepared,
+        acknowledged: Instant,
+        instance: Option<Instance>,
+    ) {
+        self.control.lock().expect("control lock").upgrade =
+            Some((record, prepared, acknowledged, instance));
         self.wake.notify_one();
     }
 
@@ -131,7 +140,7 @@ impl RunnerShared {
         {
             let mut c = self.control.lock().expect("control lock");
             c.record.paused = paused.clone();
-            if let Some((up, _, _)) = c.upgrade.as_mut() {
+            if let Some((up, _, _, _)) = c.upgrade.as_mut() {
                 up.paused = paused;
             }
         }
@@ -224,6 +233,7 @@ pub(super) fn spawn(
     state: Arc<BrokerState>,
     record: PluginRecord,
     prepared: Prepared,
+    instance: Option<Instance>,
 ) -> RunnerHandle {
     let shared = Arc::new(RunnerShared {
         control: Mutex::new(Control {
@@ -250,7 +260,7 @@ pub(super) fn spawn(
         shared: shared.clone(),
         record,
         prepared,
-        instance: None,
+        instance,
         topic: None,
         positions: Vec::new(),
         retries: BTreeMap::new(),
@@ -269,7 +279,7 @@ pub(super) fn spawn(
 }
 
 /// A live instance of the plugin.
-struct Instance {
+pub(super) struct Instance {
     store: Store<HostState>,
     bindings: Consumer,
 }
@@ -328,13 +338,15 @@ fn with_plugin_errors(failure: String, output: &super::wasi::PluginOutput) -> St
     }
 }
 
-/// Instantiate and init once, to refuse a deploy whose init fails.
+/// Instantiate and init once, to refuse a deploy whose init fails. The
+/// instance then serves the deployed version's first batch, so a deploy or
+/// an upgrade pays for one instantiation, not two.
 pub(super) fn trial_init(
     state: &BrokerState,
     spec: &PluginSpec,
     prepared: &Prepared,
-) -> Result<(), String> {
-    instantiate(state, spec, prepared).map(|_| ())
+) -> Result<Instance, String> {
+    instantiate(state, spec, prepared)
 }
 
 fn deadline_ticks(ms: u32) -> u64 {
@@ -444,7 +456,7 @@ impl Runner {
         if control.stop {
             return false;
         }
-        if let Some((record, prepared, acknowledged)) = control.upgrade.take() {
+        if let Some((record, prepared, acknowledged, instance)) = control.upgrade.take() {
             tracing::info!(plugin = %record.spec.name, from = self.record.version, to = record.version, "plugin upgraded at a batch boundary");
             control.record = record.clone();
             let now = Instant::now();
@@ -453,7 +465,7 @@ impl Runner {
             self.bytes_quota = TokenBucket::new(record.spec.limits.bytes_per_second, now);
             self.record = record;
             self.prepared = prepared;
-            self.instance = None;
+            self.instance = instance;
             self.swap_acknowledged = Some(acknowledged);
         } else {
             self.record.paused = control.record.paused.clone();

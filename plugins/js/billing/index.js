@@ -126,17 +126,21 @@ class Billing {
     // written here); undefined when missing.
     const view = new Map();
     for (let i = 0; i < keys.length; i++) view.set(keys[i], values[i]);
+    // Balances changed, and the markers of the messages applied, in order.
     const dirty = new Set();
+    const marked = [];
 
     const outcomes = new Array(count);
     for (let i = 0; i < count; i++) {
-      outcomes[i] = this.apply(seen[i], parsed[i], view, dirty);
+      outcomes[i] = this.apply(seen[i], parsed[i], view, dirty, marked);
     }
 
-    if (dirty.size === 0) return outcomes;
+    if (marked.length === 0) return outcomes;
     const writeKeys = [...dirty];
     const writeValues = new Array(writeKeys.length);
     for (let i = 0; i < writeKeys.length; i++) writeValues[i] = String(view.get(writeKeys[i]));
+    writeKeys.push(...marked);
+    for (let i = 0; i < marked.length; i++) writeValues.push('1');
     try {
       state.putMany(writeKeys, writeValues);
     } catch (e) {
@@ -149,7 +153,7 @@ class Billing {
     return outcomes;
   }
 
-  apply(seen, t, view, dirty) {
+  apply(seen, t, view, dirty, marked) {
     if (view.get(seen) !== undefined) return ACK; // processed before, or earlier in this batch
     if (t.error !== undefined) return deadLetter(`malformed transfer: ${t.error}`);
     // A transfer to the same account leaves its balance unchanged.
@@ -169,7 +173,7 @@ class Billing {
       dirty.add(t.to);
     }
     view.set(seen, '1');
-    dirty.add(seen);
+    marked.push(seen);
     return ACK;
   }
 }

@@ -98,10 +98,21 @@ def transfers(raws, wanted):
     return out
 
 
-ID = attrgetter("id.hi", "id.lo")
+ID = attrgetter("id")
+HI = attrgetter("hi")
+LO = attrgetter("lo")
 PAYLOAD = attrgetter("payload")
 # d.get(v, v) with this d: b"0" for None, anything else as it is.
 MISSING_AS_ZERO = {None: b"0"}
+
+
+def marker_keys(raws):
+    """`seen/<32 hex digits of the id>` per message."""
+    ids = list(map(ID, raws))
+    his = set(map(HI, ids))
+    if len(his) == 1:  # one broker's ids share `hi`: its digits once
+        return list(map((b"seen/%016x" % his.pop() + b"%016x").__mod__, map(LO, ids)))
+    return [b"seen/%016x%016x" % (i.hi, i.lo) for i in ids]
 
 
 def plain_transfers(payloads):
@@ -153,7 +164,7 @@ class Billing:
         raws = batch.raw_messages
         if not raws:
             return []
-        seen_keys = list(map(b"seen/%016x%016x".__mod__, map(ID, raws)))
+        seen_keys = marker_keys(raws)
         plain = plain_transfers(list(map(PAYLOAD, raws)))
         if plain is not None:
             outcomes = self.plain_batch(seen_keys, *plain)

@@ -222,6 +222,10 @@ class BillingPathsTest(unittest.TestCase):
                 payload = f"t|{src}|{dst}|{amount}"
             if rng.random() < 0.1 and ids:
                 msgs.append(message(payload, id=rng.choice(ids)))  # seen before
+            elif rng.random() < 0.05:  # from another broker: another `hi`
+                m = message(payload, id=(rng.randint(0, 2**64 - 1), rng.randint(0, 2**64 - 1)))
+                ids.append((m.id.hi, m.id.lo))
+                msgs.append(m)
             else:
                 m = message(payload)
                 ids.append((m.id.hi, m.id.lo))
