@@ -50,6 +50,28 @@ test('exact beyond 2^53 and overflow', () => {
   assert.deepEqual(stateText(host, 'bill/'), { 'bill/x': `-${big}`, 'bill/y': `${big}` });
 });
 
+test('blank and padded fields: the short path and the long one agree', () => {
+  host.reset();
+  const out = run([
+    message('w1|\u00a0|b|5'),
+    message('w2| a |b|5'),
+    message('w3|a|\tb\n|5'),
+    message(' |a|b|5'),
+    message('w5|a|b|000'),
+    message('w6|a|b|1234567890123456'),
+  ]);
+  assert.deepEqual(out.map((o) => o.tag), ['dead-letter', 'ack', 'ack', 'dead-letter', 'dead-letter', 'ack']);
+  assert.equal(out[0].val, 'malformed transfer: field `from` is empty');
+  assert.equal(out[3].val, 'malformed transfer: field `transfer_id` is empty');
+  assert.equal(out[4].val, 'malformed transfer: amount_cents `000` is not a positive integer');
+  assert.deepEqual(stateText(host, 'bill/'), {
+    'bill/ a ': '-5',
+    'bill/a': '-1234567890123461',
+    'bill/b': '1234567890123461',
+    'bill/\tb\n': '5',
+  });
+});
+
 test('a stored balance that does not parse dead-letters the message', () => {
   host.reset();
   host.committed.set('bill/bad', new TextEncoder().encode('12x'));
