@@ -19,9 +19,11 @@ use std::sync::Arc;
 wasmtime::component::bindgen!({
     world: "consumer",
     path: "../wit",
-    // Malformed packed keys, or an answer the plugin's memory could not
-    // hold, have no error in the WIT signature: they trap the call.
+    // A failed storage read, malformed packed keys, or an answer the
+    // plugin's memory could not hold have no error in the WIT signature:
+    // they trap the call.
     imports: {
+        "msmq:plugin/host.state-get": trappable,
         "msmq:plugin/host.state-get-many": trappable,
         "msmq:plugin/host.state-get-packed": trappable,
     },
@@ -194,23 +196,25 @@ impl HostState {
         Ok(())
     }
 
-    /// A key's value: this batch's write, else the stored one.
-    fn read_state(&mut self, key: &[u8]) -> Option<Vec<u8>> {
-        if let Some(pending) = self.overlay.get(key) {
-            return pending.clone();
+    /// The state table of this batch's snapshot, opened for reading. A
+    /// storage error traps the call: answering "missing" would let the
+    /// plugin compute on a wrong value (a balance of 0), and a trap retries
+    /// the batch.
+    fn reader(&mut self, call: &str) -> wasmtime::Result<read::PluginStateReader> {
+        let failed = |e: &dyn std::fmt::Display| {
+            wasmtime::Error::msg(format!("{call}: state read failed: {e}"))
+        };
+        if self.snapshot.is_none() {
+            self.snapshot = Some(self.db.read_txn().map_err(|e| failed(&e))?);
         }
-        let plugin = self.plugin.clone();
-        let txn = self.snapshot()?;
-        read::plugin_state_get(txn, &plugin, key).unwrap_or_else(|e| {
-            tracing::error!(%plugin, error = %e, "state read failed");
-            None
-        })
+        let txn = self.snapshot.as_ref().expect("snapshot just opened");
+        read::PluginStateReader::open(txn).map_err(|e| failed(&e))
     }
 
-    /// The values of `keys`, in order, as [`Self::read_state`] gives each,
-    /// with the stored ones read under one open table. An answer is copied
-    /// into the plugin's memory, so one larger than its limit could never
-    /// arrive: past that many bytes the reading stops and the call traps.
+    /// The values of `keys`, in order: this batch's write, else the stored
+    /// one, read under one open table. An answer is copied into the plugin's
+    /// memory, so one larger than its limit could never arrive: past that
+    /// many bytes the reading stops and the call traps.
     fn read_states(
         &mut self,
         call: &str,
@@ -225,31 +229,21 @@ impl HostState {
                 bytesize::ByteSize(budget as u64)
             ))
         };
-        let mut bytes = 0usize;
-        let mut values = Vec::with_capacity(keys.len());
         // The snapshot is opened only if some key is not this batch's write.
         let overlay = &self.overlay;
         let reader = match keys.iter().all(|k| overlay.contains_key(*k)) {
             true => None,
-            false => self.snapshot().map(read::PluginStateReader::open),
+            false => Some(self.reader(call)?),
         };
-        let reader = match reader {
-            Some(Ok(reader)) => Some(reader),
-            Some(Err(e)) => {
-                tracing::error!(%plugin, error = %e, "state read failed");
-                None
-            }
-            None => None,
-        };
+        let mut bytes = 0usize;
+        let mut values = Vec::with_capacity(keys.len());
         for key in keys {
-            let value = match self.overlay.get(*key) {
-                Some(pending) => pending.clone(),
-                None => reader.as_ref().and_then(|r| {
-                    r.get(&plugin, key).unwrap_or_else(|e| {
-                        tracing::error!(%plugin, error = %e, "state read failed");
-                        None
-                    })
-                }),
+            let value = match (self.overlay.get(*key), &reader) {
+                (Some(pending), _) => pending.clone(),
+                (None, Some(r)) => r
+                    .get(&plugin, key)
+                    .map_err(|e| wasmtime::Error::msg(format!("{call}: state read failed: {e}")))?,
+                (None, None) => None,
             };
             bytes += value.as_ref().map_or(0, Vec::len);
             if bytes > budget {
@@ -400,8 +394,9 @@ impl msmq::plugin::host::Host for HostState {
         Ok(())
     }
 
-    fn state_get(&mut self, key: Vec<u8>) -> Option<Vec<u8>> {
-        self.read_state(&key)
+    fn state_get(&mut self, key: Vec<u8>) -> wasmtime::Result<Option<Vec<u8>>> {
+        let mut value = self.read_states("state-get", &[&key])?;
+        Ok(value.pop().flatten())
     }
 
     fn state_put(&mut self, key: Vec<u8>, value: Vec<u8>) -> Result<(), HostError> {

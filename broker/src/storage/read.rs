@@ -332,16 +332,6 @@ pub fn plugin_state_scan(
     Ok(out)
 }
 
-/// One state value of `plugin`.
-pub fn plugin_state_get(
-    txn: &redb::ReadTransaction,
-    plugin: &str,
-    key: &[u8],
-) -> Result<Option<Vec<u8>>, StorageError> {
-    let table = txn.open_table(tables::PLUGIN_STATE)?;
-    Ok(table.get((plugin, key))?.map(|v| v.value().to_vec()))
-}
-
 /// The plugin-state table open for many reads: opening it per key costs
 /// about as much as the read.
 pub struct PluginStateReader(redb::ReadOnlyTable<(&'static str, &'static [u8]), &'static [u8]>);
