@@ -11,8 +11,8 @@
 #      package-lock.json, into plugins/js/node_modules with `npm ci` when
 #      they are missing or other versions (so re-running is cheap);
 #   2. componentize-js builds NAME/index.js against the repository's wit/
-#      package, world `consumer`, with its default features (console output
-#      goes to the broker's log);
+#      package, world `packed-consumer` (batches field by field), with its
+#      default features (console output goes to the broker's log);
 #   3. `msmq plugin check` verifies that the component imports nothing the
 #      broker refuses. msmq is $MSMQ, else `msmq` on PATH, else the newer of
 #      the repository's target/release/msmq and target/debug/msmq.
@@ -115,7 +115,7 @@ for name in "${names[@]}"; do
   # From plugins/js, so a plugin can import ../msmq-plugin.js: componentize-js
   # lets the module see the working directory's tree only.
   (cd "$here" && node "$cjs_dir/src/cli.js" "$name/index.js" \
-      --wit "$wit" --world-name consumer "${disable[@]}" -o "$wasm.tmp") ||
+      --wit "$wit" --world-name packed-consumer "${disable[@]}" -o "$wasm.tmp") ||
     { rm -f "$wasm.tmp"; die "componentize-js failed for $name"; }
   mv "$wasm.tmp" "$wasm"
   say "built target/$base.wasm: $(wc -c <"$wasm") bytes in $(( $(date +%s) - start ))s"

@@ -1,11 +1,11 @@
 // msmq-plugin.js: a thin guest SDK for MSMQ consumer plugins written in
 // JavaScript and built with componentize-js for the world
-// `msmq:plugin/consumer@1.2.0` (see ../../wit/plugin.wit).
+// `msmq:plugin/packed-consumer@1.3.0` (see ../../wit/plugin.wit).
 //
 // A plugin module does:
 //
 //   import { definePlugin, ack, deadLetter, state, log } from '../msmq-plugin.js';
-//   export const { init, handleBatch } = definePlugin({
+//   export const { init, handlePacked } = definePlugin({
 //     init(config) { ... },            // optional; throw to refuse the deploy
 //     handle(batch) { return batch.messages.map(m => ack()); },
 //   });
@@ -14,7 +14,7 @@
 // contract (atomic commit with the outcomes, idempotency by message id) is
 // described in plugins/README.md.
 
-import * as host from 'msmq:plugin/host@1.2.0';
+import * as host from 'msmq:plugin/host@1.3.0';
 
 const encoder = new TextEncoder();
 const strictDecoder = new TextDecoder('utf-8', { fatal: true });
@@ -299,111 +299,239 @@ export const state = {
 
 // ------------------------------------------------------- batch and message --
 
-function hex64(n) {
-  return n.toString(16).padStart(16, '0');
+// Two hex digits per byte value.
+const HEX = Array.from({ length: 256 }, (_, b) => b.toString(16).padStart(2, '0'));
+
+function hexOf(bytes, start, end) {
+  let out = '';
+  for (let i = start; i < end; i++) out += HEX[bytes[i]];
+  return out;
 }
 
-// The ids of one broker share `hi` (its store id): its digits are kept.
-let lastHi;
-let lastHiHex = '';
-
-/** A message id (`{ hi, lo }`, as in a raw record) as 32 lowercase hex digits. */
+/** A message id (`{ hi, lo }`, two BigInts) as 32 lowercase hex digits. */
 export function idHex(id) {
-  const hi = id.hi;
-  if (hi !== lastHi) {
-    lastHi = hi;
-    lastHiHex = hex64(hi);
-  }
-  return lastHiHex + hex64(id.lo);
+  return id.hi.toString(16).padStart(16, '0') + id.lo.toString(16).padStart(16, '0');
 }
 
-/** One message of a batch; the raw WIT record is `raw`. */
+// A flat column of a `packed-batch` as a typed array of its little-endian
+// numbers (Wasm is little-endian), copied first if it is not aligned.
+function numbers(bytes, Type) {
+  const aligned = bytes.byteOffset % Type.BYTES_PER_ELEMENT === 0 ? bytes : bytes.slice();
+  return new Type(aligned.buffer, aligned.byteOffset, aligned.byteLength / Type.BYTES_PER_ELEMENT);
+}
+
+/** The strings of a `flat-strings`, as views into its data. */
+function split({ data, ends }) {
+  const at = numbers(ends, Uint32Array);
+  const out = new Array(at.length);
+  for (let i = 0, start = 0; i < at.length; i++) {
+    out[i] = data.subarray(start, at[i]);
+    start = at[i];
+  }
+  return out;
+}
+
+// Bits of `packed-batch.present`.
+const HAS_KEY = 1;
+const HAS_TAG = 2;
+
+/** One message of a batch: a view of entry `index` of the packed batch. */
 export class Message {
-  constructor(raw, topic) {
-    this.raw = raw;
-    this.topic = topic;
-    this._idHex = undefined;
+  constructor(batch, index) {
+    this.batch = batch;
+    this.index = index;
+  }
+  get topic() {
+    return this.batch.topic;
   }
   /** `{ hi, lo }`, two BigInts. */
   get id() {
-    return this.raw.id;
+    const ids = this.batch.packed.ids;
+    const view = new DataView(ids.buffer, ids.byteOffset + 16 * this.index, 16);
+    return { hi: view.getBigUint64(0), lo: view.getBigUint64(8) };
   }
   /** The id as 32 lowercase hex digits, `hi` then `lo` (big-endian). */
   get idHex() {
-    if (this._idHex === undefined) this._idHex = idHex(this.raw.id);
-    return this._idHex;
+    return hexOf(this.batch.packed.ids, 16 * this.index, 16 * this.index + 16);
   }
   get partition() {
-    return this.raw.partition;
+    return this.batch.partitions[this.index];
   }
   /** BigInt. */
   get offset() {
-    return this.raw.offset;
+    return this.batch.offsets[this.index];
   }
   /** BigInt, ms since the Unix epoch. */
   get timestampMs() {
-    return this.raw.timestampMs;
+    return this.batch.timestampsMs[this.index];
   }
   get attempt() {
-    return this.raw.attempt;
+    return this.batch.attempts[this.index];
   }
   get isRedelivery() {
-    return this.raw.attempt > 1;
+    return this.attempt > 1;
   }
   /** Uint8Array. */
   get payload() {
-    return this.raw.payload;
+    return this.batch.payloads[this.index];
   }
   /** The payload as UTF-8 text; throws a TypeError if it is not. */
   text(lossy = false) {
-    return text(this.raw.payload, lossy);
+    return text(this.payload, lossy);
   }
   /** Uint8Array or undefined. */
   get key() {
-    return this.raw.key;
+    return this.batch.keys[this.index];
   }
   keyText(lossy = false) {
-    return text(this.raw.key, lossy);
+    return text(this.key, lossy);
   }
   /** String or undefined. */
   get tag() {
-    return this.raw.tag;
+    return this.batch.tags[this.index];
   }
   /** A list of `{ name, value }`. */
   get headers() {
-    return this.raw.headers;
+    return this.batch.headersOf(this.index);
   }
   /** The first header named `name`, or undefined. */
   header(name) {
-    const h = this.raw.headers.find((h) => h.name === name);
+    const h = this.headers.find((h) => h.name === name);
     return h === undefined ? undefined : h.value;
   }
 }
 
 /**
- * The messages of one call, from `topic`. Iterable. `rawMessages` are the
- * broker's records themselves (`id.hi`, `id.lo`, `payload`, ...), with no
- * wrapper object per message: the fastest way through a large batch.
+ * The messages of one call, from `topic`. Iterable. The broker hands a
+ * batch over field by field (WIT `packed-batch`, kept as `packed`), and the
+ * whole-batch accessors read it that way, with no object per message:
+ * `payloads`, `texts()`, `idHexes()`, `keys`, `tags`. `messages` (and
+ * iterating) gives a `Message` view per message, handier and slower.
  */
 export class Batch {
-  constructor(raw) {
-    this.topic = raw.topic;
-    this.rawMessages = raw.messages;
+  constructor(packed) {
+    this.topic = packed.topic;
+    this.packed = packed;
+    this.length = packed.count;
     this._messages = undefined;
+    this._payloads = undefined;
+    this._keys = undefined;
+    this._tags = undefined;
+    this._headers = undefined;
+  }
+  /** Partitions, a Uint32Array. */
+  get partitions() {
+    return numbers(this.packed.partitions, Uint32Array);
+  }
+  /** Offsets, a BigUint64Array. */
+  get offsets() {
+    return numbers(this.packed.offsets, BigUint64Array);
+  }
+  /** Append times, ms since the Unix epoch, a BigUint64Array. */
+  get timestampsMs() {
+    return numbers(this.packed.timestampsMs, BigUint64Array);
+  }
+  /** Delivery attempts (1 on first delivery), a Uint32Array. */
+  get attempts() {
+    return numbers(this.packed.attempts, Uint32Array);
+  }
+  /** The payloads, Uint8Array views, in message order. */
+  get payloads() {
+    if (this._payloads === undefined) this._payloads = split(this.packed.payloads);
+    return this._payloads;
+  }
+  /**
+   * The payloads as UTF-8 text, in message order (one decode for the whole
+   * batch when it is ASCII); `undefined` for a payload that is not UTF-8.
+   */
+  texts() {
+    const data = this.packed.payloads.data;
+    const ends = numbers(this.packed.payloads.ends, Uint32Array);
+    const out = new Array(ends.length);
+    let all;
+    try {
+      all = strictDecoder.decode(data);
+    } catch {
+      all = undefined;
+    }
+    if (all !== undefined && all.length === data.length) {
+      // ASCII: byte offsets are string offsets.
+      for (let i = 0, start = 0; i < ends.length; i++) {
+        out[i] = all.slice(start, ends[i]);
+        start = ends[i];
+      }
+      return out;
+    }
+    for (let i = 0, start = 0; i < ends.length; i++) {
+      try {
+        out[i] = strictDecoder.decode(data.subarray(start, ends[i]));
+      } catch {
+        out[i] = undefined;
+      }
+      start = ends[i];
+    }
+    return out;
+  }
+  /** The ids as 32 lowercase hex digits each, in message order. */
+  idHexes() {
+    const ids = this.packed.ids;
+    const out = new Array(this.length);
+    // One broker's ids share their first 8 bytes (its store id).
+    let hiHex = '';
+    let hiAt = -1;
+    for (let i = 0; i < this.length; i++) {
+      const at = 16 * i;
+      if (hiAt < 0 || !sameBytes(ids, hiAt, at, 8)) {
+        hiHex = hexOf(ids, at, at + 8);
+        hiAt = at;
+      }
+      out[i] = hiHex + hexOf(ids, at + 8, at + 16);
+    }
+    return out;
+  }
+  /** The keys, Uint8Array views or `undefined` for a message without one. */
+  get keys() {
+    if (this._keys === undefined) {
+      this._keys = split(this.packed.keys);
+      const present = this.packed.present;
+      for (let i = 0; i < present.length; i++) if (!(present[i] & HAS_KEY)) this._keys[i] = undefined;
+    }
+    return this._keys;
+  }
+  /** The tags, strings or `undefined` for an untagged message. */
+  get tags() {
+    if (this._tags === undefined) {
+      const present = this.packed.present;
+      this._tags = split(this.packed.tags).map((t, i) => (present[i] & HAS_TAG ? text(t) : undefined));
+    }
+    return this._tags;
+  }
+  /** The headers of message `index`, a list of `{ name, value }`. */
+  headersOf(index) {
+    if (this._headers === undefined) {
+      this._headers = new Map();
+      for (const [i, h] of this.packed.headers) {
+        if (!this._headers.has(i)) this._headers.set(i, []);
+        this._headers.get(i).push(h);
+      }
+    }
+    return [...(this._headers.get(index) ?? [])];
   }
   /** The messages as `Message` views, made on first use. */
   get messages() {
     if (this._messages === undefined) {
-      this._messages = this.rawMessages.map((m) => new Message(m, this.topic));
+      this._messages = Array.from({ length: this.length }, (_, i) => new Message(this, i));
     }
     return this._messages;
-  }
-  get length() {
-    return this.rawMessages.length;
   }
   [Symbol.iterator]() {
     return this.messages[Symbol.iterator]();
   }
+}
+
+function sameBytes(bytes, a, b, n) {
+  for (let i = 0; i < n; i++) if (bytes[a + i] !== bytes[b + i]) return false;
+  return true;
 }
 
 /** The deploy-time `--config key=value` pairs. */
@@ -443,14 +571,44 @@ function describe(e) {
   return `thrown value: ${format([e])}`;
 }
 
-function checkOutcomes(outcomes, count) {
+const NO_RETRIES = new Uint32Array(0);
+
+/** `outcomes` checked and packed as WIT `packed-outcomes`. */
+function packOutcomes(outcomes, count) {
   if (!Array.isArray(outcomes)) {
     throw new TypeError(`handle must return an array of outcomes, got ${typeof outcomes}`);
   }
   if (outcomes.length !== count) {
     throw new Error(`handle returned ${outcomes.length} outcomes for ${count} messages`);
   }
-  return outcomes;
+  const kinds = new Uint8Array(count);
+  const retryMs = [];
+  const reasons = [];
+  for (let i = 0; i < count; i++) {
+    const o = outcomes[i];
+    if (o === ACK) continue;
+    switch (o?.tag) {
+      case 'ack':
+        break;
+      case 'retry':
+        if (!Number.isInteger(o.val) || o.val < 0 || o.val > 0xffffffff) {
+          throw new RangeError(`outcome ${i}: retry needs milliseconds in 0..=4294967295, got ${o.val}`);
+        }
+        kinds[i] = 1;
+        retryMs.push(o.val);
+        break;
+      case 'dead-letter':
+        if (typeof o.val !== 'string') {
+          throw new TypeError(`outcome ${i}: deadLetter needs a string reason, got ${typeof o.val}`);
+        }
+        kinds[i] = 2;
+        reasons.push(o.val);
+        break;
+      default:
+        throw new TypeError(`outcome ${i}: expected ack(), retry(ms) or deadLetter(reason), got ${format([o])}`);
+    }
+  }
+  return { kinds, retryMs: retryMs.length ? Uint32Array.from(retryMs) : NO_RETRIES, reasons };
 }
 
 /**
@@ -487,23 +645,23 @@ export function definePlugin(plugin) {
 
   function batchFailed(e, count) {
     const what = `${count} message${count === 1 ? '' : 's'}`;
-    host.log('error', `handle-batch failed (${what}; the batch is rolled back): ${describe(e)}`);
+    host.log('error', `handle failed (${what}; the batch is rolled back): ${describe(e)}`);
     throw e;
   }
 
-  function handleBatch(raw) {
-    const count = raw.messages.length;
+  function handlePacked(packed) {
+    const count = packed.count;
     try {
-      if (instance === null) throw new Error('handle-batch called before init');
-      const r = instance.handle(new Batch(raw));
+      if (instance === null) throw new Error('handle-packed called before init');
+      const r = instance.handle(new Batch(packed));
       if (r && typeof r.then === 'function') {
-        return r.then((o) => checkOutcomes(o, count)).catch((e) => batchFailed(e, count));
+        return r.then((o) => packOutcomes(o, count)).catch((e) => batchFailed(e, count));
       }
-      return checkOutcomes(r, count);
+      return packOutcomes(r, count);
     } catch (e) {
       return batchFailed(e, count);
     }
   }
 
-  return { init, handleBatch };
+  return { init, handlePacked };
 }

@@ -27,8 +27,9 @@ to refuse a deploy with a plain message instead.
 Import modules at the top of the app: they are loaded when the component is
 built; the standard library's files are not reachable from inside a batch.
 
-The module needs the bindings componentize-py generates for the ``consumer``
-world (``wit_world``); ``build.sh`` takes care of that.
+The module needs the bindings componentize-py generates for the
+``packed-consumer`` world (``wit_world``), whose batches arrive field by
+field rather than as a record per message; ``build.sh`` takes care of that.
 """
 
 import sys
@@ -82,85 +83,111 @@ def _as_bytes(value, what):
 
 # ---------------------------------------------------------------- messages
 
+def _split(data, ends):
+    """The strings of a WIT ``byte-strings``: one pass of slices, in C."""
+    return list(map(data.__getitem__, map(slice, [0, *ends], ends)))
+
+
+def _numbers(data, code):
+    """A flat little-endian column of a ``packed-batch`` as ints (Wasm is
+    little-endian, so a memoryview cast reads it in C)."""
+    return memoryview(data).cast(code).tolist()
+
+
+def _flat(strings):
+    """The strings of a WIT ``flat-strings``."""
+    return _split(strings.data, _numbers(strings.ends, "I"))
+
+
+# Bits of `packed-batch.present`.
+_HAS_KEY = 1
+_HAS_TAG = 2
+
+
 class Message:
-    """One message of a batch (a thin view over the broker's record)."""
+    """One message of a batch: a view of entry ``index`` of the packed batch."""
 
-    __slots__ = ("raw", "topic")
+    __slots__ = ("batch", "index")
 
-    def __init__(self, raw, topic):
-        self.raw = raw
-        self.topic = topic
+    def __init__(self, batch, index):
+        self.batch = batch
+        self.index = index
+
+    @property
+    def topic(self):
+        return self.batch.topic
 
     @property
     def id(self):
         """The 16-byte id as ``(hi, lo)``; stable across redeliveries."""
-        return (self.raw.id.hi, self.raw.id.lo)
+        b = self.id_bytes
+        return (int.from_bytes(b[:8], "big"), int.from_bytes(b[8:], "big"))
 
     @property
     def id_hex(self):
         """The id as 32 lowercase hex digits, ``hi`` then ``lo``."""
-        i = self.raw.id
-        return "%016x%016x" % (i.hi, i.lo)  # %-formatting: 3x an f-string's speed
+        return self.id_bytes.hex()
 
     @property
     def id_bytes(self):
-        i = self.raw.id
-        return i.hi.to_bytes(8, "big") + i.lo.to_bytes(8, "big")
+        i = 16 * self.index
+        return self.batch.packed.ids[i:i + 16]
 
     @property
     def partition(self):
-        return self.raw.partition
+        return self.batch.partitions[self.index]
 
     @property
     def offset(self):
-        return self.raw.offset
+        return self.batch.offsets[self.index]
 
     @property
     def timestamp_ms(self):
-        return self.raw.timestamp_ms
+        return self.batch.timestamps_ms[self.index]
 
     @property
     def attempt(self):
         """1 on first delivery, then 2, 3, ... ."""
-        return self.raw.attempt
+        return self.batch.attempts[self.index]
 
     @property
     def is_redelivery(self):
-        return self.raw.attempt > 1
+        return self.attempt > 1
 
     @property
     def payload(self):
-        return self.raw.payload
+        return self.batch.payloads[self.index]
 
     @property
     def text(self):
         """The payload as UTF-8 text; raises ``UnicodeDecodeError``."""
-        return self.raw.payload.decode()
+        return self.payload.decode()
 
     @property
     def key(self):
         """The key bytes, or ``None``."""
-        return self.raw.key
+        return self.batch.keys[self.index]
 
     @property
     def key_str(self):
-        k = self.raw.key
+        k = self.key
         return None if k is None else k.decode()
 
     @property
     def tag(self):
-        return self.raw.tag
+        """The tag (str), or ``None``."""
+        return self.batch.tags[self.index]
 
     @property
     def headers(self):
         """``[(name, value), ...]`` in message order."""
-        return [(h.name, h.value) for h in self.raw.headers]
+        return self.batch.headers_of(self.index)
 
     def header(self, name, default=None):
         """The last header called ``name``."""
-        for h in reversed(self.raw.headers):
-            if h.name == name:
-                return h.value
+        for n, v in reversed(self.headers):
+            if n == name:
+                return v
         return default
 
     def __repr__(self):
@@ -171,31 +198,94 @@ class Message:
 class Batch:
     """The messages of one ``handle`` call; iterable and indexable.
 
-    ``raw_messages`` are the broker's records themselves (fields ``id.hi``,
-    ``id.lo``, ``payload``, ``key``, ...), without a wrapper object per
-    message: the fastest way through a large batch.
+    The broker hands a batch over field by field (WIT ``packed-batch``), and
+    the whole-batch properties below read it that way: ``payloads``,
+    ``id_hexes()``, ``keys``, ``tags``, ``partitions``, ``offsets``,
+    ``timestamps_ms`` and ``attempts`` are lists with one entry per message,
+    each made in a few passes in C. ``messages`` (and iterating) gives a
+    :class:`Message` view per message, which is handier and slower.
+    ``packed`` is the broker's record itself.
     """
 
-    __slots__ = ("topic", "raw_messages", "_messages")
+    __slots__ = ("topic", "packed", "_cache")
 
-    def __init__(self, raw):
-        self.topic = raw.topic
-        self.raw_messages = raw.messages
-        self._messages = None
+    def __init__(self, packed):
+        self.topic = packed.topic
+        self.packed = packed
+        self._cache = {}
+
+    def _column(self, name, make):
+        c = self._cache
+        if name not in c:
+            c[name] = make()
+        return c[name]
+
+    @property
+    def payloads(self):
+        """The payloads (bytes), in message order."""
+        return self._column("payloads", lambda: _flat(self.packed.payloads))
+
+    def id_hexes(self):
+        """The ids as 32 lowercase hex digits each (str), in message order."""
+        h = self.packed.ids.hex()
+        n = len(h)
+        return list(map(h.__getitem__, map(slice, range(0, n, 32), range(32, n + 32, 32))))
+
+    @property
+    def partitions(self):
+        return self._column("partitions", lambda: _numbers(self.packed.partitions, "I"))
+
+    @property
+    def offsets(self):
+        return self._column("offsets", lambda: _numbers(self.packed.offsets, "Q"))
+
+    @property
+    def timestamps_ms(self):
+        return self._column("timestamps_ms", lambda: _numbers(self.packed.timestamps_ms, "Q"))
+
+    @property
+    def attempts(self):
+        return self._column("attempts", lambda: _numbers(self.packed.attempts, "I"))
+
+    def _optional(self, strings, bit, convert=None):
+        values = _flat(strings)
+        if convert is not None:
+            values = list(map(convert, values))
+        for i, p in enumerate(self.packed.present):
+            if not p & bit:
+                values[i] = None
+        return values
+
+    @property
+    def keys(self):
+        """The keys (bytes, or ``None`` for a message without one)."""
+        return self._column("keys", lambda: self._optional(self.packed.keys, _HAS_KEY))
+
+    @property
+    def tags(self):
+        """The tags (str, or ``None`` for an untagged message)."""
+        return self._column(
+            "tags", lambda: self._optional(self.packed.tags, _HAS_TAG, bytes.decode))
+
+    def headers_of(self, index):
+        """``[(name, value), ...]`` of message ``index``."""
+        def by_message():
+            out = {}
+            for i, h in self.packed.headers:
+                out.setdefault(i, []).append((h.name, h.value))
+            return out
+        return list(self._column("headers", by_message).get(index, ()))
 
     @property
     def messages(self):
         """The messages as :class:`Message` views, made on first use."""
-        if self._messages is None:
-            topic = self.topic
-            self._messages = [Message(m, topic) for m in self.raw_messages]
-        return self._messages
+        return self._column("messages", lambda: [Message(self, i) for i in range(len(self))])
 
     def __iter__(self):
         return iter(self.messages)
 
     def __len__(self):
-        return len(self.raw_messages)
+        return self.packed.count
 
     def __getitem__(self, index):
         return self.messages[index]
@@ -513,7 +603,7 @@ def _report(where, e):
 # ---------------------------------------------------------------- the export glue
 
 def plugin(cls):
-    """Class decorator: exports ``cls`` as the component's ``consumer`` world.
+    """Class decorator: exports ``cls`` as the component's ``packed-consumer`` world.
 
     ``cls()`` is created once per instance; its ``init(config)`` gets a
     :class:`Config` and its ``handle(batch)`` a :class:`Batch` and returns one
@@ -551,27 +641,29 @@ def _world_for(cls):
                 _report("init failed", e)
                 raise
 
-        def handle_batch(self, raw):
+        def handle_packed(self, packed):
             try:
-                batch = Batch(raw)
-                outcomes = instance().handle(batch)
-                _check(outcomes, len(batch))
-                return outcomes
+                batch = Batch(packed)
+                return _packed_outcomes(instance().handle(batch), len(batch))
             except BaseException as e:
-                _report(f"batch of {len(raw.messages)} from `{raw.topic}` failed", e)
+                _report(f"batch of {packed.count} from `{packed.topic}` failed", e)
                 raise
 
     WitWorld.__qualname__ = WitWorld.__name__ = f"WitWorld[{cls.__name__}]"
     return WitWorld
 
 
-def _check(outcomes, expected):
+def _packed_outcomes(outcomes, expected):
+    """``outcomes`` checked and packed as WIT ``packed-outcomes``."""
     if not isinstance(outcomes, list):
         raise TypeError(f"handle must return a list of outcomes, not {type(outcomes).__name__}")
     if len(outcomes) != expected:
         raise ValueError(f"handle returned {len(outcomes)} outcomes for {expected} messages")
-    if outcomes.count(ACK) == expected:  # all acks: one pass in C
-        return
+    if outcomes.count(ACK) == expected:  # all acks: one pass in C, one byte each
+        return _types.PackedOutcomes(bytes(expected), [], [])
+    kinds = bytearray(expected)
+    retry_ms = []
+    reasons = []
     for i, o in enumerate(outcomes):
         t = type(o)
         if t is Ack:
@@ -579,8 +671,13 @@ def _check(outcomes, expected):
         if t is Retry:
             if not (isinstance(o.value, int) and 0 <= o.value <= _U32_MAX):
                 raise ValueError(f"outcome {i}: Retry needs milliseconds in 0..=4294967295, got {o.value!r}")
+            kinds[i] = 1
+            retry_ms.append(o.value)
         elif t is DeadLetter:
             if not isinstance(o.value, str):
                 raise TypeError(f"outcome {i}: DeadLetter needs a str reason, got {type(o.value).__name__}")
+            kinds[i] = 2
+            reasons.append(o.value)
         else:
             raise TypeError(f"outcome {i}: expected Ack(), Retry(ms) or DeadLetter(reason), got {o!r}")
+    return _types.PackedOutcomes(bytes(kinds), retry_ms, reasons)

@@ -506,7 +506,7 @@ class Plugin {{
   }}
 }}
 
-export const {{ init, handleBatch }} = definePlugin(Plugin);
+export const {{ init, handlePacked }} = definePlugin(Plugin);
 "#
     );
     (

@@ -4,7 +4,8 @@
 //! answers offline.
 //!
 //! Owns: the import rules (which interfaces are linked and how) and the
-//! export rule (the `consumer` world's two functions).
+//! export rule (`init` and the batch export of the `consumer` or the
+//! `packed-consumer` world).
 //!
 //! Invariants:
 //! - An import is accepted only if [`import_rule`] links it; the engine's
@@ -79,8 +80,21 @@ pub fn import_rule(name: &str) -> ImportRule {
     }
 }
 
-/// The functions a consumer plugin must export.
-pub const REQUIRED_EXPORTS: [&str; 2] = ["init", "handle-batch"];
+/// The function every consumer plugin exports.
+pub const INIT_EXPORT: &str = "init";
+/// The batch export of the `consumer` world (batches as records).
+pub const RECORDS_EXPORT: &str = "handle-batch";
+/// The batch export of the `packed-consumer` world (batches field by field).
+pub const PACKED_EXPORT: &str = "handle-packed";
+
+/// How a component takes its batches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchShape {
+    /// `handle-batch`, a `batch` of `message` records.
+    Records,
+    /// `handle-packed`, a `packed-batch`.
+    Packed,
+}
 
 /// What the outer sections of a component say.
 #[derive(Debug, Default)]
@@ -90,6 +104,22 @@ pub struct ComponentOutline {
 }
 
 impl ComponentOutline {
+    fn exports(&self, name: &str) -> bool {
+        self.exported_functions.iter().any(|e| e == name)
+    }
+
+    /// The batch export the broker will call: `handle-packed` when the
+    /// component has it (a component may carry both), else `handle-batch`.
+    pub fn batch_shape(&self) -> Option<BatchShape> {
+        if self.exports(PACKED_EXPORT) {
+            Some(BatchShape::Packed)
+        } else if self.exports(RECORDS_EXPORT) {
+            Some(BatchShape::Records)
+        } else {
+            None
+        }
+    }
+
     /// Imports with their rules, in the component's order.
     pub fn rules(&self) -> impl Iterator<Item = (&str, ImportRule)> {
         self.imports.iter().map(|i| (i.as_str(), import_rule(i)))
@@ -163,11 +193,13 @@ pub fn check(bytes: &[u8], size_max: usize) -> Result<ComponentOutline, RefusedC
         }
         return Err(RefusedComponent::ForbiddenImport(name.to_string(), why));
     }
-    let missing: Vec<&str> = REQUIRED_EXPORTS
-        .iter()
-        .copied()
-        .filter(|f| !outline.exported_functions.iter().any(|e| e == f))
-        .collect();
+    let mut missing = Vec::new();
+    if !outline.exports(INIT_EXPORT) {
+        missing.push(INIT_EXPORT.to_string());
+    }
+    if outline.batch_shape().is_none() {
+        missing.push(format!("{RECORDS_EXPORT} (or {PACKED_EXPORT})"));
+    }
     if !missing.is_empty() {
         return Err(RefusedComponent::WrongWorld(format!(
             "it does not export {} (it exports: {})",

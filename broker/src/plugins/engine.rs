@@ -8,11 +8,13 @@
 //! - A component is compiled at most once per engine build: later deploys and
 //!   broker restarts load the cached machine code.
 //! - A component is checked before it is compiled ([`super::check`]): it
-//!   must export the `consumer` world's functions and import nothing but
+//!   must export the `consumer` or `packed-consumer` world's functions and
+//!   import nothing but
 //!   `msmq:plugin` 1.x and WASI 0.2. WASI is linked empty
 //!   ([`super::wasi`]); `wasi:http` is linked as functions that trap.
 
-use super::host::{ConsumerPre, HostState};
+use super::check::BatchShape;
+use super::host::{packed::PackedConsumerPre, ConsumerPre, HostState};
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -37,7 +39,9 @@ pub enum RefusedComponent {
     Invalid(String),
     #[error("the component imports {0}, which MSMQ does not grant plugins ({1})")]
     ForbiddenImport(String, &'static str),
-    #[error("the component does not target the msmq:plugin/consumer world: {0}")]
+    #[error(
+        "the component does not target the msmq:plugin/consumer (or packed-consumer) world: {0}"
+    )]
     WrongWorld(String),
     #[error("the plugin's init failed: {0}")]
     InitFailed(String),
@@ -48,9 +52,18 @@ pub enum RefusedComponent {
 pub struct Prepared {
     pub sha256: String,
     pub bytes_len: usize,
-    pub pre: ConsumerPre<HostState>,
+    pub pre: PluginPre,
     /// Time spent compiling (zero when loaded from the cache).
     pub compile_time: Duration,
+}
+
+/// A linked component of either world, ready to instantiate.
+#[derive(Clone)]
+pub enum PluginPre {
+    /// Exports `handle-batch`.
+    Records(ConsumerPre<HostState>),
+    /// Exports `handle-packed`.
+    Packed(PackedConsumerPre<HostState>),
 }
 
 /// The broker's wasmtime engine and component cache.
@@ -96,7 +109,7 @@ impl PluginEngine {
 
     /// Check, compile (or load compiled) and link a component. Blocking.
     pub fn prepare(&self, bytes: &[u8], size_max: usize) -> Result<Prepared, RefusedComponent> {
-        super::check::check(bytes, size_max)?;
+        let outline = super::check::check(bytes, size_max)?;
         let sha256 = sha256_hex(bytes);
         let started = Instant::now();
         let (component, compiled) = self.load_or_compile(&sha256, bytes)?;
@@ -109,8 +122,13 @@ impl PluginEngine {
         let instance_pre = linker
             .instantiate_pre(&component)
             .map_err(|e| RefusedComponent::WrongWorld(format!("{e:#}")))?;
-        let pre = ConsumerPre::new(instance_pre)
-            .map_err(|e| RefusedComponent::WrongWorld(format!("{e:#}")))?;
+        let wrong_world = |e: wasmtime::Error| RefusedComponent::WrongWorld(format!("{e:#}"));
+        let pre = match outline.batch_shape() {
+            Some(BatchShape::Packed) => {
+                PluginPre::Packed(PackedConsumerPre::new(instance_pre).map_err(wrong_world)?)
+            }
+            _ => PluginPre::Records(ConsumerPre::new(instance_pre).map_err(wrong_world)?),
+        };
         Ok(Prepared {
             sha256,
             bytes_len: bytes.len(),

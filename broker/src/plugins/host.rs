@@ -29,8 +29,22 @@ wasmtime::component::bindgen!({
     },
 });
 
+/// Bindings of the `packed-consumer` world: its own exports, the same
+/// `types` and `host` interfaces (one `Host` implementation serves both).
+pub mod packed {
+    wasmtime::component::bindgen!({
+        world: "packed-consumer",
+        path: "../wit",
+        with: {
+            "msmq:plugin/types": super::msmq::plugin::types,
+            "msmq:plugin/host": super::msmq::plugin::host,
+        },
+    });
+}
+
 pub use msmq::plugin::types::{
-    ByteStrings, Header, HostError, LogLevel, Message, MessageId, NewMessage, PackedValues,
+    ByteStrings, FlatStrings, Header, HostError, LogLevel, Message, MessageId, NewMessage,
+    PackedBatch, PackedOutcomes, PackedValues,
 };
 
 /// Longest state key a plugin may write.

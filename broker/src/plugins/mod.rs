@@ -19,6 +19,7 @@
 pub mod check;
 pub mod engine;
 pub mod host;
+mod instance;
 pub mod quota;
 mod runner;
 pub mod wasi;

@@ -6,7 +6,7 @@
 //! takes it off the wire handler it calls today; splitting sooner would cut
 //! along a line that is about to move.
 //!
-//! Owns: the plugin's `Store` and instance, its in-memory positions
+//! Owns: the plugin's live instance (`instance.rs`), its in-memory positions
 //! (mirroring the committed group offsets), its pending retries, and the
 //! count of failed calls per message.
 //!
@@ -20,7 +20,9 @@
 //! - An upgrade or stop takes effect only between batches.
 
 use super::engine::{Prepared, EPOCH_TICK_MS};
-use super::host::{Batch, Consumer, Header, HostState, Message, MessageId, Outcome};
+use super::host::{HostState, Outcome};
+use super::instance::CallMessage;
+pub(super) use super::instance::Instance;
 use super::quota::TokenBucket;
 use super::PluginRecord;
 use crate::server::BrokerState;
@@ -278,12 +280,6 @@ pub(super) fn spawn(
     RunnerHandle { shared, thread }
 }
 
-/// A live instance of the plugin.
-pub(super) struct Instance {
-    store: Store<HostState>,
-    bindings: Consumer,
-}
-
 /// Make an instance and run its `init`, within the plugin's limits.
 fn instantiate(
     state: &BrokerState,
@@ -304,15 +300,15 @@ fn instantiate(
     store.set_epoch_deadline(deadline_ticks(spec.limits.batch_time_ms_max));
     let output = store.data().output.clone();
     output.begin_call();
-    let bindings = prepared
-        .pre
-        .instantiate(&mut store)
+    let mut instance = Instance::new(&prepared.pre, store)
         .map_err(|e| with_plugin_errors(describe_failure(&e, spec), &output))?;
-    store.set_epoch_deadline(deadline_ticks(spec.limits.batch_time_ms_max));
-    let result = bindings.call_init(&mut store, &spec.config);
+    instance
+        .store
+        .set_epoch_deadline(deadline_ticks(spec.limits.batch_time_ms_max));
+    let result = instance.call_init(&spec.config);
     output.end_call();
     match result {
-        Ok(Ok(())) => Ok(Instance { store, bindings }),
+        Ok(Ok(())) => Ok(instance),
         Ok(Err(message)) => Err(format!("init returned an error: {message}")),
         Err(e) => Err(format!(
             "init failed: {}",
@@ -720,12 +716,16 @@ impl Runner {
     }
 
     fn run_batch(&mut self, topic: &Arc<Topic>, handed: Vec<Handed>) {
-        let batch = Batch {
-            topic: topic.name.clone(),
-            messages: handed.iter().map(to_wit).collect(),
-        };
-        let outcome = self.call(&batch);
-        drop(batch);
+        let messages: Vec<CallMessage<'_>> = handed
+            .iter()
+            .map(|h| CallMessage {
+                message: &h.message,
+                partition: h.partition,
+                attempt: h.attempt,
+            })
+            .collect();
+        let outcome = self.call(&topic.name, &messages);
+        drop(messages);
         match outcome {
             Ok(outcomes) if outcomes.len() == handed.len() => {
                 if let Some(acknowledged) = self.swap_acknowledged.take() {
@@ -751,7 +751,7 @@ impl Runner {
     }
 
     /// Call the plugin; on a trap the instance is dropped.
-    fn call(&mut self, batch: &Batch) -> Result<Vec<Outcome>, String> {
+    fn call(&mut self, topic: &str, messages: &[CallMessage<'_>]) -> Result<Vec<Outcome>, String> {
         let limit = self.record.spec.limits.memory_bytes_max;
         if let Some(instance) = &self.instance {
             let used = instance.store.data().memory.current_bytes as u64;
@@ -781,9 +781,7 @@ impl Runner {
         let output = instance.store.data().output.clone();
         output.begin_call();
         let started = Instant::now();
-        let result = instance
-            .bindings
-            .call_handle_batch(&mut instance.store, batch);
+        let result = instance.call_batch(topic, messages);
         output.end_call();
         self.shared
             .counters
@@ -1141,30 +1139,5 @@ fn truncate(text: &mut String, max: usize) {
             cut -= 1;
         }
         text.truncate(cut);
-    }
-}
-
-fn to_wit(h: &Handed) -> Message {
-    let m = &h.message;
-    Message {
-        id: MessageId {
-            hi: m.id.store_id(),
-            lo: m.id.sequence(),
-        },
-        partition: h.partition,
-        offset: m.offset,
-        timestamp_ms: m.timestamp_ms,
-        attempt: h.attempt,
-        key: m.key.as_ref().map(|k| k.to_vec()),
-        tag: m.tag.clone(),
-        headers: m
-            .headers
-            .iter()
-            .map(|h| Header {
-                name: h.name.clone(),
-                value: h.value.clone(),
-            })
-            .collect(),
-        payload: m.payload.clone(),
     }
 }

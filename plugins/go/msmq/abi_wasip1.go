@@ -222,35 +222,35 @@ func lowerStrings(ss []string) uint32 {
 
 // --------------------------------------------------------------- imports ---
 
-//go:wasmimport msmq:plugin/host@1.2.0 log
+//go:wasmimport msmq:plugin/host@1.3.0 log
 func importLog(level, msgPtr, msgLen uint32)
 
 // publish: new-message flattens to 12 values (topic 2, payload 2, key 3,
 // tag 3, headers 2), at most 16, so it goes flat; the result does not fit
 // one value, so the last parameter is its return area.
 //
-//go:wasmimport msmq:plugin/host@1.2.0 publish
+//go:wasmimport msmq:plugin/host@1.3.0 publish
 func importPublish(topicPtr, topicLen, payloadPtr, payloadLen, keyIs, keyPtr, keyLen, tagIs, tagPtr, tagLen, headersPtr, headersLen, ret uint32)
 
-//go:wasmimport msmq:plugin/host@1.2.0 state-get
+//go:wasmimport msmq:plugin/host@1.3.0 state-get
 func importStateGet(keyPtr, keyLen, ret uint32)
 
-//go:wasmimport msmq:plugin/host@1.2.0 state-put
+//go:wasmimport msmq:plugin/host@1.3.0 state-put
 func importStatePut(keyPtr, keyLen, valuePtr, valueLen, ret uint32)
 
-//go:wasmimport msmq:plugin/host@1.2.0 state-delete
+//go:wasmimport msmq:plugin/host@1.3.0 state-delete
 func importStateDelete(keyPtr, keyLen uint32)
 
-//go:wasmimport msmq:plugin/host@1.2.0 state-scan
+//go:wasmimport msmq:plugin/host@1.3.0 state-scan
 func importStateScan(prefixPtr, prefixLen, afterIs, afterPtr, afterLen, limit, ret uint32)
 
-//go:wasmimport msmq:plugin/host@1.2.0 state-get-many
+//go:wasmimport msmq:plugin/host@1.3.0 state-get-many
 func importStateGetMany(keysPtr, keysLen, ret uint32)
 
-//go:wasmimport msmq:plugin/host@1.2.0 state-put-many
+//go:wasmimport msmq:plugin/host@1.3.0 state-put-many
 func importStatePutMany(entriesPtr, entriesLen, ret uint32)
 
-//go:wasmimport msmq:plugin/host@1.2.0 now-ms
+//go:wasmimport msmq:plugin/host@1.3.0 now-ms
 func importNowMs() uint64
 
 // Each wrapper keeps its arguments alive across the call with KeepAlive:

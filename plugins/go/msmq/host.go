@@ -1,6 +1,6 @@
 package msmq
 
-// The host interface, msmq:plugin/host@1.2.0. On wasip1 these call the
+// The host interface, msmq:plugin/host@1.3.0. On wasip1 these call the
 // broker (abi_wasip1.go); elsewhere they call TestHost (host_native.go).
 
 // Log writes a line to the broker's log, tagged with the plugin's name.

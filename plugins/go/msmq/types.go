@@ -1,5 +1,5 @@
 // Package msmq is a hand-written binding of the MSMQ consumer world
-// (msmq:plugin@1.2.0, wit/plugin.wit) for Go's wasip1 port.
+// (msmq:plugin@1.3.0, wit/plugin.wit) for Go's wasip1 port.
 //
 // A plugin's main package registers its constructor in an init function and
 // leaves main empty:

@@ -11,12 +11,13 @@
 // Speed: a JS guest pays for every host call and, in the interpreter, for
 // every object it makes, so a batch costs two host calls (one state read of
 // all the markers and balances it needs, one write of everything it changed,
-// all or none), reads the broker's records without a wrapper per message,
+// all or none), reads the batch field by field (one decode of all its
+// payloads, ids as hex from one buffer) with no object per message,
 // and keeps amounts and balances as Numbers while they are safe integers
 // (below 2^53), switching to BigInt past that so they stay exact over the
 // whole i64 range.
 
-import { definePlugin, ack, retry, deadLetter, state, log, text, idHex, HostError } from '../msmq-plugin.js';
+import { definePlugin, ack, retry, deadLetter, state, log, text, HostError } from '../msmq-plugin.js';
 
 const I64_MAX = (1n << 63n) - 1n;
 const I64_MIN = -(1n << 63n);
@@ -25,7 +26,6 @@ const DIGITS = /^[0-9]+$/;
 const SIGNED = /^[+-]?[0-9]+$/;
 // Decimal strings this short are safe integers as Numbers.
 const SAFE_DIGITS_MAX = 15;
-const decoder = new TextDecoder('utf-8', { fatal: true });
 const ACK = ack();
 
 // A plain transfer: three fields with something but blanks in them, and an
@@ -33,14 +33,12 @@ const ACK = ack();
 // and a digit test; anything else goes the long way, which says what is wrong.
 const PLAIN = /^[^|]*[^|\s][^|]*\|([^|]*[^|\s][^|]*)\|([^|]*[^|\s][^|]*)\|([0-9]{1,15})$/;
 
-/** `{ from, to, amount }` (keys and a Number or BigInt), or `{ error }`. */
-function parse(payload) {
-  let s;
-  try {
-    s = decoder.decode(payload);
-  } catch {
-    return { error: 'payload is not UTF-8 text' };
-  }
+/**
+ * `{ from, to, amount }` (keys and a Number or BigInt), or `{ error }`, for a
+ * payload's text (undefined when it is not UTF-8).
+ */
+function parse(s) {
+  if (s === undefined) return { error: 'payload is not UTF-8 text' };
   const plain = PLAIN.exec(s);
   if (plain !== null) {
     const n = +plain[3];
@@ -112,18 +110,18 @@ function readAll(keys) {
 
 class Billing {
   handle(batch) {
-    const raws = batch.rawMessages;
-    const count = raws.length;
+    const count = batch.length;
+    const ids = batch.idHexes();
+    const texts = batch.texts();
     const seen = new Array(count);
     const parsed = new Array(count);
     // Every key the batch may read, once each.
     const wanted = new Set();
     for (let i = 0; i < count; i++) {
-      const r = raws[i];
-      const key = 'seen/' + idHex(r.id);
+      const key = 'seen/' + ids[i];
       seen[i] = key;
       wanted.add(key);
-      const t = parse(r.payload);
+      const t = parse(texts[i]);
       parsed[i] = t;
       if (t.error === undefined && t.from !== t.to) {
         wanted.add(t.from);
@@ -158,7 +156,7 @@ class Billing {
       // Nothing of the batch was written, and later outcomes were computed on
       // top of earlier ones: try all of it again.
       log.warn(`state write of ${writeKeys.length} keys refused (${e.message}); retrying ${count} messages`);
-      return raws.map(() => retry(1000));
+      return new Array(count).fill(retry(1000));
     }
     return outcomes;
   }
@@ -188,4 +186,4 @@ class Billing {
   }
 }
 
-export const { init, handleBatch } = definePlugin(Billing);
+export const { init, handlePacked } = definePlugin(Billing);

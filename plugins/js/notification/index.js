@@ -98,4 +98,4 @@ class Notification {
   }
 }
 
-export const { init, handleBatch } = definePlugin(Notification);
+export const { init, handlePacked } = definePlugin(Notification);

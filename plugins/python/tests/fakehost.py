@@ -1,7 +1,7 @@
 """An in-memory stand-in for the broker's `host` interface, for native tests.
 
 Batches commit or roll back like in the broker: writes go to an overlay that
-is applied only when `handle_batch` returns.
+is applied only when `handle_packed` returns.
 """
 
 import importlib.util
@@ -142,12 +142,12 @@ class FakeHost:
 
     # -- driving a plugin
     def run(self, world, batch):
-        """handle_batch with commit on return and rollback on an exception."""
+        """handle_packed with commit on return and rollback on an exception."""
         self.calls = []
         self.overlay = {}
         self.pending_pub = []
         try:
-            outcomes = world.handle_batch(batch)
+            outcomes = unpack_outcomes(world.handle_packed(batch))
         except BaseException:
             self.overlay = {}
             self.pending_pub = []
@@ -178,15 +178,61 @@ def load_app(name):
 _next_id = [0]
 
 
-def message(payload, id=None, key=None, attempt=1, headers=()):
+def message(payload, id=None, key=None, attempt=1, headers=(), tag=None):
+    """A WIT `message` record; `batch` packs these as the broker does."""
     if id is None:
         _next_id[0] += 1
         id = (0x0123456789ABCDEF, _next_id[0])
     if isinstance(payload, str):
         payload = payload.encode()
-    return types.Message(types.MessageId(*id), 0, _next_id[0], 0, attempt, key, None,
+    return types.Message(types.MessageId(*id), 0, _next_id[0], 0, attempt, key, tag,
                          [types.Header(n, v) for n, v in headers], payload)
 
 
+def _flat(items):
+    data, ends = b"", b""
+    for item in items:
+        data += item
+        ends += len(data).to_bytes(4, "little")
+    return types.FlatStrings(data, ends)
+
+
+def _le(numbers, width):
+    return b"".join(n.to_bytes(width, "little") for n in numbers)
+
+
 def batch(messages, topic="transfers"):
-    return types.Batch(topic, list(messages))
+    """A WIT `packed-batch` of `message` records, laid out as the broker does."""
+    ms = list(messages)
+    return types.PackedBatch(
+        topic,
+        len(ms),
+        b"".join(m.id.hi.to_bytes(8, "big") + m.id.lo.to_bytes(8, "big") for m in ms),
+        _le((m.partition for m in ms), 4),
+        _le((m.offset for m in ms), 8),
+        _le((m.timestamp_ms for m in ms), 8),
+        _le((m.attempt for m in ms), 4),
+        _flat(m.payload for m in ms),
+        _flat(m.key or b"" for m in ms),
+        _flat((m.tag or "").encode() for m in ms),
+        bytes((m.key is not None) | (m.tag is not None) << 1 for m in ms),
+        [(i, h) for i, m in enumerate(ms) for h in m.headers],
+    )
+
+
+def unpack_outcomes(packed):
+    """The outcomes a `packed-outcomes` stands for, as the broker reads it."""
+    retry_ms, reasons = iter(packed.retry_ms), iter(packed.reasons)
+    out = []
+    for kind in packed.kinds:
+        if kind == 0:
+            out.append(types.Outcome_Ack())
+        elif kind == 1:
+            out.append(types.Outcome_Retry(next(retry_ms)))
+        elif kind == 2:
+            out.append(types.Outcome_DeadLetter(next(reasons)))
+        else:
+            raise ValueError(f"outcome kind {kind}")
+    if next(retry_ms, None) is not None or next(reasons, None) is not None:
+        raise ValueError("more retry delays or reasons than outcomes that use them")
+    return out

@@ -34,8 +34,16 @@ def kinds(outcomes):
 
 class SdkTest(unittest.TestCase):
     def test_message_helpers(self):
-        m = mp.Message(message("x", id=(0xAB, 0x1), key=b"k", headers=[("a", "1"), ("a", "2")]),
-                       "t")
+        b = mp.Batch(batch([
+            message("x", id=(0xAB, 0x1), key=b"k", headers=[("a", "1"), ("a", "2")]),
+            message(b"\xff", id=(0xAB, 0x2), key=b"", tag="t2", headers=[("b", "3")]),
+            message("", id=(0xCD, 0x3), tag=""),
+        ], topic="t"))
+        self.assertEqual(len(b), 3)
+        m = b[0]
+        self.assertEqual(m.topic, "t")
+        self.assertEqual(m.id, (0xAB, 0x1))
+        self.assertIsNone(m.tag)
         self.assertEqual(m.id_hex, "00000000000000ab0000000000000001")
         self.assertEqual(len(m.id_hex), 32)
         self.assertEqual(m.id_bytes.hex(), m.id_hex)
@@ -43,6 +51,41 @@ class SdkTest(unittest.TestCase):
         self.assertEqual(m.header("a"), "2")
         self.assertEqual(m.headers, [("a", "1"), ("a", "2")])
         self.assertEqual(m.text, "x")
+        self.assertEqual(b.payloads, [b"x", b"\xff", b""])
+        self.assertEqual(b.keys, [b"k", b"", None])
+        self.assertEqual(b.tags, [None, "t2", ""])
+        self.assertEqual(b[1].headers, [("b", "3")])
+        self.assertEqual(b[2].headers, [])
+        self.assertEqual(b.id_hexes(), [x.id_hex for x in b])
+        self.assertEqual(b.id_hexes()[2], "00000000000000cd0000000000000003")
+        with self.assertRaises(UnicodeDecodeError):
+            b[1].text
+
+    def test_numbers_of_a_packed_batch_read_back_exactly(self):
+        ms = [message("a"), message("b", attempt=3)]
+        ms[0].partition, ms[0].offset, ms[0].timestamp_ms = 7, (1 << 64) - 1, 1_700_000_000_123
+        ms[1].partition, ms[1].offset = 0xFFFF_FFFF, 0
+        b = mp.Batch(batch(ms))
+        self.assertEqual(b.partitions, [7, 0xFFFF_FFFF])
+        self.assertEqual(b.offsets, [(1 << 64) - 1, 0])
+        self.assertEqual(b.timestamps_ms, [1_700_000_000_123, 0])
+        self.assertEqual(b.attempts, [1, 3])
+        self.assertEqual((b[1].attempt, b[1].is_redelivery, b[0].is_redelivery), (3, True, False))
+
+    def test_outcomes_are_packed_as_the_broker_reads_them(self):
+        from fakehost import unpack_outcomes
+        mixed = [mp.ACK, mp.Retry(5), mp.DeadLetter("bad"), mp.Ack(), mp.Retry(0)]
+        packed = mp._packed_outcomes(mixed, 5)
+        self.assertEqual(packed.kinds, bytes([0, 1, 2, 0, 1]))
+        self.assertEqual((packed.retry_ms, packed.reasons), ([5, 0], ["bad"]))
+        self.assertEqual(unpack_outcomes(packed), mixed)
+        self.assertEqual(mp._packed_outcomes([mp.Ack()] * 3, 3).kinds, bytes(3))
+        for wrong, error in (([mp.ACK], ValueError), ((mp.ACK, mp.ACK), TypeError),
+                             ([mp.ACK, "ack"], TypeError), ([mp.ACK, mp.Retry(-1)], ValueError),
+                             ([mp.ACK, mp.Retry(1 << 32)], ValueError),
+                             ([mp.ACK, mp.DeadLetter(b"x")], TypeError)):
+            with self.assertRaises(error, msg=repr(wrong)):
+                mp._packed_outcomes(wrong, 2)
 
     def test_state_helpers_and_paging(self):
         h = FakeHost()

@@ -2,7 +2,7 @@
 //! lines of code.
 //!
 //! An MSMQ consumer plugin is a WebAssembly component that targets the
-//! `consumer` world of the `msmq:plugin@1.2.0` WIT package (`wit/plugin.wit`
+//! `consumer` world of the `msmq:plugin@1.3.0` WIT package (`wit/plugin.wit`
 //! in the MSMQ repository). The broker hands the plugin batches of messages
 //! from one partition of the topic it consumes; the plugin returns one
 //! [`Outcome`] per message. Everything the plugin does while it handles a batch

@@ -39,7 +39,7 @@ async fn bad_components_and_specs_are_refused_with_clear_errors() -> anyhow::Res
     assert_eq!(e.code(), Some(ErrorCode::PLUGIN_REFUSED));
     assert!(
         e.to_string()
-            .contains("does not target the msmq:plugin/consumer world"),
+            .contains("does not target the msmq:plugin/consumer (or packed-consumer) world"),
         "{e}"
     );
 

@@ -13,7 +13,7 @@ use wit_parser::Resolve;
 const ADAPTER_WAT: &str = include_str!("adapter.wat");
 const ADAPTER_WIT: &str = include_str!("adapter.wit");
 /// How both files name the host interface; replaced by the WIT's version.
-const HOST_AS_WRITTEN: &str = "msmq:plugin/host@1.2.0";
+const HOST_AS_WRITTEN: &str = "msmq:plugin/host@1.3.0";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();

@@ -1,9 +1,10 @@
 // asyncprobe: async init and handle, for the SDK's tests. Config `fail`
 // makes init throw; a batch from topic `boom` makes handle throw; one from
 // `platform` logs what the JS platform offers (console, random, clocks,
-// timers), one from `fetch` calls fetch and one from `state` logs what the
-// SDK's many-key state calls read back; otherwise every other message is
-// retried after 5 ms.
+// timers), one from `fetch` calls fetch, one from `state` logs what the
+// SDK's many-key state calls read back and one from `fields` logs every
+// field of every message as the SDK's views read it; otherwise every other
+// message is retried after 5 ms.
 
 import { definePlugin, ack, retry, log, nowMs, state } from '../../msmq-plugin.js';
 
@@ -29,6 +30,28 @@ function stateCalls() {
   log.info(`state: ${JSON.stringify(bytes)} ${JSON.stringify(text)} ${notText} ${unequal} ${state.getMany([]).length}`);
 }
 
+// Every field through the Message views, and the batch-wide accessors.
+function fields(batch) {
+  const each = batch.messages.map((m) => ({
+    topic: m.topic,
+    id: `${m.id.hi.toString(16)}:${m.id.lo.toString(16)}`,
+    idHex: m.idHex,
+    partition: m.partition,
+    offset: String(m.offset),
+    timestampMs: String(m.timestampMs),
+    attempt: m.attempt,
+    redelivery: m.isRedelivery,
+    payload: [...m.payload],
+    text: m.text(true),
+    key: m.key === undefined ? null : m.keyText(),
+    tag: m.tag ?? null,
+    headers: m.headers,
+    header: m.header('h') ?? null,
+  }));
+  const texts = batch.texts().map((t) => t ?? null);
+  log.info(`fields: ${JSON.stringify({ each, texts, ids: batch.idHexes(), length: batch.length })}`);
+}
+
 async function platform() {
   console.log('asyncprobe: console.log reaches stdout');
   console.error('asyncprobe: console.error reaches stderr');
@@ -39,7 +62,7 @@ async function platform() {
   log.info(`platform: random=${Math.random() < 1} crypto=${bytes.length} dateSkewMs=${Math.abs(Date.now() - nowMs()) < 5000} timerWaitedMs>=20:${waited >= 20}`);
 }
 
-export const { init, handleBatch } = definePlugin({
+export const { init, handlePacked } = definePlugin({
   async init(config) {
     await null;
     if (config.has('fail')) throw new Error(`init refused: ${config.get('fail')}`);
@@ -50,6 +73,7 @@ export const { init, handleBatch } = definePlugin({
     if (batch.topic === 'platform') await platform();
     if (batch.topic === 'fetch') await fetch('http://127.0.0.1:9/');
     if (batch.topic === 'state') stateCalls();
+    if (batch.topic === 'fields') fields(batch);
     return batch.messages.map((_m, i) => (i % 2 ? retry(5) : ack()));
   },
 });

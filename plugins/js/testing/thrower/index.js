@@ -10,7 +10,7 @@ function checkAmount(text) {
   if (text === 'bad') throw new Error('bad amount');
 }
 
-export const { init, handleBatch } = definePlugin({
+export const { init, handlePacked } = definePlugin({
   handle(batch) {
     console.log(`thrower: a batch of ${batch.length} from ${batch.topic}`);
     return batch.messages.map((m) => {
