@@ -93,6 +93,13 @@ pub struct Config {
     /// or conflicting commit/rollback requests consistently.
     #[serde(with = "humantime_serde")]
     pub transaction_outcome_retention: Duration,
+    /// Most idempotent producer ids the broker holds at once; past it
+    /// `InitProducer` answers `PRODUCERS_FULL` until idle ones expire.
+    pub producers_max: u32,
+    /// An idempotent producer id unused this long is forgotten: its next
+    /// sequenced request gets `UNKNOWN_PRODUCER`.
+    #[serde(with = "humantime_serde")]
+    pub producer_idle_expiry: Duration,
     /// How long shutdown waits for in-flight requests.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
@@ -205,6 +212,8 @@ impl Default for Config {
             transaction_checks_per_sec_max: 2000,
             transaction_check_reply_timeout: Duration::from_secs(5),
             transaction_outcome_retention: Duration::from_secs(3600),
+            producers_max: 100_000,
+            producer_idle_expiry: Duration::from_secs(24 * 3600),
             shutdown_grace: Duration::from_secs(10),
             retention_default: Duration::from_secs(72 * 3600),
             retention_bytes_default: ByteSize(0),
@@ -283,6 +292,11 @@ impl Config {
         anyhow::ensure!(
             self.transaction_check_interval >= Duration::from_millis(10),
             "transaction_check_interval must be at least 10ms"
+        );
+        anyhow::ensure!(self.producers_max >= 1, "producers_max must be at least 1");
+        anyhow::ensure!(
+            self.producer_idle_expiry >= Duration::from_secs(1),
+            "producer_idle_expiry must be at least 1s"
         );
         anyhow::ensure!(
             self.transaction_check_max >= 1,

@@ -8,6 +8,7 @@ pub mod delivery;
 pub mod groups;
 pub mod metrics;
 pub mod plugins;
+pub mod producers;
 pub mod server;
 pub mod storage;
 pub mod tls;

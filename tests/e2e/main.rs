@@ -14,6 +14,7 @@ mod disk;
 mod faults;
 mod groups;
 mod harness;
+mod idempotence;
 mod limits;
 mod memory;
 mod metrics;

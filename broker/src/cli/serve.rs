@@ -100,6 +100,13 @@ pub struct ServeArgs {
     /// How long resolved transactions' outcomes are kept, e.g. "1h".
     #[arg(long, env = "MSMQ_TRANSACTION_OUTCOME_RETENTION", value_parser = humantime::parse_duration)]
     transaction_outcome_retention: Option<Duration>,
+    /// Most idempotent producer ids held at once; past it new producers get
+    /// PRODUCERS_FULL.
+    #[arg(long, env = "MSMQ_PRODUCERS_MAX")]
+    producers_max: Option<u32>,
+    /// How long an unused idempotent producer id is kept, e.g. "24h".
+    #[arg(long, env = "MSMQ_PRODUCER_IDLE_EXPIRY", value_parser = humantime::parse_duration)]
+    producer_idle_expiry: Option<Duration>,
     /// redb page cache, e.g. "64 MiB".
     #[arg(long, env = "MSMQ_CACHE_BYTES")]
     cache_bytes: Option<ByteSize>,
@@ -220,6 +227,8 @@ impl ServeArgs {
             transaction_checks_per_sec_max,
             transaction_check_reply_timeout,
             transaction_outcome_retention,
+            producers_max,
+            producer_idle_expiry,
             cache_bytes,
             plugin_component_bytes_max,
             retention_default,

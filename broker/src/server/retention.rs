@@ -8,6 +8,11 @@
 //! behind a long delete. redb reuses the freed pages for new batches, so the
 //! file stays bounded under steady load.
 //!
+//! It also removes idempotent producers' records idle past
+//! `producer_idle_expiry`, every [`PRODUCER_SWEEP_INTERVAL_MS`]: a record is
+//! already treated as gone once idle that long, the sweep only frees the
+//! disk.
+//!
 //! Invariants: only whole batches are removed, oldest first; a partition's
 //! start only moves forward; consumers below the new start continue from it.
 
@@ -15,6 +20,9 @@ use super::BrokerState;
 use crate::storage::{read, WriteOp, WriteOutcome};
 use msmq_protocol::Retention;
 use std::sync::Arc;
+
+/// Time between sweeps of idle producer records.
+pub const PRODUCER_SWEEP_INTERVAL_MS: u64 = 60_000;
 
 /// Most batches removed in one write transaction.
 pub const TRIM_BATCHES_PER_COMMIT_MAX: usize = 2_000;
@@ -45,6 +53,7 @@ pub fn effective(
 pub(super) async fn run(state: Arc<BrokerState>) {
     let mut ticker = tokio::time::interval(state.config.retention_check_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut next_producer_sweep = std::time::Instant::now();
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
@@ -56,6 +65,20 @@ pub(super) async fn run(state: Arc<BrokerState>) {
         for topic in state.registry.list() {
             if let Err(e) = trim_topic(&state, &topic).await {
                 tracing::warn!(topic = %topic.name, error = %e, "retention pass failed; will retry");
+            }
+        }
+        if std::time::Instant::now() >= next_producer_sweep {
+            next_producer_sweep += std::time::Duration::from_millis(PRODUCER_SWEEP_INTERVAL_MS);
+            let op = WriteOp::ExpireProducers {
+                now_ms: super::now_ms(),
+                idle_expiry_ms: state.config.producer_idle_expiry.as_millis() as u64,
+            };
+            match state.store.write(op).await {
+                Ok(WriteOutcome::ProducersExpired(n)) if n > 0 => {
+                    tracing::info!(producers = n, "forgot idle producers");
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "sweeping idle producers failed; will retry"),
             }
         }
     }

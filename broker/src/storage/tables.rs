@@ -62,6 +62,9 @@ pub const PLUGIN_RETRIES: TableDefinition<(&str, u32, u32, u64), (u64, u32)> =
 pub const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
 /// principal → postcard `Vec<AclRule>`: what the principal may do.
 pub const ACLS: TableDefinition<&str, &[u8]> = TableDefinition::new("acls");
+/// producer id → postcard [`crate::producers::ProducerRecord`]: idempotent
+/// producers, their sequences and their latest replies.
+pub const PRODUCERS: TableDefinition<u64, &[u8]> = TableDefinition::new("producers");
 /// Broker-wide counters.
 pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
@@ -71,6 +74,8 @@ pub const META_NEXT_TOPIC_ID: &str = "next_topic_id";
 pub const META_NEXT_MESSAGE_SEQUENCE: &str = "next_message_sequence";
 /// Key in [`META`]: the next transaction id.
 pub const META_NEXT_TX_ID: &str = "next_tx_id";
+/// Key in [`META`]: the next producer id to hand out (never reused).
+pub const META_NEXT_PRODUCER_ID: &str = "next_producer_id";
 /// Key in [`META`]: this store's random id, the first half of message ids.
 pub const META_STORE_ID: &str = "store_id";
 
@@ -98,6 +103,7 @@ pub fn create_all(db: &Database) -> Result<(), StorageError> {
     txn.open_table(PLUGIN_COMPONENTS)?;
     txn.open_table(PLUGIN_STATE)?;
     txn.open_table(PLUGIN_RETRIES)?;
+    txn.open_table(PRODUCERS)?;
     let mut meta = txn.open_table(META)?;
     if meta.get(META_STORE_ID)?.is_none() {
         // Never 0, so an id from this store is never all zeros.

@@ -18,10 +18,13 @@
 use super::segments::{SegmentId, SegmentReaper, Segments};
 use super::{batch, tables, Durability, StorageError, StoreOptions};
 use crate::delivery::{RetryPolicy, RetryRecord};
+use crate::producers::{
+    self, Admission, Claim, Placement, ProducerError, ProducerRecord, Slot, StoredReply,
+};
 use crate::topics::{Topic, TopicMeta, TopicRegistry};
 use crate::transactions::{HalfRecord, OutcomeRecord, PendingTx, TxOutcome, TxSchedule, TxSource};
 use msmq_protocol::NewMessage;
-use redb::ReadableTable;
+use redb::{ReadableTable, ReadableTableMetadata};
 mod recovery;
 
 use std::cell::RefCell;
@@ -60,6 +63,9 @@ pub enum WriteOp {
         topic: Arc<Topic>,
         appends: Vec<PartitionAppend>,
         scheduled: Vec<(u32, u64, NewMessage)>,
+        /// For a sequenced produce: the producer's claim and each message's
+        /// slot (to remember where they went).
+        producer: Option<(Claim, Vec<Slot>)>,
     },
     /// Move up to `max` scheduled messages due at `now_ms` into their logs.
     ReleaseDue {
@@ -85,6 +91,22 @@ pub enum WriteOp {
         halves: Vec<(u32, NewMessage)>,
         created_at_ms: u64,
         first_check_at_ms: u64,
+        /// For a sequenced `SendHalf`.
+        producer: Option<Claim>,
+    },
+    /// Give out a new producer id (`None`) or the next epoch of one the
+    /// principal holds; producer ids past their idle expiry go first.
+    InitProducer {
+        producer_id: Option<u64>,
+        principal: String,
+        now_ms: u64,
+        idle_expiry_ms: u64,
+        producers_max: u32,
+    },
+    /// Remove producer records idle for longer than `idle_expiry_ms`.
+    ExpireProducers {
+        now_ms: u64,
+        idle_expiry_ms: u64,
     },
     /// Commit or roll back a transaction.
     EndTransaction {
@@ -274,6 +296,12 @@ pub enum WriteOutcome {
     OffsetsCommitted,
     /// (transaction id, message sequence) per half message, in request order.
     HalfStored(Vec<(u64, u64)>),
+    /// A sequenced request that was stored before: its original reply.
+    Repeated(StoredReply),
+    /// (producer id, epoch).
+    ProducerInit(u64, u32),
+    /// Producer records removed.
+    ProducersExpired(u64),
     /// The transaction is committed (now, or already before: idempotent).
     TxCommitted(Landed),
     /// The transaction is rolled back (now, or already before).
@@ -332,6 +360,10 @@ pub enum WriteError {
     Corrupt(String),
     #[error("the broker is shutting down")]
     ShuttingDown,
+    #[error(transparent)]
+    Producer(#[from] ProducerError),
+    #[error("the broker holds producers_max = {0} producer ids; idle ones expire after producer_idle_expiry")]
+    ProducersFull(u32),
 }
 
 type Reply = oneshot::Sender<Result<WriteOutcome, WriteError>>;
@@ -525,6 +557,7 @@ struct Tables<'t> {
     plugin_components: redb::Table<'t, &'static str, &'static [u8]>,
     plugin_state: redb::Table<'t, (&'static str, &'static [u8]), &'static [u8]>,
     plugin_retries: redb::Table<'t, (&'static str, u32, u32, u64), (u64, u32)>,
+    producers: redb::Table<'t, u64, &'static [u8]>,
 }
 
 fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
@@ -760,6 +793,7 @@ impl Writer {
                 plugin_components: txn.open_table(tables::PLUGIN_COMPONENTS)?,
                 plugin_state: txn.open_table(tables::PLUGIN_STATE)?,
                 plugin_retries: txn.open_table(tables::PLUGIN_RETRIES)?,
+                producers: txn.open_table(tables::PRODUCERS)?,
             };
             let mut scope = Scope::default();
             for op in ops.iter_mut() {
@@ -1200,9 +1234,18 @@ impl Writer {
                 topic,
                 appends,
                 scheduled,
+                producer,
             } => {
+                let admitted = match producer {
+                    Some((claim, _)) => admit_claim(t, claim)?,
+                    None => Ok(None),
+                };
                 if !self.is_live(topic, scope) {
                     Err(WriteError::UnknownTopic(topic.name.clone()))
+                } else if let Err(e) = admitted {
+                    Err(e)
+                } else if let Ok(Some(reply)) = admitted {
+                    Ok(WriteOutcome::Repeated(reply))
                 } else {
                     let mut sequences = Vec::with_capacity(scheduled.len());
                     for (partition, due_ms, message) in scheduled.iter() {
@@ -1224,6 +1267,15 @@ impl Writer {
                     let mut bases = Vec::with_capacity(appends.len());
                     for append in appends.iter_mut() {
                         bases.push(self.append_with_ids(t, fx, topic, append)?);
+                    }
+                    if let Some((claim, slots)) = producer {
+                        let appended = appends
+                            .iter()
+                            .zip(&bases)
+                            .map(|(a, (base, sequence))| (a.partition, *base, *sequence))
+                            .collect();
+                        let placement = Placement::new(slots, appended, sequences.clone());
+                        remember_claim(t, claim, StoredReply::Produced(placement))?;
                     }
                     Ok(WriteOutcome::Appended(bases, sequences))
                 }
@@ -1293,12 +1345,21 @@ impl Writer {
                 halves,
                 created_at_ms,
                 first_check_at_ms,
+                producer,
             } => {
+                let admitted = match producer {
+                    Some(claim) => admit_claim(t, claim)?,
+                    None => Ok(None),
+                };
                 if !self.is_live(topic, scope) {
                     Err(WriteError::UnknownTopic(topic.name.clone()))
+                } else if let Err(e) = admitted {
+                    Err(e)
+                } else if let Ok(Some(reply)) = admitted {
+                    Ok(WriteOutcome::Repeated(reply))
                 } else {
                     let mut ids = Vec::with_capacity(halves.len());
-                    for (partition, message) in halves {
+                    for (partition, message) in halves.iter() {
                         let tx_id = fx.counters.next_tx_id;
                         fx.counters.next_tx_id += 1;
                         let sequence = fx.counters.take_sequences(1);
@@ -1325,9 +1386,41 @@ impl Writer {
                         ));
                         ids.push((tx_id, sequence));
                     }
+                    if let Some(claim) = producer {
+                        let stored = ids
+                            .iter()
+                            .zip(halves.iter())
+                            .map(|(&(tx_id, sequence), (partition, _))| {
+                                (tx_id, sequence, *partition)
+                            })
+                            .collect();
+                        remember_claim(t, claim, StoredReply::HalfStored(stored))?;
+                    }
                     Ok(WriteOutcome::HalfStored(ids))
                 }
             }
+            WriteOp::InitProducer {
+                producer_id,
+                principal,
+                now_ms,
+                idle_expiry_ms,
+                producers_max,
+            } => init_producer(
+                t,
+                *producer_id,
+                principal,
+                *now_ms,
+                *idle_expiry_ms,
+                *producers_max,
+            )?,
+            WriteOp::ExpireProducers {
+                now_ms,
+                idle_expiry_ms,
+            } => Ok(WriteOutcome::ProducersExpired(expire_producers(
+                t,
+                *now_ms,
+                *idle_expiry_ms,
+            )?)),
             WriteOp::EndTransaction {
                 tx_id,
                 producer_group,
@@ -1739,6 +1832,102 @@ fn unreachable_discarded(tx_id: u64) -> Result<WriteOutcome, WriteError> {
 /// Names and ids created or deleted earlier in the same transaction.
 /// Count what a committed request did that metrics report: dead letters and
 /// plugin retries (only after the commit, so a failed one counts nothing).
+/// The producer's verdict on a claim: `Ok(None)` to store it, `Ok(Some)`
+/// for a repeat, `Err` to refuse it. The outer error is storage's.
+fn admit_claim(
+    t: &Tables<'_>,
+    claim: &Claim,
+) -> Result<Result<Option<StoredReply>, WriteError>, StorageError> {
+    let record = read_producer(t, claim.producer_id)?;
+    Ok(match producers::admit(record.as_ref(), claim) {
+        Ok(Admission::New) => Ok(None),
+        Ok(Admission::Repeat(reply)) => Ok(Some(reply)),
+        Err(e) => Err(WriteError::Producer(e)),
+    })
+}
+
+/// Record a stored request in its producer's record (admitted just before,
+/// in the same transaction, so the record is there).
+fn remember_claim(
+    t: &mut Tables<'_>,
+    claim: &Claim,
+    reply: StoredReply,
+) -> Result<(), StorageError> {
+    let Some(mut record) = read_producer(t, claim.producer_id)? else {
+        return Err(StorageError::Corrupt(format!(
+            "producer {} vanished within a transaction",
+            claim.producer_id
+        )));
+    };
+    record.remember(claim, reply);
+    t.producers
+        .insert(claim.producer_id, encode(&record).as_slice())?;
+    Ok(())
+}
+
+fn read_producer(t: &Tables<'_>, producer_id: u64) -> Result<Option<ProducerRecord>, StorageError> {
+    match t.producers.get(producer_id)? {
+        Some(v) => Ok(Some(decode(v.value(), "producer record")?)),
+        None => Ok(None),
+    }
+}
+
+fn init_producer(
+    t: &mut Tables<'_>,
+    producer_id: Option<u64>,
+    principal: &str,
+    now_ms: u64,
+    idle_expiry_ms: u64,
+    producers_max: u32,
+) -> Result<Result<WriteOutcome, WriteError>, StorageError> {
+    if let Some(id) = producer_id {
+        let mut record = match read_producer(t, id)? {
+            Some(r) if !r.is_expired(now_ms, idle_expiry_ms) => r,
+            _ => return Ok(Err(ProducerError::Unknown(id).into())),
+        };
+        if record.principal != principal {
+            return Ok(Err(ProducerError::NotYours(id).into()));
+        }
+        record.bump_epoch(now_ms);
+        t.producers.insert(id, encode(&record).as_slice())?;
+        return Ok(Ok(WriteOutcome::ProducerInit(id, record.epoch)));
+    }
+    if t.producers.len()? >= producers_max as u64
+        && (expire_producers(t, now_ms, idle_expiry_ms)? == 0
+            || t.producers.len()? >= producers_max as u64)
+    {
+        return Ok(Err(WriteError::ProducersFull(producers_max)));
+    }
+    let id = t
+        .meta
+        .get(tables::META_NEXT_PRODUCER_ID)?
+        .map_or(1, |v| v.value());
+    t.meta.insert(tables::META_NEXT_PRODUCER_ID, id + 1)?;
+    let record = ProducerRecord::new(principal.to_string(), now_ms);
+    t.producers.insert(id, encode(&record).as_slice())?;
+    Ok(Ok(WriteOutcome::ProducerInit(id, record.epoch)))
+}
+
+/// Remove the producer records idle past the expiry; how many went.
+fn expire_producers(
+    t: &mut Tables<'_>,
+    now_ms: u64,
+    idle_expiry_ms: u64,
+) -> Result<u64, StorageError> {
+    let mut idle = Vec::new();
+    for entry in t.producers.iter()? {
+        let (id, value) = entry?;
+        let record: ProducerRecord = decode(value.value(), "producer record")?;
+        if record.is_expired(now_ms, idle_expiry_ms) {
+            idle.push(id.value());
+        }
+    }
+    for id in &idle {
+        t.producers.remove(id)?;
+    }
+    Ok(idle.len() as u64)
+}
+
 fn count_committed(m: &crate::metrics::Metrics, op: &WriteOp) {
     match op {
         WriteOp::Settle { dead_letters, .. } => {

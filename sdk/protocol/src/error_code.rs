@@ -105,6 +105,26 @@ codes! {
     /// grows the log is refused until space returns; retry after
     /// `retry_after_ms`.
     DISK_FULL = 27, retryable = true;
+    /// The producer id has a newer epoch (another `InitProducer` for it):
+    /// this producer instance is a zombie and must stop.
+    PRODUCER_FENCED = 28, retryable = false;
+    /// The broker holds no such producer id for this principal: never
+    /// given out, or expired after `producer_idle_expiry`. Get a new one
+    /// with `InitProducer`; deduplication starts again from there.
+    UNKNOWN_PRODUCER = 29, retryable = false;
+    /// A sequenced request does not continue the producer's sequence (a
+    /// request before it is missing or still in flight); the message says
+    /// which sequence was expected. Retryable: an earlier request in flight
+    /// may yet arrive.
+    SEQUENCE_OUT_OF_ORDER = 30, retryable = true;
+    /// The request's sequence numbers were stored already, longer ago than
+    /// the broker remembers replies for (the producer's last
+    /// `PRODUCER_REQUESTS_REMEMBERED` requests): nothing was stored again,
+    /// and the original acknowledgement is gone.
+    DUPLICATE_SEQUENCE = 31, retryable = false;
+    /// The broker holds `producers_max` producer ids; retry after
+    /// `retry_after_ms` (idle ids expire) or produce without idempotence.
+    PRODUCERS_FULL = 32, retryable = true;
 }
 
 impl fmt::Debug for ErrorCode {

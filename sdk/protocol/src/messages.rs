@@ -270,6 +270,40 @@ pub enum Request {
     GetAcl {
         principal: String,
     },
+    /// Become an idempotent producer: `None` gets a new producer id (epoch
+    /// 0); `Some(id)`, an id this principal holds, gets the next epoch of it,
+    /// which fences every request of the older epochs. Reply:
+    /// [`Reply::ProducerInit`].
+    InitProducer {
+        producer_id: Option<u64>,
+    },
+    /// A `Produce` or `SendHalf` numbered by an idempotent producer: its
+    /// messages take the producer's sequence numbers `sequence ..
+    /// sequence + count`. Sent again with the same numbers (after a lost
+    /// reply, over any connection), it is answered with the original
+    /// reply and stored nothing. Reply: that of the inner request.
+    Sequenced {
+        producer: ProducerSequence,
+        request: Box<Request>,
+    },
+}
+
+/// Which producer numbered a request, and how.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProducerSequence {
+    pub producer_id: u64,
+    pub epoch: u32,
+    /// The sequence number of the request's first message; the producer's
+    /// first request has 0, each next one the previous one's plus its
+    /// message count.
+    pub sequence: u64,
+}
+
+/// An idempotent producer's identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProducerIdentity {
+    pub producer_id: u64,
+    pub epoch: u32,
 }
 
 /// A message found by id or key, with where it is.
@@ -381,6 +415,7 @@ pub enum Reply {
     },
     Tokens(Vec<TokenInfo>),
     Acl(Vec<AclRule>),
+    ProducerInit(ProducerIdentity),
 }
 
 /// The answer to one decision of an `EndTransactions` request.

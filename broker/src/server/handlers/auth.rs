@@ -81,7 +81,10 @@ fn required(request: &Request) -> Option<Vec<(AclResource, &str, AclAction)>> {
         | Request::ListGroups
         | Request::DescribeGroup { .. }
         | Request::ListPlugins
-        | Request::PluginStats { .. } => vec![],
+        | Request::PluginStats { .. }
+        | Request::InitProducer { .. } => vec![],
+        // What the wrapped request needs (only Produce and SendHalf are served).
+        Request::Sequenced { request, .. } => return required(request),
         Request::Produce { topic, .. } => vec![(Topic, topic.as_str(), Produce)],
         Request::Fetch { topic, .. } | Request::FindMessages { topic, .. } => {
             vec![(Topic, topic.as_str(), Consume)]

@@ -13,10 +13,14 @@ mod tx;
 use super::connection::ConnectionContext;
 use super::BrokerState;
 use crate::groups::GroupError;
+use crate::producers::ProducerError;
 use crate::storage::{StorageError, WriteError};
 use msmq_protocol::{ErrorCode, ErrorReply, Reply, Request};
 
 pub(super) use ack::{expire_leases, load_acks};
+
+/// Retry hint given with `PRODUCERS_FULL`.
+pub const PRODUCERS_FULL_RETRY_AFTER_MS: u32 = 60_000;
 
 pub(super) async fn handle(
     state: &std::sync::Arc<BrokerState>,
@@ -24,7 +28,11 @@ pub(super) async fn handle(
     request: Request,
 ) -> Result<Reply, ErrorReply> {
     let started = std::time::Instant::now();
-    let produced_bytes = match &request {
+    let inner = match &request {
+        Request::Sequenced { request, .. } => request.as_ref(),
+        other => other,
+    };
+    let produced_bytes = match inner {
         Request::Produce { messages, .. } => {
             Some(messages.iter().map(|m| m.size_bytes() as u64).sum())
         }
@@ -118,11 +126,7 @@ async fn dispatch(
         Request::DescribeTopic { name } => admin::describe_topic(state, name).await,
         Request::ListGroups => admin::list_groups(state).await,
         Request::DescribeGroup { group } => admin::describe_group(state, group).await,
-        Request::Produce {
-            topic,
-            partition,
-            messages,
-        } => produce::produce(state, topic, partition, messages).await,
+        request @ Request::Produce { .. } => produce_or_half(state, request, None).await,
         Request::Fetch {
             topic,
             partition,
@@ -168,23 +172,13 @@ async fn dispatch(
         Request::RegisterProducer { producer_group } => {
             tx::register_producer(state, ctx, producer_group)
         }
-        Request::SendHalf {
-            producer_group,
-            topic,
-            partition,
-            messages,
-            check_immunity_ms,
-        } => {
-            tx::send_half(
-                state,
-                producer_group,
-                topic,
-                partition,
-                messages,
-                check_immunity_ms,
-            )
-            .await
+        Request::InitProducer { producer_id } => {
+            produce::init_producer(state, principal_of(ctx), producer_id).await
         }
+        Request::Sequenced { producer, request } => {
+            produce_or_half(state, *request, Some((producer, principal_of(ctx)))).await
+        }
+        request @ Request::SendHalf { .. } => produce_or_half(state, request, None).await,
         Request::EndTransaction {
             producer_group,
             tx_id,
@@ -253,6 +247,53 @@ fn unknown_topic(name: &str) -> ErrorReply {
     )
 }
 
+/// A `Produce` or `SendHalf`, numbered by an idempotent producer or not.
+async fn produce_or_half(
+    state: &std::sync::Arc<BrokerState>,
+    request: Request,
+    sequenced: Option<(msmq_protocol::ProducerSequence, String)>,
+) -> Result<Reply, ErrorReply> {
+    match request {
+        Request::Produce {
+            topic,
+            partition,
+            messages,
+        } => produce::produce(state, topic, partition, messages, sequenced).await,
+        Request::SendHalf {
+            producer_group,
+            topic,
+            partition,
+            messages,
+            check_immunity_ms,
+        } => {
+            tx::send_half(
+                state,
+                producer_group,
+                topic,
+                partition,
+                messages,
+                check_immunity_ms,
+                sequenced,
+            )
+            .await
+        }
+        _ => Err(invalid(
+            "only Produce and SendHalf requests can be sequenced",
+        )),
+    }
+}
+
+/// The authenticated principal of a connection; "" when authentication is
+/// off (every connection is then the same anonymous principal).
+fn principal_of(ctx: &ConnectionContext) -> String {
+    ctx.principal
+        .lock()
+        .expect("principal lock")
+        .as_ref()
+        .map(|(_, principal)| principal.clone())
+        .unwrap_or_default()
+}
+
 fn from_write(e: WriteError) -> ErrorReply {
     let code = match &e {
         WriteError::TopicExists(_) => ErrorCode::TOPIC_EXISTS,
@@ -263,6 +304,23 @@ fn from_write(e: WriteError) -> ErrorReply {
         WriteError::UnknownTransaction(_) => ErrorCode::UNKNOWN_TRANSACTION,
         WriteError::TransactionResolved { .. } => ErrorCode::TRANSACTION_RESOLVED,
         WriteError::WrongProducerGroup { .. } => ErrorCode::INVALID_ARGUMENT,
+        WriteError::Producer(p) => match p {
+            ProducerError::Unknown(_) => ErrorCode::UNKNOWN_PRODUCER,
+            ProducerError::Fenced { .. } => ErrorCode::PRODUCER_FENCED,
+            ProducerError::OutOfOrder { .. } => ErrorCode::SEQUENCE_OUT_OF_ORDER,
+            ProducerError::Forgotten { .. } => ErrorCode::DUPLICATE_SEQUENCE,
+            ProducerError::NotYours(_) => ErrorCode::FORBIDDEN,
+            ProducerError::FutureEpoch { .. } | ProducerError::NotTheSameRequest { .. } => {
+                ErrorCode::INVALID_ARGUMENT
+            }
+        },
+        WriteError::ProducersFull(_) => {
+            return ErrorReply {
+                code: ErrorCode::PRODUCERS_FULL,
+                message: e.to_string(),
+                retry_after_ms: Some(PRODUCERS_FULL_RETRY_AFTER_MS),
+            }
+        }
     };
     ErrorReply::new(code, e.to_string())
 }

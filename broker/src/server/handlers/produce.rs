@@ -1,22 +1,72 @@
-//! Produce: validate, route to partitions, append durably, acknowledge.
+//! Produce: validate, route to partitions, append durably, acknowledge;
+//! idempotent producers' ids and sequenced produces.
 
 use super::{from_write, invalid, now_ms, unknown_topic};
+use crate::producers::{Claim, Slot, StoredReply};
 use crate::server::BrokerState;
 use crate::storage::{batch, PartitionAppend, WriteOp, WriteOutcome};
 use crate::topics::Topic;
 use msmq_protocol::{
-    ErrorCode, ErrorReply, MessageAck, MessageId, NewMessage, Reply, SCHEDULED_OFFSET,
+    ErrorCode, ErrorReply, MessageAck, MessageId, NewMessage, ProducerIdentity, ProducerSequence,
+    Reply, SCHEDULED_OFFSET,
 };
 use std::collections::BTreeMap;
 
 /// Retry hint given with `BACKLOG_FULL`.
 pub const BACKLOG_RETRY_AFTER_MS: u32 = 1000;
 
+/// A new producer id, or the next epoch of `producer_id`.
+pub(super) async fn init_producer(
+    state: &BrokerState,
+    principal: String,
+    producer_id: Option<u64>,
+) -> Result<Reply, ErrorReply> {
+    let outcome = state
+        .store
+        .write(WriteOp::InitProducer {
+            producer_id,
+            principal,
+            now_ms: now_ms(),
+            idle_expiry_ms: state.config.producer_idle_expiry.as_millis() as u64,
+            producers_max: state.config.producers_max,
+        })
+        .await
+        .map_err(from_write)?;
+    match outcome {
+        WriteOutcome::ProducerInit(producer_id, epoch) => {
+            Ok(Reply::ProducerInit(ProducerIdentity { producer_id, epoch }))
+        }
+        _ => Err(ErrorReply::new(
+            ErrorCode::INTERNAL,
+            "unexpected write outcome",
+        )),
+    }
+}
+
+/// What the writer checks a sequenced request of `count` messages against.
+pub(super) fn claim(
+    state: &BrokerState,
+    (producer, principal): (ProducerSequence, String),
+    count: usize,
+    now_ms: u64,
+) -> Claim {
+    Claim {
+        producer_id: producer.producer_id,
+        epoch: producer.epoch,
+        sequence: producer.sequence,
+        count: count as u32,
+        principal,
+        now_ms,
+        idle_expiry_ms: state.config.producer_idle_expiry.as_millis() as u64,
+    }
+}
+
 pub(super) async fn produce(
     state: &BrokerState,
     topic_name: String,
     partition: Option<u32>,
     messages: Vec<NewMessage>,
+    sequenced: Option<(ProducerSequence, String)>,
 ) -> Result<Reply, ErrorReply> {
     let topic = state
         .registry
@@ -74,20 +124,34 @@ pub(super) async fn produce(
         })
         .collect();
     let any_scheduled = !scheduled.is_empty();
+    let producer = sequenced.map(|s| {
+        let mut slots: Vec<Slot> = partitions.iter().map(|p| Slot::Log(*p)).collect();
+        for i in &scheduled_at {
+            slots[*i] = Slot::Scheduled(partitions[*i]);
+        }
+        (claim(state, s, messages.len(), timestamp_ms), slots)
+    });
     let outcome = state
         .store
         .write(WriteOp::Append {
             topic: topic.clone(),
             appends,
             scheduled,
+            producer,
         })
         .await
         .map_err(from_write)?;
-    let WriteOutcome::Appended(bases, sequences) = outcome else {
-        return Err(ErrorReply::new(
-            ErrorCode::INTERNAL,
-            "unexpected write outcome",
-        ));
+    let (bases, sequences) = match outcome {
+        WriteOutcome::Appended(bases, sequences) => (bases, sequences),
+        WriteOutcome::Repeated(StoredReply::Produced(placement)) => {
+            return Ok(Reply::Produced(placement.acks(state.store.store_id())));
+        }
+        _ => {
+            return Err(ErrorReply::new(
+                ErrorCode::INTERNAL,
+                "unexpected write outcome",
+            ))
+        }
     };
     if any_scheduled {
         state.scheduler_wake.notify_one();

@@ -1,15 +1,17 @@
 //! Transactional producers: registration, half messages, commit/rollback,
 //! and the operator's view of pending and discarded transactions.
 
-use super::produce::{check_limits, route};
+use super::produce::{check_limits, claim, route};
 use super::{blocking, from_write, invalid, now_ms, unknown_topic};
+use crate::producers::{half_acks, StoredReply};
 use crate::server::connection::ConnectionContext;
 use crate::server::BrokerState;
 use crate::storage::{read, WriteOp, WriteOutcome};
 use crate::transactions::{TxOutcome, TxSource};
 use msmq_protocol::{
     names::validate_name, DiscardedAction, ErrorCode, ErrorReply, HalfAck, MessageAck, MessageId,
-    NewMessage, Reply, TransactionInfo, TxAction, TxDecision, TxEndResult, TxEnded,
+    NewMessage, ProducerSequence, Reply, TransactionInfo, TxAction, TxDecision, TxEndResult,
+    TxEnded,
 };
 use std::time::Duration;
 
@@ -43,6 +45,7 @@ pub(super) async fn send_half(
     partition: Option<u32>,
     messages: Vec<NewMessage>,
     check_immunity_ms: u32,
+    sequenced: Option<(ProducerSequence, String)>,
 ) -> Result<Reply, ErrorReply> {
     validate_name("producer group", &producer_group).map_err(invalid)?;
     let topic = state
@@ -68,14 +71,21 @@ pub(super) async fn send_half(
         halves: partitions.iter().copied().zip(messages).collect(),
         created_at_ms,
         first_check_at_ms: created_at_ms + wait.as_millis() as u64,
-    };
-    let WriteOutcome::HalfStored(ids) = state.store.write(op).await.map_err(from_write)? else {
-        return Err(ErrorReply::new(
-            ErrorCode::INTERNAL,
-            "unexpected write outcome",
-        ));
+        producer: sequenced.map(|s| claim(state, s, partitions.len(), created_at_ms)),
     };
     let store_id = state.store.store_id();
+    let ids = match state.store.write(op).await.map_err(from_write)? {
+        WriteOutcome::HalfStored(ids) => ids,
+        WriteOutcome::Repeated(StoredReply::HalfStored(halves)) => {
+            return Ok(Reply::HalfStored(half_acks(&halves, store_id)));
+        }
+        _ => {
+            return Err(ErrorReply::new(
+                ErrorCode::INTERNAL,
+                "unexpected write outcome",
+            ))
+        }
+    };
     Ok(Reply::HalfStored(
         ids.into_iter()
             .zip(partitions)
