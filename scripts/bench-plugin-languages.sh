@@ -101,7 +101,6 @@ if os.environ.get("WRITE_DOCS"):
     names = {"rust": "Rust", "c": "C", "python": "Python", "js": "JavaScript", "go": "Go"}
     mib = lambda b: f"{b / 1048576:.0f} MiB" if b >= 1048576 else f"{b / 1024:.0f} KiB"
     section = [
-        "<!-- plugin-languages:begin -->",
         "## Billing plugin by language",
         "",
         "Written by `scripts/bench-plugin-languages.sh` (commit "
@@ -123,14 +122,7 @@ if os.environ.get("WRITE_DOCS"):
             f"{r['in_call'] / 1000:.2f} ms | {r['per_batch'] / 1000:.2f} ms | "
             f"{mib(r['memory'])} ({mib(r['memory_max'])}) | {r['failed']} | {r['recycled']} | "
             f"{r['wrong']} |")
-    section.append("<!-- plugin-languages:end -->")
-    path = "docs/benchmarks.md"
-    text = open(path).read()
-    begin, end = "<!-- plugin-languages:begin -->", "<!-- plugin-languages:end -->"
-    if begin in text:
-        text = text[:text.index(begin)] + "\n".join(section) + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + "\n".join(section) + "\n"
-    open(path, "w").write(text)
-    print(f"wrote the section to {path}")
+    import subprocess
+    subprocess.run([sys.executable, "scripts/docs_section.py", "plugin-languages", "docs/benchmarks.md"],
+                   input="\n".join(section), text=True, check=True)
 EOF

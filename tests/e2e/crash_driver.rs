@@ -2,12 +2,19 @@
 //! SIGKILLed at seeded random moments, at least [`KILLS_MIN`] times a run,
 //! with an oracle checking the broker's state after every restart.
 //!
-//! The workload, started again after each restart: two plain producers
-//! (keyed and unkeyed batches), a transactional producer that commits or
-//! rolls back by a seeded coin and answers check-backs from the same coin,
-//! a consumer group acknowledging message by message, and a stateful plugin
-//! (`stateful-publisher`) that counts every message in its state and
-//! republishes it.
+//! The workload: two plain idempotent producers (keyed and unkeyed
+//! batches) and a transactional producer that commits or rolls back by a
+//! seeded coin and answers check-backs from the same coin, all three
+//! running through every kill (each send is retried, with the same producer
+//! id and sequence, until the restarted broker answers); and, started again
+//! after each restart, a consumer group acknowledging message by message and
+//! a stateful plugin (`stateful-publisher`) that counts every message in its
+//! state and republishes it.
+//!
+//! At the end the producers stop after their current send, and the oracle
+//! checks every message they sent, acknowledged or not: each plain message
+//! is in the log exactly once, each transaction whose coin said commit is
+//! there once, none whose coin said roll back is.
 //!
 //! The oracle, after each restart:
 //! - every acknowledged message is in the log once, at its offset;
@@ -26,12 +33,17 @@
 use crate::harness::{read_all, TestBroker};
 use crate::plugins::{deploy, rust_component, spec, state};
 use crate::transactions::FAST_CHECKS;
-use msmq_client::{Client, ConsumerOptions, FetchLimits, NewMessage, TransactionCheck, TxAction};
+use msmq_client::{
+    Client, ClientOptions, ConsumerOptions, FetchLimits, NewMessage, TransactionCheck, TxAction,
+};
 use rand::{Rng, SeedableRng};
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// How long a producer's connection attempt waits for the broker.
+const PRODUCER_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// Kills per run, unless `MSMQ_CRASH_DRIVER_KILLS` says more.
 const KILLS_MIN: usize = 30;
 const TOPIC: &str = "orders";
@@ -58,6 +70,15 @@ struct Ledger {
     rollback_acked: HashSet<String>,
     /// (partition, offset) → payload of every message the group received.
     delivered: HashMap<(u32, u64), String>,
+    /// Every plain message a producer sent (each exactly once), acknowledged
+    /// or not.
+    sent: Vec<String>,
+    /// Sends that returned an error (their messages may or may not be stored).
+    send_failures: Vec<String>,
+    /// Kills so far; a send that starts before a kill and ends after it
+    /// was in flight through the kill (sent again, or first sent after it).
+    kills: usize,
+    sends_through_kills: usize,
 }
 
 type Shared = Arc<Mutex<Ledger>>;
@@ -72,6 +93,20 @@ pub struct Report {
     pub tx_rolled_back: usize,
     pub delivered: usize,
     pub plugin_effects: usize,
+    /// At the end: plain messages sent, and how many of them the log lacks
+    /// or holds more than once.
+    pub plain_sent: usize,
+    pub plain_missing: usize,
+    pub plain_duplicated: usize,
+    /// At the end: transactions sent whose coin said commit, and how many
+    /// of them the log lacks or holds more than once.
+    pub tx_sent_commit: usize,
+    pub tx_missing: usize,
+    pub tx_duplicated: usize,
+    /// Sends that failed for good.
+    pub send_failures: usize,
+    /// Plain sends in flight through a kill, all stored once.
+    pub sends_through_kills: usize,
     /// The first check that failed, if any.
     pub violations: Vec<String>,
 }
@@ -108,10 +143,13 @@ pub async fn run(seed: u64, broken: bool) -> anyhow::Result<Report> {
     }
     let ledger: Shared = Arc::default();
     let mut report = Report::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let producers = start_producers(&broker, &ledger, &stop, rng.random()).await?;
     for round in 0..kills {
-        let workload = start_workload(&broker, &ledger, round, rng.random()).await?;
+        let workload = start_consumer(&broker, &ledger).await?;
         tokio::time::sleep(Duration::from_millis(rng.random_range(100..600))).await;
         broker.kill9();
+        ledger.lock().expect("ledger").kills += 1;
         for task in workload {
             task.abort();
         }
@@ -123,6 +161,10 @@ pub async fn run(seed: u64, broken: bool) -> anyhow::Result<Report> {
         if !found.is_empty() {
             report.violations = found;
             println!("round {round}: the oracle found {:?}", report.violations);
+            stop.store(true, Ordering::Relaxed);
+            for task in producers {
+                task.abort();
+            }
             return Ok(report);
         }
         println!(
@@ -135,8 +177,13 @@ pub async fn run(seed: u64, broken: bool) -> anyhow::Result<Report> {
             report.plugin_effects
         );
     }
+    // The producers finish their current sends (retried until stored).
+    stop.store(true, Ordering::Relaxed);
+    for task in producers {
+        tokio::time::timeout(Duration::from_secs(120), task).await???;
+    }
     // Let check-backs and the plugin finish, then the final check: every
-    // acknowledged half is resolved by its coin and the plugin caught up.
+    // sent half is resolved by its coin and the plugin caught up.
     let client = broker.client().await?;
     let _answers = client
         .transactional_producer(PRODUCER_GROUP, TOPIC, answer_from(ledger.clone()))
@@ -152,15 +199,69 @@ pub async fn run(seed: u64, broken: bool) -> anyhow::Result<Report> {
     let mut found = check(&client, &ledger, &mut report).await?;
     let log = read_log(&client, TOPIC).await?;
     let audit = read_log(&client, AUDIT).await?;
-    let in_log: HashSet<&String> = log.values().collect();
+    let mut in_log: HashMap<&String, usize> = HashMap::new();
+    for payload in log.values() {
+        *in_log.entry(payload).or_default() += 1;
+    }
     {
         let ledger = ledger.lock().expect("ledger");
-        for payload in &ledger.half_acked {
-            if ledger.coin[payload] && !in_log.contains(payload) {
-                found.push(format!("transaction {payload}: half acknowledged, coin said commit, not in the log after check-backs"));
+        // Everything sent, acknowledged or not: exactly once.
+        report.plain_sent = ledger.sent.len();
+        report.send_failures = ledger.send_failures.len();
+        report.sends_through_kills = ledger.sends_through_kills;
+        for payload in &ledger.sent {
+            match in_log.get(payload).copied().unwrap_or(0) {
+                1 => {}
+                0 => report.plain_missing += 1,
+                _ => report.plain_duplicated += 1,
             }
         }
+        for (payload, commit) in &ledger.coin {
+            let n = in_log.get(payload).copied().unwrap_or(0);
+            if *commit {
+                report.tx_sent_commit += 1;
+                match n {
+                    1 => {}
+                    0 => report.tx_missing += 1,
+                    _ => report.tx_duplicated += 1,
+                }
+            } else if n > 0 {
+                found.push(format!(
+                    "transaction {payload}: coin said roll back, in the log {n} times"
+                ));
+            }
+        }
+        if report.plain_missing + report.plain_duplicated + report.tx_missing + report.tx_duplicated
+            > 0
+        {
+            found.push(format!(
+                "sent but not in the log exactly once: plain {} missing, {} duplicated of {}; transactions {} missing, {} duplicated of {}",
+                report.plain_missing,
+                report.plain_duplicated,
+                report.plain_sent,
+                report.tx_missing,
+                report.tx_duplicated,
+                report.tx_sent_commit
+            ));
+        }
+        if let Some(first) = ledger.send_failures.first() {
+            found.push(format!(
+                "{} sends failed for good, the first: {first}",
+                ledger.send_failures.len()
+            ));
+        }
     }
+    println!(
+        "crash driver: every message sent: plain {} sent ({} batches in flight through a kill), {} missing, {} duplicated; transactions to commit {} sent, {} missing, {} duplicated; {} sends failed",
+        report.plain_sent,
+        report.sends_through_kills,
+        report.plain_missing,
+        report.plain_duplicated,
+        report.tx_sent_commit,
+        report.tx_missing,
+        report.tx_duplicated,
+        report.send_failures
+    );
     if audit.len() != log.len() {
         found.push(format!(
             "plugin caught up but published {} messages for {} in the log",
@@ -198,23 +299,33 @@ fn answer_from(ledger: Shared) -> impl Fn(&TransactionCheck) -> TxAction + Send 
     }
 }
 
-/// Start the round's clients; they run until aborted.
-async fn start_workload(
+/// The producers, for the whole run: each sends until `stop`, and every
+/// send is retried through kills until the broker stores it.
+async fn start_producers(
     broker: &TestBroker,
     ledger: &Shared,
-    round: usize,
+    stop: &Arc<AtomicBool>,
     seed: u64,
-) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<anyhow::Result<()>>>> {
+    // A connection attempt made while the broker is down waits this long
+    // for an answer; the default (10 s) would outlast many kills.
+    let options = ClientOptions {
+        connect_timeout: PRODUCER_CONNECT_TIMEOUT,
+        ..broker.options()
+    };
     let mut tasks = Vec::new();
     for producer_id in 0..2u32 {
-        let client = broker.client().await?;
-        let ledger = ledger.clone();
+        let client = Client::connect(options.clone()).await?;
+        let (ledger, stop) = (ledger.clone(), stop.clone());
         tasks.push(tokio::spawn(async move {
             let producer = client.producer(TOPIC);
             for seq in 0..u64::MAX {
+                if stop.load(Ordering::Relaxed) {
+                    return Ok(());
+                }
                 let batch: Vec<NewMessage> = (0..5)
                     .map(|i| {
-                        let m = NewMessage::new(format!("plain-{round}-{producer_id}-{seq}-{i}"));
+                        let m = NewMessage::new(format!("plain-{producer_id}-{seq}-{i}"));
                         if producer_id == 0 {
                             m.with_key(format!("k{}", seq % 7))
                         } else {
@@ -226,68 +337,92 @@ async fn start_workload(
                     .iter()
                     .map(|m| String::from_utf8_lossy(&m.payload).into_owned())
                     .collect();
-                let Ok(acks) = producer.send_batch(batch).await else {
-                    return;
-                };
-                {
+                let kills_before = {
                     let mut ledger = ledger.lock().expect("ledger");
-                    for (ack, payload) in acks.iter().zip(payloads) {
-                        ledger.acked.insert((ack.partition, ack.offset), payload);
+                    ledger.sent.extend(payloads.iter().cloned());
+                    ledger.kills
+                };
+                match producer.send_batch(batch).await {
+                    Ok(acks) => {
+                        let mut ledger = ledger.lock().expect("ledger");
+                        if ledger.kills > kills_before {
+                            ledger.sends_through_kills += 1;
+                        }
+                        for (ack, payload) in acks.iter().zip(payloads) {
+                            ledger.acked.insert((ack.partition, ack.offset), payload);
+                        }
+                    }
+                    Err(e) => {
+                        let mut ledger = ledger.lock().expect("ledger");
+                        ledger.send_failures.push(format!("{}: {e}", payloads[0]));
+                        return Ok(());
                     }
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
+            Ok(())
         }));
     }
-    {
-        let client = broker.client().await?;
-        let ledger = ledger.clone();
-        let mut flips = rand::rngs::StdRng::seed_from_u64(seed);
-        tasks.push(tokio::spawn(async move {
-            let Ok(producer) = client
-                .transactional_producer(PRODUCER_GROUP, TOPIC, answer_from(ledger.clone()))
-                .await
-            else {
-                return;
+    let client = Client::connect(options).await?;
+    let (ledger, stop) = (ledger.clone(), stop.clone());
+    let mut flips = rand::rngs::StdRng::seed_from_u64(seed);
+    tasks.push(tokio::spawn(async move {
+        let producer = client
+            .transactional_producer(PRODUCER_GROUP, TOPIC, answer_from(ledger.clone()))
+            .await?;
+        for seq in 0..u64::MAX {
+            if stop.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            let payload = format!("tx-{seq}");
+            let commit = flips.random_bool(0.7);
+            ledger
+                .lock()
+                .expect("ledger")
+                .coin
+                .insert(payload.clone(), commit);
+            let half = match producer.send_half(NewMessage::new(payload.clone())).await {
+                Ok(half) => half,
+                Err(e) => {
+                    let mut ledger = ledger.lock().expect("ledger");
+                    ledger.send_failures.push(format!("{payload}: {e}"));
+                    return Ok(());
+                }
             };
-            for seq in 0..u64::MAX {
-                let payload = format!("tx-{round}-{seq}");
-                let commit = flips.random_bool(0.7);
-                ledger
-                    .lock()
-                    .expect("ledger")
-                    .coin
-                    .insert(payload.clone(), commit);
-                let Ok(half) = producer.send_half(NewMessage::new(payload.clone())).await else {
-                    return;
-                };
-                ledger
-                    .lock()
-                    .expect("ledger")
-                    .half_acked
-                    .insert(payload.clone());
-                if commit {
-                    let Ok(ack) = producer.commit(half.tx_id).await else {
-                        return;
-                    };
+            ledger
+                .lock()
+                .expect("ledger")
+                .half_acked
+                .insert(payload.clone());
+            // A decision lost to a kill is left to the check-back, which
+            // answers from the same coin.
+            if commit {
+                if let Ok(ack) = producer.commit(half.tx_id).await {
                     ledger
                         .lock()
                         .expect("ledger")
                         .commit_acked
                         .insert(payload, (ack.partition, ack.offset));
-                } else {
-                    if producer.rollback(half.tx_id).await.is_err() {
-                        return;
-                    }
-                    ledger
-                        .lock()
-                        .expect("ledger")
-                        .rollback_acked
-                        .insert(payload);
                 }
+            } else if producer.rollback(half.tx_id).await.is_ok() {
+                ledger
+                    .lock()
+                    .expect("ledger")
+                    .rollback_acked
+                    .insert(payload);
             }
-        }));
-    }
+        }
+        Ok(())
+    }));
+    Ok(tasks)
+}
+
+/// Start the round's consumer; it runs until aborted.
+async fn start_consumer(
+    broker: &TestBroker,
+    ledger: &Shared,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    let mut tasks = Vec::new();
     {
         let client = broker.client().await?;
         let ledger = ledger.clone();
@@ -352,6 +487,12 @@ async fn check(
         .describe_group(&spec(PLUGIN, TOPIC).group_name())
         .await?;
     let counted_before = state(client, PLUGIN, "n/").await?;
+    // The producers keep running: what they were told before the log is
+    // read must be in it; what they are told after may not be yet.
+    let (acked, commit_acked) = {
+        let ledger = ledger.lock().expect("ledger");
+        (ledger.acked.clone(), ledger.commit_acked.clone())
+    };
     let log = read_log(client, TOPIC).await?;
     let audit = read_log(client, AUDIT).await?;
     let counted_after = state(client, PLUGIN, "n/").await?;
@@ -365,7 +506,7 @@ async fn check(
     };
 
     // Acknowledged plain messages: once, at their offsets.
-    for (at, payload) in &ledger.acked {
+    for (at, payload) in &acked {
         match log.get(at) {
             Some(p) if p == payload => {}
             Some(p) => note(format!(
@@ -383,10 +524,12 @@ async fn check(
         }
     }
     // Transactions.
-    for (payload, at) in &ledger.commit_acked {
+    for (payload, at) in &commit_acked {
         if log.get(at) != Some(payload) {
             note(format!(
-                "lost: committed transaction {payload} acknowledged at {at:?}"
+                "lost: committed transaction {payload} acknowledged at {at:?}, log has {:?}, and it at {:?}",
+                log.get(at),
+                log.iter().find(|(_, p)| *p == payload).map(|(at, _)| at)
             ));
         }
     }
@@ -474,6 +617,20 @@ async fn passes(default_seed: u64) -> anyhow::Result<()> {
     assert!(report.kills >= KILLS_MIN, "{report:?}");
     assert!(report.violations.is_empty(), "{:?}", report.violations);
     assert!(report.plain_acked > 0 && report.tx_committed > 0 && report.plugin_effects > 0);
+    assert!(
+        report.plain_sent > 0 && report.tx_sent_commit > 0,
+        "{report:?}"
+    );
+    assert_eq!(
+        (
+            report.plain_missing,
+            report.plain_duplicated,
+            report.tx_missing,
+            report.tx_duplicated
+        ),
+        (0, 0, 0, 0),
+        "{report:?}"
+    );
     Ok(())
 }
 

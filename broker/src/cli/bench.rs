@@ -71,6 +71,11 @@ pub struct Common {
     /// Print one JSON summary object instead of text.
     #[arg(long)]
     json: bool,
+    /// Produce without idempotence (no producer id, no sequence numbers),
+    /// to compare with the default. With idempotence a producer has one
+    /// request in flight: --inflight tasks share it.
+    #[arg(long)]
+    no_idempotence: bool,
     #[command(flatten)]
     client: ClientArgs,
 }
@@ -331,7 +336,13 @@ async fn produce_payloads(
 ) -> anyhow::Result<()> {
     let mut tasks = Vec::new();
     for _ in 0..producers.max(1) {
-        let shared = common.client.connect().await?.producer(topic);
+        let shared = common.client.connect().await?.producer_with(
+            topic,
+            msmq_client::ProducerOptions {
+                idempotent: !common.no_idempotence,
+                ..Default::default()
+            },
+        );
         for _ in 0..inflight.max(1) {
             let producer = shared.clone();
             let run = run.clone();
@@ -382,7 +393,7 @@ async fn produce(b: ProduceBench) -> anyhow::Result<()> {
         &run,
         messages,
         elapsed,
-        json!({"producers": b.producers, "inflight": b.inflight, "batch": b.common.batch, "size": b.common.size, "topic": topic}),
+        json!({"producers": b.producers, "inflight": b.inflight, "batch": b.common.batch, "size": b.common.size, "topic": topic, "idempotent": !b.common.no_idempotence}),
         b.common.json,
     );
     Ok(())

@@ -41,6 +41,12 @@ pub struct ProduceArgs {
     /// Print nothing per message.
     #[arg(long, short)]
     quiet: bool,
+    /// Send without a producer id and sequence numbers: a batch whose reply
+    /// is lost fails instead of being sent again, and may or may not be
+    /// stored. By default every batch is stored exactly once, however
+    /// often it had to be sent.
+    #[arg(long)]
+    no_idempotence: bool,
     #[command(flatten)]
     client: ClientArgs,
 }
@@ -70,7 +76,13 @@ impl ProduceArgs {
 pub async fn run(args: ProduceArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.batch >= 1, "--batch must be at least 1");
     let client = args.client.connect().await?;
-    let producer = client.producer(&args.topic);
+    let producer = client.producer_with(
+        &args.topic,
+        msmq_client::ProducerOptions {
+            idempotent: !args.no_idempotence,
+            ..Default::default()
+        },
+    );
     let mut sent = 0u64;
     let mut pending: Vec<NewMessage> = Vec::new();
     let send = |batch: Vec<NewMessage>| {

@@ -404,6 +404,17 @@ async fn serve_stream(
             }
         },
     };
+    if state
+        .reply_faults
+        .as_ref()
+        .is_some_and(|f| f.drop_reply(&reply))
+    {
+        ctx.conn.close(
+            super::reply_faults::DROPPED_REPLY_CLOSE_CODE.0.into(),
+            b"test fault: reply dropped after the commit",
+        );
+        return;
+    }
     let frame = match encode_frame(&reply) {
         Ok(frame) => frame,
         Err(e) => encode_frame(&Reply::Error(ErrorReply::new(

@@ -17,6 +17,7 @@ mod http;
 pub mod limits;
 pub mod memory;
 mod producers;
+mod reply_faults;
 pub mod retention;
 mod scheduler;
 
@@ -58,6 +59,8 @@ pub struct BrokerState {
     /// Signalled at every disk check while the disk is low, so retention
     /// runs then instead of waiting for its own interval.
     pub retention_wake: tokio::sync::Notify,
+    /// The `drop-replies` test fault, when fault switches are on.
+    reply_faults: Option<reply_faults::ReplyFaults>,
     shutting_down: AtomicBool,
     next_connection_id: AtomicU64,
 }
@@ -200,6 +203,7 @@ impl RunningBroker {
             config.request_memory_max.as_u64(),
             config.request_memory_per_principal_max.as_u64(),
         );
+        let config_data_dir = config.data_dir.clone();
         let state = Arc::new(BrokerState {
             config,
             store,
@@ -215,6 +219,7 @@ impl RunningBroker {
             acls,
             scheduler_wake: tokio::sync::Notify::new(),
             retention_wake: tokio::sync::Notify::new(),
+            reply_faults: reply_faults::ReplyFaults::from_env(&config_data_dir),
             shutting_down: AtomicBool::new(false),
             next_connection_id: AtomicU64::new(1),
         });

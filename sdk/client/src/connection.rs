@@ -2,7 +2,7 @@
 //! stream, and the admin calls.
 
 use crate::TransactionChecker;
-use crate::{ClientError, Consumer, ConsumerOptions, Producer};
+use crate::{ClientError, Consumer, ConsumerOptions, Producer, ProducerOptions};
 use msmq_protocol::{
     decode_frame, encode_frame, BrokerRequest, BrokerRequestReply, DiscardedAction, ErrorCode,
     ErrorReply, FetchLimits, FetchedMessages, GroupDescription, GroupSummary, Reply, Request,
@@ -820,8 +820,14 @@ impl Client {
     }
 
     /// A producer for one topic.
+    /// A producer for `topic`, idempotent ([`ProducerOptions::default`]).
     pub fn producer(&self, topic: &str) -> Producer {
-        Producer::new(self.clone(), topic)
+        Producer::new(self.clone(), topic, ProducerOptions::default())
+    }
+
+    /// A producer for `topic` with `options` (idempotence off, say).
+    pub fn producer_with(&self, topic: &str, options: ProducerOptions) -> Producer {
+        Producer::new(self.clone(), topic, options)
     }
 
     /// Join `group` on `topics` and return the member.

@@ -6,7 +6,9 @@
 //! the next request reconnects.
 //!
 //! - [`Producer`]: send single messages or batches; each returns once the
-//!   broker has made the messages durable.
+//!   broker has made the messages durable. Idempotent by default: a send
+//!   whose reply was lost is sent again, over a new connection if need be,
+//!   and stored once.
 //! - [`Consumer`]: join a consumer group, poll with long-poll, commit offsets.
 //! - [`TransactionalProducer`]: half messages, commit/rollback, and a
 //!   [`TransactionChecker`] the broker calls back for undecided transactions.
@@ -40,6 +42,7 @@ mod coalesce;
 mod connection;
 mod consumer;
 mod error;
+mod idempotence;
 mod producer;
 mod transaction;
 pub mod transport;
@@ -47,10 +50,11 @@ pub mod transport;
 pub use connection::{Client, ClientOptions, DEFAULT_CA_FILE, DEFAULT_SERVER, DEFAULT_TOKEN_FILE};
 pub use consumer::{Acker, Consumer, ConsumerOptions, Delivery, ReceivedMessage};
 pub use error::ClientError;
+pub use idempotence::SEND_DEADLINE_DEFAULT;
 pub use msmq_protocol as protocol;
 pub use msmq_protocol::{
     ErrorCode, FetchLimits, HalfAck, Header, Message, MessageAck, MessageId, NewMessage, StartFrom,
     TransactionCheck, TxAction, TxEnded,
 };
-pub use producer::Producer;
+pub use producer::{Producer, ProducerOptions};
 pub use transaction::{TransactionChecker, TransactionalProducer};

@@ -14,10 +14,11 @@
 
 use crate::coalesce::{split_on, Coalescer};
 use crate::connection::unexpected;
+use crate::idempotence::{Sequencer, SEND_DEADLINE_DEFAULT};
 use crate::{Client, ClientError};
 use msmq_protocol::{
-    HalfAck, MessageAck, NewMessage, Reply, Request, TransactionCheck, TxAction, TxDecision,
-    TxEndResult, TxEnded,
+    HalfAck, MessageAck, NewMessage, Reply, Request, SequencedRequest, TransactionCheck, TxAction,
+    TxDecision, TxEndResult, TxEnded,
 };
 use std::future::Future;
 use std::sync::Arc;
@@ -62,11 +63,14 @@ where
 /// # Ok(())
 /// # }
 /// ```
+/// Half messages are sent idempotently (as by an idempotent
+/// [`crate::Producer`]): a `send_half` whose reply was lost is sent again
+/// and stores one transaction, never two.
 #[derive(Clone)]
 pub struct TransactionalProducer {
-    client: Client,
     group: String,
     topic: String,
+    sequencer: Arc<Sequencer>,
     halves: Arc<Coalescer<NewMessage, HalfAck>>,
     ends: Arc<Coalescer<TxDecision, TxEnded>>,
 }
@@ -85,13 +89,13 @@ fn batch_error(e: &ClientError, count: usize) -> Vec<Result<HalfAck, ClientError
 /// One `SendHalf` for many calls; if the broker refuses the whole batch (one
 /// message too large, say), each call is retried alone so only the culprit fails.
 async fn send_halves(
-    client: Client,
+    sequencer: Arc<Sequencer>,
     group: String,
     topic: String,
     messages: Vec<NewMessage>,
 ) -> Vec<Result<HalfAck, ClientError>> {
     let count = messages.len();
-    let req = |messages: Vec<NewMessage>| Request::SendHalf {
+    let req = |messages: Vec<NewMessage>| SequencedRequest::SendHalf {
         producer_group: group.clone(),
         topic: topic.clone(),
         partition: None,
@@ -100,7 +104,7 @@ async fn send_halves(
     };
     let single = count == 1;
     let retry = if single { Vec::new() } else { messages.clone() };
-    match client.request(&req(messages)).await {
+    match sequencer.send(req(messages)).await {
         Ok(Reply::HalfStored(acks)) if acks.len() == count => acks.into_iter().map(Ok).collect(),
         Ok(other) => {
             let e = unexpected("SendHalf", other);
@@ -110,7 +114,7 @@ async fn send_halves(
             tracing::debug!(error = %e, "coalesced half messages refused together; sending each alone");
             let mut out = Vec::with_capacity(count);
             for m in retry {
-                out.push(match client.request(&req(vec![m])).await {
+                out.push(match sequencer.send(req(vec![m])).await {
                     Ok(Reply::HalfStored(mut acks)) if acks.len() == 1 => Ok(acks.remove(0)),
                     Ok(other) => Err(unexpected("SendHalf", other)),
                     Err(e) => Err(e),
@@ -167,10 +171,14 @@ impl Client {
     ) -> Result<TransactionalProducer, ClientError> {
         self.register_checker(producer_group, Arc::new(checker))
             .await?;
-        let (client, group, topic_name) =
-            (self.clone(), producer_group.to_string(), topic.to_string());
+        let sequencer = Arc::new(Sequencer::new(self.clone(), SEND_DEADLINE_DEFAULT));
+        let (s, group, topic_name) = (
+            sequencer.clone(),
+            producer_group.to_string(),
+            topic.to_string(),
+        );
         let halves = Coalescer::new(NewMessage::size_bytes, move |messages| {
-            send_halves(client.clone(), group.clone(), topic_name.clone(), messages)
+            send_halves(s.clone(), group.clone(), topic_name.clone(), messages)
         });
         let (client, group) = (self.clone(), producer_group.to_string());
         let ends = Coalescer::new(
@@ -178,9 +186,9 @@ impl Client {
             move |decisions| end_many(client.clone(), group.clone(), decisions),
         );
         Ok(TransactionalProducer {
-            client: self.clone(),
             group: producer_group.to_string(),
             topic: topic.to_string(),
+            sequencer,
             halves: Arc::new(halves),
             ends: Arc::new(ends),
         })
@@ -220,14 +228,14 @@ impl TransactionalProducer {
         immunity: Duration,
     ) -> Result<Vec<HalfAck>, ClientError> {
         let count = messages.len();
-        let req = Request::SendHalf {
+        let req = SequencedRequest::SendHalf {
             producer_group: self.group.clone(),
             topic: self.topic.clone(),
             partition: None,
             messages,
             check_immunity_ms: immunity.as_millis().min(u32::MAX as u128) as u32,
         };
-        match self.client.request(&req).await? {
+        match self.sequencer.send(req).await? {
             Reply::HalfStored(acks) if acks.len() == count => Ok(acks),
             other => Err(unexpected("SendHalf", other)),
         }

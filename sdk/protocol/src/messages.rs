@@ -284,8 +284,37 @@ pub enum Request {
     /// reply and stored nothing. Reply: that of the inner request.
     Sequenced {
         producer: ProducerSequence,
-        request: Box<Request>,
+        request: SequencedRequest,
     },
+}
+
+/// What a [`Request::Sequenced`] carries: the fields of a
+/// [`Request::Produce`] or a [`Request::SendHalf`], in the same order (a
+/// type of its own, so a sequenced request cannot nest another).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SequencedRequest {
+    Produce {
+        topic: String,
+        partition: Option<u32>,
+        messages: Vec<NewMessage>,
+    },
+    SendHalf {
+        producer_group: String,
+        topic: String,
+        partition: Option<u32>,
+        messages: Vec<NewMessage>,
+        check_immunity_ms: u32,
+    },
+}
+
+impl SequencedRequest {
+    /// How many sequence numbers the request takes: one per message.
+    pub fn message_count(&self) -> usize {
+        match self {
+            SequencedRequest::Produce { messages, .. }
+            | SequencedRequest::SendHalf { messages, .. } => messages.len(),
+        }
+    }
 }
 
 /// Which producer numbered a request, and how.

@@ -6,7 +6,8 @@ use crate::server::connection::ConnectionContext;
 use crate::server::BrokerState;
 use crate::storage::{WriteOp, WriteOutcome};
 use msmq_protocol::{
-    AclAction, AclResource, AclRule, ErrorCode, ErrorReply, Reply, Request, TokenInfo,
+    AclAction, AclResource, AclRule, ErrorCode, ErrorReply, Reply, Request, SequencedRequest,
+    TokenInfo,
 };
 
 fn unauthenticated(message: impl Into<String>) -> ErrorReply {
@@ -83,8 +84,17 @@ fn required(request: &Request) -> Option<Vec<(AclResource, &str, AclAction)>> {
         | Request::ListPlugins
         | Request::PluginStats { .. }
         | Request::InitProducer { .. } => vec![],
-        // What the wrapped request needs (only Produce and SendHalf are served).
-        Request::Sequenced { request, .. } => return required(request),
+        Request::Sequenced { request, .. } => match request {
+            SequencedRequest::Produce { topic, .. } => vec![(Topic, topic.as_str(), Produce)],
+            SequencedRequest::SendHalf {
+                producer_group,
+                topic,
+                ..
+            } => vec![
+                (ProducerGroup, producer_group.as_str(), Transact),
+                (Topic, topic.as_str(), Produce),
+            ],
+        },
         Request::Produce { topic, .. } => vec![(Topic, topic.as_str(), Produce)],
         Request::Fetch { topic, .. } | Request::FindMessages { topic, .. } => {
             vec![(Topic, topic.as_str(), Consume)]

@@ -15,7 +15,7 @@ use super::BrokerState;
 use crate::groups::GroupError;
 use crate::producers::ProducerError;
 use crate::storage::{StorageError, WriteError};
-use msmq_protocol::{ErrorCode, ErrorReply, Reply, Request};
+use msmq_protocol::{ErrorCode, ErrorReply, Reply, Request, SequencedRequest};
 
 pub(super) use ack::{expire_leases, load_acks};
 
@@ -28,14 +28,12 @@ pub(super) async fn handle(
     request: Request,
 ) -> Result<Reply, ErrorReply> {
     let started = std::time::Instant::now();
-    let inner = match &request {
-        Request::Sequenced { request, .. } => request.as_ref(),
-        other => other,
-    };
-    let produced_bytes = match inner {
-        Request::Produce { messages, .. } => {
-            Some(messages.iter().map(|m| m.size_bytes() as u64).sum())
-        }
+    let produced_bytes = match &request {
+        Request::Produce { messages, .. }
+        | Request::Sequenced {
+            request: SequencedRequest::Produce { messages, .. },
+            ..
+        } => Some(messages.iter().map(|m| m.size_bytes() as u64).sum()),
         _ => None,
     };
     auth::gate(state, ctx, &request)?;
@@ -126,7 +124,11 @@ async fn dispatch(
         Request::DescribeTopic { name } => admin::describe_topic(state, name).await,
         Request::ListGroups => admin::list_groups(state).await,
         Request::DescribeGroup { group } => admin::describe_group(state, group).await,
-        request @ Request::Produce { .. } => produce_or_half(state, request, None).await,
+        Request::Produce {
+            topic,
+            partition,
+            messages,
+        } => produce::produce(state, topic, partition, messages, None).await,
         Request::Fetch {
             topic,
             partition,
@@ -176,9 +178,24 @@ async fn dispatch(
             produce::init_producer(state, principal_of(ctx), producer_id).await
         }
         Request::Sequenced { producer, request } => {
-            produce_or_half(state, *request, Some((producer, principal_of(ctx)))).await
+            produce_or_half(state, request, Some((producer, principal_of(ctx)))).await
         }
-        request @ Request::SendHalf { .. } => produce_or_half(state, request, None).await,
+        Request::SendHalf {
+            producer_group,
+            topic,
+            partition,
+            messages,
+            check_immunity_ms,
+        } => {
+            let request = SequencedRequest::SendHalf {
+                producer_group,
+                topic,
+                partition,
+                messages,
+                check_immunity_ms,
+            };
+            produce_or_half(state, request, None).await
+        }
         Request::EndTransaction {
             producer_group,
             tx_id,
@@ -250,16 +267,16 @@ fn unknown_topic(name: &str) -> ErrorReply {
 /// A `Produce` or `SendHalf`, numbered by an idempotent producer or not.
 async fn produce_or_half(
     state: &std::sync::Arc<BrokerState>,
-    request: Request,
+    request: SequencedRequest,
     sequenced: Option<(msmq_protocol::ProducerSequence, String)>,
 ) -> Result<Reply, ErrorReply> {
     match request {
-        Request::Produce {
+        SequencedRequest::Produce {
             topic,
             partition,
             messages,
         } => produce::produce(state, topic, partition, messages, sequenced).await,
-        Request::SendHalf {
+        SequencedRequest::SendHalf {
             producer_group,
             topic,
             partition,
@@ -277,9 +294,6 @@ async fn produce_or_half(
             )
             .await
         }
-        _ => Err(invalid(
-            "only Produce and SendHalf requests can be sequenced",
-        )),
     }
 }
 
