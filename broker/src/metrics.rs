@@ -27,6 +27,7 @@ pub struct Metrics {
     pub commit_seconds: Histogram,
     pub retries: Counter,
     pub dead_letters: Counter,
+    pub sequenced_repeats: Counter,
     pub transaction_checks: Counter,
     pub retention_removed_messages: Counter,
     pub segment_moved_bytes: Counter,
@@ -72,6 +73,7 @@ impl Metrics {
             commit_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
             retries: Counter::default(),
             dead_letters: Counter::default(),
+            sequenced_repeats: Counter::default(),
             transaction_checks: Counter::default(),
             retention_removed_messages: Counter::default(),
             segment_moved_bytes: Counter::default(),
@@ -147,6 +149,11 @@ impl Metrics {
                 "dead_letters",
                 "Messages moved to a dead-letter topic",
                 m.dead_letters.clone(),
+            );
+            r.register(
+                "sequenced_repeats",
+                "Sequenced requests sent again by idempotent producers and answered with their stored reply, storing nothing",
+                m.sequenced_repeats.clone(),
             );
             r.register(
                 "transaction_checks",

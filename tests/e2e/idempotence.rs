@@ -280,6 +280,16 @@ async fn replies_cut_after_the_commit_lose_and_duplicate_nothing() -> anyhow::Re
         log, acked,
         "every acknowledgement names where its message is"
     );
+    // Each retry was answered from the stored reply, and the metric says so.
+    let http = broker.http.as_deref().expect("metrics endpoint");
+    let repeats = crate::metrics::scrape(http)?
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("msmq_sequenced_repeats_total ")
+                .map(str::to_string)
+        })
+        .expect("msmq_sequenced_repeats_total is exported");
+    assert_eq!(repeats.parse::<f64>()? as u64, DROPPED_REPLIES);
 
     // Without idempotence, sending again after a cut reply duplicates.
     std::fs::write(&switch, "10")?;

@@ -144,6 +144,7 @@ pub(super) async fn produce(
     let (bases, sequences) = match outcome {
         WriteOutcome::Appended(bases, sequences) => (bases, sequences),
         WriteOutcome::Repeated(StoredReply::Produced(placement)) => {
+            crate::metrics::global().sequenced_repeats.inc();
             return Ok(Reply::Produced(placement.acks(state.store.store_id())));
         }
         _ => {

@@ -77,6 +77,7 @@ pub(super) async fn send_half(
     let ids = match state.store.write(op).await.map_err(from_write)? {
         WriteOutcome::HalfStored(ids) => ids,
         WriteOutcome::Repeated(StoredReply::HalfStored(halves)) => {
+            crate::metrics::global().sequenced_repeats.inc();
             return Ok(Reply::HalfStored(half_acks(&halves, store_id)));
         }
         _ => {
