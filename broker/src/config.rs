@@ -501,6 +501,18 @@ mod tests {
         c.in_flight_bytes_per_connection_max = ByteSize::mib(1);
         c.requests_per_sec_per_connection_max = 0;
         assert!(c.validate().is_err());
+        // Idempotent producers: at least one id, kept at least a second.
+        let mut c = Config {
+            producers_max: 1,
+            producer_idle_expiry: Duration::from_secs(1),
+            ..Config::default()
+        };
+        c.validate().unwrap();
+        c.producers_max = 0;
+        assert!(c.validate().is_err());
+        c.producers_max = 1;
+        c.producer_idle_expiry = Duration::from_millis(999);
+        assert!(c.validate().is_err());
         // The request memory budget, and a principal's share of it.
         let mut c = Config {
             request_memory_max: ByteSize(REQUEST_MEMORY_BYTES_MAX),
