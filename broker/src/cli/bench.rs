@@ -72,8 +72,7 @@ pub struct Common {
     #[arg(long)]
     json: bool,
     /// Produce without idempotence (no producer id, no sequence numbers),
-    /// to compare with the default. With idempotence a producer has one
-    /// request in flight: --inflight tasks share it.
+    /// to compare with the default.
     #[arg(long)]
     no_idempotence: bool,
     #[command(flatten)]
@@ -367,7 +366,15 @@ async fn produce_payloads(
                         .map(|_| NewMessage::new(payload.make(size, stamp)))
                         .collect();
                     let bytes = messages.iter().map(|m| m.payload.len() as u64).sum();
-                    producer.send_batch(messages).await?;
+                    if messages.len() == 1 {
+                        // Single sends of concurrent tasks share requests
+                        // (an idempotent producer has one in flight).
+                        producer
+                            .send(messages.into_iter().next().expect("one"))
+                            .await?;
+                    } else {
+                        producer.send_batch(messages).await?;
+                    }
                     run.record(n, bytes, t0.elapsed());
                     sent += n;
                 }
@@ -682,10 +689,17 @@ async fn tx(b: TxBench) -> anyhow::Result<()> {
     let mut tasks = Vec::new();
     for _ in 0..b.producers.max(1) {
         let client = b.common.client.connect().await?;
+        let options = msmq_client::ProducerOptions {
+            idempotent: !b.common.no_idempotence,
+            ..Default::default()
+        };
         let producer = client
-            .transactional_producer(&group, &topic, |_: &msmq_client::TransactionCheck| {
-                msmq_client::TxAction::Commit
-            })
+            .transactional_producer_with(
+                &group,
+                &topic,
+                |_: &msmq_client::TransactionCheck| msmq_client::TxAction::Commit,
+                options,
+            )
             .await?;
         for _ in 0..b.inflight.max(1) {
             let producer = producer.clone();
@@ -712,7 +726,8 @@ async fn tx(b: TxBench) -> anyhow::Result<()> {
     let tx_rate = committed as f64 / elapsed.as_secs_f64().max(1e-9);
     // The same load as plain one-message produces, in the same run.
     let mut extra = json!({"producers": b.producers, "inflight": b.inflight, "size": b.common.size,
-        "topic": topic, "latency_is": "half + commit round trips per transaction"});
+        "topic": topic, "latency_is": "half + commit round trips per transaction",
+        "idempotent": !b.common.no_idempotence});
     // A stop signal ended the run: no baseline to compare with.
     if !b.no_baseline && !super::shutdown::requested() {
         let plain_common = Common {

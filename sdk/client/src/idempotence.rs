@@ -8,8 +8,10 @@
 //! Owns: the producer id, its epoch and the next sequence.
 //!
 //! Invariants:
-//! - One request in flight per sequencer, so requests reach the broker in
-//!   sequence order (a gap would be refused).
+//! - One request in flight per sequencer, so its requests reach the broker
+//!   in sequence order (a gap would be refused). A producer sends through a
+//!   small pool of sequencers, each with its own producer id, to keep a few
+//!   requests in flight.
 //! - The sequence moves on only past a request the broker stored. A request
 //!   it refused stored nothing, so the next one reuses its numbers.
 //! - A request given up on with its reply lost, or refused with
@@ -99,8 +101,17 @@ impl Sequencer {
     /// Send `request` numbered, retrying until the broker answers or the
     /// deadline passes.
     pub(crate) async fn send(&self, request: SequencedRequest) -> Result<Reply, ClientError> {
+        let state = self.state.lock().await;
+        self.send_locked(state, request).await
+    }
+
+    /// [`Sequencer::send`], holding the sequencer already.
+    async fn send_locked(
+        &self,
+        mut state: tokio::sync::MutexGuard<'_, State>,
+        request: SequencedRequest,
+    ) -> Result<Reply, ClientError> {
         let count = request.message_count();
-        let mut state = self.state.lock().await;
         let deadline = Instant::now() + self.deadline;
         let mut wait = Duration::ZERO;
         let mut unknown_producer_retried = false;
@@ -179,6 +190,71 @@ impl Sequencer {
                     return Err(e);
                 }
             }
+        }
+    }
+}
+
+/// Requests an idempotent producer keeps in flight: one per producer id
+/// of its pool (each id's requests go one after another, in sequence
+/// order), as many as the client's coalescing queues keep in flight.
+pub const IDEMPOTENT_REQUESTS_IN_FLIGHT_MAX: usize = crate::coalesce::REQUESTS_IN_FLIGHT_MAX;
+
+/// The sequencers of one idempotent producer.
+pub(crate) struct Pool {
+    sequencers: Box<[Sequencer]>,
+    /// Which sequencer the next caller queues behind when all are busy.
+    next: std::sync::atomic::AtomicUsize,
+}
+
+/// How a producer sends its `Produce` or `SendHalf` requests.
+#[derive(Clone)]
+pub(crate) enum Sender {
+    /// Numbered and sent again after a lost reply, by whichever sequencer
+    /// of the pool is free (each gets its producer id on first use).
+    Idempotent(std::sync::Arc<Pool>),
+    /// Sent once, as they are.
+    Plain(Client),
+}
+
+impl Sender {
+    pub(crate) fn new(client: &Client, idempotent: bool, deadline: Duration) -> Sender {
+        if idempotent {
+            Sender::Idempotent(std::sync::Arc::new(Pool {
+                sequencers: (0..IDEMPOTENT_REQUESTS_IN_FLIGHT_MAX)
+                    .map(|_| Sequencer::new(client.clone(), deadline))
+                    .collect(),
+                next: std::sync::atomic::AtomicUsize::new(0),
+            }))
+        } else {
+            Sender::Plain(client.clone())
+        }
+    }
+
+    pub(crate) async fn send(&self, request: SequencedRequest) -> Result<Reply, ClientError> {
+        match self {
+            Sender::Idempotent(pool) => {
+                // The first free sequencer (a lone caller always uses the
+                // same producer id), else queue behind one, in turn.
+                for sequencer in pool.sequencers.iter() {
+                    if let Ok(state) = sequencer.state.try_lock() {
+                        return sequencer.send_locked(state, request).await;
+                    }
+                }
+                let turn = pool.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                pool.sequencers[turn % pool.sequencers.len()]
+                    .send(request)
+                    .await
+            }
+            Sender::Plain(client) => client.request(&request.into_request()).await,
+        }
+    }
+
+    /// The producer id and epoch of the first sequencer (the one a lone
+    /// caller uses), for an idempotent sender that has one.
+    pub(crate) async fn identity(&self) -> Option<ProducerIdentity> {
+        match self {
+            Sender::Idempotent(pool) => pool.sequencers[0].identity().await,
+            Sender::Plain(_) => None,
         }
     }
 }

@@ -2,16 +2,16 @@
 
 use crate::coalesce::{split_on, Coalescer};
 use crate::connection::unexpected;
-use crate::idempotence::{Sequencer, SEND_DEADLINE_DEFAULT};
+use crate::idempotence::{Sender, SEND_DEADLINE_DEFAULT};
 use crate::{Client, ClientError};
-use msmq_protocol::{MessageAck, NewMessage, ProducerIdentity, Reply, Request, SequencedRequest};
+use msmq_protocol::{MessageAck, NewMessage, ProducerIdentity, Reply, SequencedRequest};
 use std::sync::Arc;
 use std::time::Duration;
 
 /// How a [`Producer`] sends.
 #[derive(Debug, Clone, Copy)]
 pub struct ProducerOptions {
-    /// Number every request (one producer id per producer and its clones)
+    /// Number every request (producer ids of the producer and its clones)
     /// so that a request sent again after a lost reply is stored once, and
     /// send again, over a new connection if need be, every request whose
     /// outcome is unknown, until `send_deadline`. Off: a send whose reply
@@ -33,8 +33,9 @@ impl Default for ProducerOptions {
 
 /// Sends messages to one topic. Every send returns after the broker has
 /// stored the messages durably (or refused them). Idempotent by default
-/// ([`ProducerOptions`]): one request at a time per producer and its
-/// clones, each stored exactly once however often it had to be sent.
+/// ([`ProducerOptions`]): each request is stored exactly once however often
+/// it had to be sent; a producer and its clones keep up to 4 requests in
+/// flight, one per producer id of their pool.
 ///
 /// ```no_run
 /// # async fn example(client: msmq_client::Client) -> Result<(), msmq_client::ClientError> {
@@ -52,25 +53,21 @@ impl Default for ProducerOptions {
 /// ```
 #[derive(Clone)]
 pub struct Producer {
-    client: Client,
     topic: String,
-    sequencer: Option<Arc<Sequencer>>,
+    sender: Sender,
     singles: Arc<Coalescer<NewMessage, MessageAck>>,
 }
 
 impl Producer {
     pub(crate) fn new(client: Client, topic: &str, options: ProducerOptions) -> Self {
-        let sequencer = options
-            .idempotent
-            .then(|| Arc::new(Sequencer::new(client.clone(), options.send_deadline)));
-        let (c, t, s) = (client.clone(), topic.to_string(), sequencer.clone());
+        let sender = Sender::new(&client, options.idempotent, options.send_deadline);
+        let (s, t) = (sender.clone(), topic.to_string());
         let singles = Coalescer::new(NewMessage::size_bytes, move |messages| {
-            send_coalesced(c.clone(), t.clone(), s.clone(), messages)
+            send_coalesced(s.clone(), t.clone(), messages)
         });
         Producer {
-            client,
             topic: topic.to_string(),
-            sequencer,
+            sender,
             singles: Arc::new(singles),
         }
     }
@@ -82,10 +79,7 @@ impl Producer {
     /// The producer id and epoch of an idempotent producer, once its first
     /// send got them from the broker.
     pub async fn identity(&self) -> Option<ProducerIdentity> {
-        match &self.sequencer {
-            Some(s) => s.identity().await,
-            None => None,
-        }
+        self.sender.identity().await
     }
 
     /// Send one message. Concurrent sends through clones of this producer
@@ -100,14 +94,7 @@ impl Producer {
         &self,
         messages: Vec<NewMessage>,
     ) -> Result<Vec<MessageAck>, ClientError> {
-        produce(
-            &self.client,
-            &self.topic,
-            self.sequencer.as_deref(),
-            None,
-            messages,
-        )
-        .await
+        produce(&self.sender, &self.topic, None, messages).await
     }
 
     /// Send a batch to one chosen partition.
@@ -116,47 +103,23 @@ impl Producer {
         partition: u32,
         messages: Vec<NewMessage>,
     ) -> Result<Vec<MessageAck>, ClientError> {
-        let sequencer = self.sequencer.as_deref();
-        produce(
-            &self.client,
-            &self.topic,
-            sequencer,
-            Some(partition),
-            messages,
-        )
-        .await
+        produce(&self.sender, &self.topic, Some(partition), messages).await
     }
 }
 
 async fn produce(
-    client: &Client,
+    sender: &Sender,
     topic: &str,
-    sequencer: Option<&Sequencer>,
     partition: Option<u32>,
     messages: Vec<NewMessage>,
 ) -> Result<Vec<MessageAck>, ClientError> {
     let count = messages.len();
-    let topic = topic.to_string();
-    let reply = match sequencer {
-        Some(s) => {
-            s.send(SequencedRequest::Produce {
-                topic,
-                partition,
-                messages,
-            })
-            .await?
-        }
-        None => {
-            client
-                .request(&Request::Produce {
-                    topic,
-                    partition,
-                    messages,
-                })
-                .await?
-        }
+    let request = SequencedRequest::Produce {
+        topic: topic.to_string(),
+        partition,
+        messages,
     };
-    match reply {
+    match sender.send(request).await? {
         Reply::Produced(acks) if acks.len() == count => Ok(acks),
         other => Err(unexpected("Produce", other)),
     }
@@ -166,25 +129,23 @@ async fn produce(
 /// (one message too large, say), each message is sent alone so only the
 /// culprit fails.
 async fn send_coalesced(
-    client: Client,
+    sender: Sender,
     topic: String,
-    sequencer: Option<Arc<Sequencer>>,
     messages: Vec<NewMessage>,
 ) -> Vec<Result<MessageAck, ClientError>> {
-    let sequencer = sequencer.as_deref();
     let count = messages.len();
     let retry = if count > 1 {
         messages.clone()
     } else {
         Vec::new()
     };
-    match produce(&client, &topic, sequencer, None, messages).await {
+    match produce(&sender, &topic, None, messages).await {
         Ok(acks) => acks.into_iter().map(Ok).collect(),
         Err(e) if count > 1 && split_on(&e) => {
             let mut out = Vec::with_capacity(count);
             for m in retry {
                 out.push(
-                    produce(&client, &topic, sequencer, None, vec![m])
+                    produce(&sender, &topic, None, vec![m])
                         .await
                         .map(|mut acks| acks.remove(0)),
                 );

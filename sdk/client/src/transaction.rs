@@ -14,7 +14,8 @@
 
 use crate::coalesce::{split_on, Coalescer};
 use crate::connection::unexpected;
-use crate::idempotence::{Sequencer, SEND_DEADLINE_DEFAULT};
+use crate::idempotence::Sender;
+use crate::ProducerOptions;
 use crate::{Client, ClientError};
 use msmq_protocol::{
     HalfAck, MessageAck, NewMessage, Reply, Request, SequencedRequest, TransactionCheck, TxAction,
@@ -63,14 +64,14 @@ where
 /// # Ok(())
 /// # }
 /// ```
-/// Half messages are sent idempotently (as by an idempotent
+/// Half messages are sent idempotently by default (as by an idempotent
 /// [`crate::Producer`]): a `send_half` whose reply was lost is sent again
 /// and stores one transaction, never two.
 #[derive(Clone)]
 pub struct TransactionalProducer {
     group: String,
     topic: String,
-    sequencer: Arc<Sequencer>,
+    sender: Sender,
     halves: Arc<Coalescer<NewMessage, HalfAck>>,
     ends: Arc<Coalescer<TxDecision, TxEnded>>,
 }
@@ -89,7 +90,7 @@ fn batch_error(e: &ClientError, count: usize) -> Vec<Result<HalfAck, ClientError
 /// One `SendHalf` for many calls; if the broker refuses the whole batch (one
 /// message too large, say), each call is retried alone so only the culprit fails.
 async fn send_halves(
-    sequencer: Arc<Sequencer>,
+    sender: Sender,
     group: String,
     topic: String,
     messages: Vec<NewMessage>,
@@ -104,7 +105,7 @@ async fn send_halves(
     };
     let single = count == 1;
     let retry = if single { Vec::new() } else { messages.clone() };
-    match sequencer.send(req(messages)).await {
+    match sender.send(req(messages)).await {
         Ok(Reply::HalfStored(acks)) if acks.len() == count => acks.into_iter().map(Ok).collect(),
         Ok(other) => {
             let e = unexpected("SendHalf", other);
@@ -114,7 +115,7 @@ async fn send_halves(
             tracing::debug!(error = %e, "coalesced half messages refused together; sending each alone");
             let mut out = Vec::with_capacity(count);
             for m in retry {
-                out.push(match sequencer.send(req(vec![m])).await {
+                out.push(match sender.send(req(vec![m])).await {
                     Ok(Reply::HalfStored(mut acks)) if acks.len() == 1 => Ok(acks.remove(0)),
                     Ok(other) => Err(unexpected("SendHalf", other)),
                     Err(e) => Err(e),
@@ -169,11 +170,24 @@ impl Client {
         topic: &str,
         checker: impl TransactionChecker,
     ) -> Result<TransactionalProducer, ClientError> {
+        self.transactional_producer_with(producer_group, topic, checker, ProducerOptions::default())
+            .await
+    }
+
+    /// [`Client::transactional_producer`] with `options` for its half
+    /// messages (idempotence off, say).
+    pub async fn transactional_producer_with(
+        &self,
+        producer_group: &str,
+        topic: &str,
+        checker: impl TransactionChecker,
+        options: ProducerOptions,
+    ) -> Result<TransactionalProducer, ClientError> {
         self.register_checker(producer_group, Arc::new(checker))
             .await?;
-        let sequencer = Arc::new(Sequencer::new(self.clone(), SEND_DEADLINE_DEFAULT));
+        let sender = Sender::new(self, options.idempotent, options.send_deadline);
         let (s, group, topic_name) = (
-            sequencer.clone(),
+            sender.clone(),
             producer_group.to_string(),
             topic.to_string(),
         );
@@ -188,7 +202,7 @@ impl Client {
         Ok(TransactionalProducer {
             group: producer_group.to_string(),
             topic: topic.to_string(),
-            sequencer,
+            sender,
             halves: Arc::new(halves),
             ends: Arc::new(ends),
         })
@@ -235,7 +249,7 @@ impl TransactionalProducer {
             messages,
             check_immunity_ms: immunity.as_millis().min(u32::MAX as u128) as u32,
         };
-        match self.sequencer.send(req).await? {
+        match self.sender.send(req).await? {
             Reply::HalfStored(acks) if acks.len() == count => Ok(acks),
             other => Err(unexpected("SendHalf", other)),
         }

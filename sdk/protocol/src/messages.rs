@@ -308,6 +308,34 @@ pub enum SequencedRequest {
 }
 
 impl SequencedRequest {
+    /// The same request, not numbered.
+    pub fn into_request(self) -> Request {
+        match self {
+            SequencedRequest::Produce {
+                topic,
+                partition,
+                messages,
+            } => Request::Produce {
+                topic,
+                partition,
+                messages,
+            },
+            SequencedRequest::SendHalf {
+                producer_group,
+                topic,
+                partition,
+                messages,
+                check_immunity_ms,
+            } => Request::SendHalf {
+                producer_group,
+                topic,
+                partition,
+                messages,
+                check_immunity_ms,
+            },
+        }
+    }
+
     /// How many sequence numbers the request takes: one per message.
     pub fn message_count(&self) -> usize {
         match self {
