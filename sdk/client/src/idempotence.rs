@@ -14,8 +14,9 @@
 //!   requests in flight.
 //! - The sequence moves on only past a request the broker stored. A request
 //!   it refused stored nothing, so the next one reuses its numbers.
-//! - A request given up on with its reply lost, or refused with
-//!   `STORAGE_ERROR`, may have been stored:
+//! - A request given up on with its reply lost, refused with
+//!   `STORAGE_ERROR`, or refused after an earlier send of it lost its
+//!   reply, may have been stored:
 //!   its numbers are never reused for other messages. The next request
 //!   starts a new epoch of the id (sequence 0), which also fences any copy
 //!   of the old one still in flight.
@@ -115,6 +116,10 @@ impl Sequencer {
         let deadline = Instant::now() + self.deadline;
         let mut wait = Duration::ZERO;
         let mut unknown_producer_retried = false;
+        // An earlier send of this request may have been stored: then even a
+        // refusal of a later send (BACKLOG_FULL, say, checked before the
+        // broker looks at the sequence) leaves its numbers taken.
+        let mut reply_was_lost = false;
         // Built once and renumbered in place: a batch is not copied per send.
         let mut sequenced = Request::Sequenced {
             producer: ProducerSequence {
@@ -178,13 +183,14 @@ impl Sequencer {
                     state.identity = None;
                 }
                 Err(e) if reply_lost(&e) && Instant::now() < deadline => {
+                    reply_was_lost = true;
                     tracing::debug!(error = %e, "sequenced request or its reply lost; sending it again");
                     let left = deadline.saturating_duration_since(Instant::now());
                     tokio::time::sleep(wait.min(left)).await;
                     wait = (wait * 2).clamp(RETRY_WAIT_FIRST, RETRY_WAIT_MAX);
                 }
                 Err(e) => {
-                    if maybe_stored(&e) {
+                    if reply_was_lost || maybe_stored(&e) {
                         state.must_bump = true;
                     }
                     return Err(e);
