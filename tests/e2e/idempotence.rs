@@ -313,3 +313,38 @@ async fn replies_cut_after_the_commit_lose_and_duplicate_nothing() -> anyhow::Re
     assert_eq!(stored, 20, "each of the 10 cut replies made a duplicate");
     Ok(())
 }
+
+/// A retry stores nothing, so the limits that guard new writes do not
+/// refuse it: with the backlog full, a stored request sent again still gets
+/// its first reply, and a new one gets `BACKLOG_FULL`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_is_answered_even_when_the_backlog_is_full() -> anyhow::Result<()> {
+    let broker = TestBroker::start_with(&["--backlog-messages-max", "5"])?;
+    let client = broker.client().await?;
+    client.create_topic("payments", 3).await?;
+    let who = init(&client, None).await?;
+    // Five messages to partition 0 fill its backlog.
+    let to_partition_0 = |sequence: u64, from: u32| {
+        let messages = (from..from + 5)
+            .map(|i| NewMessage::new(format!("m{i}")))
+            .collect();
+        sequenced(
+            who,
+            sequence,
+            SequencedRequest::Produce {
+                topic: "payments".into(),
+                partition: Some(0),
+                messages,
+            },
+        )
+    };
+    let first = to_partition_0(0, 0);
+    let original = acks(&client, &first).await?;
+    assert_eq!(
+        code(acks(&client, &to_partition_0(5, 5)).await),
+        ErrorCode::BACKLOG_FULL
+    );
+    assert_eq!(acks(&client, &first).await?, original);
+    assert_eq!(stored(&client).await?.len(), 5);
+    Ok(())
+}

@@ -375,6 +375,21 @@ pub fn topic_retention(
     Ok(table.get(topic_id)?.map(|v| v.value()))
 }
 
+/// An idempotent producer's record.
+pub fn producer(
+    db: &impl ReadSource,
+    producer_id: u64,
+) -> Result<Option<crate::producers::ProducerRecord>, StorageError> {
+    let txn = db.read_txn()?;
+    let table = txn.open_table(tables::PRODUCERS)?;
+    match table.get(producer_id)? {
+        Some(v) => postcard::from_bytes(v.value())
+            .map(Some)
+            .map_err(|e| StorageError::Corrupt(format!("producer record: {e}"))),
+        None => Ok(None),
+    }
+}
+
 /// Where retention moves a partition's start: the base of the oldest batch
 /// to keep, given batches appended before `cutoff_ms` expire (0: no age
 /// limit) and at most `max_bytes` (0: no size limit) of batches are kept.

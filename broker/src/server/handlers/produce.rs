@@ -1,10 +1,10 @@
 //! Produce: validate, route to partitions, append durably, acknowledge;
 //! idempotent producers' ids and sequenced produces.
 
-use super::{from_write, invalid, now_ms, unknown_topic};
-use crate::producers::{Claim, Slot, StoredReply};
+use super::{blocking, from_write, invalid, now_ms, unknown_topic};
+use crate::producers::{self, Admission, Claim, Slot, StoredReply};
 use crate::server::BrokerState;
-use crate::storage::{batch, PartitionAppend, WriteOp, WriteOutcome};
+use crate::storage::{batch, read, PartitionAppend, WriteOp, WriteOutcome};
 use crate::topics::Topic;
 use msmq_protocol::{
     ErrorCode, ErrorReply, MessageAck, MessageId, NewMessage, ProducerIdentity, ProducerSequence,
@@ -61,6 +61,25 @@ pub(super) fn claim(
     }
 }
 
+/// The stored reply of a sequenced request sent before, if it is one: a
+/// retry stores nothing, so it is answered before the limits that guard
+/// new writes (free disk, backlog). The writer decides anything else.
+pub(super) async fn repeated_reply(
+    state: &BrokerState,
+    claim: &Claim,
+) -> Result<Option<StoredReply>, ErrorReply> {
+    let db = state.store.db().clone();
+    let id = claim.producer_id;
+    let record = blocking(move || read::producer(&db, id)).await?;
+    Ok(match producers::admit(record.as_ref(), claim) {
+        Ok(Admission::Repeat(reply)) => {
+            crate::metrics::global().sequenced_repeats.inc();
+            Some(reply)
+        }
+        _ => None,
+    })
+}
+
 pub(super) async fn produce(
     state: &BrokerState,
     topic_name: String,
@@ -73,8 +92,14 @@ pub(super) async fn produce(
         .get(&topic_name)
         .ok_or_else(|| unknown_topic(&topic_name))?;
     check_limits(state, &messages)?;
-    state.disk.check_room(state.config.disk_free_min.as_u64())?;
     let timestamp_ms = now_ms();
+    let claim = sequenced.map(|s| claim(state, s, messages.len(), timestamp_ms));
+    if let Some(c) = &claim {
+        if let Some(StoredReply::Produced(placement)) = repeated_reply(state, c).await? {
+            return Ok(Reply::Produced(placement.acks(state.store.store_id())));
+        }
+    }
+    state.disk.check_room(state.config.disk_free_min.as_u64())?;
     let delay_max_ms = state.config.schedule_delay_max.as_millis() as u64;
     let partitions = route(&topic, partition, &messages)?;
     // Messages due later wait in the schedule; the rest go to the log now.
@@ -124,12 +149,12 @@ pub(super) async fn produce(
         })
         .collect();
     let any_scheduled = !scheduled.is_empty();
-    let producer = sequenced.map(|s| {
+    let producer = claim.map(|c| {
         let mut slots: Vec<Slot> = partitions.iter().map(|p| Slot::Log(*p)).collect();
         for i in &scheduled_at {
             slots[*i] = Slot::Scheduled(partitions[*i]);
         }
-        (claim(state, s, messages.len(), timestamp_ms), slots)
+        (c, slots)
     });
     let outcome = state
         .store

@@ -1,7 +1,7 @@
 //! Transactional producers: registration, half messages, commit/rollback,
 //! and the operator's view of pending and discarded transactions.
 
-use super::produce::{check_limits, claim, route};
+use super::produce::{check_limits, claim, repeated_reply, route};
 use super::{blocking, from_write, invalid, now_ms, unknown_topic};
 use crate::producers::{half_acks, StoredReply};
 use crate::server::connection::ConnectionContext;
@@ -53,6 +53,16 @@ pub(super) async fn send_half(
         .get(&topic_name)
         .ok_or_else(|| unknown_topic(&topic_name))?;
     check_limits(state, &messages)?;
+    let created_at_ms = now_ms();
+    let claim = sequenced.map(|s| claim(state, s, messages.len(), created_at_ms));
+    if let Some(c) = &claim {
+        if let Some(StoredReply::HalfStored(halves)) = repeated_reply(state, c).await? {
+            return Ok(Reply::HalfStored(half_acks(
+                &halves,
+                state.store.store_id(),
+            )));
+        }
+    }
     state.disk.check_room(state.config.disk_free_min.as_u64())?;
     if let Some(i) = messages.iter().position(|m| m.deliver_at_ms.is_some()) {
         return Err(invalid(format!(
@@ -60,7 +70,6 @@ pub(super) async fn send_half(
         )));
     }
     let partitions = route(&topic, partition, &messages)?;
-    let created_at_ms = now_ms();
     let wait = state
         .config
         .transaction_timeout
@@ -71,7 +80,7 @@ pub(super) async fn send_half(
         halves: partitions.iter().copied().zip(messages).collect(),
         created_at_ms,
         first_check_at_ms: created_at_ms + wait.as_millis() as u64,
-        producer: sequenced.map(|s| claim(state, s, partitions.len(), created_at_ms)),
+        producer: claim,
     };
     let store_id = state.store.store_id();
     let ids = match state.store.write(op).await.map_err(from_write)? {
