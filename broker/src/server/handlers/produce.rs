@@ -62,8 +62,9 @@ pub(super) fn claim(
 }
 
 /// The stored reply of a sequenced request sent before, if it is one: a
-/// retry stores nothing, so it is answered before the limits that guard
-/// new writes (free disk, backlog). The writer decides anything else.
+/// retry stores nothing, so the limits that guard new writes (free disk,
+/// backlog) do not refuse it. Looked up only when one of them would, so
+/// the usual path reads nothing more; the writer decides anything else.
 pub(super) async fn repeated_reply(
     state: &BrokerState,
     claim: &Claim,
@@ -80,6 +81,20 @@ pub(super) async fn repeated_reply(
     })
 }
 
+/// `refusal`, unless the request is a retry of a stored one: its reply.
+async fn refused_unless_repeat(
+    state: &BrokerState,
+    claim: Option<&Claim>,
+    refusal: ErrorReply,
+) -> Result<Reply, ErrorReply> {
+    if let Some(c) = claim {
+        if let Some(StoredReply::Produced(placement)) = repeated_reply(state, c).await? {
+            return Ok(Reply::Produced(placement.acks(state.store.store_id())));
+        }
+    }
+    Err(refusal)
+}
+
 pub(super) async fn produce(
     state: &BrokerState,
     topic_name: String,
@@ -94,12 +109,9 @@ pub(super) async fn produce(
     check_limits(state, &messages)?;
     let timestamp_ms = now_ms();
     let claim = sequenced.map(|s| claim(state, s, messages.len(), timestamp_ms));
-    if let Some(c) = &claim {
-        if let Some(StoredReply::Produced(placement)) = repeated_reply(state, c).await? {
-            return Ok(Reply::Produced(placement.acks(state.store.store_id())));
-        }
+    if let Err(refusal) = state.disk.check_room(state.config.disk_free_min.as_u64()) {
+        return refused_unless_repeat(state, claim.as_ref(), refusal).await;
     }
-    state.disk.check_room(state.config.disk_free_min.as_u64())?;
     let delay_max_ms = state.config.schedule_delay_max.as_millis() as u64;
     let partitions = route(&topic, partition, &messages)?;
     // Messages due later wait in the schedule; the rest go to the log now.
@@ -126,13 +138,14 @@ pub(super) async fn produce(
         for (p, indexes) in &by_partition {
             let backlog = state.registry.backlog(&topic, *p);
             if backlog + indexes.len() as u64 > backlog_max {
-                return Err(ErrorReply {
+                let refusal = ErrorReply {
                     code: ErrorCode::BACKLOG_FULL,
                     message: format!(
                         "partition {p} of {topic_name:?} holds {backlog} messages its slowest group has not consumed; backlog_messages_max is {backlog_max}"
                     ),
                     retry_after_ms: Some(BACKLOG_RETRY_AFTER_MS),
-                });
+                };
+                return refused_unless_repeat(state, claim.as_ref(), refusal).await;
             }
         }
     }

@@ -55,15 +55,16 @@ pub(super) async fn send_half(
     check_limits(state, &messages)?;
     let created_at_ms = now_ms();
     let claim = sequenced.map(|s| claim(state, s, messages.len(), created_at_ms));
-    if let Some(c) = &claim {
-        if let Some(StoredReply::HalfStored(halves)) = repeated_reply(state, c).await? {
-            return Ok(Reply::HalfStored(half_acks(
-                &halves,
-                state.store.store_id(),
-            )));
+    if let Err(refusal) = state.disk.check_room(state.config.disk_free_min.as_u64()) {
+        // A retry of a stored request stores nothing: answer it.
+        if let Some(c) = &claim {
+            if let Some(StoredReply::HalfStored(halves)) = repeated_reply(state, c).await? {
+                let store_id = state.store.store_id();
+                return Ok(Reply::HalfStored(half_acks(&halves, store_id)));
+            }
         }
+        return Err(refusal);
     }
-    state.disk.check_room(state.config.disk_free_min.as_u64())?;
     if let Some(i) = messages.iter().position(|m| m.deliver_at_ms.is_some()) {
         return Err(invalid(format!(
             "message {i} carries a delivery time; a transactional message may not be delayed"
