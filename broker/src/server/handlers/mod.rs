@@ -178,7 +178,7 @@ async fn dispatch(
             produce::init_producer(state, principal_of(ctx), producer_id).await
         }
         Request::Sequenced { producer, request } => {
-            produce_or_half(state, request, Some((producer, principal_of(ctx)))).await
+            sequenced(state, request, (producer, principal_of(ctx))).await
         }
         Request::SendHalf {
             producer_group,
@@ -187,14 +187,16 @@ async fn dispatch(
             messages,
             check_immunity_ms,
         } => {
-            let request = SequencedRequest::SendHalf {
+            tx::send_half(
+                state,
                 producer_group,
                 topic,
                 partition,
                 messages,
                 check_immunity_ms,
-            };
-            produce_or_half(state, request, None).await
+                None,
+            )
+            .await
         }
         Request::EndTransaction {
             producer_group,
@@ -264,12 +266,13 @@ fn unknown_topic(name: &str) -> ErrorReply {
     )
 }
 
-/// A `Produce` or `SendHalf`, numbered by an idempotent producer or not.
-async fn produce_or_half(
+/// A `Produce` or `SendHalf` numbered by an idempotent producer.
+async fn sequenced(
     state: &std::sync::Arc<BrokerState>,
     request: SequencedRequest,
-    sequenced: Option<(msmq_protocol::ProducerSequence, String)>,
+    producer: (msmq_protocol::ProducerSequence, String),
 ) -> Result<Reply, ErrorReply> {
+    let sequenced = Some(producer);
     match request {
         SequencedRequest::Produce {
             topic,
