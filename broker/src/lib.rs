@@ -3,11 +3,14 @@
 
 pub mod auth;
 pub mod cli;
+pub mod clock;
+pub mod command;
 pub mod config;
+pub mod core;
 pub mod delivery;
 pub mod groups;
+pub mod layers;
 pub mod metrics;
-pub mod plugins;
 pub mod producers;
 pub mod server;
 pub mod storage;

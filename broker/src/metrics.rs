@@ -5,7 +5,6 @@
 //! and lag, pending transactions, plugin counters) are read when scraped.
 //! Every name starts with `msmq_`.
 
-use crate::server::BrokerState;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -289,8 +288,8 @@ impl Metrics {
     }
 
     /// The metrics as Prometheus text, with scrape-time figures refreshed.
-    pub fn render(&self, state: &BrokerState) -> String {
-        self.refresh(state);
+    pub fn render(&self, figures: &ScrapeFigures) -> String {
+        self.refresh(figures);
         let mut out = String::new();
         let registry = self.registry.lock().expect("registry lock");
         if prometheus_client::encoding::text::encode(&mut out, &registry).is_err() {
@@ -299,47 +298,37 @@ impl Metrics {
         out
     }
 
-    fn refresh(&self, state: &BrokerState) {
-        self.connections_open
-            .set(i64::from(state.connections.total()));
-        let memory = &state.request_memory;
+    fn refresh(&self, f: &ScrapeFigures) {
+        let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.connections_open.set(i64::from(f.connections_open));
         self.request_memory_reserved
-            .set(i64::try_from(memory.reserved_bytes()).unwrap_or(i64::MAX));
+            .set(gauge(f.request_memory_reserved));
         self.request_memory_budget
-            .set(i64::try_from(memory.budget_bytes()).unwrap_or(i64::MAX));
+            .set(gauge(f.request_memory_budget));
         self.request_memory_waiting
-            .set(i64::try_from(memory.waiting_streams()).unwrap_or(i64::MAX));
-        self.disk_free_bytes
-            .set(i64::try_from(state.disk.free_bytes()).unwrap_or(i64::MAX));
-        self.disk_low.set(i64::from(state.disk.is_low()));
+            .set(gauge(f.request_memory_waiting));
+        self.disk_free_bytes.set(gauge(f.disk_free_bytes));
+        self.disk_low.set(i64::from(f.disk_low));
         self.backlog.clear();
         self.lag.clear();
-        for topic in state.registry.list() {
-            for p in 0..topic.partition_count() {
-                let labels = vec![
-                    ("topic".to_string(), topic.name.clone()),
-                    ("partition".to_string(), p.to_string()),
-                ];
-                self.backlog
-                    .get_or_create(&labels)
-                    .set(state.registry.backlog(&topic, p) as i64);
-                let end = topic.partition(p).map_or(0, |o| o.end());
-                for (group, offset) in state.registry.committed_groups(topic.id(), p) {
-                    let mut l = labels.clone();
-                    l.insert(0, ("group".to_string(), group));
-                    self.lag
-                        .get_or_create(&l)
-                        .set(end.saturating_sub(offset) as i64);
-                }
-            }
+        for (topic, partition, backlog) in &f.backlog {
+            let labels = vec![
+                ("topic".to_string(), topic.clone()),
+                ("partition".to_string(), partition.to_string()),
+            ];
+            self.backlog.get_or_create(&labels).set(gauge(*backlog));
         }
-        let pending = state.store.schedule().lock().map_or(0, |s| s.len());
-        self.transactions_pending.set(pending as i64);
-        for name in state.plugins.names() {
-            let Ok(s) = state.plugins.stats(state, &name) else {
-                continue;
-            };
-            let l = vec![("plugin".to_string(), name)];
+        for (group, topic, partition, lag) in &f.lag {
+            let labels = vec![
+                ("group".to_string(), group.clone()),
+                ("topic".to_string(), topic.clone()),
+                ("partition".to_string(), partition.to_string()),
+            ];
+            self.lag.get_or_create(&labels).set(gauge(*lag));
+        }
+        self.transactions_pending.set(gauge(f.transactions_pending));
+        for (name, s) in &f.plugins {
+            let l = vec![("plugin".to_string(), name.clone())];
             bump(&self.plugin_processed.get_or_create(&l), s.processed);
             bump(
                 &self.plugin_failed_batches.get_or_create(&l),
@@ -356,12 +345,63 @@ impl Metrics {
             );
             self.plugin_memory_bytes
                 .get_or_create(&l)
-                .set(s.memory_bytes as i64);
-            self.plugin_lag.get_or_create(&l).set(s.lag as i64);
+                .set(gauge(s.memory_bytes));
+            self.plugin_lag.get_or_create(&l).set(gauge(s.lag));
             self.plugin_paused
                 .get_or_create(&l)
                 .set(i64::from(s.status.starts_with("paused")));
         }
+    }
+}
+
+/// Figures that live elsewhere, gathered when `/metrics` is scraped.
+#[derive(Debug, Default)]
+pub struct ScrapeFigures {
+    pub connections_open: u32,
+    pub request_memory_reserved: u64,
+    pub request_memory_budget: u64,
+    pub request_memory_waiting: u64,
+    pub disk_free_bytes: u64,
+    pub disk_low: bool,
+    /// (topic, partition, messages not yet trimmed).
+    pub backlog: Vec<(String, u32, u64)>,
+    /// (group, topic, partition, messages behind the end).
+    pub lag: Vec<(String, String, u32, u64)>,
+    pub transactions_pending: u64,
+    pub plugins: Vec<(String, msmq_protocol::PluginStats)>,
+}
+
+/// The process-wide metrics as the store's observer.
+pub fn storage_observer() -> std::sync::Arc<dyn crate::storage::StorageObserver> {
+    std::sync::Arc::new(GlobalMetrics)
+}
+
+struct GlobalMetrics;
+
+impl crate::storage::StorageObserver for GlobalMetrics {
+    fn group_committed(&self, requests: usize, bytes: usize, elapsed: std::time::Duration) {
+        let m = global();
+        m.commit_requests.observe(requests as f64);
+        m.commit_bytes.observe(bytes as f64);
+        m.commit_seconds.observe(elapsed.as_secs_f64());
+    }
+
+    fn settled(&self, dead_letters: u64, retries: u64) {
+        let m = global();
+        m.dead_letters.inc_by(dead_letters);
+        m.retries.inc_by(retries);
+    }
+
+    fn commit_failed(&self) {
+        global().storage_errors.inc();
+    }
+
+    fn recovering(&self, recovering: bool) {
+        global().storage_recovering.set(i64::from(recovering));
+    }
+
+    fn moved_to_segments(&self, bytes: u64) {
+        global().segment_moved_bytes.inc_by(bytes);
     }
 }
 

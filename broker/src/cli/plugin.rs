@@ -294,7 +294,7 @@ fn cut(text: &str, max: usize) -> String {
 
 /// `msmq plugin check`: the deploy-time checks, offline.
 fn check(file: &std::path::Path, size_max: Option<ByteSize>) -> anyhow::Result<()> {
-    use crate::plugins::check::{self as rules, ImportRule};
+    use crate::core::plugins::check::{self as rules, ImportRule};
     let started = std::time::Instant::now();
     let bytes =
         std::fs::read(file).map_err(|e| anyhow::anyhow!("reading {}: {e}", file.display()))?;

@@ -7,7 +7,7 @@
 //! `transaction_checks_per_sec_max` checks start per second and at most
 //! `CHECKS_IN_FLIGHT_MAX` wait for answers at once.
 
-use super::BrokerState;
+use super::ServerState;
 use crate::storage::{read, WriteOp, WriteOutcome};
 use crate::transactions::TxSource;
 use msmq_protocol::{
@@ -30,9 +30,7 @@ const PRUNE_ROWS_MAX: u64 = 20_000;
 /// Largest answer to a check-back the broker reads (answers are tiny).
 pub const CHECK_REPLY_BYTES_MAX: usize = 64 * 1024;
 
-pub(super) use super::now_ms;
-
-pub(super) async fn run(state: Arc<BrokerState>) {
+pub(super) async fn run(state: Arc<ServerState>) {
     let config = &state.config;
     let interval_ms = config.transaction_check_interval.as_millis() as u64;
     let tick = Duration::from_millis(interval_ms.clamp(10, TICK_MS_MAX));
@@ -61,7 +59,7 @@ pub(super) async fn run(state: Arc<BrokerState>) {
         if budget == 0 {
             continue;
         }
-        let now = now_ms();
+        let now = state.now_ms();
         let due = state
             .store
             .schedule()
@@ -110,12 +108,12 @@ pub(super) async fn run(state: Arc<BrokerState>) {
     }
 }
 
-async fn discard(state: &BrokerState, tx_id: u64, checks: u32) {
+async fn discard(state: &ServerState, tx_id: u64, checks: u32) {
     match state
         .store
         .write(WriteOp::Discard {
             tx_id,
-            now_ms: now_ms(),
+            now_ms: state.now_ms(),
         })
         .await
     {
@@ -132,7 +130,7 @@ async fn discard(state: &BrokerState, tx_id: u64, checks: u32) {
 }
 
 async fn check_one(
-    state: &BrokerState,
+    state: &ServerState,
     conn: quinn::Connection,
     tx_id: u64,
     next_check_at_ms: u64,
@@ -214,7 +212,7 @@ async fn check_one(
         producer_group: Some(group),
         commit,
         source: TxSource::Check,
-        now_ms: now_ms(),
+        now_ms: state.now_ms(),
     };
     match state.store.write(op).await {
         Ok(_) => tracing::info!(
@@ -241,10 +239,10 @@ async fn ask(
     Ok(decode_frame(&bytes)?)
 }
 
-async fn prune_outcomes(state: &BrokerState) {
+async fn prune_outcomes(state: &ServerState) {
     let retention = state.config.transaction_outcome_retention.as_millis() as u64;
     let op = WriteOp::PruneOutcomes {
-        resolved_before_ms: now_ms().saturating_sub(retention),
+        resolved_before_ms: state.now_ms().saturating_sub(retention),
         rows_max: PRUNE_ROWS_MAX,
     };
     match state.store.write(op).await {

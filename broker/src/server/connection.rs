@@ -16,7 +16,7 @@
 
 use super::limits::{Admission, ConnectionAdmission, ConnectionRefusal, PrincipalShared};
 use super::memory::FrameTooLarge;
-use super::{handlers, BrokerState};
+use super::{handlers, ServerState};
 use msmq_protocol::{
     decode_body, encode_frame, ErrorCode, ErrorReply, Reply, Request, FRAME_BYTES_MAX,
     FRAME_HEADER_BYTES,
@@ -36,7 +36,7 @@ pub struct ConnectionContext {
     pub conn: quinn::Connection,
     /// (token id, principal) once the connection authenticated.
     pub principal: std::sync::Mutex<Option<(String, String)>>,
-    /// The key this connection is counted under in `BrokerState::connections`;
+    /// The key this connection is counted under in `ServerState::connections`;
     /// taken (and released) once, when the connection's accept loop ends.
     count_key: std::sync::Mutex<Option<String>>,
     rate: ConnectionAdmission,
@@ -58,7 +58,7 @@ impl ConnectionContext {
     /// Count this connection under `principal` instead of its current key;
     /// `Err(open)` when the principal already has its limit open.
     /// A connection that already ended is not counted again (`Err(0)`).
-    pub fn recount_as(&self, state: &BrokerState, principal: &str) -> Result<(), u32> {
+    pub fn recount_as(&self, state: &ServerState, principal: &str) -> Result<(), u32> {
         let mut key = self.count_key.lock().expect("count key lock");
         let Some(current) = key.as_mut() else {
             return Err(0);
@@ -126,7 +126,7 @@ impl ConnectionContext {
     }
 }
 
-fn principal_shared(state: &BrokerState, key: &str) -> Arc<PrincipalShared> {
+fn principal_shared(state: &ServerState, key: &str) -> Arc<PrincipalShared> {
     state.connections.principal_shared(key, || PrincipalShared {
         rate: super::limits::RequestRate::new(state.config.requests_per_sec_per_principal_max),
         memory: state.request_memory.principal_share(),
@@ -135,7 +135,7 @@ fn principal_shared(state: &BrokerState, key: &str) -> Arc<PrincipalShared> {
 
 /// Why a new connection of `key` is refused and for how many more ms, while
 /// a cut-off ban lasts.
-pub fn banned(state: &BrokerState, key: &str) -> Option<(String, u32)> {
+pub fn banned(state: &ServerState, key: &str) -> Option<(String, u32)> {
     let left = state.connections.banned_for(key)?;
     crate::metrics::global().client_limit("banned");
     let left_ms = u32::try_from(left.as_millis()).unwrap_or(u32::MAX).max(1);
@@ -183,7 +183,7 @@ fn certificate_principal(conn: &quinn::Connection) -> Option<(String, String)> {
 }
 
 pub(super) async fn accept_loop(
-    state: Arc<BrokerState>,
+    state: Arc<ServerState>,
     endpoint: quinn::Endpoint,
     requests: TaskTracker,
 ) {
@@ -214,7 +214,7 @@ pub(super) async fn accept_loop(
     }
 }
 
-async fn serve_connection(state: Arc<BrokerState>, conn: quinn::Connection, requests: TaskTracker) {
+async fn serve_connection(state: Arc<ServerState>, conn: quinn::Connection, requests: TaskTracker) {
     let principal = certificate_principal(&conn);
     let config = &state.config;
     let (count_key, key_limit, key_limit_name, key_metric) = match &principal {
@@ -343,7 +343,7 @@ fn close_for_framing(ctx: &ConnectionContext, code: ErrorCode, reason: String) {
 }
 
 /// Close a connection that kept sending past its rate refusals.
-fn cut_off(state: &BrokerState, ctx: &ConnectionContext, refused: u32) {
+fn cut_off(state: &ServerState, ctx: &ConnectionContext, refused: u32) {
     crate::metrics::global().client_limit("cut_off");
     let reason = format!(
         "cut off: {refused} requests refused while told to wait, over {} requests/s \
@@ -358,7 +358,7 @@ fn cut_off(state: &BrokerState, ctx: &ConnectionContext, refused: u32) {
 }
 
 async fn serve_stream(
-    state: &Arc<BrokerState>,
+    state: &Arc<ServerState>,
     ctx: &ConnectionContext,
     admission: Admission,
     mut send: quinn::SendStream,
@@ -452,7 +452,7 @@ struct Held<'a> {
 /// header must come within `request_read_timeout` of the stream opening, and
 /// the body within as long again once the budgets let the broker read it.
 async fn read_frame<'a>(
-    state: &BrokerState,
+    state: &ServerState,
     ctx: &'a ConnectionContext,
     recv: &mut quinn::RecvStream,
 ) -> Result<(Vec<u8>, Held<'a>), ReadFailed> {
@@ -579,7 +579,7 @@ async fn read_frame<'a>(
 }
 
 /// The reply to one request frame.
-async fn answer(state: &Arc<BrokerState>, ctx: &ConnectionContext, body: &[u8]) -> Reply {
+async fn answer(state: &Arc<ServerState>, ctx: &ConnectionContext, body: &[u8]) -> Reply {
     match decode_body::<Request>(body) {
         Ok(request) => match handlers::handle(state, ctx, request).await {
             Ok(reply) => reply,

@@ -7,7 +7,7 @@
 //! needs `Authorization: Bearer <token>`. The overview reads in-memory state
 //! plus one bounded read of pending transactions.
 
-use super::BrokerState;
+use super::ServerState;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -121,7 +121,7 @@ pub const ACTION_HEADER: &str = "x-msmq-console";
 /// loopback listener the `Host` must be a loopback name too, so a DNS name
 /// rebound to 127.0.0.1 by some web page cannot read or act.
 fn caller(
-    state: &BrokerState,
+    state: &ServerState,
     headers: &HeaderMap,
 ) -> Result<Option<(String, String)>, ErrorReply> {
     if !host_allowed(state, headers) {
@@ -147,7 +147,7 @@ fn caller(
     }
 }
 
-fn host_allowed(state: &BrokerState, headers: &HeaderMap) -> bool {
+fn host_allowed(state: &ServerState, headers: &HeaderMap) -> bool {
     let loopback = state
         .config
         .http_addr()
@@ -171,7 +171,7 @@ fn host_allowed(state: &BrokerState, headers: &HeaderMap) -> bool {
 }
 
 pub(super) async fn overview(
-    State(state): State<Arc<BrokerState>>,
+    State(state): State<Arc<ServerState>>,
     headers: HeaderMap,
 ) -> Response {
     match build_overview(&state, &headers).await {
@@ -181,7 +181,7 @@ pub(super) async fn overview(
 }
 
 async fn build_overview(
-    state: &Arc<BrokerState>,
+    state: &Arc<ServerState>,
     headers: &HeaderMap,
 ) -> Result<Overview, ErrorReply> {
     let principal = caller(state, headers)?;
@@ -229,7 +229,7 @@ async fn build_overview(
                 }
             }
         }
-        if topic.name.starts_with(super::handlers::ack::DLQ_PREFIX) {
+        if topic.name.starts_with(crate::core::ack::DLQ_PREFIX) {
             dead_letters.push(row);
         } else {
             topics.push(row);
@@ -267,7 +267,7 @@ async fn build_overview(
         .collect();
     let metrics = crate::metrics::global();
     Ok(Overview {
-        now_ms: super::now_ms(),
+        now_ms: state.now_ms(),
         produced_messages: metrics.produced_messages.get(),
         consumed_messages: metrics.consumed_messages.get()
             + plugins.iter().map(|p| p.processed).sum::<u64>(),
@@ -291,7 +291,7 @@ async fn build_overview(
     })
 }
 
-async fn act(state: &Arc<BrokerState>, headers: &HeaderMap, request: Request) -> Response {
+async fn act(state: &Arc<ServerState>, headers: &HeaderMap, request: Request) -> Response {
     if !headers.contains_key(ACTION_HEADER) {
         return error(ErrorReply::new(
             ErrorCode::FORBIDDEN,
@@ -309,7 +309,7 @@ async fn act(state: &Arc<BrokerState>, headers: &HeaderMap, request: Request) ->
 }
 
 pub(super) async fn pause(
-    State(state): State<Arc<BrokerState>>,
+    State(state): State<Arc<ServerState>>,
     Path(name): Path<String>,
     headers: HeaderMap,
 ) -> Response {
@@ -317,7 +317,7 @@ pub(super) async fn pause(
 }
 
 pub(super) async fn resume(
-    State(state): State<Arc<BrokerState>>,
+    State(state): State<Arc<ServerState>>,
     Path(name): Path<String>,
     headers: HeaderMap,
 ) -> Response {
@@ -334,7 +334,7 @@ pub(super) struct DeployQuery {
 
 /// `POST /api/plugins/{name}/deploy?topic=T` with the component as the body.
 pub(super) async fn deploy(
-    State(state): State<Arc<BrokerState>>,
+    State(state): State<Arc<ServerState>>,
     Path(name): Path<String>,
     Query(query): Query<DeployQuery>,
     headers: HeaderMap,

@@ -5,7 +5,8 @@
 //! atomics and in-memory maps, and console actions run the same handlers
 //! QUIC requests do.
 
-use super::BrokerState;
+use super::ServerState;
+use crate::metrics::ScrapeFigures;
 use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
@@ -15,7 +16,7 @@ use std::sync::Arc;
 
 /// Bind the HTTP listener; the returned task serves it.
 pub(super) async fn bind(
-    state: Arc<BrokerState>,
+    state: Arc<ServerState>,
     addr: std::net::SocketAddr,
 ) -> anyhow::Result<(std::net::SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
@@ -45,10 +46,11 @@ pub(super) async fn bind(
     Ok((local, task))
 }
 
-async fn metrics(State(state): State<Arc<BrokerState>>) -> impl IntoResponse {
-    let body = tokio::task::spawn_blocking(move || crate::metrics::global().render(&state))
-        .await
-        .unwrap_or_default();
+async fn metrics(State(state): State<Arc<ServerState>>) -> impl IntoResponse {
+    let body =
+        tokio::task::spawn_blocking(move || crate::metrics::global().render(&figures(&state)))
+            .await
+            .unwrap_or_default();
     (
         [(
             header::CONTENT_TYPE,
@@ -56,4 +58,37 @@ async fn metrics(State(state): State<Arc<BrokerState>>) -> impl IntoResponse {
         )],
         body,
     )
+}
+
+/// What `/metrics` shows that is kept outside the registry: read from the
+/// core and the wire at scrape time.
+fn figures(state: &ServerState) -> ScrapeFigures {
+    let memory = &state.request_memory;
+    let mut f = ScrapeFigures {
+        connections_open: state.connections.total(),
+        request_memory_reserved: memory.reserved_bytes(),
+        request_memory_budget: memory.budget_bytes(),
+        request_memory_waiting: memory.waiting_streams(),
+        disk_free_bytes: state.disk.free_bytes(),
+        disk_low: state.disk.is_low(),
+        transactions_pending: state.store.schedule().lock().map_or(0, |s| s.len()) as u64,
+        ..ScrapeFigures::default()
+    };
+    for topic in state.registry.list() {
+        for p in 0..topic.partition_count() {
+            f.backlog
+                .push((topic.name.clone(), p, state.registry.backlog(&topic, p)));
+            let end = topic.partition(p).map_or(0, |o| o.end());
+            for (group, offset) in state.registry.committed_groups(topic.id(), p) {
+                f.lag
+                    .push((group, topic.name.clone(), p, end.saturating_sub(offset)));
+            }
+        }
+    }
+    for name in state.plugins.names() {
+        if let Ok(s) = state.plugins.stats(&state.core, &name) {
+            f.plugins.push((name, s));
+        }
+    }
+    f
 }

@@ -92,7 +92,35 @@ impl std::str::FromStr for Durability {
     }
 }
 
-#[derive(Debug, Clone)]
+/// What storage reports as it works, for whoever keeps figures (the
+/// metrics registry implements it). Storage itself keeps no metrics, so it
+/// imports nothing from the layers above it.
+pub trait StorageObserver: Send + Sync {
+    /// A group commit of `requests` requests and `bytes` bytes succeeded.
+    fn group_committed(&self, requests: usize, bytes: usize, elapsed: Duration);
+    /// Dead letters and plugin retries a committed request stored.
+    fn settled(&self, dead_letters: u64, retries: u64);
+    /// A group commit failed; its requests were refused.
+    fn commit_failed(&self);
+    /// The database refuses writes and is being reopened (`true`), or
+    /// takes writes again (`false`).
+    fn recovering(&self, recovering: bool);
+    /// Bytes the mover copied into segment files.
+    fn moved_to_segments(&self, bytes: u64);
+}
+
+/// An observer that keeps nothing (tools that open a store offline).
+pub struct NoObserver;
+
+impl StorageObserver for NoObserver {
+    fn group_committed(&self, _: usize, _: usize, _: Duration) {}
+    fn settled(&self, _: u64, _: u64) {}
+    fn commit_failed(&self) {}
+    fn recovering(&self, _: bool) {}
+    fn moved_to_segments(&self, _: u64) {}
+}
+
+#[derive(Clone)]
 pub struct StoreOptions {
     pub durability: Durability,
     /// redb page cache.
@@ -107,6 +135,21 @@ pub struct StoreOptions {
     /// Retention of topics without their own: (max age in ms, max bytes),
     /// 0 meaning no limit.
     pub retention_default: (u64, u64),
+    /// Told about commits, failures and moves.
+    pub observer: std::sync::Arc<dyn StorageObserver>,
+}
+
+impl std::fmt::Debug for StoreOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreOptions")
+            .field("durability", &self.durability)
+            .field("cache_bytes", &self.cache_bytes)
+            .field("commit_bytes_max", &self.commit_bytes_max)
+            .field("segment_move_interval", &self.segment_move_interval)
+            .field("segment_roll_max", &self.segment_roll_max)
+            .field("retention_default", &self.retention_default)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Error)]
@@ -181,6 +224,7 @@ impl Store {
             interval: options.segment_move_interval,
             roll_max: options.segment_roll_max,
             retention_default: options.retention_default,
+            observer: options.observer.clone(),
         };
         let writer = writer::start(
             db.clone(),

@@ -44,6 +44,7 @@ pub(super) struct MoverSettings {
     pub roll_max: Roll,
     /// (max age ms, max bytes) of topics without their own retention.
     pub retention_default: (u64, u64),
+    pub observer: Arc<dyn super::StorageObserver>,
 }
 
 /// Stops the mover when dropped.
@@ -216,9 +217,7 @@ impl Mover {
                     }
                 }
                 tracing::trace!(batches, moved, bytes, "moved batches to segment files");
-                crate::metrics::global()
-                    .segment_moved_bytes
-                    .inc_by(bytes as u64);
+                self.settings.observer.moved_to_segments(bytes as u64);
                 Ok(if full { Step::More } else { Step::CaughtUp })
             }
             Ok(other) => Err(format!("unexpected reply to a move: {other:?}")),

@@ -276,7 +276,7 @@ pub fn locate_by_key_hash(
 /// Every deployed plugin's record.
 pub fn plugin_records(
     db: &impl ReadSource,
-) -> Result<Vec<crate::plugins::PluginRecord>, StorageError> {
+) -> Result<Vec<crate::command::PluginRecord>, StorageError> {
     let txn = db.read_txn()?;
     let table = txn.open_table(tables::PLUGINS)?;
     let mut out = Vec::new();

@@ -45,7 +45,7 @@ pub const SCHEDULED: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("
 pub const ID_INDEX: TableDefinition<u64, (u32, u32, u64, u32)> = TableDefinition::new("id_index");
 /// (topic id, key hash, partition, offset) → (): finds messages by key.
 pub const KEY_INDEX: TableDefinition<(u32, u64, u32, u64), ()> = TableDefinition::new("key_index");
-/// plugin name → postcard [`crate::plugins::PluginRecord`].
+/// plugin name → postcard [`crate::command::PluginRecord`].
 pub const PLUGINS: TableDefinition<&str, &[u8]> = TableDefinition::new("plugins");
 /// component SHA-256 (hex) → the component's bytes, as deployed.
 pub const PLUGIN_COMPONENTS: TableDefinition<&str, &[u8]> =

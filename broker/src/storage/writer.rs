@@ -181,7 +181,7 @@ pub enum WriteOp {
     /// Store a plugin's record (deploy, upgrade, pause, resume), with its
     /// component when that is new. Components no record uses are dropped.
     PluginPut {
-        record: Box<crate::plugins::PluginRecord>,
+        record: Box<crate::command::PluginRecord>,
         component: Option<Vec<u8>>,
     },
     /// Pause (`Some(why)`, `""` for an operator) or resume a plugin, only if
@@ -705,23 +705,21 @@ impl Writer {
                 if appended {
                     self.registry.signal_appended();
                 }
-                let m = crate::metrics::global();
+                let observer = &self.options.observer;
                 for (job, result) in jobs.into_iter().zip(results) {
                     if result.is_ok() {
-                        count_committed(m, &job.op);
+                        count_settled(observer.as_ref(), &job.op);
                     }
                     if let Some(reply) = job.reply {
                         let _ = reply.send(result);
                     }
                 }
                 tracing::trace!(requests = count, elapsed = ?started.elapsed(), "group commit");
-                m.commit_requests.observe(count as f64);
-                m.commit_bytes.observe(bytes as f64);
-                m.commit_seconds.observe(started.elapsed().as_secs_f64());
+                observer.group_committed(count, bytes, started.elapsed());
             }
             Err(e) => {
                 tracing::error!(error = %e, requests = count, "commit failed; refusing its requests");
-                crate::metrics::global().storage_errors.inc();
+                self.options.observer.commit_failed();
                 let err = WriteError::Storage(e.to_string());
                 for job in jobs {
                     if let Some(reply) = job.reply {
@@ -732,7 +730,7 @@ impl Writer {
                 // until the database is closed and opened again.
                 if self.db.needs_reopen() {
                     tracing::error!(error = %e, "the database refuses writes after an I/O error; reopening it");
-                    crate::metrics::global().storage_recovering.set(1);
+                    self.options.observer.recovering(true);
                     self.recovering = Some(recovery::Recovery::new(e.to_string()));
                     self.try_recover();
                 }
@@ -908,7 +906,7 @@ impl Writer {
         let mut used = HashSet::new();
         for entry in t.plugins.iter()? {
             let (_, v) = entry?;
-            let record: crate::plugins::PluginRecord = decode(v.value(), "plugin record")?;
+            let record: crate::command::PluginRecord = decode(v.value(), "plugin record")?;
             used.insert(record.component_sha256);
         }
         t.plugin_components.retain(|hash, _| used.contains(hash))?;
@@ -925,7 +923,7 @@ impl Writer {
         // Check first: a refused commit must change nothing.
         let live = match t.plugins.get(c.plugin.as_str())? {
             Some(v) => {
-                let record: crate::plugins::PluginRecord = decode(v.value(), "plugin record")?;
+                let record: crate::command::PluginRecord = decode(v.value(), "plugin record")?;
                 record.incarnation == c.incarnation
             }
             None => false,
@@ -1559,7 +1557,7 @@ impl Writer {
                 paused,
             } => {
                 let stored = match t.plugins.get(name.as_str())? {
-                    Some(v) => Some(decode::<crate::plugins::PluginRecord>(
+                    Some(v) => Some(decode::<crate::command::PluginRecord>(
                         v.value(),
                         "plugin record",
                     )?),
@@ -1928,14 +1926,11 @@ fn expire_producers(
     Ok(idle.len() as u64)
 }
 
-fn count_committed(m: &crate::metrics::Metrics, op: &WriteOp) {
+fn count_settled(observer: &dyn super::StorageObserver, op: &WriteOp) {
     match op {
-        WriteOp::Settle { dead_letters, .. } => {
-            m.dead_letters.inc_by(dead_letters.len() as u64);
-        }
+        WriteOp::Settle { dead_letters, .. } => observer.settled(dead_letters.len() as u64, 0),
         WriteOp::PluginCommit(c) => {
-            m.dead_letters.inc_by(c.dead_letters.len() as u64);
-            m.retries.inc_by(c.retry_puts.len() as u64);
+            observer.settled(c.dead_letters.len() as u64, c.retry_puts.len() as u64)
         }
         _ => {}
     }

@@ -163,7 +163,7 @@ async fn the_empty_wasi_gives_a_plugin_no_files_no_network_and_no_environment() 
 /// writes none of its entries, and malformed packed lists are refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn state_writes_hold_at_the_limits_and_are_refused_past_them() -> anyhow::Result<()> {
-    use msmq_broker::plugins::host::{STATE_KEY_BYTES_MAX, STATE_VALUE_BYTES_MAX};
+    use msmq_broker::core::plugins::host::{STATE_KEY_BYTES_MAX, STATE_VALUE_BYTES_MAX};
     let broker = TestBroker::start()?;
     let client = broker.client().await?;
     client.create_topic("work", 1).await?;
@@ -240,7 +240,7 @@ async fn state_writes_hold_at_the_limits_and_are_refused_past_them() -> anyhow::
 /// the broker says which.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_or_oversized_packed_read_traps_the_call() -> anyhow::Result<()> {
-    use msmq_broker::plugins::host::{STATE_KEY_BYTES_MAX, STATE_VALUE_BYTES_MAX};
+    use msmq_broker::core::plugins::host::{STATE_KEY_BYTES_MAX, STATE_VALUE_BYTES_MAX};
     let broker = TestBroker::start()?;
     let client = broker.client().await?;
     client.create_topic("work", 1).await?;

@@ -1,7 +1,7 @@
 //! Topic and group administration.
 
-use super::{blocking, from_write, invalid, now_ms, unknown_topic};
-use crate::server::BrokerState;
+use crate::core::{blocking, from_write, invalid, unknown_topic};
+use crate::server::ServerState;
 use crate::storage::{read, WriteOp, WriteOutcome};
 use msmq_protocol::{
     names::validate_name, ErrorCode, ErrorReply, GroupDescription, GroupLag, GroupPartitionState,
@@ -26,7 +26,7 @@ fn info(topic: &crate::topics::Topic) -> TopicInfo {
 }
 
 pub(super) async fn create_topic(
-    state: &BrokerState,
+    state: &ServerState,
     name: String,
     partitions: u32,
 ) -> Result<Reply, ErrorReply> {
@@ -40,7 +40,7 @@ pub(super) async fn create_topic(
     let op = WriteOp::CreateTopic {
         name,
         partitions,
-        created_at_ms: now_ms(),
+        created_at_ms: state.now_ms(),
     };
     match state.store.write(op).await.map_err(from_write)? {
         WriteOutcome::TopicCreated(topic) => {
@@ -59,7 +59,7 @@ fn unexpected(outcome: WriteOutcome) -> ErrorReply {
     )
 }
 
-pub(super) async fn delete_topic(state: &BrokerState, name: String) -> Result<Reply, ErrorReply> {
+pub(super) async fn delete_topic(state: &ServerState, name: String) -> Result<Reply, ErrorReply> {
     let Some(topic) = state.registry.get(&name) else {
         return Err(unknown_topic(&name));
     };
@@ -69,7 +69,7 @@ pub(super) async fn delete_topic(state: &BrokerState, name: String) -> Result<Re
         .await
         .map_err(from_write)?;
     tracing::info!(topic = %name, "topic deleted");
-    super::ack::forget_topic(state, topic.id());
+    crate::core::ack::forget_topic(state, topic.id());
     state.with_groups(|g, partitions_of| {
         g.forget_topic(&name);
         g.rebalance_all(partitions_of);
@@ -77,11 +77,11 @@ pub(super) async fn delete_topic(state: &BrokerState, name: String) -> Result<Re
     Ok(Reply::Done)
 }
 
-pub(super) fn list_topics(state: &BrokerState) -> Reply {
+pub(super) fn list_topics(state: &ServerState) -> Reply {
     Reply::Topics(state.registry.list().iter().map(|t| info(t)).collect())
 }
 
-pub(super) async fn describe_topic(state: &BrokerState, name: String) -> Result<Reply, ErrorReply> {
+pub(super) async fn describe_topic(state: &ServerState, name: String) -> Result<Reply, ErrorReply> {
     let topic = state
         .registry
         .get(&name)
@@ -131,7 +131,7 @@ pub(super) async fn describe_topic(state: &BrokerState, name: String) -> Result<
     }))
 }
 
-pub(super) async fn list_groups(state: &BrokerState) -> Result<Reply, ErrorReply> {
+pub(super) async fn list_groups(state: &ServerState) -> Result<Reply, ErrorReply> {
     let db = state.store.db().clone();
     let offsets = blocking(move || read::all_group_offsets(&db)).await?;
     let names_by_id: BTreeMap<u32, String> = state
@@ -171,7 +171,7 @@ pub(super) async fn list_groups(state: &BrokerState) -> Result<Reply, ErrorReply
 }
 
 pub(super) async fn describe_group(
-    state: &BrokerState,
+    state: &ServerState,
     group: String,
 ) -> Result<Reply, ErrorReply> {
     let db = state.store.db().clone();
@@ -250,7 +250,7 @@ pub(super) async fn describe_group(
 }
 
 pub(super) async fn set_retention(
-    state: &BrokerState,
+    state: &ServerState,
     name: String,
     retention: Option<msmq_protocol::Retention>,
 ) -> Result<Reply, ErrorReply> {
@@ -270,13 +270,13 @@ pub(super) async fn set_retention(
     Ok(Reply::Done)
 }
 
-pub(super) async fn get_retention(state: &BrokerState, name: String) -> Result<Reply, ErrorReply> {
+pub(super) async fn get_retention(state: &ServerState, name: String) -> Result<Reply, ErrorReply> {
     let topic = state
         .registry
         .get(&name)
         .ok_or_else(|| unknown_topic(&name))?;
     let (retention, is_default) =
-        crate::server::retention::effective(state, topic.id()).map_err(super::from_storage)?;
+        crate::core::retention::effective(state, topic.id()).map_err(crate::core::from_storage)?;
     Ok(Reply::TopicRetention {
         retention,
         is_default,

@@ -1,9 +1,9 @@
 //! Authentication requests and the gate every request passes.
 
-use super::{from_write, invalid};
 use crate::auth::{allows, generate, validate_principal, ADMIN_PRINCIPAL};
+use crate::core::{from_write, invalid};
 use crate::server::connection::ConnectionContext;
-use crate::server::BrokerState;
+use crate::server::ServerState;
 use crate::storage::{WriteOp, WriteOutcome};
 use msmq_protocol::{
     AclAction, AclResource, AclRule, ErrorCode, ErrorReply, Reply, Request, SequencedRequest,
@@ -18,7 +18,7 @@ fn unauthenticated(message: impl Into<String>) -> ErrorReply {
 /// needs a connection whose token is still valid; token administration
 /// needs the admin principal.
 pub(super) fn gate(
-    state: &BrokerState,
+    state: &ServerState,
     ctx: &ConnectionContext,
     request: &Request,
 ) -> Result<(), ErrorReply> {
@@ -28,7 +28,7 @@ pub(super) fn gate(
 
 /// The gate for a caller known by (token id, principal), if any.
 pub(super) fn gate_principal(
-    state: &BrokerState,
+    state: &ServerState,
     principal: Option<(String, String)>,
     request: &Request,
 ) -> Result<(), ErrorReply> {
@@ -145,7 +145,7 @@ fn required(request: &Request) -> Option<Vec<(AclResource, &str, AclAction)>> {
 }
 
 pub(super) async fn set_acl(
-    state: &BrokerState,
+    state: &ServerState,
     principal: String,
     rules: Vec<AclRule>,
 ) -> Result<Reply, ErrorReply> {
@@ -170,12 +170,12 @@ pub(super) async fn set_acl(
     Ok(Reply::Done)
 }
 
-pub(super) fn get_acl(state: &BrokerState, principal: &str) -> Reply {
+pub(super) fn get_acl(state: &ServerState, principal: &str) -> Reply {
     Reply::Acl(state.acls.rules(principal))
 }
 
 pub(super) fn authenticate(
-    state: &BrokerState,
+    state: &ServerState,
     ctx: &ConnectionContext,
     token: &str,
 ) -> Result<Reply, ErrorReply> {
@@ -216,11 +216,11 @@ pub(super) fn authenticate(
 }
 
 pub(super) async fn create_token(
-    state: &BrokerState,
+    state: &ServerState,
     principal: String,
 ) -> Result<Reply, ErrorReply> {
     validate_principal(&principal).map_err(invalid)?;
-    let (token_id, record, token) = generate(&principal, super::now_ms());
+    let (token_id, record, token) = generate(&principal, state.now_ms());
     state
         .store
         .write(WriteOp::PutToken {
@@ -235,7 +235,7 @@ pub(super) async fn create_token(
 }
 
 pub(super) async fn revoke_token(
-    state: &BrokerState,
+    state: &ServerState,
     token_id: String,
 ) -> Result<Reply, ErrorReply> {
     let outcome = state
@@ -256,7 +256,7 @@ pub(super) async fn revoke_token(
     }
 }
 
-pub(super) fn list_tokens(state: &BrokerState) -> Reply {
+pub(super) fn list_tokens(state: &ServerState) -> Reply {
     Reply::Tokens(
         state
             .tokens

@@ -1,10 +1,10 @@
 //! Consumer-group requests: join, heartbeat, poll, commit, leave.
 
-use super::read::{clamp, read_messages, wait_for_append};
-use super::{blocking, from_group, from_write, invalid, unknown_topic};
+use crate::core::read::{clamp, initial_position, read_messages, wait_for_append};
+use crate::core::{blocking, from_group, from_write, invalid, unknown_topic};
 use crate::groups::{NewMember, SESSION_TIMEOUT_MS_MAX, SESSION_TIMEOUT_MS_MIN};
 use crate::server::connection::ConnectionContext;
-use crate::server::BrokerState;
+use crate::server::ServerState;
 use crate::storage::{read, WriteOp};
 use msmq_protocol::{
     names::validate_name, ErrorCode, ErrorReply, FetchLimits, FetchedMessages, Joined,
@@ -18,7 +18,7 @@ pub const BROADCAST_SEPARATOR: char = '%';
 
 /// A plugin's group belongs to its runner: clients may not join it or move
 /// its offsets.
-fn refuse_plugin_group(state: &BrokerState, group: &str) -> Result<(), ErrorReply> {
+fn refuse_plugin_group(state: &ServerState, group: &str) -> Result<(), ErrorReply> {
     match state.plugins.group_owner(group) {
         Some(plugin) => Err(invalid(format!(
             "group {group:?} holds the progress of plugin {plugin:?}; consumers cannot join it or move its offsets"
@@ -29,7 +29,7 @@ fn refuse_plugin_group(state: &BrokerState, group: &str) -> Result<(), ErrorRepl
 
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn join(
-    state: &BrokerState,
+    state: &ServerState,
     ctx: &ConnectionContext,
     group: String,
     topics: Vec<String>,
@@ -99,7 +99,7 @@ pub(super) async fn join(
 /// it durably, before the join is answered, on every partition of `topics`
 /// the group has no position for, so the group receives everything produced
 /// after the join (a member that polls later must not skip it).
-async fn pin_latest(state: &BrokerState, group: &str, topics: &[String]) -> Result<(), ErrorReply> {
+async fn pin_latest(state: &ServerState, group: &str, topics: &[String]) -> Result<(), ErrorReply> {
     let mut offsets = Vec::new();
     for name in topics {
         let Some(topic) = state.registry.get(name) else {
@@ -130,7 +130,7 @@ async fn pin_latest(state: &BrokerState, group: &str, topics: &[String]) -> Resu
 }
 
 pub(super) fn heartbeat(
-    state: &BrokerState,
+    state: &ServerState,
     group: String,
     member_id: u64,
 ) -> Result<Reply, ErrorReply> {
@@ -141,7 +141,7 @@ pub(super) fn heartbeat(
 }
 
 pub(super) fn leave(
-    state: &BrokerState,
+    state: &ServerState,
     group: String,
     member_id: u64,
 ) -> Result<Reply, ErrorReply> {
@@ -152,56 +152,15 @@ pub(super) fn leave(
     Ok(Reply::Done)
 }
 
-/// Where a partition the group has no read position for starts.
-pub(super) async fn initial_position(
-    state: &BrokerState,
-    group: &str,
-    tp: &TopicPartition,
-    start: StartFrom,
-) -> Result<Option<u64>, ErrorReply> {
-    let Some(topic) = state.registry.get(&tp.topic) else {
-        return Ok(None);
-    };
-    let Some(offsets) = topic.partition(tp.partition) else {
-        return Ok(None);
-    };
-    let db = state.store.db().clone();
-    let (g, id, p) = (group.to_string(), topic.id(), tp.partition);
-    let committed = blocking(move || read::group_offset(&db, &g, id, p)).await?;
-    let position = match (committed, start) {
-        (Some(c), _) => c,
-        (None, StartFrom::Earliest) => offsets.start(),
-        (None, StartFrom::Latest) => {
-            // Joining pinned every partition the topic had then; this one is
-            // newer. Pin it where the group has no position yet (a member
-            // may have committed meanwhile) and read back what is stored.
-            state
-                .store
-                .write(WriteOp::PinOffsets {
-                    group: group.to_string(),
-                    offsets: vec![(id, p, offsets.end())],
-                })
-                .await
-                .map_err(from_write)?;
-            let db = state.store.db().clone();
-            let g = group.to_string();
-            blocking(move || read::group_offset(&db, &g, id, p))
-                .await?
-                .unwrap_or_else(|| offsets.end())
-        }
-    };
-    Ok(Some(position.clamp(offsets.start(), offsets.end())))
-}
-
 pub(super) async fn poll(
-    state: &BrokerState,
+    state: &ServerState,
     group: String,
     member_id: u64,
     limits: FetchLimits,
     positions: Vec<PartitionOffset>,
 ) -> Result<Reply, ErrorReply> {
     let limits = clamp(state, limits)?;
-    if super::ack::uses_acks(state, &group) {
+    if crate::core::ack::uses_acks(state, &group) {
         return Err(invalid(format!(
             "group {group:?} consumes with per-message acks (Receive/Ack); it cannot also Poll"
         )));
@@ -322,12 +281,12 @@ pub(super) async fn poll(
 }
 
 pub(super) async fn commit(
-    state: &BrokerState,
+    state: &ServerState,
     group: String,
     member_id: u64,
     offsets: Vec<PartitionOffset>,
 ) -> Result<Reply, ErrorReply> {
-    if super::ack::uses_acks(state, &group) {
+    if crate::core::ack::uses_acks(state, &group) {
         return Err(invalid(format!(
             "group {group:?} consumes with per-message acks; the broker commits its progress"
         )));
@@ -385,7 +344,7 @@ pub(super) async fn commit(
 }
 
 pub(super) async fn reset_offsets(
-    state: &BrokerState,
+    state: &ServerState,
     group: String,
     topic_name: String,
     to: ResetTo,
@@ -405,7 +364,7 @@ pub(super) async fn reset_offsets(
             ),
         ));
     }
-    super::ack::prepare_reset(state, &group, topic.id()).await?;
+    crate::core::ack::prepare_reset(state, &group, topic.id()).await?;
     let mut offsets = Vec::with_capacity(topic.partition_count() as usize);
     for p in 0..topic.partition_count() {
         let o = &topic.partitions[p as usize];

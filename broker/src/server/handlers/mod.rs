@@ -1,7 +1,6 @@
 //! One handler per request. Each returns the reply or an [`ErrorReply`] with
 //! a stable code; none panics on client input.
 
-pub(crate) mod ack;
 mod admin;
 mod auth;
 mod group;
@@ -11,19 +10,12 @@ mod read;
 mod tx;
 
 use super::connection::ConnectionContext;
-use super::BrokerState;
-use crate::groups::GroupError;
-use crate::producers::ProducerError;
-use crate::storage::{StorageError, WriteError};
+use super::ServerState;
+use crate::core::ack;
 use msmq_protocol::{ErrorCode, ErrorReply, Reply, Request, SequencedRequest};
 
-pub(super) use ack::{expire_leases, load_acks};
-
-/// Retry hint given with `PRODUCERS_FULL`.
-pub const PRODUCERS_FULL_RETRY_AFTER_MS: u32 = 60_000;
-
 pub(super) async fn handle(
-    state: &std::sync::Arc<BrokerState>,
+    state: &std::sync::Arc<ServerState>,
     ctx: &ConnectionContext,
     request: Request,
 ) -> Result<Reply, ErrorReply> {
@@ -47,7 +39,7 @@ pub(super) async fn handle(
 /// The requests the HTTP console may make, for a caller authenticated by
 /// bearer token (`principal`), behind the same gate as QUIC requests.
 pub(crate) async fn handle_http(
-    state: &std::sync::Arc<BrokerState>,
+    state: &std::sync::Arc<ServerState>,
     principal: Option<(String, String)>,
     request: Request,
 ) -> Result<Reply, ErrorReply> {
@@ -73,7 +65,7 @@ pub(crate) async fn handle_http(
 }
 
 async fn dispatch(
-    state: &std::sync::Arc<BrokerState>,
+    state: &std::sync::Arc<ServerState>,
     ctx: &ConnectionContext,
     request: Request,
 ) -> Result<Reply, ErrorReply> {
@@ -255,20 +247,9 @@ async fn dispatch(
     }
 }
 
-fn invalid(message: impl Into<String>) -> ErrorReply {
-    ErrorReply::new(ErrorCode::INVALID_ARGUMENT, message)
-}
-
-fn unknown_topic(name: &str) -> ErrorReply {
-    ErrorReply::new(
-        ErrorCode::UNKNOWN_TOPIC,
-        format!("topic {name:?} does not exist"),
-    )
-}
-
 /// A `Produce` or `SendHalf` numbered by an idempotent producer.
 async fn sequenced(
-    state: &std::sync::Arc<BrokerState>,
+    state: &std::sync::Arc<ServerState>,
     request: SequencedRequest,
     producer: (msmq_protocol::ProducerSequence, String),
 ) -> Result<Reply, ErrorReply> {
@@ -310,59 +291,3 @@ fn principal_of(ctx: &ConnectionContext) -> String {
         .map(|(_, principal)| principal.clone())
         .unwrap_or_default()
 }
-
-fn from_write(e: WriteError) -> ErrorReply {
-    let code = match &e {
-        WriteError::TopicExists(_) => ErrorCode::TOPIC_EXISTS,
-        WriteError::UnknownTopic(_) => ErrorCode::UNKNOWN_TOPIC,
-        WriteError::PluginGone(_) => ErrorCode::UNKNOWN_PLUGIN,
-        WriteError::Storage(_) | WriteError::Corrupt(_) => ErrorCode::STORAGE_ERROR,
-        WriteError::ShuttingDown => ErrorCode::SHUTTING_DOWN,
-        WriteError::UnknownTransaction(_) => ErrorCode::UNKNOWN_TRANSACTION,
-        WriteError::TransactionResolved { .. } => ErrorCode::TRANSACTION_RESOLVED,
-        WriteError::WrongProducerGroup { .. } => ErrorCode::INVALID_ARGUMENT,
-        WriteError::Producer(p) => match p {
-            ProducerError::Unknown(_) => ErrorCode::UNKNOWN_PRODUCER,
-            ProducerError::Fenced { .. } => ErrorCode::PRODUCER_FENCED,
-            ProducerError::OutOfOrder { .. } => ErrorCode::SEQUENCE_OUT_OF_ORDER,
-            ProducerError::Forgotten { .. } => ErrorCode::DUPLICATE_SEQUENCE,
-            ProducerError::NotYours(_) => ErrorCode::FORBIDDEN,
-            ProducerError::FutureEpoch { .. } | ProducerError::NotTheSameRequest { .. } => {
-                ErrorCode::INVALID_ARGUMENT
-            }
-        },
-        WriteError::ProducersFull(_) => {
-            return ErrorReply {
-                code: ErrorCode::PRODUCERS_FULL,
-                message: e.to_string(),
-                retry_after_ms: Some(PRODUCERS_FULL_RETRY_AFTER_MS),
-            }
-        }
-    };
-    ErrorReply::new(code, e.to_string())
-}
-
-fn from_storage(e: StorageError) -> ErrorReply {
-    tracing::error!(error = %e, "storage read failed");
-    ErrorReply::new(ErrorCode::STORAGE_ERROR, e.to_string())
-}
-
-fn from_group(e: GroupError) -> ErrorReply {
-    let code = match &e {
-        GroupError::UnknownMember { .. } => ErrorCode::UNKNOWN_MEMBER,
-        GroupError::NotOwner(_) => ErrorCode::REBALANCED,
-    };
-    ErrorReply::new(code, e.to_string())
-}
-
-/// Run a blocking storage read off the async threads.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, StorageError> + Send + 'static,
-) -> Result<T, ErrorReply> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| ErrorReply::new(ErrorCode::INTERNAL, format!("read task failed: {e}")))?
-        .map_err(from_storage)
-}
-
-use super::now_ms;

@@ -1,9 +1,9 @@
 //! Plugin administration: deploy, list, stats, pause, resume, remove, and
 //! reading a plugin's committed state.
 
-use super::{blocking, from_storage, from_write};
-use crate::plugins::{PluginError, PluginManager};
-use crate::server::BrokerState;
+use crate::core::plugins::{PluginError, PluginManager};
+use crate::core::{blocking, from_storage, from_write};
+use crate::server::ServerState;
 use msmq_protocol::{ErrorCode, ErrorReply, PluginSpec, Reply, StateEntry};
 use std::sync::Arc;
 
@@ -23,17 +23,17 @@ fn from_plugin(e: PluginError) -> ErrorReply {
 }
 
 pub(super) async fn deploy(
-    state: &Arc<BrokerState>,
+    state: &Arc<ServerState>,
     spec: PluginSpec,
     component: Vec<u8>,
 ) -> Result<Reply, ErrorReply> {
-    PluginManager::deploy(state, spec, component)
+    PluginManager::deploy(&state.core, spec, component)
         .await
         .map(Reply::PluginDeployed)
         .map_err(from_plugin)
 }
 
-pub(super) fn stats(state: &BrokerState, name: &str) -> Result<Reply, ErrorReply> {
+pub(super) fn stats(state: &ServerState, name: &str) -> Result<Reply, ErrorReply> {
     state
         .plugins
         .stats(state, name)
@@ -42,25 +42,25 @@ pub(super) fn stats(state: &BrokerState, name: &str) -> Result<Reply, ErrorReply
 }
 
 pub(super) async fn set_paused(
-    state: &Arc<BrokerState>,
+    state: &Arc<ServerState>,
     name: &str,
     pause: bool,
 ) -> Result<Reply, ErrorReply> {
-    PluginManager::set_paused(state, name, pause)
+    PluginManager::set_paused(&state.core, name, pause)
         .await
         .map(|()| Reply::Done)
         .map_err(from_plugin)
 }
 
-pub(super) async fn remove(state: &Arc<BrokerState>, name: &str) -> Result<Reply, ErrorReply> {
-    PluginManager::remove(state, name)
+pub(super) async fn remove(state: &Arc<ServerState>, name: &str) -> Result<Reply, ErrorReply> {
+    PluginManager::remove(&state.core, name)
         .await
         .map(|()| Reply::Done)
         .map_err(from_plugin)
 }
 
 pub(super) async fn state(
-    state: &BrokerState,
+    state: &ServerState,
     name: String,
     prefix: Vec<u8>,
     start_after: Option<Vec<u8>>,

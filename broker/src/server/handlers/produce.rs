@@ -1,9 +1,9 @@
 //! Produce: validate, route to partitions, append durably, acknowledge;
 //! idempotent producers' ids and sequenced produces.
 
-use super::{blocking, from_write, invalid, now_ms, unknown_topic};
+use crate::core::{blocking, from_write, invalid, unknown_topic};
 use crate::producers::{self, Admission, Claim, Slot, StoredReply};
-use crate::server::BrokerState;
+use crate::server::ServerState;
 use crate::storage::{batch, read, PartitionAppend, WriteOp, WriteOutcome};
 use crate::topics::Topic;
 use msmq_protocol::{
@@ -17,7 +17,7 @@ pub const BACKLOG_RETRY_AFTER_MS: u32 = 1000;
 
 /// A new producer id, or the next epoch of `producer_id`.
 pub(super) async fn init_producer(
-    state: &BrokerState,
+    state: &ServerState,
     principal: String,
     producer_id: Option<u64>,
 ) -> Result<Reply, ErrorReply> {
@@ -26,7 +26,7 @@ pub(super) async fn init_producer(
         .write(WriteOp::InitProducer {
             producer_id,
             principal,
-            now_ms: now_ms(),
+            now_ms: state.now_ms(),
             idle_expiry_ms: state.config.producer_idle_expiry.as_millis() as u64,
             producers_max: state.config.producers_max,
         })
@@ -45,7 +45,7 @@ pub(super) async fn init_producer(
 
 /// What the writer checks a sequenced request of `count` messages against.
 pub(super) fn claim(
-    state: &BrokerState,
+    state: &ServerState,
     (producer, principal): (ProducerSequence, String),
     count: usize,
     now_ms: u64,
@@ -66,7 +66,7 @@ pub(super) fn claim(
 /// backlog) do not refuse it. Looked up only when one of them would, so
 /// the usual path reads nothing more; the writer decides anything else.
 pub(super) async fn repeated_reply(
-    state: &BrokerState,
+    state: &ServerState,
     claim: &Claim,
 ) -> Result<Option<StoredReply>, ErrorReply> {
     let db = state.store.db().clone();
@@ -83,7 +83,7 @@ pub(super) async fn repeated_reply(
 
 /// `refusal`, unless the request is a retry of a stored one: its reply.
 async fn refused_unless_repeat(
-    state: &BrokerState,
+    state: &ServerState,
     claim: Option<&Claim>,
     refusal: ErrorReply,
 ) -> Result<Reply, ErrorReply> {
@@ -96,7 +96,7 @@ async fn refused_unless_repeat(
 }
 
 pub(super) async fn produce(
-    state: &BrokerState,
+    state: &ServerState,
     topic_name: String,
     partition: Option<u32>,
     messages: Vec<NewMessage>,
@@ -107,7 +107,7 @@ pub(super) async fn produce(
         .get(&topic_name)
         .ok_or_else(|| unknown_topic(&topic_name))?;
     check_limits(state, &messages)?;
-    let timestamp_ms = now_ms();
+    let timestamp_ms = state.now_ms();
     let claim = sequenced.map(|s| claim(state, s, messages.len(), timestamp_ms));
     if let Err(refusal) = state.disk.check_room(state.config.disk_free_min.as_u64()) {
         return refused_unless_repeat(state, claim.as_ref(), refusal).await;
@@ -243,7 +243,7 @@ pub(super) fn route(
         .collect())
 }
 
-pub(super) fn check_limits(state: &BrokerState, messages: &[NewMessage]) -> Result<(), ErrorReply> {
+pub(super) fn check_limits(state: &ServerState, messages: &[NewMessage]) -> Result<(), ErrorReply> {
     let config = &state.config;
     if messages.is_empty() {
         return Err(invalid("a produce request needs at least one message"));

@@ -1,94 +1,19 @@
 //! Direct reads by partition and offset, and the long-poll wait shared with
 //! group polls.
 
-use super::{blocking, unknown_topic};
-use crate::server::BrokerState;
+use crate::core::read::{clamp, message_at, read_messages, topic_by_id, wait_for_append};
+use crate::core::{blocking, unknown_topic};
+use crate::server::ServerState;
 use crate::storage::read;
 use crate::topics::Topic;
 use msmq_protocol::{
-    ErrorCode, ErrorReply, FetchLimits, FetchedMessages, FoundMessage, Message, MessageId, Reply,
+    ErrorCode, ErrorReply, FetchLimits, FetchedMessages, FoundMessage, MessageId, Reply,
 };
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::time::Instant;
 
-/// Limits clamped to the broker's configured maxima.
-pub(super) struct Clamped {
-    pub max_messages: usize,
-    pub max_bytes: usize,
-    pub wait: Duration,
-}
-
-pub(super) fn clamp(state: &BrokerState, limits: FetchLimits) -> Result<Clamped, ErrorReply> {
-    if limits.max_messages == 0 || limits.max_bytes == 0 {
-        return Err(super::invalid(
-            "max_messages and max_bytes must be at least 1",
-        ));
-    }
-    let c = &state.config;
-    Ok(Clamped {
-        max_messages: limits.max_messages.min(c.fetch_messages_max) as usize,
-        max_bytes: (limits.max_bytes as u64).min(c.fetch_bytes_max.as_u64()) as usize,
-        wait: Duration::from_millis(limits.max_wait_ms as u64).min(c.fetch_wait_max),
-    })
-}
-
-/// Read `from..end` of a partition on a blocking thread.
-pub(super) async fn read_messages(
-    state: &BrokerState,
-    topic: &Topic,
-    partition: u32,
-    from: u64,
-    max_messages: usize,
-    max_bytes: usize,
-) -> Result<Vec<Message>, ErrorReply> {
-    // The topic may have been re-created with fewer partitions since the
-    // caller looked: a missing partition simply has nothing to read.
-    let Some(offsets) = topic.partition(partition) else {
-        return Ok(Vec::new());
-    };
-    let end = offsets.end();
-    if from >= end {
-        return Ok(Vec::new());
-    }
-    let db = state.store.db().clone();
-    let segments = state.store.segments().clone();
-    let (store_id, topic_id) = (state.store.store_id(), topic.id());
-    blocking(move || {
-        read::read_partition(
-            &db,
-            &segments,
-            store_id,
-            topic_id,
-            partition,
-            from,
-            end,
-            max_messages,
-            max_bytes,
-        )
-    })
-    .await
-}
-
-/// Wait until messages are appended anywhere or `deadline` passes. Returns
-/// false on timeout or shutdown. Call with a receiver taken *before* the
-/// check that found nothing, so no append slips between check and wait.
-pub(super) async fn wait_for_append(
-    state: &BrokerState,
-    appended: &mut tokio::sync::watch::Receiver<u64>,
-    deadline: Instant,
-) -> bool {
-    if state.is_shutting_down() {
-        return false;
-    }
-    matches!(
-        tokio::time::timeout_at(deadline, appended.changed()).await,
-        Ok(Ok(()))
-    )
-}
-
 pub(super) async fn fetch(
-    state: &BrokerState,
+    state: &ServerState,
     topic_name: String,
     partition: u32,
     offset: u64,
@@ -143,27 +68,7 @@ pub(super) async fn fetch(
 /// Most messages one `FindMessages` returns.
 pub const FIND_MESSAGES_MAX: u32 = 1000;
 
-/// A live topic by its id.
-pub(super) fn topic_by_id(state: &BrokerState, topic_id: u32) -> Option<Arc<Topic>> {
-    state
-        .registry
-        .list()
-        .into_iter()
-        .find(|t| t.id() == topic_id)
-}
-
-/// The message at `offset`, if the log still has it.
-pub(super) async fn message_at(
-    state: &BrokerState,
-    topic: &Topic,
-    partition: u32,
-    offset: u64,
-) -> Result<Option<Message>, ErrorReply> {
-    let found = read_messages(state, topic, partition, offset, 1, usize::MAX).await?;
-    Ok(found.into_iter().next().filter(|m| m.offset == offset))
-}
-
-pub(super) async fn get_message(state: &BrokerState, id: MessageId) -> Result<Reply, ErrorReply> {
+pub(super) async fn get_message(state: &ServerState, id: MessageId) -> Result<Reply, ErrorReply> {
     if id.store_id() != state.store.store_id() {
         return Ok(Reply::Messages(Vec::new()));
     }
@@ -192,7 +97,7 @@ pub(super) async fn get_message(state: &BrokerState, id: MessageId) -> Result<Re
 }
 
 pub(super) async fn find_messages(
-    state: &BrokerState,
+    state: &ServerState,
     topic_name: String,
     key: Vec<u8>,
     limit: u32,

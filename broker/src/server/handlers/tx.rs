@@ -2,10 +2,10 @@
 //! and the operator's view of pending and discarded transactions.
 
 use super::produce::{check_limits, claim, repeated_reply, route};
-use super::{blocking, from_write, invalid, now_ms, unknown_topic};
+use crate::core::{blocking, from_write, invalid, unknown_topic};
 use crate::producers::{half_acks, StoredReply};
 use crate::server::connection::ConnectionContext;
-use crate::server::BrokerState;
+use crate::server::ServerState;
 use crate::storage::{read, WriteOp, WriteOutcome};
 use crate::transactions::{TxOutcome, TxSource};
 use msmq_protocol::{
@@ -19,7 +19,7 @@ use std::time::Duration;
 pub const LIST_TRANSACTIONS_MAX: u32 = 10_000;
 
 pub(super) fn register_producer(
-    state: &BrokerState,
+    state: &ServerState,
     ctx: &ConnectionContext,
     producer_group: String,
 ) -> Result<Reply, ErrorReply> {
@@ -39,7 +39,7 @@ pub(super) fn register_producer(
 }
 
 pub(super) async fn send_half(
-    state: &BrokerState,
+    state: &ServerState,
     producer_group: String,
     topic_name: String,
     partition: Option<u32>,
@@ -53,7 +53,7 @@ pub(super) async fn send_half(
         .get(&topic_name)
         .ok_or_else(|| unknown_topic(&topic_name))?;
     check_limits(state, &messages)?;
-    let created_at_ms = now_ms();
+    let created_at_ms = state.now_ms();
     let claim = sequenced.map(|s| claim(state, s, messages.len(), created_at_ms));
     if let Err(refusal) = state.disk.check_room(state.config.disk_free_min.as_u64()) {
         // A retry of a stored request stores nothing: answer it.
@@ -109,7 +109,7 @@ pub(super) async fn send_half(
     ))
 }
 
-fn ended(state: &BrokerState, outcome: WriteOutcome) -> Result<Reply, ErrorReply> {
+fn ended(state: &ServerState, outcome: WriteOutcome) -> Result<Reply, ErrorReply> {
     match outcome {
         WriteOutcome::TxCommitted(landed) => {
             Ok(Reply::TransactionEnded(TxEnded::Committed(MessageAck {
@@ -128,7 +128,7 @@ fn ended(state: &BrokerState, outcome: WriteOutcome) -> Result<Reply, ErrorReply
 }
 
 pub(super) async fn end_transaction(
-    state: &BrokerState,
+    state: &ServerState,
     producer_group: String,
     tx_id: u64,
     action: TxAction,
@@ -143,7 +143,7 @@ pub(super) async fn end_transaction(
         producer_group: Some(producer_group),
         commit,
         source: TxSource::Producer,
-        now_ms: now_ms(),
+        now_ms: state.now_ms(),
     };
     let outcome = state.store.write(op).await.map_err(from_write)?;
     ended(state, outcome)
@@ -153,7 +153,7 @@ pub(super) async fn end_transaction(
 pub const DECISIONS_PER_REQUEST_MAX: usize = 10_000;
 
 pub(super) async fn end_transactions(
-    state: &BrokerState,
+    state: &ServerState,
     producer_group: String,
     decisions: Vec<TxDecision>,
 ) -> Result<Reply, ErrorReply> {
@@ -166,7 +166,7 @@ pub(super) async fn end_transactions(
             ),
         ));
     }
-    let now = now_ms();
+    let now = state.now_ms();
     let mut results: Vec<Option<TxEndResult>> = vec![None; decisions.len()];
     let mut writes = Vec::new();
     let mut write_slots = Vec::new();
@@ -217,7 +217,7 @@ pub(super) async fn end_transactions(
 
 /// `Unknown` changes nothing; it reports where the transaction stands.
 async fn transaction_state(
-    state: &BrokerState,
+    state: &ServerState,
     producer_group: &str,
     tx_id: u64,
 ) -> Result<Reply, ErrorReply> {
@@ -267,7 +267,7 @@ async fn transaction_state(
 }
 
 pub(super) async fn list_transactions(
-    state: &BrokerState,
+    state: &ServerState,
     discarded: bool,
     limit: u32,
 ) -> Result<Reply, ErrorReply> {
@@ -294,14 +294,14 @@ pub(super) async fn list_transactions(
 }
 
 pub(super) async fn resolve_discarded(
-    state: &BrokerState,
+    state: &ServerState,
     tx_id: u64,
     action: DiscardedAction,
 ) -> Result<Reply, ErrorReply> {
     let op = match action {
         DiscardedAction::Resume => WriteOp::Resume {
             tx_id,
-            next_check_at_ms: now_ms(),
+            next_check_at_ms: state.now_ms(),
         },
         // The writer checks that it is (still) discarded.
         DiscardedAction::Commit => WriteOp::EndTransaction {
@@ -309,7 +309,7 @@ pub(super) async fn resolve_discarded(
             producer_group: None,
             commit: true,
             source: TxSource::Operator,
-            now_ms: now_ms(),
+            now_ms: state.now_ms(),
         },
     };
     let outcome = state.store.write(op).await.map_err(from_write)?;

@@ -90,7 +90,7 @@ impl Writer {
                 tracing::warn!(after = ?since.elapsed(), tries,
                     "storage reopened after an I/O error; writes resume");
                 self.recovering = None;
-                crate::metrics::global().storage_recovering.set(0);
+                self.options.observer.recovering(false);
             }
             Err(mismatch) => {
                 tracing::error!(%mismatch,

@@ -10,7 +10,7 @@
 //! never touched. A bad file is logged and skipped; the others go on.
 
 use super::{PluginError, PluginManager};
-use crate::server::BrokerState;
+use crate::core::BrokerState;
 use bytesize::ByteSize;
 use msmq_protocol::{PluginLimits, PluginSpec};
 use serde::Deserialize;

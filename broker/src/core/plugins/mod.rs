@@ -25,10 +25,9 @@ mod runner;
 pub mod wasi;
 pub mod watch;
 
-use crate::server::BrokerState;
+use crate::core::BrokerState;
 use engine::{PluginEngine, Prepared, RefusedComponent};
 use msmq_protocol::{PluginInfo, PluginSpec, PluginStats};
-use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -46,31 +45,7 @@ pub const PLUGIN_MEMORY_BYTES_MAX: u64 = 4 * 1024 * 1024 * 1024;
 /// How long stopping a plugin waits for its current batch.
 pub const PLUGIN_STOP_WAIT_MS: u64 = 5_000;
 
-/// A deployed plugin as stored.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PluginRecord {
-    pub spec: PluginSpec,
-    pub version: u32,
-    pub component_sha256: String,
-    pub component_bytes: u64,
-    /// `None`: running. `Some("")`: paused by an operator. `Some(why)`:
-    /// paused by the broker.
-    pub paused: Option<String>,
-    pub deployed_at_ms: u64,
-    /// Random, fixed at first deploy: a batch started before a remove and
-    /// redeploy cannot commit into the new plugin.
-    pub incarnation: u64,
-}
-
-impl PluginRecord {
-    pub fn status(&self) -> String {
-        match &self.paused {
-            None => "running".into(),
-            Some(why) if why.is_empty() => "paused".into(),
-            Some(why) => format!("paused: {why}"),
-        }
-    }
-}
+pub use crate::command::PluginRecord;
 
 /// Why a plugin request failed.
 #[derive(Debug, thiserror::Error)]
@@ -249,7 +224,7 @@ impl PluginManager {
             component_sha256: prepared.sha256.clone(),
             component_bytes: prepared.bytes_len as u64,
             paused: previous.as_ref().and_then(|p| p.paused.clone()),
-            deployed_at_ms: crate::server::now_ms(),
+            deployed_at_ms: state.now_ms(),
             incarnation: previous
                 .as_ref()
                 .map_or_else(rand::random::<u64>, |p| p.incarnation),

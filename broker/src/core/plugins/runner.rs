@@ -25,7 +25,7 @@ use super::instance::CallMessage;
 pub(super) use super::instance::Instance;
 use super::quota::TokenBucket;
 use super::PluginRecord;
-use crate::server::BrokerState;
+use crate::core::BrokerState;
 use crate::storage::{batch, read, PartitionAppend, PluginCommit, WriteError, WriteOp};
 use crate::topics::Topic;
 use msmq_protocol::{PluginSpec, PluginStats};
@@ -290,6 +290,7 @@ fn instantiate(
         spec.name.as_str().into(),
         state.store.db().clone(),
         state.registry.clone(),
+        state.clock.clone(),
         spec.publish_to.iter().cloned().collect::<HashSet<_>>(),
         state.config.message_bytes_max.as_u64() as usize,
         spec.limits.memory_bytes_max as usize,
@@ -436,7 +437,7 @@ impl Runner {
                     .retries
                     .keys()
                     .next()
-                    .map(|k| k.0.saturating_sub(crate::server::now_ms()));
+                    .map(|k| k.0.saturating_sub(self.state.now_ms()));
                 let idle = until_retry.unwrap_or(IDLE_RECHECK_MS).min(IDLE_RECHECK_MS);
                 self.wait(Duration::from_millis(idle.max(1)), true);
                 continue;
@@ -562,7 +563,7 @@ impl Runner {
     }
 
     fn due_retries(&mut self, topic: &Topic, max: usize) -> Option<Vec<Handed>> {
-        let now_ms = crate::server::now_ms();
+        let now_ms = self.state.now_ms();
         let due: Vec<(u64, u32, u64)> = self
             .retries
             .range(..=(now_ms, u32::MAX, u64::MAX))
@@ -626,7 +627,7 @@ impl Runner {
             retry_puts: vec![],
             retry_deletes: keys.iter().map(|k| (topic.id(), k.1, k.2)).collect(),
             dead_letters: vec![],
-            now_ms: crate::server::now_ms(),
+            now_ms: self.state.now_ms(),
         };
         match self.runtime.block_on(
             self.state
@@ -799,7 +800,7 @@ impl Runner {
     }
 
     fn commit(&mut self, topic: &Arc<Topic>, handed: &[Handed], outcomes: Vec<Outcome>) {
-        let now_ms = crate::server::now_ms();
+        let now_ms = self.state.now_ms();
         let group = self.record.spec.group_name();
         let attempts_max = self.limits().delivery_attempts_max;
         let (state_writes, publishes) = match self.instance.as_mut() {
@@ -814,7 +815,7 @@ impl Runner {
             self.shared
                 .note_error("the broker's disk is below disk_free_min; publishes wait for space");
             self.instance = None;
-            let retry_ms = crate::server::disk::DISK_FULL_RETRY_AFTER_MS;
+            let retry_ms = crate::core::disk::DISK_FULL_RETRY_AFTER_MS;
             self.wait(Duration::from_millis(retry_ms.into()), false);
             return;
         }
@@ -994,7 +995,7 @@ impl Runner {
 
     fn dlq_topic(&self, group: &str) -> Result<Arc<Topic>, String> {
         self.runtime
-            .block_on(crate::server::handlers::ack::dlq_topic(&self.state, group))
+            .block_on(crate::core::ack::dlq_topic(&self.state, group))
             .map_err(|e| e.to_string())
     }
 
@@ -1093,7 +1094,7 @@ impl Runner {
             retry_puts: vec![],
             retry_deletes: if fresh { vec![] } else { vec![key] },
             dead_letters: vec![(dlq, letter)],
-            now_ms: crate::server::now_ms(),
+            now_ms: self.state.now_ms(),
         };
         if let Err(e) = self.runtime.block_on(
             self.state
@@ -1122,7 +1123,7 @@ impl Runner {
 
 /// The dead letter of a handed-out message.
 fn letter(topic: &Topic, h: &Handed, reason: &str) -> msmq_protocol::NewMessage {
-    crate::server::handlers::ack::dead_letter(
+    crate::core::ack::dead_letter(
         h.message.clone(),
         reason,
         &topic.name,

@@ -67,6 +67,8 @@ pub struct HostState {
     pub plugin: Arc<str>,
     db: Arc<crate::storage::db::Db>,
     registry: Arc<TopicRegistry>,
+    /// The broker's clock: `now-ms` reads it.
+    clock: crate::clock::Clock,
     allowed_topics: HashSet<String>,
     message_bytes_max: usize,
     /// A snapshot for this batch's state reads, opened on first use.
@@ -135,6 +137,7 @@ impl HostState {
         plugin: Arc<str>,
         db: Arc<crate::storage::db::Db>,
         registry: Arc<TopicRegistry>,
+        clock: crate::clock::Clock,
         allowed_topics: HashSet<String>,
         message_bytes_max: usize,
         memory_bytes_max: usize,
@@ -147,6 +150,7 @@ impl HostState {
             plugin,
             db,
             registry,
+            clock,
             allowed_topics,
             message_bytes_max,
             snapshot: None,
@@ -536,6 +540,6 @@ impl msmq::plugin::host::Host for HostState {
     }
 
     fn now_ms(&mut self) -> u64 {
-        crate::server::now_ms()
+        self.clock.now_ms()
     }
 }

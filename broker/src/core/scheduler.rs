@@ -6,7 +6,6 @@
 //! happens in chunks of `RELEASE_PER_COMMIT_MAX`, so thousands due in the
 //! same second never hold the writer for long.
 
-use super::checkback::now_ms;
 use super::BrokerState;
 use crate::storage::{WriteOp, WriteOutcome};
 use std::sync::Arc;
@@ -17,12 +16,12 @@ pub const RELEASE_PER_COMMIT_MAX: usize = 2_000;
 /// Longest sleep between two looks at the schedule.
 const IDLE_WAIT_MS_MAX: u64 = 1_000;
 
-pub(super) async fn run(state: Arc<BrokerState>) {
+pub(crate) async fn run(state: Arc<BrokerState>) {
     loop {
         if state.is_shutting_down() {
             return;
         }
-        let now = now_ms();
+        let now = state.now_ms();
         let next = state.store.next_scheduled_ms();
         if next <= now {
             let op = WriteOp::ReleaseDue {

@@ -50,7 +50,7 @@ pub fn effective(
     })
 }
 
-pub(super) async fn run(state: Arc<BrokerState>) {
+pub(crate) async fn run(state: Arc<BrokerState>) {
     let mut ticker = tokio::time::interval(state.config.retention_check_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut next_producer_sweep = std::time::Instant::now();
@@ -70,7 +70,7 @@ pub(super) async fn run(state: Arc<BrokerState>) {
         if std::time::Instant::now() >= next_producer_sweep {
             next_producer_sweep += std::time::Duration::from_millis(PRODUCER_SWEEP_INTERVAL_MS);
             let op = WriteOp::ExpireProducers {
-                now_ms: super::now_ms(),
+                now_ms: state.now_ms(),
                 idle_expiry_ms: state.config.producer_idle_expiry.as_millis() as u64,
             };
             match state.store.write(op).await {
@@ -98,7 +98,7 @@ async fn trim_topic(
     }
     let cutoff_ms = match retention.max_age_ms {
         0 => 0,
-        age => super::now_ms().saturating_sub(age),
+        age => state.now_ms().saturating_sub(age),
     };
     for p in 0..topic.partition_count() {
         let Some(offsets) = topic.partition(p) else {

@@ -1,23 +1,24 @@
 //! Per-message acknowledgement: receive with a lease, ack, nack, change
 //! invisibility, retries with back-off and dead letters. The decisions are
-//! in `crate::delivery`; this is the glue to storage and the wire.
+//! in `crate::delivery`; this applies them to the core's state and storage.
+//! The wire's dispatch and the plugin runner (dead letters) both call here.
 //!
-//! Size: over 800 lines because the per-message-ack domain logic still
-//! lives here; the deterministic-core issue moves it to the core (where the
-//! plugin runner will call it too), and this file keeps only the wire side.
+//! Size: over 800 lines; it is split into receive and settle when the
+//! deterministic-core work reaches acks.
 //!
 //! Invariant: a message's retry record or dead letter is durable before its
 //! lease is settled in memory, so the floor the group commits never passes
 //! a message that is neither acked, nor scheduled for retry, nor dead-lettered.
 
-use super::group::initial_position;
-use super::read::{clamp, message_at, read_messages, topic_by_id, wait_for_append};
-use super::{blocking, from_write, invalid, now_ms, unknown_topic};
+use super::read::{
+    clamp, initial_position, message_at, read_messages, topic_by_id, wait_for_append,
+};
+use super::{blocking, from_write, invalid, unknown_topic};
+use crate::core::BrokerState;
 use crate::delivery::{
     AckRegistry, AfterFailure, GroupAcks, Lease, PartitionLeases, RetryPolicy, RetryRecord,
     INVISIBILITY_MS_MAX, INVISIBILITY_MS_MIN, UNSETTLED_PER_PARTITION_MAX,
 };
-use crate::server::BrokerState;
 use crate::storage::{read, Store, WriteError, WriteOp};
 use crate::topics::Topic;
 use msmq_protocol::{
@@ -79,7 +80,7 @@ pub(crate) fn dead_letter(
 
 /// Whether `group` consumes with per-message acks (then offset commits and
 /// polls would undo its floor).
-pub(super) fn uses_acks(state: &BrokerState, group: &str) -> bool {
+pub(crate) fn uses_acks(state: &BrokerState, group: &str) -> bool {
     acks(state)
         .groups
         .get(group)
@@ -87,7 +88,7 @@ pub(super) fn uses_acks(state: &BrokerState, group: &str) -> bool {
 }
 
 /// Forget a deleted topic's leases and retries in every group.
-pub(super) fn forget_topic(state: &BrokerState, topic_id: u32) {
+pub(crate) fn forget_topic(state: &BrokerState, topic_id: u32) {
     let mut reg = acks(state);
     for g in reg.groups.values_mut() {
         g.partitions.retain(|k, _| k.0 != topic_id);
@@ -98,7 +99,7 @@ pub(super) fn forget_topic(state: &BrokerState, topic_id: u32) {
 /// Before a group's offsets on a topic are reset: refuse while messages are
 /// leased; otherwise drop its in-memory state and stored retries for the
 /// topic, so the next receive starts from the new offsets.
-pub(super) async fn prepare_reset(
+pub(crate) async fn prepare_reset(
     state: &BrokerState,
     group: &str,
     topic_id: u32,
@@ -129,7 +130,7 @@ pub(super) async fn prepare_reset(
             retry_puts: vec![],
             retry_deletes: dropped,
             dead_letters: vec![],
-            now_ms: now_ms(),
+            now_ms: state.now_ms(),
         };
         state.store.write(op).await.map_err(from_write)?;
     }
@@ -208,7 +209,7 @@ pub(crate) async fn dlq_topic(state: &BrokerState, group: &str) -> Result<Arc<To
         .write(WriteOp::CreateTopic {
             name: name.clone(),
             partitions: 1,
-            created_at_ms: now_ms(),
+            created_at_ms: state.now_ms(),
         })
         .await
     {
@@ -221,7 +222,7 @@ pub(crate) async fn dlq_topic(state: &BrokerState, group: &str) -> Result<Arc<To
         .ok_or_else(|| unknown_topic(&name))
 }
 
-pub(super) async fn receive(
+pub(crate) async fn receive(
     state: &BrokerState,
     group: String,
     member_id: u64,
@@ -238,7 +239,7 @@ pub(super) async fn receive(
     // Members only: no state is created for groups nobody joined.
     state
         .with_groups(|g, _| g.heartbeat(&group, member_id, Instant::now()))
-        .map_err(super::from_group)?;
+        .map_err(crate::core::from_group)?;
     ensure_group(state, &group).await?;
     let deadline = tokio::time::Instant::now() + limits.wait;
     let mut appended = state.registry.subscribe_appended();
@@ -246,7 +247,7 @@ pub(super) async fn receive(
         appended.borrow_and_update();
         let plan = state
             .with_groups(|g, _| g.poll_targets(&group, member_id, Instant::now()))
-            .map_err(super::from_group)?;
+            .map_err(crate::core::from_group)?;
         let (assignment, targets, session_timeout, filter) = (
             plan.assignment,
             plan.targets,
@@ -255,7 +256,7 @@ pub(super) async fn receive(
         );
         let mut filtered_floors = BTreeMap::new();
         let mut skipped_by_filter = false;
-        let now = now_ms();
+        let now = state.now_ms();
         let until = now + invisibility_ms as u64;
         let mut out = Handouts {
             batches: Vec::new(),
@@ -635,7 +636,7 @@ async fn commit_floors(state: &BrokerState, group: &str, floors: BTreeMap<(u32, 
     }
 }
 
-pub(super) async fn ack(
+pub(crate) async fn ack(
     state: &BrokerState,
     group: String,
     receipts: Vec<Receipt>,
@@ -673,7 +674,7 @@ pub(super) async fn ack(
             retry_puts: vec![],
             retry_deletes: retry_acks.iter().map(|(_, k)| *k).collect(),
             dead_letters: vec![],
-            now_ms: now_ms(),
+            now_ms: state.now_ms(),
         };
         let ok = state.store.write(op).await.is_ok();
         let mut reg = acks(state);
@@ -695,7 +696,7 @@ pub(super) async fn ack(
     Ok(Reply::Settled(settled))
 }
 
-pub(super) async fn nack(
+pub(crate) async fn nack(
     state: &BrokerState,
     group: String,
     receipts: Vec<Receipt>,
@@ -754,7 +755,7 @@ async fn fail(
     lease: Lease,
     reason: String,
 ) -> bool {
-    let now = now_ms();
+    let now = state.now_ms();
     let policy = acks(state)
         .groups
         .get(group)
@@ -847,7 +848,7 @@ async fn fail(
     ok
 }
 
-pub(super) async fn change_invisibility(
+pub(crate) async fn change_invisibility(
     state: &BrokerState,
     group: String,
     receipt: Receipt,
@@ -858,7 +859,7 @@ pub(super) async fn change_invisibility(
             "invisibility must be {INVISIBILITY_MS_MIN}..={INVISIBILITY_MS_MAX} ms, not {invisibility_ms}"
         )));
     }
-    let until = now_ms() + invisibility_ms as u64;
+    let until = state.now_ms() + invisibility_ms as u64;
     let mut reg = acks(state);
     let nonce = reg.next_nonce();
     let g = reg
@@ -878,7 +879,7 @@ pub(super) async fn change_invisibility(
     }
 }
 
-pub(super) async fn configure(
+pub(crate) async fn configure(
     state: &BrokerState,
     group: String,
     max_delivery_attempts: u32,
@@ -913,7 +914,7 @@ pub(crate) async fn expire_leases(state: Arc<BrokerState>) {
         if state.is_shutting_down() {
             return;
         }
-        let now = now_ms();
+        let now = state.now_ms();
         let mut expired = Vec::new();
         {
             let mut reg = acks(&state);
