@@ -202,6 +202,30 @@ mod tests {
     }
 
     #[test]
+    fn only_the_core_seam_writes_to_the_store() {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut files = Vec::new();
+        rust_files(&src, &mut files);
+        let mut writers = Vec::new();
+        for file in files {
+            let relative = file.strip_prefix(&src).expect("under src");
+            let exempt = ["core/log.rs", "layers.rs"].map(Path::new);
+            if relative.starts_with("storage") || exempt.contains(&relative) {
+                continue;
+            }
+            let source = std::fs::read_to_string(&file).expect("reading a source file");
+            let flat: String = source.split_whitespace().collect();
+            if flat.contains("store.write(") || flat.contains("store.write_many(") {
+                writers.push(relative.display().to_string());
+            }
+        }
+        assert!(
+            writers.is_empty(),
+            "these write to the store past BrokerState::submit: {writers:?}"
+        );
+    }
+
+    #[test]
     fn the_module_graph_has_no_circle() {
         let edges = import_graph();
         let mut graph: BTreeMap<&str, Vec<&str>> = BTreeMap::new();

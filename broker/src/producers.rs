@@ -147,7 +147,7 @@ impl Placement {
 }
 
 /// A sequenced request, as the writer checks it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Claim {
     pub producer_id: u64,
     pub epoch: u32,

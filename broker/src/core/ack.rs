@@ -14,12 +14,13 @@ use super::read::{
     clamp, initial_position, message_at, read_messages, topic_by_id, wait_for_append,
 };
 use super::{blocking, from_write, invalid, unknown_topic};
+use crate::command::{Command, TopicRef};
 use crate::core::BrokerState;
 use crate::delivery::{
     AckRegistry, AfterFailure, GroupAcks, Lease, PartitionLeases, RetryPolicy, RetryRecord,
     INVISIBILITY_MS_MAX, INVISIBILITY_MS_MIN, UNSETTLED_PER_PARTITION_MAX,
 };
-use crate::storage::{read, Store, WriteError, WriteOp};
+use crate::storage::{read, Store, WriteError};
 use crate::topics::Topic;
 use msmq_protocol::{
     names::validate_name, ErrorCode, ErrorReply, FetchLimits, Header, LeasedBatch, LeasedMessage,
@@ -125,14 +126,14 @@ pub(crate) async fn prepare_reset(
         g.retries.remove_topic(topic_id)
     };
     if !dropped.is_empty() {
-        let op = WriteOp::Settle {
+        let op = Command::Settle {
             group: group.to_string(),
             retry_puts: vec![],
             retry_deletes: dropped,
             dead_letters: vec![],
             now_ms: state.now_ms(),
         };
-        state.store.write(op).await.map_err(from_write)?;
+        state.submit(op).await.map_err(from_write)?;
     }
     Ok(())
 }
@@ -205,8 +206,7 @@ pub(crate) async fn dlq_topic(state: &BrokerState, group: &str) -> Result<Arc<To
         return Ok(t);
     }
     match state
-        .store
-        .write(WriteOp::CreateTopic {
+        .submit(Command::CreateTopic {
             name: name.clone(),
             partitions: 1,
             created_at_ms: state.now_ms(),
@@ -347,7 +347,7 @@ pub(crate) async fn receive(
                     ..record.clone()
                 };
                 let message = message_at(state, &topic, key.1, offset).await?;
-                let op = WriteOp::Settle {
+                let op = Command::Settle {
                     group: group.clone(),
                     retry_puts: if message.is_some() {
                         vec![((key.0, key.1, offset), leased)]
@@ -362,7 +362,7 @@ pub(crate) async fn receive(
                     dead_letters: vec![],
                     now_ms: now,
                 };
-                let written = state.store.write(op).await;
+                let written = state.submit(op).await;
                 let Some(message) = message.filter(|_| written.is_ok()) else {
                     // Gone from the log (or not recorded): forget it, or put it back.
                     let mut reg = acks(state);
@@ -626,12 +626,12 @@ async fn commit_floors(state: &BrokerState, group: &str, floors: BTreeMap<(u32, 
     if floors.is_empty() {
         return;
     }
-    let op = WriteOp::CommitOffsets {
+    let op = Command::CommitOffsets {
         group: group.to_string(),
         offsets: floors.into_iter().map(|((t, p), o)| (t, p, o)).collect(),
     };
     // A floor lower than the truth only means redelivery after a crash.
-    if let Err(e) = state.store.write(op).await {
+    if let Err(e) = state.submit(op).await {
         tracing::warn!(%group, error = %e, "could not store the acknowledged floor");
     }
 }
@@ -669,14 +669,14 @@ pub(crate) async fn ack(
         }
     }
     if !retry_acks.is_empty() {
-        let op = WriteOp::Settle {
+        let op = Command::Settle {
             group: group.clone(),
             retry_puts: vec![],
             retry_deletes: retry_acks.iter().map(|(_, k)| *k).collect(),
             dead_letters: vec![],
             now_ms: state.now_ms(),
         };
-        let ok = state.store.write(op).await.is_ok();
+        let ok = state.submit(op).await.is_ok();
         let mut reg = acks(state);
         if let Some(g) = reg.groups.get_mut(&group) {
             for (i, k) in retry_acks {
@@ -771,8 +771,7 @@ async fn fail(
                     reason: reason.clone(),
                 };
                 state
-                    .store
-                    .write(WriteOp::Settle {
+                    .submit(Command::Settle {
                         group: group.to_string(),
                         retry_puts: vec![(key, record.clone())],
                         retry_deletes: vec![],
@@ -796,11 +795,10 @@ async fn fail(
                 if let (Some(topic), Some(m)) = (topic, message) {
                     let dlq = dlq_topic(state, group).await.map_err(|e| e.to_string())?;
                     let letter = dead_letter(m, &reason, &topic.name, key.1, lease.attempt);
-                    dead_letters.push((dlq, letter));
+                    dead_letters.push((TopicRef::of(&dlq), letter));
                 }
                 state
-                    .store
-                    .write(WriteOp::Settle {
+                    .submit(Command::Settle {
                         group: group.to_string(),
                         retry_puts: vec![],
                         retry_deletes: if lease.retry { vec![key] } else { vec![] },
@@ -894,8 +892,7 @@ pub(crate) async fn configure(
     };
     policy.validate().map_err(invalid)?;
     state
-        .store
-        .write(WriteOp::SetPolicy {
+        .submit(Command::SetPolicy {
             group: group.clone(),
             policy: policy.clone(),
         })

@@ -16,6 +16,7 @@
 
 pub mod ack;
 pub mod disk;
+mod log;
 pub mod plugins;
 pub mod read;
 pub mod retention;
@@ -209,6 +210,7 @@ pub(crate) fn from_write(e: WriteError) -> ErrorReply {
         WriteError::TopicExists(_) => ErrorCode::TOPIC_EXISTS,
         WriteError::UnknownTopic(_) => ErrorCode::UNKNOWN_TOPIC,
         WriteError::PluginGone(_) => ErrorCode::UNKNOWN_PLUGIN,
+        WriteError::Invalid(_) => ErrorCode::INVALID_ARGUMENT,
         WriteError::Storage(_) | WriteError::Corrupt(_) => ErrorCode::STORAGE_ERROR,
         WriteError::ShuttingDown => ErrorCode::SHUTTING_DOWN,
         WriteError::UnknownTransaction(_) => ErrorCode::UNKNOWN_TRANSACTION,

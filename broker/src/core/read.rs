@@ -3,7 +3,8 @@
 //! starting position, fetch limits clamped to the configured maxima.
 
 use super::{blocking, from_write, invalid, BrokerState};
-use crate::storage::{read, WriteOp};
+use crate::command::Command;
+use crate::storage::read;
 use crate::topics::Topic;
 use msmq_protocol::{ErrorReply, FetchLimits, Message, StartFrom, TopicPartition};
 use std::sync::Arc;
@@ -127,8 +128,7 @@ pub(crate) async fn initial_position(
             // newer. Pin it where the group has no position yet (a member
             // may have committed meanwhile) and read back what is stored.
             state
-                .store
-                .write(WriteOp::PinOffsets {
+                .submit(Command::PinOffsets {
                     group: group.to_string(),
                     offsets: vec![(id, p, offsets.end())],
                 })

@@ -17,7 +17,8 @@
 //! start only moves forward; consumers below the new start continue from it.
 
 use super::BrokerState;
-use crate::storage::{read, WriteOp, WriteOutcome};
+use crate::command::{Command, TopicRef};
+use crate::storage::{read, WriteOutcome};
 use msmq_protocol::Retention;
 use std::sync::Arc;
 
@@ -69,11 +70,11 @@ pub(crate) async fn run(state: Arc<BrokerState>) {
         }
         if std::time::Instant::now() >= next_producer_sweep {
             next_producer_sweep += std::time::Duration::from_millis(PRODUCER_SWEEP_INTERVAL_MS);
-            let op = WriteOp::ExpireProducers {
+            let op = Command::ExpireProducers {
                 now_ms: state.now_ms(),
                 idle_expiry_ms: state.config.producer_idle_expiry.as_millis() as u64,
             };
-            match state.store.write(op).await {
+            match state.submit(op).await {
                 Ok(WriteOutcome::ProducersExpired(n)) if n > 0 => {
                     tracing::info!(producers = n, "forgot idle producers");
                 }
@@ -118,9 +119,8 @@ async fn trim_topic(
             continue;
         }
         let outcome = state
-            .store
-            .write(WriteOp::Trim {
-                topic: topic.clone(),
+            .submit(Command::Trim {
+                topic: TopicRef::of(topic),
                 partition: p,
                 before: keep_from,
                 batches_max: TRIM_BATCHES_PER_COMMIT_MAX,

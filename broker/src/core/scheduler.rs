@@ -7,7 +7,8 @@
 //! same second never hold the writer for long.
 
 use super::BrokerState;
-use crate::storage::{WriteOp, WriteOutcome};
+use crate::command::Command;
+use crate::storage::WriteOutcome;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,11 +25,11 @@ pub(crate) async fn run(state: Arc<BrokerState>) {
         let now = state.now_ms();
         let next = state.store.next_scheduled_ms();
         if next <= now {
-            let op = WriteOp::ReleaseDue {
+            let op = Command::ReleaseDue {
                 now_ms: now,
                 max: RELEASE_PER_COMMIT_MAX,
             };
-            match state.store.write(op).await {
+            match state.submit(op).await {
                 Ok(WriteOutcome::Released(n)) => {
                     tracing::debug!(released = n, "scheduled messages delivered")
                 }

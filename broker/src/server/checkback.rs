@@ -8,7 +8,8 @@
 //! `CHECKS_IN_FLIGHT_MAX` wait for answers at once.
 
 use super::ServerState;
-use crate::storage::{read, WriteOp, WriteOutcome};
+use crate::command::Command;
+use crate::storage::{read, WriteOutcome};
 use crate::transactions::TxSource;
 use msmq_protocol::{
     decode_frame, encode_frame, BrokerRequest, BrokerRequestReply, MessageId, TransactionCheck,
@@ -110,8 +111,7 @@ pub(super) async fn run(state: Arc<ServerState>) {
 
 async fn discard(state: &ServerState, tx_id: u64, checks: u32) {
     match state
-        .store
-        .write(WriteOp::Discard {
+        .submit(Command::Discard {
             tx_id,
             now_ms: state.now_ms(),
         })
@@ -137,8 +137,7 @@ async fn check_one(
 ) {
     // Count first: a crash after this point cannot hide the check.
     let check_number = match state
-        .store
-        .write(WriteOp::CountCheck {
+        .submit(Command::CountCheck {
             tx_id,
             next_check_at_ms,
         })
@@ -207,14 +206,14 @@ async fn check_one(
             )
         }
     };
-    let op = WriteOp::EndTransaction {
+    let op = Command::EndTransaction {
         tx_id,
         producer_group: Some(group),
         commit,
         source: TxSource::Check,
         now_ms: state.now_ms(),
     };
-    match state.store.write(op).await {
+    match state.submit(op).await {
         Ok(_) => tracing::info!(
             tx_id,
             check_number,
@@ -241,11 +240,11 @@ async fn ask(
 
 async fn prune_outcomes(state: &ServerState) {
     let retention = state.config.transaction_outcome_retention.as_millis() as u64;
-    let op = WriteOp::PruneOutcomes {
+    let op = Command::PruneOutcomes {
         resolved_before_ms: state.now_ms().saturating_sub(retention),
         rows_max: PRUNE_ROWS_MAX,
     };
-    match state.store.write(op).await {
+    match state.submit(op).await {
         Ok(WriteOutcome::Pruned(n)) if n > 0 => {
             tracing::debug!(pruned = n, "pruned transaction outcomes")
         }

@@ -218,8 +218,7 @@ async fn ensure_admin_token(state: &ServerState) -> anyhow::Result<()> {
     }
     let (id, record, token) = crate::auth::generate(ADMIN_PRINCIPAL, state.now_ms());
     state
-        .store
-        .write(crate::storage::WriteOp::PutToken {
+        .submit(crate::command::Command::PutToken {
             id: id.clone(),
             record: Some(record.clone()),
         })

@@ -26,6 +26,7 @@ pub mod segments;
 pub mod tables;
 mod writer;
 
+use crate::command::Command;
 use crate::topics::{Topic, TopicMeta, TopicRegistry};
 use crate::transactions::{HalfRecord, PendingTx, TxSchedule};
 pub use db::ReadSource;
@@ -35,7 +36,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use thiserror::Error;
-pub use writer::{Landed, PartitionAppend, PluginCommit, WriteError, WriteOp, WriteOutcome};
+pub use writer::{Landed, LocalOp, WriteError, WriteOutcome, TOPIC_PARTITIONS_MAX};
 
 /// A message waiting for its delivery time.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -281,13 +282,13 @@ impl Store {
     }
 
     /// Queue one change and wait until it is committed (or failed).
-    pub async fn write(&self, op: WriteOp) -> Result<WriteOutcome, WriteError> {
+    pub async fn write(&self, op: Command) -> Result<WriteOutcome, WriteError> {
         self.writer.write(op).await
     }
 
     /// Queue several changes at once (they usually share one commit) and
     /// wait for all; results in order.
-    pub async fn write_many(&self, ops: Vec<WriteOp>) -> Vec<Result<WriteOutcome, WriteError>> {
+    pub async fn write_many(&self, ops: Vec<Command>) -> Vec<Result<WriteOutcome, WriteError>> {
         self.writer.write_many(ops).await
     }
 

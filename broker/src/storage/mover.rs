@@ -5,7 +5,7 @@
 //! existed. Every `segment_move_interval` the mover reads the batches still
 //! held in `log` rows (from a read snapshot, so it never blocks the writer),
 //! appends them to their partitions' segments, fsyncs those, and only then
-//! queues one [`WriteOp::MoveToSegments`] that turns the rows into pointers.
+//! queues one [`LocalOp::MoveToSegments`] that turns the rows into pointers.
 //! The copying and the segment fsync happen beside the writer, not in it.
 //!
 //! Invariants:
@@ -24,7 +24,7 @@
 use super::batch;
 use super::segments::{Roll, SegmentAppender, Segments};
 use super::tables;
-use super::writer::{WriteOp, WriteOutcome, WriterHandle};
+use super::writer::{LocalOp, WriteOutcome, WriterHandle};
 use crate::storage::ReadSource;
 use crate::topics::TopicRegistry;
 use std::collections::HashMap;
@@ -203,7 +203,7 @@ impl Mover {
         let batches = moves.len();
         match self
             .writer
-            .write_blocking(WriteOp::MoveToSegments { moves, lengths })
+            .local_blocking(LocalOp::MoveToSegments { moves, lengths })
         {
             Ok(WriteOutcome::MovedToSegments { moved, gone }) => {
                 if !gone.is_empty() {

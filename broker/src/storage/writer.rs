@@ -10,16 +10,15 @@
 //! are assigned here and nowhere else; a failed commit answers every request
 //! in it with an error and changes no in-memory state.
 //!
-//! Size: this file is over 800 lines because it applies every `WriteOp`.
-//! It is split when `WriteOp` becomes the serializable command type of the
-//! deterministic core (one module per command family); splitting the match
-//! before that would be moved twice.
+//! Size: this file is over 800 lines because it applies every `Command`;
+//! it is to be split into one module per command family (topics and log,
+//! groups and acks, transactions, plugins, access).
 
 use super::segments::{SegmentId, SegmentReaper, Segments};
 use super::{batch, tables, Durability, StorageError, StoreOptions};
-use crate::delivery::{RetryPolicy, RetryRecord};
+use crate::command::{Command, PartitionAppend, PluginCommit, TopicRef};
 use crate::producers::{
-    self, Admission, Claim, Placement, ProducerError, ProducerRecord, Slot, StoredReply,
+    self, Admission, Claim, Placement, ProducerError, ProducerRecord, StoredReply,
 };
 use crate::topics::{Topic, TopicMeta, TopicRegistry};
 use crate::transactions::{HalfRecord, OutcomeRecord, PendingTx, TxOutcome, TxSchedule, TxSource};
@@ -35,6 +34,10 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot};
 
+/// The most partitions a topic can have, whatever `partitions_max` says
+/// (that setting is checked when a request arrives, this when a command is
+/// applied).
+pub const TOPIC_PARTITIONS_MAX: u32 = 65_536;
 /// Requests the writer may hold queued before senders wait.
 const QUEUE_REQUESTS_MAX: usize = 4096;
 /// Test fault switch (with `MSMQ_STORAGE_FAULTS=1`): answer every request
@@ -46,235 +49,6 @@ const ACK_BEFORE_COMMIT_DELAY_MS: u64 = 20;
 /// With `durability = none`, still fsync one commit in this many ms so redb
 /// can reuse freed pages and a crash loses at most about this much.
 const DURABILITY_NONE_SYNC_MS: u64 = 1000;
-
-/// A change to durable state.
-pub enum WriteOp {
-    CreateTopic {
-        name: String,
-        partitions: u32,
-        created_at_ms: u64,
-    },
-    DeleteTopic {
-        name: String,
-    },
-    /// Append batches (one per partition) and store scheduled messages
-    /// (partition, due ms, message), atomically.
-    Append {
-        topic: Arc<Topic>,
-        appends: Vec<PartitionAppend>,
-        scheduled: Vec<(u32, u64, NewMessage)>,
-        /// For a sequenced produce: the producer's claim and each message's
-        /// slot (to remember where they went).
-        producer: Option<(Claim, Vec<Slot>)>,
-    },
-    /// Move up to `max` scheduled messages due at `now_ms` into their logs.
-    ReleaseDue {
-        now_ms: u64,
-        max: usize,
-    },
-    /// Store group offsets: (topic id, partition, next offset).
-    CommitOffsets {
-        group: String,
-        offsets: Vec<(u32, u32, u64)>,
-    },
-    /// Store group offsets only where the group has none yet: how a
-    /// `latest` start is pinned without overwriting a member's commit.
-    PinOffsets {
-        group: String,
-        offsets: Vec<(u32, u32, u64)>,
-    },
-    /// Store half messages, one transaction each, invisible to consumers.
-    StoreHalf {
-        topic: Arc<Topic>,
-        producer_group: String,
-        /// (partition, message) per transaction.
-        halves: Vec<(u32, NewMessage)>,
-        created_at_ms: u64,
-        first_check_at_ms: u64,
-        /// For a sequenced `SendHalf`.
-        producer: Option<Claim>,
-    },
-    /// Give out a new producer id (`None`) or the next epoch of one the
-    /// principal holds; producer ids past their idle expiry go first.
-    InitProducer {
-        producer_id: Option<u64>,
-        principal: String,
-        now_ms: u64,
-        idle_expiry_ms: u64,
-        producers_max: u32,
-    },
-    /// Remove producer records idle for longer than `idle_expiry_ms`.
-    ExpireProducers {
-        now_ms: u64,
-        idle_expiry_ms: u64,
-    },
-    /// Commit or roll back a transaction.
-    EndTransaction {
-        tx_id: u64,
-        /// The group the requester speaks for; `None` for an operator.
-        producer_group: Option<String>,
-        commit: bool,
-        source: TxSource,
-        now_ms: u64,
-    },
-    /// Count a check-back before it is sent and schedule the next one.
-    CountCheck {
-        tx_id: u64,
-        next_check_at_ms: u64,
-    },
-    /// Roll back after `check_max` unanswered checks, keeping the record.
-    Discard {
-        tx_id: u64,
-        now_ms: u64,
-    },
-    /// Put a discarded transaction back to pending with a fresh check count.
-    Resume {
-        tx_id: u64,
-        next_check_at_ms: u64,
-    },
-    /// Per-message acknowledgement bookkeeping of one group, atomically:
-    /// retries to store or update, retries to forget, dead letters to append.
-    Settle {
-        group: String,
-        retry_puts: Vec<((u32, u32, u64), RetryRecord)>,
-        retry_deletes: Vec<(u32, u32, u64)>,
-        dead_letters: Vec<(Arc<Topic>, NewMessage)>,
-        now_ms: u64,
-    },
-    /// Retention: drop whole batches of a partition below `before`, at most
-    /// `batches_max` of them, oldest first, and move its start past them.
-    Trim {
-        topic: Arc<Topic>,
-        partition: u32,
-        before: u64,
-        batches_max: usize,
-    },
-    /// From the mover: batches now durable in segment files. Each `log` row
-    /// still holding its batch becomes the pointer given, and each segment's
-    /// length is recorded, unless retention deleted the segment meanwhile.
-    MoveToSegments {
-        /// (topic id, partition, base offset, pointer row)
-        moves: Vec<(u32, u32, u64, Vec<u8>)>,
-        lengths: Vec<(SegmentId, u64)>,
-    },
-    /// Set a topic's retention: (max age ms, max bytes per partition), 0 =
-    /// no limit; `None` returns it to the broker default.
-    SetRetention {
-        topic: Arc<Topic>,
-        retention: Option<(u64, u64)>,
-    },
-    /// Store a token (its secret's hash), or with `None` revoke it.
-    PutToken {
-        id: String,
-        record: Option<crate::auth::TokenRecord>,
-    },
-    /// Replace a principal's ACL rules (empty: remove them).
-    SetAcl {
-        principal: String,
-        rules: Vec<msmq_protocol::AclRule>,
-    },
-    /// Store a group's retry policy.
-    SetPolicy {
-        group: String,
-        policy: RetryPolicy,
-    },
-    /// Store a plugin's record (deploy, upgrade, pause, resume), with its
-    /// component when that is new. Components no record uses are dropped.
-    PluginPut {
-        record: Box<crate::command::PluginRecord>,
-        component: Option<Vec<u8>>,
-    },
-    /// Pause (`Some(why)`, `""` for an operator) or resume a plugin, only if
-    /// it is still the incarnation the caller knows; the rest of the stored
-    /// record (its current version) is kept.
-    PluginSetPaused {
-        name: String,
-        incarnation: u64,
-        paused: Option<String>,
-    },
-    /// Forget a plugin: record, state, retries and its group's offsets.
-    PluginRemove {
-        name: String,
-        group: String,
-    },
-    /// Everything one plugin batch did, atomically.
-    PluginCommit(Box<PluginCommit>),
-    /// Forget outcomes resolved before `resolved_before_ms`, oldest
-    /// transaction ids first, at most `rows_max`.
-    PruneOutcomes {
-        resolved_before_ms: u64,
-        rows_max: u64,
-    },
-}
-
-/// A plugin retry: (topic id, partition, offset) → (due ms, attempt).
-pub type PluginRetryPut = ((u32, u32, u64), (u64, u32));
-
-/// The effects of one plugin batch: its group's progress, its state writes,
-/// the messages it published, its retries and its dead letters. Refused
-/// (nothing written) when the plugin was removed or redeployed from scratch
-/// since the batch started (`incarnation` differs).
-pub struct PluginCommit {
-    pub plugin: String,
-    pub incarnation: u64,
-    pub group: String,
-    /// (topic id, partition, next offset).
-    pub offsets: Vec<(u32, u32, u64)>,
-    /// key → new value, or `None` to delete.
-    pub state: Vec<(Vec<u8>, Option<Vec<u8>>)>,
-    pub publishes: Vec<(Arc<Topic>, Vec<PartitionAppend>)>,
-    pub retry_puts: Vec<PluginRetryPut>,
-    pub retry_deletes: Vec<(u32, u32, u64)>,
-    pub dead_letters: Vec<(Arc<Topic>, NewMessage)>,
-    pub now_ms: u64,
-}
-
-/// One stored batch for one partition.
-pub struct PartitionAppend {
-    pub partition: u32,
-    pub count: u32,
-    /// (index in the batch, key hash) of keyed messages, for the key index.
-    pub key_hashes: Vec<(u32, u64)>,
-    /// The encoded batch ([`super::batch::encode`]).
-    pub value: Vec<u8>,
-}
-
-impl WriteOp {
-    fn bytes(&self) -> usize {
-        match self {
-            WriteOp::Append {
-                appends, scheduled, ..
-            } => {
-                appends.iter().map(|a| a.value.len()).sum::<usize>()
-                    + scheduled
-                        .iter()
-                        .map(|(_, _, m)| m.size_bytes())
-                        .sum::<usize>()
-            }
-            WriteOp::StoreHalf { halves, .. } => halves.iter().map(|(_, m)| m.size_bytes()).sum(),
-            WriteOp::PluginPut { component, .. } => component.as_ref().map_or(64, |c| c.len()),
-            WriteOp::PluginCommit(c) => {
-                c.publishes
-                    .iter()
-                    .flat_map(|(_, a)| a.iter().map(|a| a.value.len()))
-                    .sum::<usize>()
-                    + c.state
-                        .iter()
-                        .map(|(k, v)| k.len() + v.as_ref().map_or(0, |v| v.len()))
-                        .sum::<usize>()
-                    + 64
-            }
-            WriteOp::Settle { dead_letters, .. } => {
-                dead_letters
-                    .iter()
-                    .map(|(_, m)| m.size_bytes())
-                    .sum::<usize>()
-                    + 64
-            }
-            _ => 64,
-        }
-    }
-}
 
 /// Where a committed message landed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -354,6 +128,8 @@ pub enum WriteError {
     },
     #[error("plugin {0:?} was removed or redeployed; the batch's effects were not written")]
     PluginGone(String),
+    #[error("{0}")]
+    Invalid(String),
     #[error("storage failure, the request was not applied: {0}")]
     Storage(String),
     #[error("a stored record could not be read, nothing was written: {0}")]
@@ -368,8 +144,37 @@ pub enum WriteError {
 
 type Reply = oneshot::Sender<Result<WriteOutcome, WriteError>>;
 
+/// Work on this store that changes nothing clients can observe, so it is no
+/// [`Command`]: a replica or a replay does its own.
+#[derive(Debug)]
+pub enum LocalOp {
+    /// From the mover: batches now durable in segment files. Each `log` row
+    /// still holding its batch becomes the pointer given, and each segment's
+    /// length is recorded, unless retention deleted the segment meanwhile.
+    MoveToSegments {
+        /// (topic id, partition, base offset, pointer row)
+        moves: Vec<(u32, u32, u64, Vec<u8>)>,
+        lengths: Vec<(SegmentId, u64)>,
+    },
+}
+
+/// What the writer applies: a command, or local work.
+enum Op {
+    Command(Command),
+    Local(LocalOp),
+}
+
+impl Op {
+    fn bytes(&self) -> usize {
+        match self {
+            Op::Command(c) => c.bytes(),
+            Op::Local(_) => 64,
+        }
+    }
+}
+
 struct Job {
-    op: WriteOp,
+    op: Op,
     /// Taken when answered early (the `ack-before-commit` test fault).
     reply: Option<Reply>,
 }
@@ -385,11 +190,11 @@ pub(super) struct WriterHandle {
 }
 
 impl WriterHandle {
-    pub(super) async fn write(&self, op: WriteOp) -> Result<WriteOutcome, WriteError> {
+    pub(super) async fn write(&self, command: Command) -> Result<WriteOutcome, WriteError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Msg::Job(Job {
-                op,
+                op: Op::Command(command),
                 reply: Some(reply),
             }))
             .await
@@ -397,12 +202,12 @@ impl WriterHandle {
         rx.await.map_err(|_| WriteError::ShuttingDown)?
     }
 
-    /// [`Self::write`] from a thread outside the async runtime.
-    pub(super) fn write_blocking(&self, op: WriteOp) -> Result<WriteOutcome, WriteError> {
+    /// Local work, from a thread outside the async runtime.
+    pub(super) fn local_blocking(&self, op: LocalOp) -> Result<WriteOutcome, WriteError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .blocking_send(Msg::Job(Job {
-                op,
+                op: Op::Local(op),
                 reply: Some(reply),
             }))
             .map_err(|_| WriteError::ShuttingDown)?;
@@ -411,15 +216,15 @@ impl WriterHandle {
 
     pub(super) async fn write_many(
         &self,
-        ops: Vec<WriteOp>,
+        commands: Vec<Command>,
     ) -> Vec<Result<WriteOutcome, WriteError>> {
-        let mut waiting = Vec::with_capacity(ops.len());
-        for op in ops {
+        let mut waiting = Vec::with_capacity(commands.len());
+        for command in commands {
             let (reply, rx) = oneshot::channel();
             let sent = self
                 .tx
                 .send(Msg::Job(Job {
-                    op,
+                    op: Op::Command(command),
                     reply: Some(reply),
                 }))
                 .await
@@ -658,7 +463,7 @@ impl Writer {
             }
             std::thread::sleep(Duration::from_millis(ACK_BEFORE_COMMIT_DELAY_MS));
         };
-        let mut ops: Vec<&mut WriteOp> = jobs.iter_mut().map(|j| &mut j.op).collect();
+        let mut ops: Vec<&mut Op> = jobs.iter_mut().map(|j| &mut j.op).collect();
         let applied = self.apply(&mut ops, &mut answer_early);
         match &applied {
             Ok(_) => self.reaper.borrow_mut().committed(),
@@ -741,7 +546,7 @@ impl Writer {
     #[allow(clippy::type_complexity)]
     fn apply(
         &mut self,
-        ops: &mut [&mut WriteOp],
+        ops: &mut [&mut Op],
         before_commit: &mut dyn FnMut(&[Result<WriteOutcome, WriteError>]),
     ) -> Result<(Vec<Result<WriteOutcome, WriteError>>, Effects), StorageError> {
         let mut txn = self.db.begin_write()?;
@@ -830,7 +635,7 @@ impl Writer {
         Ok((results, fx))
     }
 
-    /// Apply a [`WriteOp::MoveToSegments`]. A segment may take rows if it is
+    /// Apply a [`Command::MoveToSegments`]. A segment may take rows if it is
     /// in the `segments` table or is new, that is based at or past its
     /// partition's start: retention deletes only segments wholly below the
     /// start, so one without a row that is based below it was deleted while
@@ -936,9 +741,15 @@ impl Writer {
             .iter()
             .map(|(t, _)| t)
             .chain(c.dead_letters.iter().map(|(t, _)| t))
-            .find(|t| !self.is_live(t, scope));
+            .find(|t| self.live(t, fx, scope).is_none());
         if let Some(topic) = dead_topic {
             return Ok(Err(WriteError::UnknownTopic(topic.name.clone())));
+        }
+        for (topic, appends) in &c.publishes {
+            let topic = self.live(topic, fx, scope).expect("checked above");
+            if let Err(e) = partitions_exist(&topic, appends.iter().map(|a| a.partition)) {
+                return Ok(Err(e));
+            }
         }
         let plugin = c.plugin.as_str();
         for (key, value) in &c.state {
@@ -957,15 +768,14 @@ impl Writer {
             t.plugin_retries.remove((plugin, key.0, key.1, key.2))?;
         }
         for (topic, appends) in c.publishes.iter_mut() {
+            let topic = self.live(topic, fx, scope).expect("checked above");
             for append in appends.iter_mut() {
-                self.append_with_ids(t, fx, topic, append)?;
+                self.append_with_ids(t, fx, &topic, append)?;
             }
         }
         for (topic, message) in &c.dead_letters {
-            let sequence = fx.counters.take_sequences(1);
-            let mut value = batch::encode(c.now_ms, &[message]);
-            batch::set_base_sequence(&mut value, sequence);
-            self.append(t, fx, topic, 0, 1, &value, &super::key_hashes([message]))?;
+            let topic = self.live(topic, fx, scope).expect("checked above");
+            self.append_dead_letter(t, fx, &topic, message, c.now_ms)?;
         }
         for (topic_id, partition, offset) in &c.offsets {
             t.group_offsets
@@ -983,13 +793,35 @@ impl Writer {
             .is_some_and(|dir| dir.join(switch).exists())
     }
 
-    /// Whether `topic` is still the live topic of its name in this transaction.
-    fn is_live(&self, topic: &Topic, scope: &Scope) -> bool {
-        !scope.deleted.contains(&topic.id())
-            && self
-                .registry
-                .get(&topic.name)
-                .is_some_and(|t| t.id() == topic.id())
+    /// The topic a command names, if it is still the live topic of its
+    /// name in this transaction (created by an earlier command of it
+    /// included): the same answer whatever commits the commands share.
+    fn live(&self, topic: &TopicRef, fx: &Effects, scope: &Scope) -> Option<Arc<Topic>> {
+        if scope.deleted.contains(&topic.id) {
+            return None;
+        }
+        fx.created
+            .iter()
+            .find(|t| t.id() == topic.id)
+            .cloned()
+            .or_else(|| self.registry.get(&topic.name))
+            .filter(|t| t.id() == topic.id)
+    }
+
+    /// Append a dead letter to partition 0 of its dead-letter topic.
+    fn append_dead_letter(
+        &self,
+        t: &mut Tables,
+        fx: &mut Effects,
+        topic: &Arc<Topic>,
+        message: &NewMessage,
+        now_ms: u64,
+    ) -> Result<(), StorageError> {
+        let sequence = fx.counters.take_sequences(1);
+        let mut value = batch::encode(now_ms, &[message]);
+        batch::set_base_sequence(&mut value, sequence);
+        self.append(t, fx, topic, 0, 1, &value, &super::key_hashes([message]))?;
+        Ok(())
     }
 
     /// Remove whole batches of a partition below `before` (at most
@@ -1158,13 +990,19 @@ impl Writer {
 
     fn apply_one(
         &self,
-        op: &mut WriteOp,
+        op: &mut Op,
         t: &mut Tables,
         fx: &mut Effects,
         scope: &mut Scope,
     ) -> Result<Result<WriteOutcome, WriteError>, StorageError> {
-        Ok(match op {
-            WriteOp::CreateTopic {
+        let command = match op {
+            Op::Local(LocalOp::MoveToSegments { moves, lengths }) => {
+                return Ok(Ok(self.move_to_segments(t, moves, lengths)?));
+            }
+            Op::Command(command) => command,
+        };
+        Ok(match command {
+            Command::CreateTopic {
                 name,
                 partitions: count,
                 created_at_ms,
@@ -1174,7 +1012,11 @@ impl Writer {
                         .registry
                         .get(name)
                         .is_some_and(|t| !scope.deleted.contains(&t.id()));
-                if exists {
+                if !(1..=TOPIC_PARTITIONS_MAX).contains(count) {
+                    Err(WriteError::Invalid(format!(
+                        "a topic has 1 to {TOPIC_PARTITIONS_MAX} partitions, not {count}"
+                    )))
+                } else if exists {
                     Err(WriteError::TopicExists(name.clone()))
                 } else {
                     let meta = TopicMeta {
@@ -1193,7 +1035,7 @@ impl Writer {
                     Ok(WriteOutcome::TopicCreated(topic))
                 }
             }
-            WriteOp::DeleteTopic { name } => {
+            Command::DeleteTopic { name } => {
                 match self
                     .registry
                     .get(name)
@@ -1228,7 +1070,7 @@ impl Writer {
                     }
                 }
             }
-            WriteOp::Append {
+            Command::Append {
                 topic,
                 appends,
                 scheduled,
@@ -1238,13 +1080,21 @@ impl Writer {
                     Some((claim, _)) => admit_claim(t, claim)?,
                     None => Ok(None),
                 };
-                if !self.is_live(topic, scope) {
-                    Err(WriteError::UnknownTopic(topic.name.clone()))
+                let partitions = appends
+                    .iter()
+                    .map(|a| a.partition)
+                    .chain(scheduled.iter().map(|s| s.0));
+                let Some(live) = self.live(topic, fx, scope) else {
+                    return Ok(Err(WriteError::UnknownTopic(topic.name.clone())));
+                };
+                if let Err(e) = partitions_exist(&live, partitions) {
+                    Err(e)
                 } else if let Err(e) = admitted {
                     Err(e)
                 } else if let Ok(Some(reply)) = admitted {
                     Ok(WriteOutcome::Repeated(reply))
                 } else {
+                    let topic = &live;
                     let mut sequences = Vec::with_capacity(scheduled.len());
                     for (partition, due_ms, message) in scheduled.iter() {
                         let sequence = fx.counters.take_sequences(1);
@@ -1278,7 +1128,7 @@ impl Writer {
                     Ok(WriteOutcome::Appended(bases, sequences))
                 }
             }
-            WriteOp::ReleaseDue { now_ms, max } => {
+            Command::ReleaseDue { now_ms, max } => {
                 let mut released = 0;
                 let mut due = Vec::new();
                 for entry in t.scheduled.range(..=(*now_ms, u64::MAX))?.take(*max) {
@@ -1294,11 +1144,13 @@ impl Writer {
                             continue;
                         }
                     };
-                    let topic = self.registry.get(&record.topic).filter(|topic| {
-                        topic.id() == record.topic_id
-                            && self.is_live(topic, scope)
-                            && record.partition < topic.partition_count()
-                    });
+                    let named = TopicRef {
+                        id: record.topic_id,
+                        name: record.topic.clone(),
+                    };
+                    let topic = self
+                        .live(&named, fx, scope)
+                        .filter(|topic| record.partition < topic.partition_count());
                     let Some(topic) = topic else {
                         tracing::info!(topic = %record.topic, "scheduled message dropped: its topic was deleted");
                         continue;
@@ -1317,7 +1169,7 @@ impl Writer {
                 fx.scheduled_recomputed = true;
                 Ok(WriteOutcome::Released(released))
             }
-            WriteOp::CommitOffsets { group, offsets } => {
+            Command::CommitOffsets { group, offsets } => {
                 for (topic_id, partition, offset) in offsets {
                     t.group_offsets
                         .insert((group.as_str(), *topic_id, *partition), *offset)?;
@@ -1326,7 +1178,7 @@ impl Writer {
                 }
                 Ok(WriteOutcome::OffsetsCommitted)
             }
-            WriteOp::PinOffsets { group, offsets } => {
+            Command::PinOffsets { group, offsets } => {
                 for (topic_id, partition, offset) in offsets {
                     let key = (group.as_str(), *topic_id, *partition);
                     if t.group_offsets.get(key)?.is_none() {
@@ -1337,7 +1189,7 @@ impl Writer {
                 }
                 Ok(WriteOutcome::OffsetsCommitted)
             }
-            WriteOp::StoreHalf {
+            Command::StoreHalf {
                 topic,
                 producer_group,
                 halves,
@@ -1349,13 +1201,17 @@ impl Writer {
                     Some(claim) => admit_claim(t, claim)?,
                     None => Ok(None),
                 };
-                if !self.is_live(topic, scope) {
-                    Err(WriteError::UnknownTopic(topic.name.clone()))
+                let Some(live) = self.live(topic, fx, scope) else {
+                    return Ok(Err(WriteError::UnknownTopic(topic.name.clone())));
+                };
+                if let Err(e) = partitions_exist(&live, halves.iter().map(|h| h.0)) {
+                    Err(e)
                 } else if let Err(e) = admitted {
                     Err(e)
                 } else if let Ok(Some(reply)) = admitted {
                     Ok(WriteOutcome::Repeated(reply))
                 } else {
+                    let topic = &live;
                     let mut ids = Vec::with_capacity(halves.len());
                     for (partition, message) in halves.iter() {
                         let tx_id = fx.counters.next_tx_id;
@@ -1397,7 +1253,7 @@ impl Writer {
                     Ok(WriteOutcome::HalfStored(ids))
                 }
             }
-            WriteOp::InitProducer {
+            Command::InitProducer {
                 producer_id,
                 principal,
                 now_ms,
@@ -1411,7 +1267,7 @@ impl Writer {
                 *idle_expiry_ms,
                 *producers_max,
             )?,
-            WriteOp::ExpireProducers {
+            Command::ExpireProducers {
                 now_ms,
                 idle_expiry_ms,
             } => Ok(WriteOutcome::ProducersExpired(expire_producers(
@@ -1419,7 +1275,7 @@ impl Writer {
                 *now_ms,
                 *idle_expiry_ms,
             )?)),
-            WriteOp::EndTransaction {
+            Command::EndTransaction {
                 tx_id,
                 producer_group,
                 commit,
@@ -1435,7 +1291,7 @@ impl Writer {
                 *source,
                 *now_ms,
             )?,
-            WriteOp::CountCheck {
+            Command::CountCheck {
                 tx_id,
                 next_check_at_ms,
             } => match load_half(t, *tx_id)? {
@@ -1460,7 +1316,7 @@ impl Writer {
                 }
                 Ok(None) => Ok(WriteOutcome::CheckCounted(None)),
             },
-            WriteOp::Discard { tx_id, now_ms } => match load_half(t, *tx_id)? {
+            Command::Discard { tx_id, now_ms } => match load_half(t, *tx_id)? {
                 Err(e) => Err(e),
                 Ok(Some(mut record)) => {
                     if record.discarded {
@@ -1482,7 +1338,7 @@ impl Writer {
                 }
                 Ok(None) => Ok(WriteOutcome::Discarded(false)),
             },
-            WriteOp::Resume {
+            Command::Resume {
                 tx_id,
                 next_check_at_ms,
             } => match load_half(t, *tx_id)? {
@@ -1512,7 +1368,7 @@ impl Writer {
                 }
                 Ok(None) => Err(WriteError::UnknownTransaction(*tx_id)),
             },
-            WriteOp::Settle {
+            Command::Settle {
                 group,
                 retry_puts,
                 retry_deletes,
@@ -1520,7 +1376,9 @@ impl Writer {
                 now_ms,
             } => {
                 // Check first: a refused op must change nothing.
-                if let Some((topic, _)) = dead_letters.iter().find(|(t, _)| !self.is_live(t, scope))
+                if let Some((topic, _)) = dead_letters
+                    .iter()
+                    .find(|(t, _)| self.live(t, fx, scope).is_none())
                 {
                     return Ok(Err(WriteError::UnknownTopic(topic.name.clone())));
                 }
@@ -1534,14 +1392,12 @@ impl Writer {
                     t.retries.remove((group.as_str(), key.0, key.1, key.2))?;
                 }
                 for (topic, message) in dead_letters.iter() {
-                    let sequence = fx.counters.take_sequences(1);
-                    let mut value = batch::encode(*now_ms, &[message]);
-                    batch::set_base_sequence(&mut value, sequence);
-                    self.append(t, fx, topic, 0, 1, &value, &super::key_hashes([message]))?;
+                    let topic = self.live(topic, fx, scope).expect("checked above");
+                    self.append_dead_letter(t, fx, &topic, message, *now_ms)?;
                 }
                 Ok(WriteOutcome::Settled)
             }
-            WriteOp::PluginPut { record, component } => {
+            Command::PluginPut { record, component } => {
                 if let Some(bytes) = component {
                     t.plugin_components
                         .insert(record.component_sha256.as_str(), bytes.as_slice())?;
@@ -1551,7 +1407,7 @@ impl Writer {
                 Self::drop_unused_components(t)?;
                 Ok(WriteOutcome::PluginStored)
             }
-            WriteOp::PluginSetPaused {
+            Command::PluginSetPaused {
                 name,
                 incarnation,
                 paused,
@@ -1573,7 +1429,7 @@ impl Writer {
                     _ => Err(WriteError::PluginGone(name.clone())),
                 }
             }
-            WriteOp::PluginRemove { name, group } => {
+            Command::PluginRemove { name, group } => {
                 let existed = t.plugins.remove(name.as_str())?.is_some();
                 let plugin = name.as_str();
                 t.plugin_state.retain_in(
@@ -1592,34 +1448,31 @@ impl Writer {
                 fx.forgotten_groups.push(group.clone());
                 Ok(WriteOutcome::PluginRemoved(existed))
             }
-            WriteOp::PluginCommit(c) => self.plugin_commit(c, t, fx, scope)?,
-            WriteOp::Trim {
+            Command::PluginCommit(c) => self.plugin_commit(c, t, fx, scope)?,
+            Command::Trim {
                 topic,
                 partition,
                 before,
                 batches_max,
-            } => {
-                if !self.is_live(topic, scope) {
-                    Err(WriteError::UnknownTopic(topic.name.clone()))
-                } else {
-                    Ok(self.trim(t, fx, topic, *partition, *before, *batches_max)?)
-                }
-            }
-            WriteOp::MoveToSegments { moves, lengths } => {
-                Ok(self.move_to_segments(t, moves, lengths)?)
-            }
-            WriteOp::SetRetention { topic, retention } => {
-                if !self.is_live(topic, scope) {
+            } => match self.live(topic, fx, scope) {
+                None => Err(WriteError::UnknownTopic(topic.name.clone())),
+                Some(live) => match partitions_exist(&live, [*partition]) {
+                    Err(e) => Err(e),
+                    Ok(()) => Ok(self.trim(t, fx, &live, *partition, *before, *batches_max)?),
+                },
+            },
+            Command::SetRetention { topic, retention } => {
+                if self.live(topic, fx, scope).is_none() {
                     Err(WriteError::UnknownTopic(topic.name.clone()))
                 } else {
                     match retention {
-                        Some(r) => t.retention.insert(topic.id(), *r)?,
-                        None => t.retention.remove(topic.id())?,
+                        Some(r) => t.retention.insert(topic.id, *r)?,
+                        None => t.retention.remove(topic.id)?,
                     };
                     Ok(WriteOutcome::RetentionSet)
                 }
             }
-            WriteOp::PutToken { id, record } => {
+            Command::PutToken { id, record } => {
                 let existed = match record {
                     Some(r) => t
                         .tokens
@@ -1629,7 +1482,7 @@ impl Writer {
                 };
                 Ok(WriteOutcome::TokenStored(existed))
             }
-            WriteOp::SetAcl { principal, rules } => {
+            Command::SetAcl { principal, rules } => {
                 if rules.is_empty() {
                     t.acls.remove(principal.as_str())?;
                 } else {
@@ -1638,12 +1491,12 @@ impl Writer {
                 }
                 Ok(WriteOutcome::AclSet)
             }
-            WriteOp::SetPolicy { group, policy } => {
+            Command::SetPolicy { group, policy } => {
                 t.policies
                     .insert(group.as_str(), encode(policy).as_slice())?;
                 Ok(WriteOutcome::PolicySet)
             }
-            WriteOp::PruneOutcomes {
+            Command::PruneOutcomes {
                 resolved_before_ms,
                 rows_max,
             } => {
@@ -1752,10 +1605,13 @@ impl Writer {
         }
         t.halves.remove(tx_id)?;
         fx.schedule.push(ScheduleChange::Remove(tx_id));
+        let named = TopicRef {
+            id: record.topic_id,
+            name: record.topic.clone(),
+        };
         let topic = self
-            .registry
-            .get(&record.topic)
-            .filter(|topic| topic.id() == record.topic_id && self.is_live(topic, scope));
+            .live(&named, fx, scope)
+            .filter(|topic| record.partition < topic.partition_count());
         let (outcome, result) = match (commit, topic) {
             (true, Some(topic)) => {
                 let mut value = batch::encode(now_ms, &[&record.message]);
@@ -1926,10 +1782,28 @@ fn expire_producers(
     Ok(idle.len() as u64)
 }
 
-fn count_settled(observer: &dyn super::StorageObserver, op: &WriteOp) {
+/// Refuse partitions a topic does not have (a command from a replay or a
+/// peer is not trusted to have been checked by a handler).
+fn partitions_exist(
+    topic: &Topic,
+    partitions: impl IntoIterator<Item = u32>,
+) -> Result<(), WriteError> {
+    let count = topic.partition_count();
+    match partitions.into_iter().find(|p| *p >= count) {
+        Some(p) => Err(WriteError::Invalid(format!(
+            "topic {:?} has {count} partitions; there is no partition {p}",
+            topic.name
+        ))),
+        None => Ok(()),
+    }
+}
+
+fn count_settled(observer: &dyn super::StorageObserver, op: &Op) {
     match op {
-        WriteOp::Settle { dead_letters, .. } => observer.settled(dead_letters.len() as u64, 0),
-        WriteOp::PluginCommit(c) => {
+        Op::Command(Command::Settle { dead_letters, .. }) => {
+            observer.settled(dead_letters.len() as u64, 0)
+        }
+        Op::Command(Command::PluginCommit(c)) => {
             observer.settled(c.dead_letters.len() as u64, c.retry_puts.len() as u64)
         }
         _ => {}

@@ -64,7 +64,7 @@ pub struct OutcomeRecord {
 }
 
 /// Who ends a transaction.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum TxSource {
     /// The producer's own commit/rollback.
     Producer,

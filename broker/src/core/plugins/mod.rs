@@ -231,8 +231,7 @@ impl PluginManager {
             spec,
         };
         state
-            .store
-            .write(crate::storage::WriteOp::PluginPut {
+            .submit(crate::command::Command::PluginPut {
                 record: Box::new(record.clone()),
                 component: Some(component),
             })
@@ -276,8 +275,7 @@ impl PluginManager {
         let shared = manager.shared(name)?;
         let paused = pause.then(String::new);
         state
-            .store
-            .write(crate::storage::WriteOp::PluginSetPaused {
+            .submit(crate::command::Command::PluginSetPaused {
                 name: name.to_string(),
                 incarnation: shared.record().incarnation,
                 paused: paused.clone(),
@@ -304,8 +302,7 @@ impl PluginManager {
             .map(|(r, _)| r.spec.group_name());
         if let Some(group) = broken {
             state
-                .store
-                .write(crate::storage::WriteOp::PluginRemove {
+                .submit(crate::command::Command::PluginRemove {
                     name: name.to_string(),
                     group,
                 })
@@ -327,8 +324,7 @@ impl PluginManager {
         let group = handle.shared.record().spec.group_name();
         handle.shared.request_stop();
         let written = state
-            .store
-            .write(crate::storage::WriteOp::PluginRemove {
+            .submit(crate::command::Command::PluginRemove {
                 name: name.to_string(),
                 group,
             })

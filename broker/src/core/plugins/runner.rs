@@ -25,8 +25,9 @@ use super::instance::CallMessage;
 pub(super) use super::instance::Instance;
 use super::quota::TokenBucket;
 use super::PluginRecord;
+use crate::command::{Command, PartitionAppend, PluginCommit, TopicRef};
 use crate::core::BrokerState;
-use crate::storage::{batch, read, PartitionAppend, PluginCommit, WriteError, WriteOp};
+use crate::storage::{batch, read, WriteError};
 use crate::topics::Topic;
 use msmq_protocol::{PluginSpec, PluginStats};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -629,11 +630,10 @@ impl Runner {
             dead_letters: vec![],
             now_ms: self.state.now_ms(),
         };
-        match self.runtime.block_on(
-            self.state
-                .store
-                .write(WriteOp::PluginCommit(Box::new(commit))),
-        ) {
+        match self
+            .runtime
+            .block_on(self.state.submit(Command::PluginCommit(Box::new(commit))))
+        {
             Ok(_) => {
                 tracing::info!(plugin = %self.name(), retries = keys.len(), "retries of messages removed by retention dropped");
                 for key in keys {
@@ -884,7 +884,7 @@ impl Runner {
             };
             commit
                 .dead_letters
-                .push((dlq_topic, letter(topic, h, &reason)));
+                .push((TopicRef::of(&dlq_topic), letter(topic, h, &reason)));
         }
         // Fresh messages are contiguous from the partition's position.
         let fresh_end = handed
@@ -895,11 +895,10 @@ impl Runner {
         if let Some((p, end)) = fresh_end {
             commit.offsets.push((topic.id(), p, end));
         }
-        match self.runtime.block_on(
-            self.state
-                .store
-                .write(WriteOp::PluginCommit(Box::new(commit))),
-        ) {
+        match self
+            .runtime
+            .block_on(self.state.submit(Command::PluginCommit(Box::new(commit))))
+        {
             Ok(_) => {}
             Err(e) => return self.commit_failed(&e),
         }
@@ -945,7 +944,7 @@ impl Runner {
         &self,
         publishes: Vec<(String, msmq_protocol::NewMessage)>,
         now_ms: u64,
-    ) -> Result<Vec<(Arc<Topic>, Vec<PartitionAppend>)>, String> {
+    ) -> Result<Vec<(TopicRef, Vec<PartitionAppend>)>, String> {
         let mut by_topic: BTreeMap<
             String,
             (Arc<Topic>, BTreeMap<u32, Vec<msmq_protocol::NewMessage>>),
@@ -988,7 +987,7 @@ impl Runner {
                             .collect::<Vec<_>>()
                     })
                     .collect();
-                (topic, appends)
+                (TopicRef::of(&topic), appends)
             })
             .collect())
     }
@@ -1048,7 +1047,7 @@ impl Runner {
             tracing::error!(plugin = %self.name(), "plugin paused: {why}");
             match self
                 .runtime
-                .block_on(self.state.store.write(WriteOp::PluginSetPaused {
+                .block_on(self.state.submit(Command::PluginSetPaused {
                     name: self.record.spec.name.clone(),
                     incarnation: self.record.incarnation,
                     paused: Some(why.clone()),
@@ -1093,14 +1092,13 @@ impl Runner {
             publishes: vec![],
             retry_puts: vec![],
             retry_deletes: if fresh { vec![] } else { vec![key] },
-            dead_letters: vec![(dlq, letter)],
+            dead_letters: vec![(TopicRef::of(&dlq), letter)],
             now_ms: self.state.now_ms(),
         };
-        if let Err(e) = self.runtime.block_on(
-            self.state
-                .store
-                .write(WriteOp::PluginCommit(Box::new(commit))),
-        ) {
+        if let Err(e) = self
+            .runtime
+            .block_on(self.state.submit(Command::PluginCommit(Box::new(commit))))
+        {
             return self.commit_failed(&e);
         }
         tracing::warn!(plugin = %self.name(), partition = h.partition, offset = h.message.offset, "poison message dead-lettered: {reason}");

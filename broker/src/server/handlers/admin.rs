@@ -1,8 +1,9 @@
 //! Topic and group administration.
 
+use crate::command::{Command, TopicRef};
 use crate::core::{blocking, from_write, invalid, unknown_topic};
 use crate::server::ServerState;
-use crate::storage::{read, WriteOp, WriteOutcome};
+use crate::storage::{read, WriteOutcome};
 use msmq_protocol::{
     names::validate_name, ErrorCode, ErrorReply, GroupDescription, GroupLag, GroupPartitionState,
     GroupSummary, MemberInfo, PartitionInfo, PartitionLag, Reply, TopicDescription, TopicInfo,
@@ -37,12 +38,12 @@ pub(super) async fn create_topic(
             "a topic needs between 1 and {max} partitions (partitions_max), not {partitions}"
         )));
     }
-    let op = WriteOp::CreateTopic {
+    let op = Command::CreateTopic {
         name,
         partitions,
         created_at_ms: state.now_ms(),
     };
-    match state.store.write(op).await.map_err(from_write)? {
+    match state.submit(op).await.map_err(from_write)? {
         WriteOutcome::TopicCreated(topic) => {
             tracing::info!(topic = %topic.name, partitions, "topic created");
             state.with_groups(|g, partitions_of| g.rebalance_all(partitions_of));
@@ -64,8 +65,7 @@ pub(super) async fn delete_topic(state: &ServerState, name: String) -> Result<Re
         return Err(unknown_topic(&name));
     };
     state
-        .store
-        .write(WriteOp::DeleteTopic { name: name.clone() })
+        .submit(Command::DeleteTopic { name: name.clone() })
         .await
         .map_err(from_write)?;
     tracing::info!(topic = %name, "topic deleted");
@@ -259,9 +259,8 @@ pub(super) async fn set_retention(
         .get(&name)
         .ok_or_else(|| unknown_topic(&name))?;
     state
-        .store
-        .write(WriteOp::SetRetention {
-            topic,
+        .submit(Command::SetRetention {
+            topic: TopicRef::of(&topic),
             retention: retention.map(|r| (r.max_age_ms, r.max_bytes)),
         })
         .await

@@ -1,10 +1,11 @@
 //! Authentication requests and the gate every request passes.
 
 use crate::auth::{allows, generate, validate_principal, ADMIN_PRINCIPAL};
+use crate::command::Command;
 use crate::core::{from_write, invalid};
 use crate::server::connection::ConnectionContext;
 use crate::server::ServerState;
-use crate::storage::{WriteOp, WriteOutcome};
+use crate::storage::WriteOutcome;
 use msmq_protocol::{
     AclAction, AclResource, AclRule, ErrorCode, ErrorReply, Reply, Request, SequencedRequest,
     TokenInfo,
@@ -158,8 +159,7 @@ pub(super) async fn set_acl(
         }
     }
     state
-        .store
-        .write(WriteOp::SetAcl {
+        .submit(Command::SetAcl {
             principal: principal.clone(),
             rules: rules.clone(),
         })
@@ -222,8 +222,7 @@ pub(super) async fn create_token(
     validate_principal(&principal).map_err(invalid)?;
     let (token_id, record, token) = generate(&principal, state.now_ms());
     state
-        .store
-        .write(WriteOp::PutToken {
+        .submit(Command::PutToken {
             id: token_id.clone(),
             record: Some(record.clone()),
         })
@@ -239,8 +238,7 @@ pub(super) async fn revoke_token(
     token_id: String,
 ) -> Result<Reply, ErrorReply> {
     let outcome = state
-        .store
-        .write(WriteOp::PutToken {
+        .submit(Command::PutToken {
             id: token_id.clone(),
             record: None,
         })

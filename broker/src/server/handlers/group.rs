@@ -1,11 +1,12 @@
 //! Consumer-group requests: join, heartbeat, poll, commit, leave.
 
+use crate::command::Command;
 use crate::core::read::{clamp, initial_position, read_messages, wait_for_append};
 use crate::core::{blocking, from_group, from_write, invalid, unknown_topic};
 use crate::groups::{NewMember, SESSION_TIMEOUT_MS_MAX, SESSION_TIMEOUT_MS_MIN};
 use crate::server::connection::ConnectionContext;
 use crate::server::ServerState;
-use crate::storage::{read, WriteOp};
+use crate::storage::read;
 use msmq_protocol::{
     names::validate_name, ErrorCode, ErrorReply, FetchLimits, FetchedMessages, Joined,
     PartitionOffset, Polled, Reply, ResetTo, StartFrom, TopicPartition,
@@ -119,8 +120,7 @@ async fn pin_latest(state: &ServerState, group: &str, topics: &[String]) -> Resu
         return Ok(());
     }
     state
-        .store
-        .write(WriteOp::PinOffsets {
+        .submit(Command::PinOffsets {
             group: group.to_string(),
             offsets,
         })
@@ -333,8 +333,7 @@ pub(super) async fn commit(
         stored.push((topic.id(), o.partition, o.offset));
     }
     state
-        .store
-        .write(WriteOp::CommitOffsets {
+        .submit(Command::CommitOffsets {
             group,
             offsets: stored,
         })
@@ -383,8 +382,7 @@ pub(super) async fn reset_offsets(
         offsets.push((topic.id(), p, offset));
     }
     state
-        .store
-        .write(WriteOp::CommitOffsets {
+        .submit(Command::CommitOffsets {
             group: group.clone(),
             offsets: offsets.clone(),
         })

@@ -1,10 +1,12 @@
 //! Produce: validate, route to partitions, append durably, acknowledge;
 //! idempotent producers' ids and sequenced produces.
 
+use crate::command::TopicRef;
+use crate::command::{Command, PartitionAppend};
 use crate::core::{blocking, from_write, invalid, unknown_topic};
 use crate::producers::{self, Admission, Claim, Slot, StoredReply};
 use crate::server::ServerState;
-use crate::storage::{batch, read, PartitionAppend, WriteOp, WriteOutcome};
+use crate::storage::{batch, read, WriteOutcome};
 use crate::topics::Topic;
 use msmq_protocol::{
     ErrorCode, ErrorReply, MessageAck, MessageId, NewMessage, ProducerIdentity, ProducerSequence,
@@ -22,8 +24,7 @@ pub(super) async fn init_producer(
     producer_id: Option<u64>,
 ) -> Result<Reply, ErrorReply> {
     let outcome = state
-        .store
-        .write(WriteOp::InitProducer {
+        .submit(Command::InitProducer {
             producer_id,
             principal,
             now_ms: state.now_ms(),
@@ -170,9 +171,8 @@ pub(super) async fn produce(
         (c, slots)
     });
     let outcome = state
-        .store
-        .write(WriteOp::Append {
-            topic: topic.clone(),
+        .submit(Command::Append {
+            topic: TopicRef::of(&topic),
             appends,
             scheduled,
             producer,

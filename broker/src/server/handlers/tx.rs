@@ -2,11 +2,12 @@
 //! and the operator's view of pending and discarded transactions.
 
 use super::produce::{check_limits, claim, repeated_reply, route};
+use crate::command::{Command, TopicRef};
 use crate::core::{blocking, from_write, invalid, unknown_topic};
 use crate::producers::{half_acks, StoredReply};
 use crate::server::connection::ConnectionContext;
 use crate::server::ServerState;
-use crate::storage::{read, WriteOp, WriteOutcome};
+use crate::storage::{read, WriteOutcome};
 use crate::transactions::{TxOutcome, TxSource};
 use msmq_protocol::{
     names::validate_name, DiscardedAction, ErrorCode, ErrorReply, HalfAck, MessageAck, MessageId,
@@ -75,8 +76,8 @@ pub(super) async fn send_half(
         .config
         .transaction_timeout
         .max(Duration::from_millis(check_immunity_ms as u64));
-    let op = WriteOp::StoreHalf {
-        topic: topic.clone(),
+    let op = Command::StoreHalf {
+        topic: TopicRef::of(&topic),
         producer_group,
         halves: partitions.iter().copied().zip(messages).collect(),
         created_at_ms,
@@ -84,7 +85,7 @@ pub(super) async fn send_half(
         producer: claim,
     };
     let store_id = state.store.store_id();
-    let ids = match state.store.write(op).await.map_err(from_write)? {
+    let ids = match state.submit(op).await.map_err(from_write)? {
         WriteOutcome::HalfStored(ids) => ids,
         WriteOutcome::Repeated(StoredReply::HalfStored(halves)) => {
             crate::metrics::global().sequenced_repeats.inc();
@@ -138,14 +139,14 @@ pub(super) async fn end_transaction(
         TxAction::Rollback => false,
         TxAction::Unknown => return transaction_state(state, &producer_group, tx_id).await,
     };
-    let op = WriteOp::EndTransaction {
+    let op = Command::EndTransaction {
         tx_id,
         producer_group: Some(producer_group),
         commit,
         source: TxSource::Producer,
         now_ms: state.now_ms(),
     };
-    let outcome = state.store.write(op).await.map_err(from_write)?;
+    let outcome = state.submit(op).await.map_err(from_write)?;
     ended(state, outcome)
 }
 
@@ -187,7 +188,7 @@ pub(super) async fn end_transactions(
                 continue;
             }
         };
-        writes.push(WriteOp::EndTransaction {
+        writes.push(Command::EndTransaction {
             tx_id: d.tx_id,
             producer_group: Some(producer_group.clone()),
             commit,
@@ -196,10 +197,7 @@ pub(super) async fn end_transactions(
         });
         write_slots.push(i);
     }
-    for (slot, outcome) in write_slots
-        .into_iter()
-        .zip(state.store.write_many(writes).await)
-    {
+    for (slot, outcome) in write_slots.into_iter().zip(state.submit_many(writes).await) {
         results[slot] = Some(
             match outcome.map_err(from_write).and_then(|o| ended(state, o)) {
                 Ok(Reply::TransactionEnded(e)) => TxEndResult::Ended(e),
@@ -299,12 +297,12 @@ pub(super) async fn resolve_discarded(
     action: DiscardedAction,
 ) -> Result<Reply, ErrorReply> {
     let op = match action {
-        DiscardedAction::Resume => WriteOp::Resume {
+        DiscardedAction::Resume => Command::Resume {
             tx_id,
             next_check_at_ms: state.now_ms(),
         },
         // The writer checks that it is (still) discarded.
-        DiscardedAction::Commit => WriteOp::EndTransaction {
+        DiscardedAction::Commit => Command::EndTransaction {
             tx_id,
             producer_group: None,
             commit: true,
@@ -312,7 +310,7 @@ pub(super) async fn resolve_discarded(
             now_ms: state.now_ms(),
         },
     };
-    let outcome = state.store.write(op).await.map_err(from_write)?;
+    let outcome = state.submit(op).await.map_err(from_write)?;
     state.producers.registered.notify_one();
     tracing::info!(
         tx_id,
