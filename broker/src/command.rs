@@ -279,6 +279,13 @@ pub fn encode(commands: &[Command]) -> Vec<u8> {
     postcard::to_extend(commands, out).expect("encoding to a Vec cannot fail")
 }
 
+/// [`encode`] for commands held by reference (the writer records what it
+/// is about to apply); the bytes are the same.
+pub fn encode_refs(commands: &[&Command]) -> Vec<u8> {
+    let out = vec![COMMAND_FORMAT_VERSION];
+    postcard::to_extend(commands, out).expect("encoding to a Vec cannot fail")
+}
+
 /// Why encoded commands could not be read.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {

@@ -178,6 +178,10 @@ pub struct Config {
     /// A directory watched for plugins: `NAME.wasm` with a `NAME.toml`
     /// manifest beside it is deployed, replaced or removed as the files are.
     pub plugin_dir: Option<PathBuf>,
+    /// Append every applied command to this file, in commit order, so the
+    /// store can be rebuilt with `msmq admin replay` (tests, debugging;
+    /// it grows without bound and is not fsynced).
+    pub record_commands: Option<PathBuf>,
     /// Log filter (`info`, `msmq_broker=debug`, …); `RUST_LOG` wins.
     pub log: String,
 }
@@ -237,6 +241,7 @@ impl Default for Config {
             request_memory_per_principal_max: ByteSize::mib(64),
             plugin_component_bytes_max: ByteSize::mib(32),
             plugin_dir: None,
+            record_commands: None,
             log: "info".into(),
         }
     }

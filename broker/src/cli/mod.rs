@@ -3,6 +3,7 @@
 //! benchmarks).
 
 mod acl;
+mod admin;
 mod bench;
 mod consume;
 mod demo;
@@ -79,6 +80,9 @@ enum Command {
     /// Measure throughput and latency against a running broker.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Offline tools for a stopped broker's data directory: digest, replay.
+    #[command(subcommand)]
+    Admin(admin::AdminCommand),
 }
 
 /// How client subcommands reach the broker.
@@ -152,6 +156,10 @@ pub fn main() -> ExitCode {
                 print!("{}", crate::config::Config::default_toml());
                 Ok(())
             }
+            Command::Admin(command) => {
+                init_client_logging();
+                admin::run(command).await
+            }
             client_command => {
                 init_client_logging();
                 shutdown::install().context("listening for stop signals")?;
@@ -215,8 +223,8 @@ async fn run_client_command(command: Command) -> anyhow::Result<()> {
         Command::Plugin(cmd) => plugin::run(cmd).await,
         Command::Token(cmd) => token::run(cmd).await,
         Command::Acl(cmd) => acl::run(cmd).await,
-        Command::Serve(_) | Command::Config => {
-            anyhow::bail!("serve and config are not client commands")
+        Command::Serve(_) | Command::Config | Command::Admin(_) => {
+            anyhow::bail!("serve, config and admin are not client commands")
         }
     }
 }

@@ -190,6 +190,10 @@ pub struct ServeArgs {
     /// is deployed; replacing or deleting the .wasm upgrades or removes it.
     #[arg(long, env = "MSMQ_PLUGIN_DIR")]
     plugin_dir: Option<PathBuf>,
+    /// Append every applied command to this file, in commit order, for
+    /// `msmq admin replay` (tests and debugging; grows without bound).
+    #[arg(long, env = "MSMQ_RECORD_COMMANDS")]
+    record_commands: Option<PathBuf>,
     /// Log filter, e.g. "info" or "msmq_broker=debug"; RUST_LOG wins.
     #[arg(long, env = "MSMQ_LOG")]
     log: Option<String>,
@@ -264,6 +268,9 @@ impl ServeArgs {
         }
         if self.plugin_dir.is_some() {
             c.plugin_dir = self.plugin_dir;
+        }
+        if self.record_commands.is_some() {
+            c.record_commands = self.record_commands;
         }
         if self.tls_cert.is_some() {
             c.tls_cert = self.tls_cert;

@@ -69,26 +69,22 @@ impl BrokerState {
     pub async fn open(config: Config, clock: Clock) -> anyhow::Result<Arc<BrokerState>> {
         let registry = Arc::new(TopicRegistry::default());
         let data_dir = config.data_dir.clone();
-        let options = StoreOptions {
-            durability: config.durability,
-            cache_bytes: config.cache_bytes.as_u64() as usize,
-            commit_bytes_max: config.commit_bytes_max.as_u64() as usize,
-            segment_move_interval: config.segment_move_interval,
-            segment_roll_max: crate::storage::segments::Roll {
-                bytes_max: config.segment_bytes_max.as_u64(),
-                age_max: config.segment_age_max,
-            },
-            retention_default: (
-                config.retention_default.as_millis() as u64,
-                config.retention_bytes_default.as_u64(),
-            ),
-            observer: crate::metrics::storage_observer(),
-        };
+        let options = store_options(&config);
         let store_registry = registry.clone();
         let store =
             tokio::task::spawn_blocking(move || Store::open(&data_dir, options, store_registry))
                 .await
                 .context("opening storage")??;
+        Self::with_store(config, clock, store, registry).await
+    }
+
+    /// The state over a store already open.
+    async fn with_store(
+        config: Config,
+        clock: Clock,
+        store: Store,
+        registry: Arc<TopicRegistry>,
+    ) -> anyhow::Result<Arc<BrokerState>> {
         let acks = ack::load_acks(&store).await?;
         let tokens = {
             let db = store.db().clone();
@@ -179,6 +175,26 @@ impl BrokerState {
         let partitions_of = |t: &str| registry.partitions_of(t);
         let mut groups = self.groups.lock().expect("group lock");
         f(&mut groups, &partitions_of)
+    }
+}
+
+/// The store's options from the broker's configuration.
+pub fn store_options(config: &Config) -> StoreOptions {
+    StoreOptions {
+        durability: config.durability,
+        cache_bytes: config.cache_bytes.as_u64() as usize,
+        commit_bytes_max: config.commit_bytes_max.as_u64() as usize,
+        segment_move_interval: config.segment_move_interval,
+        segment_roll_max: crate::storage::segments::Roll {
+            bytes_max: config.segment_bytes_max.as_u64(),
+            age_max: config.segment_age_max,
+        },
+        retention_default: (
+            config.retention_default.as_millis() as u64,
+            config.retention_bytes_default.as_u64(),
+        ),
+        observer: crate::metrics::storage_observer(),
+        record_commands: config.record_commands.clone(),
     }
 }
 

@@ -128,6 +128,21 @@ impl Db {
     }
 }
 
+impl Db {
+    /// Close the database for good: reads and writes fail from now on, and
+    /// the file is free to be opened again.
+    pub fn close(&self) {
+        let db = self
+            .current
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(db) = db {
+            drop(db);
+        }
+    }
+}
+
 impl ReadSource for Db {
     fn read_txn(&self) -> Result<ReadTransaction, StorageError> {
         self.with(|db| Ok(db.begin_read()?))

@@ -19,9 +19,13 @@
 
 pub mod batch;
 pub mod db;
+#[cfg(test)]
+mod determinism;
+pub mod digest;
 pub mod faults;
 mod mover;
 pub mod read;
+pub mod recording;
 pub mod segments;
 pub mod tables;
 mod writer;
@@ -138,6 +142,8 @@ pub struct StoreOptions {
     pub retention_default: (u64, u64),
     /// Told about commits, failures and moves.
     pub observer: std::sync::Arc<dyn StorageObserver>,
+    /// Record every applied command to this file ([`recording`]).
+    pub record_commands: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for StoreOptions {
@@ -149,6 +155,7 @@ impl std::fmt::Debug for StoreOptions {
             .field("segment_move_interval", &self.segment_move_interval)
             .field("segment_roll_max", &self.segment_roll_max)
             .field("retention_default", &self.retention_default)
+            .field("record_commands", &self.record_commands)
             .finish_non_exhaustive()
     }
 }
@@ -183,7 +190,7 @@ pub struct Store {
     db: Arc<db::Db>,
     segments: Arc<segments::Segments>,
     writer: writer::WriterHandle,
-    _mover: mover::MoverHandle,
+    mover: std::sync::Mutex<mover::MoverHandle>,
     store_id: u64,
     schedule: Arc<Mutex<TxSchedule>>,
     next_scheduled_ms: Arc<std::sync::atomic::AtomicU64>,
@@ -227,6 +234,10 @@ impl Store {
             retention_default: options.retention_default,
             observer: options.observer.clone(),
         };
+        let recorder = match &options.record_commands {
+            Some(path) => Some(recording::Recorder::open(path, counters.applied_index)?),
+            None => None,
+        };
         let writer = writer::start(
             db.clone(),
             faults_on.then(|| dir.join(faults::FAULTS_DIR)),
@@ -236,6 +247,7 @@ impl Store {
             next_scheduled_ms.clone(),
             options,
             counters,
+            recorder,
         );
         let mover = mover::start(
             db.clone(),
@@ -248,7 +260,7 @@ impl Store {
             db,
             segments,
             writer,
-            _mover: mover,
+            mover: std::sync::Mutex::new(mover),
             store_id,
             schedule,
             next_scheduled_ms,
@@ -292,6 +304,22 @@ impl Store {
         self.writer.write_many(ops).await
     }
 
+    /// Stop the mover and the writer (committing what is queued) and close
+    /// the database, so the directory can be opened again in this process.
+    pub async fn close(self, grace: Duration) {
+        let mover = std::mem::replace(
+            &mut *self.mover.lock().expect("mover lock"),
+            mover::MoverHandle::stopped(),
+        );
+        let _ = tokio::task::spawn_blocking(move || {
+            let mut mover = mover;
+            mover.stop_and_wait();
+        })
+        .await;
+        self.writer.shutdown(grace).await;
+        self.db.close();
+    }
+
     /// Commit everything queued, then stop the writer. Later writes fail with
     /// [`WriteError::ShuttingDown`].
     pub async fn shutdown(&self, grace: Duration) {
@@ -311,6 +339,7 @@ fn load_counters(db: &impl ReadSource) -> Result<(u64, writer::Counters), Storag
         next_topic_id: get(tables::META_NEXT_TOPIC_ID, 1)? as u32,
         next_message_sequence: get(tables::META_NEXT_MESSAGE_SEQUENCE, 1)?,
         next_tx_id: get(tables::META_NEXT_TX_ID, 1)?,
+        applied_index: get(tables::META_APPLIED_INDEX, 0)?,
     };
     Ok((store_id, counters))
 }

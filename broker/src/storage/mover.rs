@@ -50,6 +50,26 @@ pub(super) struct MoverSettings {
 /// Stops the mover when dropped.
 pub(super) struct MoverHandle {
     stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl MoverHandle {
+    /// A handle to no mover.
+    pub(super) fn stopped() -> MoverHandle {
+        MoverHandle {
+            stop: Arc::new(AtomicBool::new(true)),
+            thread: None,
+        }
+    }
+
+    /// Stop the mover and wait until its thread has ended (no segment
+    /// write of it can follow).
+    pub(super) fn stop_and_wait(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 impl Drop for MoverHandle {
@@ -76,11 +96,14 @@ pub(super) fn start(
         failing: false,
     };
     let stopping = stop.clone();
-    std::thread::Builder::new()
+    let thread = std::thread::Builder::new()
         .name("msmq-mover".into())
         .spawn(move || mover.run(&stopping))
         .expect("spawning the segment mover thread");
-    MoverHandle { stop }
+    MoverHandle {
+        stop,
+        thread: Some(thread),
+    }
 }
 
 struct Mover {

@@ -76,6 +76,11 @@ pub const META_NEXT_MESSAGE_SEQUENCE: &str = "next_message_sequence";
 pub const META_NEXT_TX_ID: &str = "next_tx_id";
 /// Key in [`META`]: the next producer id to hand out (never reused).
 pub const META_NEXT_PRODUCER_ID: &str = "next_producer_id";
+/// Key in [`META`]: how many write transactions that applied commands this
+/// store has committed. Local bookkeeping (it depends on how commands
+/// shared commits), kept out of the digest; a command recording is cut back
+/// to it at open.
+pub const META_APPLIED_INDEX: &str = "applied_index";
 /// Key in [`META`]: this store's random id, the first half of message ids.
 pub const META_STORE_ID: &str = "store_id";
 

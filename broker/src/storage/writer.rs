@@ -257,6 +257,8 @@ pub(super) struct Counters {
     pub next_topic_id: u32,
     pub next_message_sequence: u64,
     pub next_tx_id: u64,
+    /// Write transactions that applied commands, so far.
+    pub applied_index: u64,
 }
 
 impl Counters {
@@ -278,6 +280,7 @@ pub(super) fn start(
     next_scheduled_ms: Arc<AtomicU64>,
     options: StoreOptions,
     counters: Counters,
+    recorder: Option<super::recording::Recorder>,
 ) -> WriterHandle {
     let (tx, rx) = mpsc::channel(QUEUE_REQUESTS_MAX);
     let mut writer = Writer {
@@ -289,6 +292,7 @@ pub(super) fn start(
         next_scheduled_ms,
         options,
         counters,
+        recorder,
         last_sync: Instant::now(),
         recovering: None,
     };
@@ -309,6 +313,8 @@ struct Writer {
     next_scheduled_ms: Arc<AtomicU64>,
     options: StoreOptions,
     counters: Counters,
+    /// Where applied commands are recorded, when `record_commands` is set.
+    recorder: Option<super::recording::Recorder>,
     last_sync: Instant,
     /// Set while the database refuses writes after an I/O error and the
     /// writer reopens it; every write is refused meanwhile.
@@ -323,7 +329,8 @@ enum ScheduleChange {
 /// In-memory changes that become visible once the commit succeeded.
 struct Effects {
     created: Vec<Arc<Topic>>,
-    deleted: Vec<String>,
+    /// Ids of topics deleted by this commit (some maybe created by it).
+    deleted: Vec<u32>,
     /// (topic, partition) → (start, end) after this commit.
     ends: HashMap<(u32, u32), (Arc<Topic>, u64, u64)>,
     schedule: Vec<ScheduleChange>,
@@ -480,12 +487,18 @@ impl Writer {
                     self.next_scheduled_ms
                         .fetch_min(effects.next_scheduled_ms, Ordering::AcqRel);
                 }
-                for topic in effects.created {
-                    self.registry.insert(topic);
+                // Ids are never reused: drop what was deleted, then add
+                // what was created and survived, whatever the order inside.
+                for id in &effects.deleted {
+                    let gone = self.registry.list().into_iter().find(|t| t.id() == *id);
+                    if let Some(topic) = gone {
+                        self.registry.remove(&topic.name);
+                        self.registry.forget_committed(*id);
+                    }
                 }
-                for name in effects.deleted {
-                    if let Some(topic) = self.registry.remove(&name) {
-                        self.registry.forget_committed(topic.id());
+                for topic in effects.created {
+                    if !effects.deleted.contains(&topic.id()) {
+                        self.registry.insert(topic);
                     }
                 }
                 for group in effects.forgotten_groups {
@@ -571,6 +584,23 @@ impl Writer {
             committed: Vec::new(),
             forgotten_groups: Vec::new(),
         };
+        // Recorded as submitted: applying fills in message-id sequences.
+        let recorded = match &self.recorder {
+            Some(_) => {
+                let commands: Vec<&Command> = ops
+                    .iter()
+                    .filter_map(|op| match &**op {
+                        Op::Command(c) => Some(c),
+                        Op::Local(_) => None,
+                    })
+                    .collect();
+                (!commands.is_empty()).then(|| crate::command::encode_refs(&commands))
+            }
+            None => None,
+        };
+        if ops.iter().any(|op| matches!(**op, Op::Command(_))) {
+            fx.counters.applied_index += 1;
+        }
         let mut results = Vec::with_capacity(ops.len());
         {
             let mut t = Tables {
@@ -612,6 +642,10 @@ impl Writer {
                 t.meta
                     .insert(tables::META_NEXT_TX_ID, fx.counters.next_tx_id)?;
             }
+            if fx.counters.applied_index != self.counters.applied_index {
+                t.meta
+                    .insert(tables::META_APPLIED_INDEX, fx.counters.applied_index)?;
+            }
             if fx.counters.next_topic_id != self.counters.next_topic_id {
                 t.meta
                     .insert(tables::META_NEXT_TOPIC_ID, fx.counters.next_topic_id as u64)?;
@@ -628,7 +662,18 @@ impl Writer {
             deletes
         };
         before_commit(&results);
-        txn.commit()?;
+        if let (Some(recorder), Some(encoded)) = (&mut self.recorder, &recorded) {
+            recorder.append(fx.counters.applied_index, encoded)?;
+        }
+        let committed = txn.commit();
+        if let Some(recorder) = &mut self.recorder {
+            match (&committed, &recorded) {
+                (Ok(()), Some(_)) => recorder.committed(),
+                (Err(_), Some(_)) => recorder.failed(),
+                _ => {}
+            }
+        }
+        committed?;
         if sync {
             self.last_sync = Instant::now();
         }
@@ -797,15 +842,23 @@ impl Writer {
     /// name in this transaction (created by an earlier command of it
     /// included): the same answer whatever commits the commands share.
     fn live(&self, topic: &TopicRef, fx: &Effects, scope: &Scope) -> Option<Arc<Topic>> {
-        if scope.deleted.contains(&topic.id) {
-            return None;
-        }
+        self.live_named(&topic.name, fx, scope)
+            .filter(|t| t.id() == topic.id)
+    }
+
+    /// The live topic of a name in this transaction: created by an earlier
+    /// command of it, or committed before, and not deleted since.
+    fn live_named(&self, name: &str, fx: &Effects, scope: &Scope) -> Option<Arc<Topic>> {
         fx.created
             .iter()
-            .find(|t| t.id() == topic.id)
+            .rev()
+            .find(|t| t.name == name && !scope.deleted.contains(&t.id()))
             .cloned()
-            .or_else(|| self.registry.get(&topic.name))
-            .filter(|t| t.id() == topic.id)
+            .or_else(|| {
+                self.registry
+                    .get(name)
+                    .filter(|t| !scope.deleted.contains(&t.id()))
+            })
     }
 
     /// Append a dead letter to partition 0 of its dead-letter topic.
@@ -1007,11 +1060,7 @@ impl Writer {
                 partitions: count,
                 created_at_ms,
             } => {
-                let exists = scope.created.contains(name)
-                    || self
-                        .registry
-                        .get(name)
-                        .is_some_and(|t| !scope.deleted.contains(&t.id()));
+                let exists = self.live_named(name, fx, scope).is_some();
                 if !(1..=TOPIC_PARTITIONS_MAX).contains(count) {
                     Err(WriteError::Invalid(format!(
                         "a topic has 1 to {TOPIC_PARTITIONS_MAX} partitions, not {count}"
@@ -1029,47 +1078,40 @@ impl Writer {
                     for p in 0..*count {
                         t.partitions.insert((meta.id, p), (0u64, 0u64))?;
                     }
-                    scope.created.insert(name.clone());
                     let topic = Arc::new(Topic::new(name.clone(), meta));
                     fx.created.push(topic.clone());
                     Ok(WriteOutcome::TopicCreated(topic))
                 }
             }
-            Command::DeleteTopic { name } => {
-                match self
-                    .registry
-                    .get(name)
-                    .filter(|t| !scope.deleted.contains(&t.id()))
-                {
-                    None => Err(WriteError::UnknownTopic(name.clone())),
-                    Some(topic) => {
-                        let id = topic.id();
-                        t.topics.remove(name.as_str())?;
-                        t.log
-                            .retain_in((id, 0, 0)..=(id, u32::MAX, u64::MAX), |_, _| false)?;
-                        self.reaper.borrow_mut().drop_topic(&mut t.segments, id)?;
-                        t.partitions
-                            .retain_in((id, 0)..=(id, u32::MAX), |_, _| false)?;
-                        t.batch_times
-                            .retain_in((id, 0, 0)..=(id, u32::MAX, u64::MAX), |_, _| false)?;
-                        t.batch_bytes
-                            .retain_in((id, 0, 0)..=(id, u32::MAX, u64::MAX), |_, _| false)?;
-                        t.retention.remove(id)?;
-                        t.retries.retain(|k, _| k.1 != id)?;
-                        t.plugin_retries.retain(|k, _| k.1 != id)?;
-                        t.id_index.retain(|_, v| v.0 != id)?;
-                        t.key_index.retain_in(
-                            (id, 0, 0, 0)..=(id, u64::MAX, u32::MAX, u64::MAX),
-                            |_, _| false,
-                        )?;
-                        t.group_offsets.retain(|k, _| k.1 != id)?;
-                        scope.deleted.insert(id);
-                        fx.ends.retain(|k, _| k.0 != id);
-                        fx.deleted.push(name.clone());
-                        Ok(WriteOutcome::TopicDeleted)
-                    }
+            Command::DeleteTopic { name } => match self.live_named(name, fx, scope) {
+                None => Err(WriteError::UnknownTopic(name.clone())),
+                Some(topic) => {
+                    let id = topic.id();
+                    t.topics.remove(name.as_str())?;
+                    t.log
+                        .retain_in((id, 0, 0)..=(id, u32::MAX, u64::MAX), |_, _| false)?;
+                    self.reaper.borrow_mut().drop_topic(&mut t.segments, id)?;
+                    t.partitions
+                        .retain_in((id, 0)..=(id, u32::MAX), |_, _| false)?;
+                    t.batch_times
+                        .retain_in((id, 0, 0)..=(id, u32::MAX, u64::MAX), |_, _| false)?;
+                    t.batch_bytes
+                        .retain_in((id, 0, 0)..=(id, u32::MAX, u64::MAX), |_, _| false)?;
+                    t.retention.remove(id)?;
+                    t.retries.retain(|k, _| k.1 != id)?;
+                    t.plugin_retries.retain(|k, _| k.1 != id)?;
+                    t.id_index.retain(|_, v| v.0 != id)?;
+                    t.key_index.retain_in(
+                        (id, 0, 0, 0)..=(id, u64::MAX, u32::MAX, u64::MAX),
+                        |_, _| false,
+                    )?;
+                    t.group_offsets.retain(|k, _| k.1 != id)?;
+                    scope.deleted.insert(id);
+                    fx.ends.retain(|k, _| k.0 != id);
+                    fx.deleted.push(id);
+                    Ok(WriteOutcome::TopicDeleted)
                 }
-            }
+            },
             Command::Append {
                 topic,
                 appends,
@@ -1818,6 +1860,6 @@ fn plugin_successor(name: &str) -> String {
 
 #[derive(Default)]
 struct Scope {
-    created: HashSet<String>,
+    /// Topics deleted by this transaction so far.
     deleted: HashSet<u32>,
 }
