@@ -21,6 +21,7 @@ mod metrics;
 mod network;
 mod plugins;
 mod produce_consume;
+mod replay;
 mod retention;
 mod stopping;
 mod transactions;
