@@ -632,3 +632,42 @@ fn random_command_sequences_give_equal_stores() {
         "only {with_messages} of {sequences} sequences left messages"
     );
 }
+
+/// `TOPIC_PARTITIONS_MAX` holds when a command is applied, whatever built it.
+#[test]
+fn a_topic_takes_up_to_the_partition_limit_and_not_one_more() {
+    use super::{WriteError, WriteOutcome, TOPIC_PARTITIONS_MAX};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let create = |name: &str, partitions| Command::CreateTopic {
+            name: name.into(),
+            partitions,
+            created_at_ms: 1,
+        };
+        let results = store
+            .write_many(vec![
+                create("widest", TOPIC_PARTITIONS_MAX),
+                create("too-wide", TOPIC_PARTITIONS_MAX + 1),
+                create("none", 0),
+            ])
+            .await;
+        match &results[0] {
+            Ok(WriteOutcome::TopicCreated(t)) => {
+                assert_eq!(t.partition_count(), TOPIC_PARTITIONS_MAX)
+            }
+            other => panic!("at the limit: {other:?}"),
+        }
+        for refused in &results[1..] {
+            assert!(
+                matches!(refused, Err(WriteError::Invalid(_))),
+                "{refused:?}"
+            );
+        }
+        store.close(Duration::from_secs(30)).await;
+    });
+}

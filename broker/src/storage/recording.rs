@@ -200,6 +200,12 @@ mod tests {
         r.file.write_all(&[9, 0, 0]).unwrap();
         drop(r);
         Recorder::open(&path, 2).unwrap();
+        // So is a frame claiming more than RECORDING_FRAME_BYTES_MAX.
+        let mut file = OpenOptions::new().append(true).open(&path).unwrap();
+        file.write_all(&((RECORDING_FRAME_BYTES_MAX + 1) as u32).to_le_bytes())
+            .unwrap();
+        file.write_all(&3u64.to_le_bytes()).unwrap();
+        drop(file);
         let commits = read(&path).unwrap();
         assert_eq!(
             commits,
