@@ -48,3 +48,57 @@ pub(crate) async fn run(state: Arc<BrokerState>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::Clock;
+    use crate::command::TopicRef;
+    use msmq_protocol::NewMessage;
+
+    /// The scheduler releases by the core's clock, not the system's: with a
+    /// manual clock a message stays scheduled until the clock is moved.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn scheduled_messages_are_released_by_the_cores_clock() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let config = crate::config::Config {
+            data_dir: dir.path().to_path_buf(),
+            ..crate::config::Config::default()
+        };
+        let start_ms = 1_000_000;
+        let clock = Clock::manual(start_ms);
+        let state = BrokerState::open(config, clock.clone()).await?;
+        state
+            .submit(Command::CreateTopic {
+                name: "later".into(),
+                partitions: 1,
+                created_at_ms: state.now_ms(),
+            })
+            .await?;
+        let topic = state.registry.get("later").expect("created");
+        assert_eq!(topic.meta.created_at_ms, start_ms);
+        state
+            .submit(Command::Append {
+                topic: TopicRef::of(&topic),
+                appends: vec![],
+                scheduled: vec![(0, start_ms + 60_000, NewMessage::new("due in a minute"))],
+                producer: None,
+            })
+            .await?;
+        let scheduler = tokio::spawn(run(state.clone()));
+        let end = || topic.partition(0).map_or(0, |p| p.end());
+        // The system clock is far past the due time; the core's is not.
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        assert_eq!(end(), 0, "released before the core's clock reached it");
+        clock.advance_ms(60_000);
+        state.scheduler_wake.notify_one();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while end() == 0 {
+            assert!(std::time::Instant::now() < deadline, "never released");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(end(), 1);
+        scheduler.abort();
+        Ok(())
+    }
+}
