@@ -17,6 +17,7 @@
 pub mod ack;
 pub mod disk;
 mod log;
+pub mod ops;
 pub mod plugins;
 pub mod read;
 pub mod retention;

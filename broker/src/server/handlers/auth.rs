@@ -1,14 +1,11 @@
-//! Authentication requests and the gate every request passes.
+//! The gate every request passes, and `Authenticate`, which binds a
+//! token's principal to the connection.
 
-use crate::auth::{allows, generate, validate_principal, ADMIN_PRINCIPAL};
-use crate::command::Command;
-use crate::core::{from_write, invalid};
+use crate::auth::{allows, ADMIN_PRINCIPAL};
 use crate::server::connection::ConnectionContext;
 use crate::server::ServerState;
-use crate::storage::WriteOutcome;
 use msmq_protocol::{
-    AclAction, AclResource, AclRule, ErrorCode, ErrorReply, Reply, Request, SequencedRequest,
-    TokenInfo,
+    AclAction, AclResource, ErrorCode, ErrorReply, Reply, Request, SequencedRequest,
 };
 
 fn unauthenticated(message: impl Into<String>) -> ErrorReply {
@@ -145,35 +142,6 @@ fn required(request: &Request) -> Option<Vec<(AclResource, &str, AclAction)>> {
     })
 }
 
-pub(super) async fn set_acl(
-    state: &ServerState,
-    principal: String,
-    rules: Vec<AclRule>,
-) -> Result<Reply, ErrorReply> {
-    validate_principal(&principal).map_err(invalid)?;
-    for rule in &rules {
-        if rule.pattern.is_empty() || rule.actions.is_empty() {
-            return Err(invalid(
-                "every ACL rule needs a pattern and at least one action",
-            ));
-        }
-    }
-    state
-        .submit(Command::SetAcl {
-            principal: principal.clone(),
-            rules: rules.clone(),
-        })
-        .await
-        .map_err(from_write)?;
-    tracing::info!(%principal, rules = rules.len(), "ACL set");
-    state.acls.set(&principal, rules);
-    Ok(Reply::Done)
-}
-
-pub(super) fn get_acl(state: &ServerState, principal: &str) -> Reply {
-    Reply::Acl(state.acls.rules(principal))
-}
-
 pub(super) fn authenticate(
     state: &ServerState,
     ctx: &ConnectionContext,
@@ -213,58 +181,4 @@ pub(super) fn authenticate(
             Err(unauthenticated("unknown or revoked token"))
         }
     }
-}
-
-pub(super) async fn create_token(
-    state: &ServerState,
-    principal: String,
-) -> Result<Reply, ErrorReply> {
-    validate_principal(&principal).map_err(invalid)?;
-    let (token_id, record, token) = generate(&principal, state.now_ms());
-    state
-        .submit(Command::PutToken {
-            id: token_id.clone(),
-            record: Some(record.clone()),
-        })
-        .await
-        .map_err(from_write)?;
-    state.tokens.insert(token_id.clone(), record);
-    tracing::info!(%principal, %token_id, "token created");
-    Ok(Reply::TokenCreated { token_id, token })
-}
-
-pub(super) async fn revoke_token(
-    state: &ServerState,
-    token_id: String,
-) -> Result<Reply, ErrorReply> {
-    let outcome = state
-        .submit(Command::PutToken {
-            id: token_id.clone(),
-            record: None,
-        })
-        .await
-        .map_err(from_write)?;
-    state.tokens.remove(&token_id);
-    match outcome {
-        WriteOutcome::TokenStored(true) => {
-            tracing::info!(%token_id, "token revoked");
-            Ok(Reply::Done)
-        }
-        _ => Err(invalid(format!("no token with id {token_id:?}"))),
-    }
-}
-
-pub(super) fn list_tokens(state: &ServerState) -> Reply {
-    Reply::Tokens(
-        state
-            .tokens
-            .list()
-            .into_iter()
-            .map(|(token_id, r)| TokenInfo {
-                token_id,
-                principal: r.principal,
-                created_at_ms: r.created_at_ms,
-            })
-            .collect(),
-    )
 }

@@ -1,17 +1,15 @@
-//! One handler per request. Each returns the reply or an [`ErrorReply`] with
-//! a stable code; none panics on client input.
+//! The wire's side of every request: the authentication gate, then the
+//! call into the core's operation (`crate::core::ops`, `crate::core::ack`)
+//! with the request's fields, and the reply or an [`ErrorReply`] with a
+//! stable code; none panics on client input. What needs the connection
+//! itself (authenticating it, registering it as a producer) stays here.
 
-mod admin;
 mod auth;
-mod group;
-mod plugin;
-mod produce;
-mod read;
-mod tx;
 
 use super::connection::ConnectionContext;
 use super::ServerState;
 use crate::core::ack;
+use crate::core::ops::{access, admin, fetch as read, group, plugin, produce, tx};
 use msmq_protocol::{ErrorCode, ErrorReply, Reply, Request, SequencedRequest};
 
 pub(super) async fn handle(
@@ -54,9 +52,11 @@ pub(crate) async fn handle_http(
         Request::ListTransactions { discarded, limit } => {
             tx::list_transactions(state, discarded, limit).await
         }
-        Request::DeployPlugin { spec, component } => plugin::deploy(state, spec, component).await,
-        Request::PausePlugin { name } => plugin::set_paused(state, &name, true).await,
-        Request::ResumePlugin { name } => plugin::set_paused(state, &name, false).await,
+        Request::DeployPlugin { spec, component } => {
+            plugin::deploy(&state.core, spec, component).await
+        }
+        Request::PausePlugin { name } => plugin::set_paused(&state.core, &name, true).await,
+        Request::ResumePlugin { name } => plugin::set_paused(&state.core, &name, false).await,
         _ => Err(ErrorReply::new(
             ErrorCode::BAD_REQUEST,
             "this request is not available over HTTP",
@@ -78,17 +78,19 @@ async fn dispatch(
     match request {
         Request::Ping => Ok(admin::ping()),
         Request::Authenticate { token } => auth::authenticate(state, ctx, &token),
-        Request::CreateToken { principal } => auth::create_token(state, principal).await,
-        Request::RevokeToken { token_id } => auth::revoke_token(state, token_id).await,
-        Request::ListTokens => Ok(auth::list_tokens(state)),
-        Request::SetAcl { principal, rules } => auth::set_acl(state, principal, rules).await,
-        Request::GetAcl { principal } => Ok(auth::get_acl(state, &principal)),
-        Request::DeployPlugin { spec, component } => plugin::deploy(state, spec, component).await,
+        Request::CreateToken { principal } => access::create_token(state, principal).await,
+        Request::RevokeToken { token_id } => access::revoke_token(state, token_id).await,
+        Request::ListTokens => Ok(access::list_tokens(state)),
+        Request::SetAcl { principal, rules } => access::set_acl(state, principal, rules).await,
+        Request::GetAcl { principal } => Ok(access::get_acl(state, &principal)),
+        Request::DeployPlugin { spec, component } => {
+            plugin::deploy(&state.core, spec, component).await
+        }
         Request::ListPlugins => Ok(Reply::Plugins(state.plugins.list())),
         Request::PluginStats { name } => plugin::stats(state, &name),
-        Request::PausePlugin { name } => plugin::set_paused(state, &name, true).await,
-        Request::ResumePlugin { name } => plugin::set_paused(state, &name, false).await,
-        Request::RemovePlugin { name } => plugin::remove(state, &name).await,
+        Request::PausePlugin { name } => plugin::set_paused(&state.core, &name, true).await,
+        Request::ResumePlugin { name } => plugin::set_paused(&state.core, &name, false).await,
+        Request::RemovePlugin { name } => plugin::remove(&state.core, &name).await,
         Request::PluginState {
             name,
             prefix,
@@ -136,9 +138,13 @@ async fn dispatch(
             tag_filter,
             sql_filter,
         } => {
+            let client = group::Client {
+                connection_id: ctx.id,
+                remote: ctx.remote,
+            };
             group::join(
                 state,
-                ctx,
+                &client,
                 group,
                 topics,
                 start,
@@ -164,7 +170,7 @@ async fn dispatch(
         } => group::commit(state, group, member_id, offsets).await,
         Request::LeaveGroup { group, member_id } => group::leave(state, group, member_id),
         Request::RegisterProducer { producer_group } => {
-            tx::register_producer(state, ctx, producer_group)
+            register_producer(state, ctx, producer_group)
         }
         Request::InitProducer { producer_id } => {
             produce::init_producer(state, principal_of(ctx), producer_id).await
@@ -199,7 +205,10 @@ async fn dispatch(
             tx::list_transactions(state, discarded, limit).await
         }
         Request::ResolveDiscarded { tx_id, action } => {
-            tx::resolve_discarded(state, tx_id, action).await
+            let reply = tx::resolve_discarded(state, tx_id, action).await;
+            // A resumed transaction is checked back at once.
+            state.producers.registered.notify_one();
+            reply
         }
         Request::EndTransactions {
             producer_group,
@@ -290,4 +299,26 @@ fn principal_of(ctx: &ConnectionContext) -> String {
         .as_ref()
         .map(|(_, principal)| principal.clone())
         .unwrap_or_default()
+}
+
+/// A connection offers to answer check-backs for its producer group.
+fn register_producer(
+    state: &ServerState,
+    ctx: &ConnectionContext,
+    producer_group: String,
+) -> Result<Reply, ErrorReply> {
+    msmq_protocol::names::validate_name("producer group", &producer_group)
+        .map_err(crate::core::invalid)?;
+    state
+        .store
+        .schedule()
+        .lock()
+        .expect("schedule lock")
+        .wake_group(&producer_group);
+    state
+        .producers
+        .register(&producer_group, ctx.id, ctx.conn.clone());
+    tracing::info!(group = %producer_group, remote = %ctx.remote,
+        producers = state.producers.count(&producer_group), "transactional producer registered");
+    Ok(Reply::Done)
 }

@@ -1,8 +1,8 @@
 //! Topic and group administration.
 
 use crate::command::{Command, TopicRef};
+use crate::core::BrokerState;
 use crate::core::{blocking, from_write, invalid, unknown_topic};
-use crate::server::ServerState;
 use crate::storage::{read, WriteOutcome};
 use msmq_protocol::{
     names::validate_name, ErrorCode, ErrorReply, GroupDescription, GroupLag, GroupPartitionState,
@@ -11,7 +11,7 @@ use msmq_protocol::{
 };
 use std::collections::{BTreeMap, BTreeSet};
 
-pub(super) fn ping() -> Reply {
+pub(crate) fn ping() -> Reply {
     Reply::Pong {
         protocol_version: msmq_protocol::PROTOCOL_VERSION,
         broker_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -26,8 +26,8 @@ fn info(topic: &crate::topics::Topic) -> TopicInfo {
     }
 }
 
-pub(super) async fn create_topic(
-    state: &ServerState,
+pub(crate) async fn create_topic(
+    state: &BrokerState,
     name: String,
     partitions: u32,
 ) -> Result<Reply, ErrorReply> {
@@ -60,7 +60,7 @@ fn unexpected(outcome: WriteOutcome) -> ErrorReply {
     )
 }
 
-pub(super) async fn delete_topic(state: &ServerState, name: String) -> Result<Reply, ErrorReply> {
+pub(crate) async fn delete_topic(state: &BrokerState, name: String) -> Result<Reply, ErrorReply> {
     let Some(topic) = state.registry.get(&name) else {
         return Err(unknown_topic(&name));
     };
@@ -77,11 +77,11 @@ pub(super) async fn delete_topic(state: &ServerState, name: String) -> Result<Re
     Ok(Reply::Done)
 }
 
-pub(super) fn list_topics(state: &ServerState) -> Reply {
+pub(crate) fn list_topics(state: &BrokerState) -> Reply {
     Reply::Topics(state.registry.list().iter().map(|t| info(t)).collect())
 }
 
-pub(super) async fn describe_topic(state: &ServerState, name: String) -> Result<Reply, ErrorReply> {
+pub(crate) async fn describe_topic(state: &BrokerState, name: String) -> Result<Reply, ErrorReply> {
     let topic = state
         .registry
         .get(&name)
@@ -131,7 +131,7 @@ pub(super) async fn describe_topic(state: &ServerState, name: String) -> Result<
     }))
 }
 
-pub(super) async fn list_groups(state: &ServerState) -> Result<Reply, ErrorReply> {
+pub(crate) async fn list_groups(state: &BrokerState) -> Result<Reply, ErrorReply> {
     let db = state.store.db().clone();
     let offsets = blocking(move || read::all_group_offsets(&db)).await?;
     let names_by_id: BTreeMap<u32, String> = state
@@ -170,8 +170,8 @@ pub(super) async fn list_groups(state: &ServerState) -> Result<Reply, ErrorReply
     ))
 }
 
-pub(super) async fn describe_group(
-    state: &ServerState,
+pub(crate) async fn describe_group(
+    state: &BrokerState,
     group: String,
 ) -> Result<Reply, ErrorReply> {
     let db = state.store.db().clone();
@@ -249,8 +249,8 @@ pub(super) async fn describe_group(
     }))
 }
 
-pub(super) async fn set_retention(
-    state: &ServerState,
+pub(crate) async fn set_retention(
+    state: &BrokerState,
     name: String,
     retention: Option<msmq_protocol::Retention>,
 ) -> Result<Reply, ErrorReply> {
@@ -269,7 +269,7 @@ pub(super) async fn set_retention(
     Ok(Reply::Done)
 }
 
-pub(super) async fn get_retention(state: &ServerState, name: String) -> Result<Reply, ErrorReply> {
+pub(crate) async fn get_retention(state: &BrokerState, name: String) -> Result<Reply, ErrorReply> {
     let topic = state
         .registry
         .get(&name)

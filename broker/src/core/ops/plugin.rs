@@ -2,8 +2,8 @@
 //! reading a plugin's committed state.
 
 use crate::core::plugins::{PluginError, PluginManager};
+use crate::core::BrokerState;
 use crate::core::{blocking, from_storage, from_write};
-use crate::server::ServerState;
 use msmq_protocol::{ErrorCode, ErrorReply, PluginSpec, Reply, StateEntry};
 use std::sync::Arc;
 
@@ -22,18 +22,18 @@ fn from_plugin(e: PluginError) -> ErrorReply {
     }
 }
 
-pub(super) async fn deploy(
-    state: &Arc<ServerState>,
+pub(crate) async fn deploy(
+    state: &Arc<BrokerState>,
     spec: PluginSpec,
     component: Vec<u8>,
 ) -> Result<Reply, ErrorReply> {
-    PluginManager::deploy(&state.core, spec, component)
+    PluginManager::deploy(state, spec, component)
         .await
         .map(Reply::PluginDeployed)
         .map_err(from_plugin)
 }
 
-pub(super) fn stats(state: &ServerState, name: &str) -> Result<Reply, ErrorReply> {
+pub(crate) fn stats(state: &BrokerState, name: &str) -> Result<Reply, ErrorReply> {
     state
         .plugins
         .stats(state, name)
@@ -41,26 +41,26 @@ pub(super) fn stats(state: &ServerState, name: &str) -> Result<Reply, ErrorReply
         .map_err(from_plugin)
 }
 
-pub(super) async fn set_paused(
-    state: &Arc<ServerState>,
+pub(crate) async fn set_paused(
+    state: &Arc<BrokerState>,
     name: &str,
     pause: bool,
 ) -> Result<Reply, ErrorReply> {
-    PluginManager::set_paused(&state.core, name, pause)
+    PluginManager::set_paused(state, name, pause)
         .await
         .map(|()| Reply::Done)
         .map_err(from_plugin)
 }
 
-pub(super) async fn remove(state: &Arc<ServerState>, name: &str) -> Result<Reply, ErrorReply> {
-    PluginManager::remove(&state.core, name)
+pub(crate) async fn remove(state: &Arc<BrokerState>, name: &str) -> Result<Reply, ErrorReply> {
+    PluginManager::remove(state, name)
         .await
         .map(|()| Reply::Done)
         .map_err(from_plugin)
 }
 
-pub(super) async fn state(
-    state: &ServerState,
+pub(crate) async fn state(
+    state: &BrokerState,
     name: String,
     prefix: Vec<u8>,
     start_after: Option<Vec<u8>>,

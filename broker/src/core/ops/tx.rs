@@ -3,10 +3,9 @@
 
 use super::produce::{check_limits, claim, repeated_reply, route};
 use crate::command::{Command, TopicRef};
+use crate::core::BrokerState;
 use crate::core::{blocking, from_write, invalid, unknown_topic};
 use crate::producers::{half_acks, StoredReply};
-use crate::server::connection::ConnectionContext;
-use crate::server::ServerState;
 use crate::storage::{read, WriteOutcome};
 use crate::transactions::{TxOutcome, TxSource};
 use msmq_protocol::{
@@ -19,28 +18,8 @@ use std::time::Duration;
 /// Most transactions one `ListTransactions` returns.
 pub const LIST_TRANSACTIONS_MAX: u32 = 10_000;
 
-pub(super) fn register_producer(
-    state: &ServerState,
-    ctx: &ConnectionContext,
-    producer_group: String,
-) -> Result<Reply, ErrorReply> {
-    validate_name("producer group", &producer_group).map_err(invalid)?;
-    state
-        .store
-        .schedule()
-        .lock()
-        .expect("schedule lock")
-        .wake_group(&producer_group);
-    state
-        .producers
-        .register(&producer_group, ctx.id, ctx.conn.clone());
-    tracing::info!(group = %producer_group, remote = %ctx.remote,
-        producers = state.producers.count(&producer_group), "transactional producer registered");
-    Ok(Reply::Done)
-}
-
-pub(super) async fn send_half(
-    state: &ServerState,
+pub(crate) async fn send_half(
+    state: &BrokerState,
     producer_group: String,
     topic_name: String,
     partition: Option<u32>,
@@ -110,7 +89,7 @@ pub(super) async fn send_half(
     ))
 }
 
-fn ended(state: &ServerState, outcome: WriteOutcome) -> Result<Reply, ErrorReply> {
+fn ended(state: &BrokerState, outcome: WriteOutcome) -> Result<Reply, ErrorReply> {
     match outcome {
         WriteOutcome::TxCommitted(landed) => {
             Ok(Reply::TransactionEnded(TxEnded::Committed(MessageAck {
@@ -128,8 +107,8 @@ fn ended(state: &ServerState, outcome: WriteOutcome) -> Result<Reply, ErrorReply
     }
 }
 
-pub(super) async fn end_transaction(
-    state: &ServerState,
+pub(crate) async fn end_transaction(
+    state: &BrokerState,
     producer_group: String,
     tx_id: u64,
     action: TxAction,
@@ -153,8 +132,8 @@ pub(super) async fn end_transaction(
 /// Most decisions in one `EndTransactions` request.
 pub const DECISIONS_PER_REQUEST_MAX: usize = 10_000;
 
-pub(super) async fn end_transactions(
-    state: &ServerState,
+pub(crate) async fn end_transactions(
+    state: &BrokerState,
     producer_group: String,
     decisions: Vec<TxDecision>,
 ) -> Result<Reply, ErrorReply> {
@@ -215,7 +194,7 @@ pub(super) async fn end_transactions(
 
 /// `Unknown` changes nothing; it reports where the transaction stands.
 async fn transaction_state(
-    state: &ServerState,
+    state: &BrokerState,
     producer_group: &str,
     tx_id: u64,
 ) -> Result<Reply, ErrorReply> {
@@ -264,8 +243,8 @@ async fn transaction_state(
     }
 }
 
-pub(super) async fn list_transactions(
-    state: &ServerState,
+pub(crate) async fn list_transactions(
+    state: &BrokerState,
     discarded: bool,
     limit: u32,
 ) -> Result<Reply, ErrorReply> {
@@ -291,8 +270,8 @@ pub(super) async fn list_transactions(
     ))
 }
 
-pub(super) async fn resolve_discarded(
-    state: &ServerState,
+pub(crate) async fn resolve_discarded(
+    state: &BrokerState,
     tx_id: u64,
     action: DiscardedAction,
 ) -> Result<Reply, ErrorReply> {
@@ -311,7 +290,6 @@ pub(super) async fn resolve_discarded(
         },
     };
     let outcome = state.submit(op).await.map_err(from_write)?;
-    state.producers.registered.notify_one();
     tracing::info!(
         tx_id,
         ?action,

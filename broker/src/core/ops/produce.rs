@@ -3,9 +3,9 @@
 
 use crate::command::TopicRef;
 use crate::command::{Command, PartitionAppend};
+use crate::core::BrokerState;
 use crate::core::{blocking, from_write, invalid, unknown_topic};
 use crate::producers::{self, Admission, Claim, Slot, StoredReply};
-use crate::server::ServerState;
 use crate::storage::{batch, read, WriteOutcome};
 use crate::topics::Topic;
 use msmq_protocol::{
@@ -18,8 +18,8 @@ use std::collections::BTreeMap;
 pub const BACKLOG_RETRY_AFTER_MS: u32 = 1000;
 
 /// A new producer id, or the next epoch of `producer_id`.
-pub(super) async fn init_producer(
-    state: &ServerState,
+pub(crate) async fn init_producer(
+    state: &BrokerState,
     principal: String,
     producer_id: Option<u64>,
 ) -> Result<Reply, ErrorReply> {
@@ -45,8 +45,8 @@ pub(super) async fn init_producer(
 }
 
 /// What the writer checks a sequenced request of `count` messages against.
-pub(super) fn claim(
-    state: &ServerState,
+pub(crate) fn claim(
+    state: &BrokerState,
     (producer, principal): (ProducerSequence, String),
     count: usize,
     now_ms: u64,
@@ -66,8 +66,8 @@ pub(super) fn claim(
 /// retry stores nothing, so the limits that guard new writes (free disk,
 /// backlog) do not refuse it. Looked up only when one of them would, so
 /// the usual path reads nothing more; the writer decides anything else.
-pub(super) async fn repeated_reply(
-    state: &ServerState,
+pub(crate) async fn repeated_reply(
+    state: &BrokerState,
     claim: &Claim,
 ) -> Result<Option<StoredReply>, ErrorReply> {
     let db = state.store.db().clone();
@@ -84,7 +84,7 @@ pub(super) async fn repeated_reply(
 
 /// `refusal`, unless the request is a retry of a stored one: its reply.
 async fn refused_unless_repeat(
-    state: &ServerState,
+    state: &BrokerState,
     claim: Option<&Claim>,
     refusal: ErrorReply,
 ) -> Result<Reply, ErrorReply> {
@@ -96,8 +96,8 @@ async fn refused_unless_repeat(
     Err(refusal)
 }
 
-pub(super) async fn produce(
-    state: &ServerState,
+pub(crate) async fn produce(
+    state: &BrokerState,
     topic_name: String,
     partition: Option<u32>,
     messages: Vec<NewMessage>,
@@ -218,7 +218,7 @@ pub(super) async fn produce(
 
 /// The partition of each message: the explicit one, else by key hash, else
 /// one partition in turn shared by every keyless message of the request.
-pub(super) fn route(
+pub(crate) fn route(
     topic: &Topic,
     partition: Option<u32>,
     messages: &[NewMessage],
@@ -243,7 +243,7 @@ pub(super) fn route(
         .collect())
 }
 
-pub(super) fn check_limits(state: &ServerState, messages: &[NewMessage]) -> Result<(), ErrorReply> {
+pub(crate) fn check_limits(state: &BrokerState, messages: &[NewMessage]) -> Result<(), ErrorReply> {
     let config = &state.config;
     if messages.is_empty() {
         return Err(invalid("a produce request needs at least one message"));

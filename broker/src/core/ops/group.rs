@@ -2,10 +2,9 @@
 
 use crate::command::Command;
 use crate::core::read::{clamp, initial_position, read_messages, wait_for_append};
+use crate::core::BrokerState;
 use crate::core::{blocking, from_group, from_write, invalid, unknown_topic};
 use crate::groups::{NewMember, SESSION_TIMEOUT_MS_MAX, SESSION_TIMEOUT_MS_MIN};
-use crate::server::connection::ConnectionContext;
-use crate::server::ServerState;
 use crate::storage::read;
 use msmq_protocol::{
     names::validate_name, ErrorCode, ErrorReply, FetchLimits, FetchedMessages, Joined,
@@ -14,12 +13,19 @@ use msmq_protocol::{
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+/// Who is asking: the connection a member belongs to (its session ends
+/// with it) and where it connects from.
+pub struct Client {
+    pub connection_id: u64,
+    pub remote: std::net::SocketAddr,
+}
+
 /// Separates a broadcast group from its member's instance name.
 pub const BROADCAST_SEPARATOR: char = '%';
 
 /// A plugin's group belongs to its runner: clients may not join it or move
 /// its offsets.
-fn refuse_plugin_group(state: &ServerState, group: &str) -> Result<(), ErrorReply> {
+fn refuse_plugin_group(state: &BrokerState, group: &str) -> Result<(), ErrorReply> {
     match state.plugins.group_owner(group) {
         Some(plugin) => Err(invalid(format!(
             "group {group:?} holds the progress of plugin {plugin:?}; consumers cannot join it or move its offsets"
@@ -29,9 +35,9 @@ fn refuse_plugin_group(state: &ServerState, group: &str) -> Result<(), ErrorRepl
 }
 
 #[allow(clippy::too_many_arguments)]
-pub(super) async fn join(
-    state: &ServerState,
-    ctx: &ConnectionContext,
+pub(crate) async fn join(
+    state: &BrokerState,
+    client: &Client,
     group: String,
     topics: Vec<String>,
     start: StartFrom,
@@ -82,12 +88,12 @@ pub(super) async fn join(
         filter: std::sync::Arc::new(filter),
         start,
         session_timeout: Duration::from_millis(session_timeout_ms as u64),
-        connection_id: ctx.id,
-        client_addr: ctx.remote.to_string(),
+        connection_id: client.connection_id,
+        client_addr: client.remote.to_string(),
     };
     let (member_id, assignment) =
         state.with_groups(|g, partitions_of| g.join(&group, member, Instant::now(), partitions_of));
-    tracing::info!(%group, member_id, remote = %ctx.remote, partitions = assignment.partitions.len(),
+    tracing::info!(%group, member_id, remote = %client.remote, partitions = assignment.partitions.len(),
         generation = assignment.generation, "member joined");
     Ok(Reply::Joined(Joined {
         member_id,
@@ -100,7 +106,7 @@ pub(super) async fn join(
 /// it durably, before the join is answered, on every partition of `topics`
 /// the group has no position for, so the group receives everything produced
 /// after the join (a member that polls later must not skip it).
-async fn pin_latest(state: &ServerState, group: &str, topics: &[String]) -> Result<(), ErrorReply> {
+async fn pin_latest(state: &BrokerState, group: &str, topics: &[String]) -> Result<(), ErrorReply> {
     let mut offsets = Vec::new();
     for name in topics {
         let Some(topic) = state.registry.get(name) else {
@@ -129,8 +135,8 @@ async fn pin_latest(state: &ServerState, group: &str, topics: &[String]) -> Resu
     Ok(())
 }
 
-pub(super) fn heartbeat(
-    state: &ServerState,
+pub(crate) fn heartbeat(
+    state: &BrokerState,
     group: String,
     member_id: u64,
 ) -> Result<Reply, ErrorReply> {
@@ -140,8 +146,8 @@ pub(super) fn heartbeat(
         .map_err(from_group)
 }
 
-pub(super) fn leave(
-    state: &ServerState,
+pub(crate) fn leave(
+    state: &BrokerState,
     group: String,
     member_id: u64,
 ) -> Result<Reply, ErrorReply> {
@@ -152,8 +158,8 @@ pub(super) fn leave(
     Ok(Reply::Done)
 }
 
-pub(super) async fn poll(
-    state: &ServerState,
+pub(crate) async fn poll(
+    state: &BrokerState,
     group: String,
     member_id: u64,
     limits: FetchLimits,
@@ -280,8 +286,8 @@ pub(super) async fn poll(
     }
 }
 
-pub(super) async fn commit(
-    state: &ServerState,
+pub(crate) async fn commit(
+    state: &BrokerState,
     group: String,
     member_id: u64,
     offsets: Vec<PartitionOffset>,
@@ -342,8 +348,8 @@ pub(super) async fn commit(
     Ok(Reply::Done)
 }
 
-pub(super) async fn reset_offsets(
-    state: &ServerState,
+pub(crate) async fn reset_offsets(
+    state: &BrokerState,
     group: String,
     topic_name: String,
     to: ResetTo,

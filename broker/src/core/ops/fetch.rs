@@ -2,8 +2,8 @@
 //! group polls.
 
 use crate::core::read::{clamp, message_at, read_messages, topic_by_id, wait_for_append};
+use crate::core::BrokerState;
 use crate::core::{blocking, unknown_topic};
-use crate::server::ServerState;
 use crate::storage::read;
 use crate::topics::Topic;
 use msmq_protocol::{
@@ -12,8 +12,8 @@ use msmq_protocol::{
 use std::sync::Arc;
 use tokio::time::Instant;
 
-pub(super) async fn fetch(
-    state: &ServerState,
+pub(crate) async fn fetch(
+    state: &BrokerState,
     topic_name: String,
     partition: u32,
     offset: u64,
@@ -68,7 +68,7 @@ pub(super) async fn fetch(
 /// Most messages one `FindMessages` returns.
 pub const FIND_MESSAGES_MAX: u32 = 1000;
 
-pub(super) async fn get_message(state: &ServerState, id: MessageId) -> Result<Reply, ErrorReply> {
+pub(crate) async fn get_message(state: &BrokerState, id: MessageId) -> Result<Reply, ErrorReply> {
     if id.store_id() != state.store.store_id() {
         return Ok(Reply::Messages(Vec::new()));
     }
@@ -96,8 +96,8 @@ pub(super) async fn get_message(state: &ServerState, id: MessageId) -> Result<Re
     ))
 }
 
-pub(super) async fn find_messages(
-    state: &ServerState,
+pub(crate) async fn find_messages(
+    state: &BrokerState,
     topic_name: String,
     key: Vec<u8>,
     limit: u32,
