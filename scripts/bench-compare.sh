@@ -31,6 +31,7 @@ run_once() { # binary dir -> prints the bench's JSON line
   local pid=$!
   for _ in $(seq 200); do [ -s "$dir.out" ] && break; sleep 0.05; done
   MSMQ_SERVER=$(awk '{print $4; exit}' "$dir.out") MSMQ_CA=$dir/tls/cert.pem \
+    MSMQ_METRICS=$(grep -o 'http://[^)]*' "$dir.out" | head -1) \
     "$bin" bench "$@" --duration 300s --json | tail -1
   kill -TERM "$pid"; wait "$pid" || true
   rm -rf "$dir"

@@ -24,6 +24,7 @@ start_broker() { # dir -> sets PID, ADDR
   done
   ADDR=$(awk '{print $4; exit}' "$1.out")
   export MSMQ_SERVER=$ADDR MSMQ_CA=$1/tls/cert.pem
+  export MSMQ_METRICS=$(grep -o 'http://[^)]*' "$1.out" | head -1)
 }
 stop_broker() { kill -TERM "$PID"; wait "$PID" || true; }
 field() { sed -E "s/.*\"$1\":([0-9.e+-]+).*/\1/"; }

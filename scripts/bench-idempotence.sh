@@ -30,6 +30,7 @@ run_once() { # setting pair -> one JSON line, tagged with both
   local pid=$!
   for _ in $(seq 200); do [ -s "$dir.out" ] && break; sleep 0.05; done
   MSMQ_SERVER=$(awk '{print $4; exit}' "$dir.out") MSMQ_CA=$dir/tls/cert.pem \
+    MSMQ_METRICS=$(grep -o 'http://[^)]*' "$dir.out" | head -1) \
     "$MSMQ" bench produce --producers 4 --count "$COUNT" --size 1024 --batch 100 \
     --duration 300s --json "${flag[@]}" |
     tail -1 | sed "s/^{/{\"setting\":\"$setting\",\"pair\":$pair,/"

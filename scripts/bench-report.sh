@@ -31,6 +31,7 @@ start_broker() { # dir -> sets PID and the client's MSMQ_SERVER, MSMQ_CA
   PID=$!
   for _ in $(seq 2000); do [ -s "$1.out" ] && break; sleep 0.005; done
   export MSMQ_SERVER=$(awk '{print $4; exit}' "$1.out") MSMQ_CA=$1/tls/cert.pem
+  export MSMQ_METRICS=$(grep -o 'http://[^)]*' "$1.out" | head -1)
 }
 stop_broker() { kill -TERM "$PID"; wait "$PID" || true; }
 

@@ -83,6 +83,13 @@ fn topics_produce_consume_and_groups_from_the_command_line() -> anyhow::Result<(
     let out = cli(&broker, &["produce", "missing", "x"], None)?;
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("UNKNOWN_TOPIC"));
+    let metrics = format!(
+        "http://{}/metrics",
+        broker
+            .http
+            .as_deref()
+            .expect("the test broker serves metrics")
+    );
     let bench = ok(cli(
         &broker,
         &[
@@ -94,11 +101,28 @@ fn topics_produce_consume_and_groups_from_the_command_line() -> anyhow::Result<(
             "2000",
             "--batch",
             "100",
+            "--metrics",
+            &metrics,
             "--json",
         ],
         None,
     )?);
     check_summary(&bench, 2000);
+    // What the run cost the broker, from its metrics page: the payload was
+    // written to disk at least once.
+    let summary: serde_json::Value = serde_json::from_str(bench.trim())?;
+    assert!(
+        summary["broker_cpu_seconds_per_million"].as_f64() > Some(0.0),
+        "{summary}"
+    );
+    assert!(
+        summary["write_call_amplification"].as_f64() >= Some(1.0),
+        "{summary}"
+    );
+    assert!(
+        summary["broker_peak_rss_mib"].as_f64() > Some(1.0),
+        "{summary}"
+    );
     let bench = ok(cli(
         &broker,
         &["bench", "consume", "--count", "3000", "--json"],

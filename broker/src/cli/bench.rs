@@ -5,6 +5,7 @@
 //! groups and the summary covers what was done.
 
 mod abuse;
+mod efficiency;
 mod payload;
 mod plugin;
 
@@ -75,8 +76,34 @@ pub struct Common {
     /// to compare with the default.
     #[arg(long)]
     no_idempotence: bool,
+    /// The broker's metrics page (http://host:port/metrics), for broker CPU
+    /// seconds per million messages and write amplification in the summary
+    /// [default: http://127.0.0.1:7172/metrics when --server is the default
+    /// address, none otherwise]; "off": none.
+    #[arg(long, env = "MSMQ_METRICS")]
+    metrics: Option<String>,
     #[command(flatten)]
     client: ClientArgs,
+}
+
+/// How long a produce bench waits after its load before reading the
+/// broker's totals: several of the default `segment_move_interval`.
+const MOVER_SETTLE: Duration = Duration::from_secs(1);
+
+/// The metrics page of a broker serving on the default address.
+const DEFAULT_METRICS_URL: &str = "http://127.0.0.1:7172/metrics";
+
+impl Common {
+    /// The broker's totals now, if its metrics page is known.
+    async fn broker_totals(&self) -> Option<efficiency::BrokerTotals> {
+        let url = match self.metrics.as_deref() {
+            Some("off") => return None,
+            Some(url) => url,
+            None if self.client.server == msmq_client::DEFAULT_SERVER => DEFAULT_METRICS_URL,
+            None => return None,
+        };
+        efficiency::read(url).await
+    }
 }
 
 #[derive(Args)]
@@ -273,6 +300,14 @@ fn summary(
     if as_json {
         println!("{obj}");
     } else {
+        if let Some(cpu) = obj["broker_cpu_seconds_per_million"].as_f64() {
+            println!(
+                "broker: {cpu:.2} CPU s per million messages, write amplification {} (write calls {}), peak RSS {:.0} MiB",
+                obj["write_amplification"].as_f64().map_or("n/a".into(), |w| format!("{w:.2}")),
+                obj["write_call_amplification"].as_f64().map_or("n/a".into(), |w| format!("{w:.2}")),
+                obj["broker_peak_rss_mib"].as_f64().unwrap_or(0.0)
+            );
+        }
         println!(
             "{bench}: {messages} messages in {secs:.2} s: {:.0} msg/s, {:.1} MB/s; latency p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms, max {:.3} ms",
             obj["messages_per_sec"].as_f64().unwrap_or(0.0),
@@ -282,6 +317,13 @@ fn summary(
             ms(0.999),
             h.max() as f64 / 1000.0
         );
+    }
+}
+
+/// Add `more`'s fields to `into` (both JSON objects).
+fn merge(into: &mut serde_json::Value, more: serde_json::Value) {
+    if let (Some(into), Some(more)) = (into.as_object_mut(), more.as_object()) {
+        into.extend(more.clone());
     }
 }
 
@@ -391,18 +433,24 @@ async fn produce(b: ProduceBench) -> anyhow::Result<()> {
     let topic = topic_name(&b.common, "produce");
     setup(&b.common, &topic).await?;
     let run = Run::new(&b.common, "produce");
+    let before = b.common.broker_totals().await;
     let started = Instant::now();
     produce_load(&b.common, &topic, b.producers, b.inflight, 0, run.clone()).await?;
     let elapsed = started.elapsed();
     let messages = run.done.load(Ordering::Relaxed);
-    summary(
-        "produce",
-        &run,
-        messages,
-        elapsed,
-        json!({"producers": b.producers, "inflight": b.inflight, "batch": b.common.batch, "size": b.common.size, "topic": topic, "idempotent": !b.common.no_idempotence}),
-        b.common.json,
+    if before.is_some() {
+        // Let the segment mover copy the run's last batches, so their
+        // second write is counted too.
+        tokio::time::sleep(MOVER_SETTLE).await;
+    }
+    let after = b.common.broker_totals().await;
+    let mut extra = json!({"producers": b.producers, "inflight": b.inflight, "batch": b.common.batch, "size": b.common.size, "topic": topic, "idempotent": !b.common.no_idempotence});
+    let payload = messages * b.common.size as u64;
+    merge(
+        &mut extra,
+        efficiency::figures(before, after, messages, payload),
     );
+    summary("produce", &run, messages, elapsed, extra, b.common.json);
     Ok(())
 }
 
@@ -426,12 +474,19 @@ async fn consume(b: ConsumeBench) -> anyhow::Result<()> {
     };
     let mut rates = Vec::new();
     for &acks in modes {
+        let before = b.common.broker_totals().await;
         let (run, elapsed) = drain_backlog(&b, &client, &topic, acks).await?;
         let messages = run.done.load(Ordering::Relaxed);
+        let after = b.common.broker_totals().await;
         rates.push(messages as f64 / elapsed.as_secs_f64().max(1e-9));
         let mut extra = json!({"consumers": b.consumers, "size": b.common.size, "topic": topic,
             "mode": if acks { "acks" } else { "offsets" },
             "latency_is": if acks { "per receive+ack" } else { "per poll+commit" }});
+        let payload = messages * b.common.size as u64;
+        merge(
+            &mut extra,
+            efficiency::figures(before, after, messages, payload),
+        );
         if rates.len() == 2 {
             extra["offsets_messages_per_sec"] = json!(rates[0]);
             extra["acks_to_offsets_ratio"] = json!(rates[1] / rates[0].max(1e-9));
