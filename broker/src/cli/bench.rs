@@ -5,6 +5,7 @@
 //! groups and the summary covers what was done.
 
 mod abuse;
+mod disk;
 mod efficiency;
 mod payload;
 mod plugin;
@@ -47,6 +48,9 @@ pub enum BenchCommand {
     /// Well-behaved producers alone and beside flooding clients that ignore
     /// rate refusals; reports the throughput they keep.
     Abuse(abuse::AbuseBench),
+    /// This machine's synced sequential write bandwidth (no broker needed):
+    /// the ceiling of durable produce.
+    Disk(disk::DiskBench),
 }
 
 #[derive(Args, Clone)]
@@ -114,6 +118,11 @@ pub struct ProduceBench {
     /// Requests each producer keeps in flight.
     #[arg(long, default_value_t = 1)]
     inflight: usize,
+    /// First probe the disk in this directory (put it on the broker's disk,
+    /// see `bench disk`) and report the produce's payload MB/s as a
+    /// fraction of its synced sequential bandwidth.
+    #[arg(long)]
+    disk_probe: Option<std::path::PathBuf>,
     #[command(flatten)]
     common: Common,
 }
@@ -178,6 +187,7 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Plugin(b) => plugin::plugin(b).await,
         BenchCommand::PluginDeploy(b) => plugin::deploy(b).await,
         BenchCommand::Abuse(b) => abuse::abuse(b).await,
+        BenchCommand::Disk(b) => disk::run(b).await,
     }
 }
 
@@ -432,6 +442,19 @@ async fn produce_payloads(
 async fn produce(b: ProduceBench) -> anyhow::Result<()> {
     let topic = topic_name(&b.common, "produce");
     setup(&b.common, &topic).await?;
+    let disk = match &b.disk_probe {
+        Some(dir) => {
+            let probe = disk::DiskBench {
+                dir: dir.clone(),
+                bytes: bytesize::ByteSize::gib(1),
+                sync_bytes: bytesize::ByteSize::kib(100),
+                duration: Duration::from_secs(60),
+                json: true,
+            };
+            Some(tokio::task::spawn_blocking(move || disk::probe(&probe)).await??)
+        }
+        None => None,
+    };
     let run = Run::new(&b.common, "produce");
     let before = b.common.broker_totals().await;
     let started = Instant::now();
@@ -450,6 +473,21 @@ async fn produce(b: ProduceBench) -> anyhow::Result<()> {
         &mut extra,
         efficiency::figures(before, after, messages, payload),
     );
+    if let Some(disk) = disk {
+        let payload_mb_per_sec = payload as f64 / elapsed.as_secs_f64().max(1e-9) / 1e6;
+        extra["disk_sequential_mb_per_sec"] = json!(disk.sequential_mb_per_sec);
+        extra["disk_synced_mb_per_sec"] = json!(disk.synced_mb_per_sec);
+        extra["disk_fraction"] = json!(payload_mb_per_sec / disk.sequential_mb_per_sec.max(1e-9));
+        if !b.common.json {
+            println!(
+                "disk: {:.0} MB/s sequential ({:.0} MB/s synced every 100 KiB); this produce's payload {:.0} MB/s is {:.2} of it",
+                disk.sequential_mb_per_sec,
+                disk.synced_mb_per_sec,
+                payload_mb_per_sec,
+                payload_mb_per_sec / disk.sequential_mb_per_sec.max(1e-9)
+            );
+        }
+    }
     summary("produce", &run, messages, elapsed, extra, b.common.json);
     Ok(())
 }
