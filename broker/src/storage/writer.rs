@@ -673,7 +673,11 @@ impl Writer {
         };
         before_commit(&results);
         if let (Some(recorder), Some(encoded)) = (&mut self.recorder, &recorded) {
-            recorder.append(fx.counters.applied_index, encoded)?;
+            if let Err(e) = recorder.append(fx.counters.applied_index, encoded) {
+                // Nothing commits: cut off whatever part of the frame was written.
+                recorder.failed();
+                return Err(e);
+            }
         }
         let committed = txn.commit();
         if let Some(recorder) = &mut self.recorder {
