@@ -119,12 +119,6 @@ pub struct Config {
     /// Longest a partition appends to one segment file.
     #[serde(with = "humantime_serde")]
     pub segment_age_max: Duration,
-    /// How often new batches move from the redb file to segment files. A
-    /// produce is committed in redb alone (one fsync); the move is a later
-    /// commit that also fsyncs the segments. Longer: fewer such commits,
-    /// more recent data in the redb file.
-    #[serde(with = "humantime_serde")]
-    pub segment_move_interval: Duration,
     /// Least free space the data directory's filesystem keeps: below it,
     /// produces and half messages are refused with `DISK_FULL` (retryable)
     /// while consumers, commits, joins and deletes go on in the reserve.
@@ -224,7 +218,6 @@ impl Default for Config {
             retention_check_interval: Duration::from_secs(1),
             segment_bytes_max: ByteSize(256 << 20),
             segment_age_max: Duration::from_secs(3600),
-            segment_move_interval: Duration::from_millis(250),
             disk_free_min: ByteSize::mib(256),
             disk_check_interval: Duration::from_secs(1),
             connections_max: 10_000,
@@ -349,11 +342,6 @@ impl Config {
             "segment_bytes_max ({}) must be at least batch_bytes_max ({})",
             self.segment_bytes_max,
             self.batch_bytes_max
-        );
-        anyhow::ensure!(
-            self.segment_move_interval >= crate::storage::SEGMENT_MOVE_INTERVAL_MIN,
-            "segment_move_interval must be at least {:?}",
-            crate::storage::SEGMENT_MOVE_INTERVAL_MIN
         );
         anyhow::ensure!(
             self.segment_age_max >= crate::storage::segments::SEGMENT_AGE_MIN,
@@ -565,9 +553,5 @@ mod tests {
         c.segment_age_max -= Duration::from_millis(1);
         assert!(c.validate().is_err());
         c.segment_age_max = crate::storage::segments::SEGMENT_AGE_MIN;
-        c.segment_move_interval = crate::storage::SEGMENT_MOVE_INTERVAL_MIN;
-        c.validate().unwrap();
-        c.segment_move_interval -= Duration::from_millis(1);
-        assert!(c.validate().is_err());
     }
 }

@@ -29,7 +29,8 @@ pub struct Metrics {
     pub sequenced_repeats: Counter,
     pub transaction_checks: Counter,
     pub retention_removed_messages: Counter,
-    pub segment_moved_bytes: Counter,
+    pub segment_written_bytes: Counter,
+    pub segment_syncs: Counter,
     pub storage_errors: Counter,
     pub storage_recovering: Gauge,
     backlog: Family<Labels, Gauge>,
@@ -80,7 +81,8 @@ impl Metrics {
             sequenced_repeats: Counter::default(),
             transaction_checks: Counter::default(),
             retention_removed_messages: Counter::default(),
-            segment_moved_bytes: Counter::default(),
+            segment_written_bytes: Counter::default(),
+            segment_syncs: Counter::default(),
             storage_errors: Counter::default(),
             storage_recovering: Gauge::default(),
             backlog: Family::default(),
@@ -219,9 +221,14 @@ impl Metrics {
                 m.process_resident_peak_bytes.clone(),
             );
             r.register(
-                "segment_moved_bytes",
-                "Batch bytes moved from the redb file to segment files",
-                m.segment_moved_bytes.clone(),
+                "segment_written_bytes",
+                "Batch bytes written to segment files",
+                m.segment_written_bytes.clone(),
+            );
+            r.register(
+                "segment_syncs",
+                "Segment file fdatasyncs made before index commits",
+                m.segment_syncs.clone(),
             );
             r.register(
                 "partition_backlog_messages",
@@ -495,8 +502,11 @@ impl crate::storage::StorageObserver for GlobalMetrics {
         global().storage_recovering.set(i64::from(recovering));
     }
 
-    fn moved_to_segments(&self, bytes: u64) {
-        global().segment_moved_bytes.inc_by(bytes);
+    fn segments_written(&self, bytes: u64) {
+        global().segment_written_bytes.inc_by(bytes);
+    }
+    fn segments_synced(&self, files: usize) {
+        global().segment_syncs.inc_by(files as u64);
     }
 }
 

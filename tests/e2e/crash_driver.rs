@@ -53,10 +53,6 @@ const GROUP: &str = "billing";
 const PLUGIN: &str = "ledger";
 const PRODUCER_GROUP: &str = "payment-centre";
 
-/// Frequent moves to segment files (besides fast check-backs), so kills
-/// land in every kind of commit.
-const MOVE_OFTEN: &[&str] = &["--segment-move-interval", "50ms"];
-
 /// What the clients were told, kept across restarts.
 #[derive(Default)]
 struct Ledger {
@@ -124,8 +120,7 @@ pub async fn run(seed: u64, broken: bool) -> anyhow::Result<Report> {
     let kills = env_or("MSMQ_CRASH_DRIVER_KILLS", KILLS_MIN as u64) as usize;
     println!("crash driver: seed {seed}, {kills} kills (MSMQ_CRASH_SEED={seed} replays it)");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let args: Vec<&str> = FAST_CHECKS.iter().chain(MOVE_OFTEN).copied().collect();
-    let mut broker = TestBroker::start_with_faults(&args)?;
+    let mut broker = TestBroker::start_with_faults(FAST_CHECKS)?;
     if broken {
         std::fs::create_dir_all(broker.faults_dir())?;
         std::fs::write(broker.faults_dir().join("ack-before-commit"), b"on purpose")?;

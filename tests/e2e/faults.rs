@@ -113,8 +113,7 @@ async fn restart_and_check(broker: &mut TestBroker, acked: &[String]) -> anyhow:
 }
 
 async fn setup() -> anyhow::Result<(TestBroker, Client, Vec<String>)> {
-    // Batches move to segment files every 10 ms, so faults meet moves too.
-    let broker = TestBroker::start_with_faults(&["--segment-move-interval", "10ms"])?;
+    let broker = TestBroker::start_with_faults(&[])?;
     std::fs::create_dir_all(broker.faults_dir())?;
     let client = broker.client().await?;
     client.create_topic("ledger", 1).await?;
@@ -191,39 +190,73 @@ async fn eventually(what: &str, mut done: impl FnMut() -> bool) -> anyhow::Resul
     Ok(())
 }
 
-/// A segment fault fails only the background move of batches from redb to
-/// segment files: producers never see it, the batches stay in redb, and
-/// they move once the fault clears.
+/// A failed segment write or fsync fails the commit that appended to the
+/// segment: its produce is refused, writes resume once the fault clears
+/// (the partition starts a new segment), and a restart cuts the refused
+/// batch's bytes off and loses nothing acknowledged.
 async fn segment_fault(fault: &str) -> anyhow::Result<()> {
     let (mut broker, client, mut acked) = setup().await?;
-    let switch = broker.faults_dir().join(fault);
-    std::fs::write(&switch, b"")?;
-    acked.extend(produce_acked(&client, "during", 3).await?);
-    eventually("a failed move", || {
-        broker
-            .log()
-            .contains("moving batches to segment files failed")
-    })
-    .await?;
-    std::fs::remove_file(&switch)?;
-    eventually("a move that works", || {
-        broker
-            .log()
-            .contains("moving batches to segment files works again")
-    })
-    .await?;
+    refused_while(&broker, &client, fault).await?;
+    writes_resume_without_restart(&broker, &client, &mut acked).await?;
     assert!(broker.segment_bytes() > 0);
-    acked.extend(produce_acked(&client, "after", 2).await?);
     restart_and_check(&mut broker, &acked).await?;
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failed_segment_write_loses_nothing_and_the_batches_move_later() -> anyhow::Result<()> {
+async fn a_failed_segment_write_refuses_the_produce_and_loses_nothing() -> anyhow::Result<()> {
     segment_fault("fail-segment-write").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failed_segment_fsync_loses_nothing_and_the_batches_move_later() -> anyhow::Result<()> {
+async fn a_failed_segment_fsync_refuses_the_produce_and_loses_nothing() -> anyhow::Result<()> {
     segment_fault("fail-segment-sync").await
+}
+
+/// The broker dies after a commit's batch reached its segment file (written
+/// and synced) but before the index commit that names it: the restart cuts
+/// the torn bytes off and the log holds exactly what was acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_between_segment_write_and_index_commit_cuts_the_torn_bytes() -> anyhow::Result<()>
+{
+    let (mut broker, client, acked) = setup().await?;
+    let segments_before = broker.segment_bytes();
+    std::fs::write(broker.faults_dir().join("crash-before-index-commit"), b"")?;
+    let result = tokio::time::timeout(
+        Duration::from_secs(3),
+        client.producer("ledger").send_batch(batch("torn")),
+    )
+    .await;
+    assert!(
+        !matches!(result, Ok(Ok(_))),
+        "the broker died before acknowledging"
+    );
+    eventually("the broker's test crash", || {
+        broker
+            .log()
+            .contains("crash between the segment write and the index commit")
+    })
+    .await?;
+    assert!(
+        broker.segment_bytes() > segments_before,
+        "the torn batch reached the segment file"
+    );
+    let client = restart_and_check(&mut broker, &acked).await?;
+    assert!(
+        broker
+            .log()
+            .contains("cutting uncommitted bytes off a segment"),
+        "{}",
+        broker.log()
+    );
+    assert_eq!(
+        broker.segment_bytes(),
+        segments_before,
+        "torn bytes cut off"
+    );
+    // And the partition takes writes again after the cut.
+    let mut acked = acked;
+    acked.extend(produce_acked(&client, "after", 2).await?);
+    restart_and_check(&mut broker, &acked).await?;
+    Ok(())
 }

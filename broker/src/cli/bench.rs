@@ -95,8 +95,9 @@ pub struct Common {
 }
 
 /// How long a produce bench waits after its load before reading the
-/// broker's totals: several of the default `segment_move_interval`.
-const MOVER_SETTLE: Duration = Duration::from_secs(1);
+/// broker's totals, so writes a broker makes after acknowledging (a
+/// background copy, as older brokers' segment mover made) are counted.
+const AFTER_LOAD_SETTLE: Duration = Duration::from_secs(1);
 
 /// The metrics page of a broker serving on the default address.
 const DEFAULT_METRICS_URL: &str = "http://127.0.0.1:7172/metrics";
@@ -466,9 +467,7 @@ async fn produce(b: ProduceBench) -> anyhow::Result<()> {
     let elapsed = started.elapsed();
     let messages = run.done.load(Ordering::Relaxed);
     if before.is_some() {
-        // Let the segment mover copy the run's last batches, so their
-        // second write is counted too.
-        tokio::time::sleep(MOVER_SETTLE).await;
+        tokio::time::sleep(AFTER_LOAD_SETTLE).await;
     }
     let after = b.common.broker_totals().await;
     let mut extra = json!({"producers": b.producers, "inflight": b.inflight, "batch": b.common.batch, "size": b.common.size, "topic": topic, "idempotent": !b.common.no_idempotence});

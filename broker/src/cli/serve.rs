@@ -129,11 +129,6 @@ pub struct ServeArgs {
     /// Longest a partition appends to one segment file, e.g. "1h".
     #[arg(long, env = "MSMQ_SEGMENT_AGE_MAX", value_parser = humantime::parse_duration)]
     segment_age_max: Option<Duration>,
-    /// How often new batches move from the redb file to segment files,
-    /// e.g. "250ms". Produces commit in redb alone; the move is one more
-    /// fsync per interval.
-    #[arg(long, env = "MSMQ_SEGMENT_MOVE_INTERVAL", value_parser = humantime::parse_duration)]
-    segment_move_interval: Option<Duration>,
     /// Least free space kept on the data directory's filesystem, e.g.
     /// "256 MiB": below it produces and half messages get DISK_FULL
     /// (retryable) while consumers keep draining; 0 turns it off.
@@ -240,7 +235,6 @@ impl ServeArgs {
             retention_check_interval,
             segment_bytes_max,
             segment_age_max,
-            segment_move_interval,
             disk_free_min,
             disk_check_interval,
             connections_max,

@@ -185,7 +185,6 @@ pub fn store_options(config: &Config) -> StoreOptions {
         durability: config.durability,
         cache_bytes: config.cache_bytes.as_u64() as usize,
         commit_bytes_max: config.commit_bytes_max.as_u64() as usize,
-        segment_move_interval: config.segment_move_interval,
         segment_roll_max: crate::storage::segments::Roll {
             bytes_max: config.segment_bytes_max.as_u64(),
             age_max: config.segment_age_max,

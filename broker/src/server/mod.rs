@@ -114,8 +114,16 @@ impl RunningBroker {
         endpoint_config.cid_generator(move || {
             Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
         });
-        let socket = std::net::UdpSocket::bind(config.listen)
+        let (socket, granted) = msmq_client::transport::bind_udp(config.listen)
             .with_context(|| format!("binding {}", config.listen))?;
+        if granted < msmq_client::transport::UDP_SOCKET_BUFFER_BYTES {
+            tracing::warn!(
+                granted_bytes = granted,
+                wanted_bytes = msmq_client::transport::UDP_SOCKET_BUFFER_BYTES,
+                "the kernel gave the QUIC socket a small receive buffer; bursts may drop datagrams \
+                 and stall senders (raise net.core.rmem_max)"
+            );
+        }
         let endpoint = quinn::Endpoint::new(
             endpoint_config,
             Some(server_config),

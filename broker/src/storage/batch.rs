@@ -12,8 +12,9 @@
 //! log row holds a [`Pointer`]: the same header with `version = 2`, then
 //! `segment: u64` (the segment's base offset), `position: u64`,
 //! `length: u32`, `checksum: u64` (xxh3 of the batch bytes) and
-//! `flags: u8` (bit 0: some record has a key). A row holds the batch itself
-//! until the mover has moved it.
+//! `flags: u8` (bit 0: some record has a key). Data directories written
+//! before batches went straight to segments may still hold rows with the
+//! batch itself; reads and trims take both.
 
 use msmq_protocol::{Message, MessageId, NewMessage};
 

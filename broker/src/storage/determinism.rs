@@ -503,8 +503,7 @@ fn options() -> StoreOptions {
         durability: Durability::None,
         cache_bytes: 4 << 20,
         commit_bytes_max: 4 << 20,
-        // Short, so moves to segment files interleave with the commands.
-        segment_move_interval: super::SEGMENT_MOVE_INTERVAL_MIN,
+        // Small, so segments roll often among the commands.
         segment_roll_max: super::segments::Roll {
             bytes_max: 4096,
             age_max: Duration::from_secs(3600),

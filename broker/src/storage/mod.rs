@@ -23,7 +23,6 @@ pub mod db;
 mod determinism;
 pub mod digest;
 pub mod faults;
-mod mover;
 pub mod read;
 pub mod recording;
 pub mod segments;
@@ -34,13 +33,14 @@ use crate::command::Command;
 use crate::topics::{Topic, TopicMeta, TopicRegistry};
 use crate::transactions::{HalfRecord, PendingTx, TxSchedule};
 pub use db::ReadSource;
-pub use mover::SEGMENT_MOVE_INTERVAL_MIN;
 use redb::{Database, ReadableDatabase, ReadableTable};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use thiserror::Error;
-pub use writer::{Landed, LocalOp, WriteError, WriteOutcome, TOPIC_PARTITIONS_MAX};
+pub use writer::{
+    Landed, WriteError, WriteOutcome, CRASH_BEFORE_INDEX_COMMIT, TOPIC_PARTITIONS_MAX,
+};
 
 /// A message waiting for its delivery time.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -110,8 +110,10 @@ pub trait StorageObserver: Send + Sync {
     /// The database refuses writes and is being reopened (`true`), or
     /// takes writes again (`false`).
     fn recovering(&self, recovering: bool);
-    /// Bytes the mover copied into segment files.
-    fn moved_to_segments(&self, bytes: u64);
+    /// Batch bytes written to segment files.
+    fn segments_written(&self, bytes: u64);
+    /// Segment files synced before a commit.
+    fn segments_synced(&self, files: usize);
 }
 
 /// An observer that keeps nothing (tools that open a store offline).
@@ -122,7 +124,8 @@ impl StorageObserver for NoObserver {
     fn settled(&self, _: u64, _: u64) {}
     fn commit_failed(&self) {}
     fn recovering(&self, _: bool) {}
-    fn moved_to_segments(&self, _: u64) {}
+    fn segments_written(&self, _: u64) {}
+    fn segments_synced(&self, _: usize) {}
 }
 
 #[derive(Clone)]
@@ -132,15 +135,13 @@ pub struct StoreOptions {
     pub cache_bytes: usize,
     /// Stop draining the queue into one transaction past this many bytes.
     pub commit_bytes_max: usize,
-    /// How often the mover moves batches from redb to segment files.
-    pub segment_move_interval: Duration,
     /// The largest and oldest a segment gets; topics with a retention roll
     /// sooner ([`segments::Roll::for_retention`]).
     pub segment_roll_max: segments::Roll,
     /// Retention of topics without their own: (max age in ms, max bytes),
     /// 0 meaning no limit.
     pub retention_default: (u64, u64),
-    /// Told about commits, failures and moves.
+    /// Told about commits, failures and segment writes.
     pub observer: std::sync::Arc<dyn StorageObserver>,
     /// Record every applied command to this file ([`recording`]).
     pub record_commands: Option<std::path::PathBuf>,
@@ -152,7 +153,6 @@ impl std::fmt::Debug for StoreOptions {
             .field("durability", &self.durability)
             .field("cache_bytes", &self.cache_bytes)
             .field("commit_bytes_max", &self.commit_bytes_max)
-            .field("segment_move_interval", &self.segment_move_interval)
             .field("segment_roll_max", &self.segment_roll_max)
             .field("retention_default", &self.retention_default)
             .field("record_commands", &self.record_commands)
@@ -190,7 +190,6 @@ pub struct Store {
     db: Arc<db::Db>,
     segments: Arc<segments::Segments>,
     writer: writer::WriterHandle,
-    mover: std::sync::Mutex<mover::MoverHandle>,
     store_id: u64,
     schedule: Arc<Mutex<TxSchedule>>,
     next_scheduled_ms: Arc<std::sync::atomic::AtomicU64>,
@@ -228,12 +227,6 @@ impl Store {
             Ok((segments, store_id, counters, schedule, next_scheduled_ms))
         })?;
         let db = Arc::new(db);
-        let mover_settings = mover::MoverSettings {
-            interval: options.segment_move_interval,
-            roll_max: options.segment_roll_max,
-            retention_default: options.retention_default,
-            observer: options.observer.clone(),
-        };
         let recorder = match &options.record_commands {
             Some(path) => Some(recording::Recorder::open(path, counters.applied_index)?),
             None => None,
@@ -242,25 +235,17 @@ impl Store {
             db.clone(),
             faults_on.then(|| dir.join(faults::FAULTS_DIR)),
             segments.clone(),
-            registry.clone(),
+            registry,
             schedule.clone(),
             next_scheduled_ms.clone(),
             options,
             counters,
             recorder,
         );
-        let mover = mover::start(
-            db.clone(),
-            segments.clone(),
-            registry,
-            writer.clone(),
-            mover_settings,
-        );
         Ok(Store {
             db,
             segments,
             writer,
-            mover: std::sync::Mutex::new(mover),
             store_id,
             schedule,
             next_scheduled_ms,
@@ -304,18 +289,9 @@ impl Store {
         self.writer.write_many(ops).await
     }
 
-    /// Stop the mover and the writer (committing what is queued) and close
-    /// the database, so the directory can be opened again in this process.
+    /// Stop the writer (committing what is queued) and close the database,
+    /// so the directory can be opened again in this process.
     pub async fn close(self, grace: Duration) {
-        let mover = std::mem::replace(
-            &mut *self.mover.lock().expect("mover lock"),
-            mover::MoverHandle::stopped(),
-        );
-        let _ = tokio::task::spawn_blocking(move || {
-            let mut mover = mover;
-            mover.stop_and_wait();
-        })
-        .await;
         self.writer.shutdown(grace).await;
         self.db.close();
     }

@@ -12,20 +12,21 @@
 //! split with the write-once log of the performance issue, which changes
 //! what a segment holds, so a split now would cut along a line that moves.
 //!
-//! Batches reach segments from the mover (`storage::mover`): a produce
-//! commits its batch in redb alone, and the mover moves it later.
+//! Each payload byte is written once: the writer appends every batch a
+//! group commit stores to its partition's segment ([`SegmentAppender`]),
+//! writes and fdatasyncs the touched files, and only then commits the redb
+//! transaction that indexes them (a pointer row per batch, and each
+//! segment's new length).
 //!
 //! Invariants:
-//! - redb stays the one source of truth. A log row holds its batch or a
-//!   [`Pointer`] into a segment, and the `segments` table holds each
-//!   segment's committed length; the commit that turns rows into pointers
-//!   also records the lengths.
-//! - Bytes are written and fsynced ([`SegmentAppender`]) before the commit
-//!   that points at them: a committed pointer never points at bytes that are
-//!   not on disk.
-//! - Bytes past a segment's committed length belong to a move that failed or
-//!   was cut short. After a failed move or a restart each partition starts a
-//!   new segment, so nothing is appended behind them, and start-up
+//! - redb stays the one source of truth. A log row holds a [`Pointer`] into
+//!   a segment, and the `segments` table holds each segment's committed
+//!   length; the commit that adds the rows also records the lengths.
+//! - Bytes are written and synced before the commit that points at them: a
+//!   committed pointer never points at bytes that are not on disk.
+//! - Bytes past a segment's committed length belong to a commit that failed
+//!   or was cut short. After a failed commit or a restart each partition
+//!   starts a new segment, so nothing is appended behind them, and start-up
 //!   ([`Segments::recover`]) cuts them off and deletes files no row names.
 //! - A file is deleted ([`SegmentReaper`]) only after the commit that
 //!   removed its row, made durable even under `durability = none`, and only
@@ -56,7 +57,7 @@ const SYNC_THREADS_MAX: usize = 8;
 /// Largest batch a pointer may claim (a batch is at most 32 MiB): a longer
 /// one is corruption, not a reason to allocate.
 const POINTER_BYTES_MAX: u32 = 64 << 20;
-/// Bytes the mover gathers for one segment before writing them out.
+/// Bytes gathered for one segment before they are written out.
 const PENDING_BYTES_MAX: usize = 1 << 20;
 /// Segment files kept open for reading; past this the cache starts over.
 const READ_FILES_OPEN_MAX: usize = 1024;
@@ -75,7 +76,7 @@ pub struct SegmentId {
     pub base: u64,
 }
 
-/// When the mover starts a new segment for a partition.
+/// When the writer starts a new segment for a partition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Roll {
     pub bytes_max: u64,
@@ -335,14 +336,14 @@ struct Active {
     /// Length including `pending`.
     length: u64,
     /// Appended bytes not yet written to the file: one write per segment
-    /// and move, however many batches.
+    /// and commit, however many batches.
     pending: Vec<u8>,
     opened: Instant,
     roll: Roll,
 }
 
-/// The mover's side (`storage::mover`): appends batches to segment files
-/// and makes them durable, before the writer commits pointers to them.
+/// The writer's side: appends batches to segment files and makes them
+/// durable before the writer commits pointers to them.
 pub struct SegmentAppender {
     segments: Arc<Segments>,
     active: HashMap<(u32, u32), Active>,
@@ -352,6 +353,8 @@ pub struct SegmentAppender {
     dirty_dirs: HashSet<PathBuf>,
     /// Lengths appends reached since [`Self::take_lengths`].
     lengths: HashMap<SegmentId, u64>,
+    /// Bytes written to files since [`Self::take_written`].
+    written: u64,
 }
 
 impl SegmentAppender {
@@ -362,6 +365,7 @@ impl SegmentAppender {
             dirty: HashMap::new(),
             dirty_dirs: HashSet::new(),
             lengths: HashMap::new(),
+            written: 0,
         }
     }
 
@@ -382,7 +386,7 @@ impl SegmentAppender {
         roll: impl FnOnce() -> Roll,
     ) -> Result<Pointer, StorageError> {
         let key = (topic, partition);
-        // After a start or a failed move a partition starts a new segment
+        // After a start or a failed commit a partition starts a new segment
         // rather than finding where its last one ended.
         let due = self.active.get(&key).is_none_or(|a| {
             a.length > 0 && (a.length >= a.roll.bytes_max || a.opened.elapsed() >= a.roll.age_max)
@@ -394,7 +398,7 @@ impl SegmentAppender {
                     partition,
                     base: old.base,
                 };
-                write_out(&self.segments, &mut self.dirty, id, &mut old)?;
+                self.written += write_out(&self.segments, &mut self.dirty, id, &mut old)?;
             }
             let active = self.create(topic, partition, base, roll())?;
             self.active.insert(key, active);
@@ -416,7 +420,7 @@ impl SegmentAppender {
         active.length += bytes.len() as u64;
         self.lengths.insert(id, active.length);
         if active.pending.len() >= PENDING_BYTES_MAX {
-            write_out(&self.segments, &mut self.dirty, id, active)?;
+            self.written += write_out(&self.segments, &mut self.dirty, id, active)?;
         }
         Ok(pointer)
     }
@@ -435,9 +439,14 @@ impl SegmentAppender {
                 partition,
                 base: active.base,
             };
-            write_out(&self.segments, &mut self.dirty, id, active)?;
+            self.written += write_out(&self.segments, &mut self.dirty, id, active)?;
         }
         Ok(())
+    }
+
+    /// Bytes written to files since the last call.
+    pub fn take_written(&mut self) -> u64 {
+        std::mem::take(&mut self.written)
     }
 
     fn create(
@@ -480,9 +489,11 @@ impl SegmentAppender {
         })
     }
 
-    /// Make every write since the last sync durable.
-    pub fn sync(&mut self) -> Result<(), StorageError> {
+    /// Make every write since the last sync durable; returns the files
+    /// synced.
+    pub fn sync(&mut self) -> Result<usize, StorageError> {
         let files: Vec<(&SegmentId, &Arc<File>)> = self.dirty.iter().collect();
+        let synced = files.len();
         let sync_one = |(id, file): &(&SegmentId, &Arc<File>)| {
             let path = self.segments.path(**id);
             self.segments.injected(FAULT_SYNC, &path)?;
@@ -517,44 +528,44 @@ impl SegmentAppender {
             self.dirty_dirs.remove(&dir);
         }
         self.dirty.clear();
-        Ok(())
+        Ok(synced)
     }
 
-    /// Start these segments' partitions on new segments (the writer found
-    /// the segments deleted, or behind one that was).
-    pub fn abandon(&mut self, gone: &[SegmentId]) {
-        self.active.retain(|&(topic, partition), _| {
-            !gone
-                .iter()
-                .any(|g| (g.topic, g.partition) == (topic, partition))
+    /// Stop appending to segments that `doomed` says are being deleted:
+    /// their partitions start new segments, and their lengths are not
+    /// recorded.
+    pub fn drop_doomed(&mut self, doomed: impl Fn(&SegmentId) -> bool) {
+        self.active.retain(|&(topic, partition), active| {
+            !doomed(&SegmentId {
+                topic,
+                partition,
+                base: active.base,
+            })
         });
-        self.dirty.retain(|id, _| !gone.contains(id));
+        self.lengths.retain(|id, _| !doomed(id));
     }
 
-    /// A move failed: start every partition on a new segment, so nothing is
-    /// appended behind bytes of unknown state.
+    /// A commit failed: start every partition on a new segment, so nothing
+    /// is appended behind bytes of unknown state. Files written since the
+    /// last sync stay on the list to sync: earlier commits that were not
+    /// synced (`durability = none`) still point into them.
     pub fn abandon_all(&mut self) {
         self.active.clear();
         self.lengths.clear();
-        self.dirty.clear();
-    }
-
-    /// Forget the partitions of topics that no longer exist.
-    pub fn retain_topics(&mut self, live: impl Fn(u32) -> bool) {
-        self.active.retain(|k, _| live(k.0));
     }
 }
 
-/// Write a segment's pending bytes to its file.
+/// Write a segment's pending bytes to its file; returns how many.
 fn write_out(
     segments: &Segments,
     dirty: &mut HashMap<SegmentId, Arc<File>>,
     id: SegmentId,
     active: &mut Active,
-) -> Result<(), StorageError> {
+) -> Result<u64, StorageError> {
     if active.pending.is_empty() {
-        return Ok(());
+        return Ok(0);
     }
+    let written = active.pending.len() as u64;
     let path = segments.path(id);
     segments.injected(FAULT_WRITE, &path)?;
     let at = active.length - active.pending.len() as u64;
@@ -564,7 +575,7 @@ fn write_out(
         .map_err(|e| io_error("writing", &path, e))?;
     active.pending.clear();
     dirty.insert(id, active.file.clone());
-    Ok(())
+    Ok(written)
 }
 
 type SegmentTable<'t> = redb::Table<'t, (u32, u32, u64), u64>;
@@ -623,6 +634,11 @@ impl SegmentReaper {
     /// Delete this segment's file once the commit succeeded.
     pub fn doom(&mut self, id: SegmentId) {
         self.doomed.push(id);
+    }
+
+    /// Whether the coming commit deletes this segment's file.
+    pub fn dooms(&self, id: &SegmentId) -> bool {
+        self.doomed_topics.contains(&id.topic) || self.doomed.contains(id)
     }
 
     /// Whether the coming commit deletes files (it must then be durable).
@@ -712,7 +728,7 @@ mod tests {
     }
 
     impl Fixture {
-        /// Move `batches` (base offset, bytes) as the mover does: append,
+        /// Store `batches` (base offset, bytes) as the writer does: append,
         /// write, sync, then commit the lengths.
         fn commit(&mut self, roll: Roll, batches: &[(u64, Vec<u8>)]) -> Vec<Pointer> {
             let mut pointers = Vec::new();
@@ -867,7 +883,7 @@ mod tests {
         assert!(!segments.path(id(0)).exists());
         assert!(segments.path(id(5)).exists());
         assert_eq!(segments.read(1, 0, &at[0]).unwrap(), None);
-        // A move that fails leaves its bytes in no segment anyone reads.
+        // A commit that fails leaves its bytes in no segment anyone reads.
         let big = Roll {
             bytes_max: 1000,
             ..roll

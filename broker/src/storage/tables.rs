@@ -4,8 +4,8 @@
 use super::StorageError;
 use redb::{Database, ReadableTable, TableDefinition};
 
-/// (topic id, partition, base offset) → the batch itself, until the mover
-/// moves it to a segment file; then a [`super::batch::Pointer`] to it.
+/// (topic id, partition, base offset) → a [`super::batch::Pointer`] to the
+/// batch in its segment file (the batch itself in older data directories).
 pub const LOG: TableDefinition<(u32, u32, u64), &[u8]> = TableDefinition::new("log");
 /// (topic id, partition, segment base offset) → the segment file's committed
 /// length in bytes (see [`super::segments`]).

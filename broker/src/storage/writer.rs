@@ -13,12 +13,12 @@
 //! Layout: this file is the group commit (queue, effects made visible after
 //! the commit, the apply loop, the command recording); each command family
 //! is applied in its own module: `log` (topics, appends, schedule, trims,
-//! moves), `groups`, `transactions`, `producer_claims`, `plugins`,
+//! segment writes), `groups`, `transactions`, `producer_claims`, `plugins`,
 //! `access`. Size: about 780 lines, over the 600 guideline, because the
 //! commit path (answer early for a test fault, recover after an I/O error,
 //! record, publish effects) reads best in one place.
 
-use super::segments::{SegmentId, SegmentReaper, Segments};
+use super::segments::{Roll, SegmentAppender, SegmentReaper, Segments};
 use super::{batch, tables, Durability, StorageError, StoreOptions};
 use crate::command::{Command, PartitionAppend, PluginCommit, TopicRef};
 use crate::producers::{
@@ -56,6 +56,12 @@ const QUEUE_REQUESTS_MAX: usize = 4096;
 /// catches acknowledged writes that are lost.
 pub const ACK_BEFORE_COMMIT: &str = "ack-before-commit";
 const ACK_BEFORE_COMMIT_DELAY_MS: u64 = 20;
+/// Test fault switch: abort the process after a commit's segment bytes are
+/// written and synced, before its index commit, leaving torn bytes past
+/// every segment's committed length.
+pub const CRASH_BEFORE_INDEX_COMMIT: &str = "crash-before-index-commit";
+/// Exit status of a broker that [`CRASH_BEFORE_INDEX_COMMIT`] stopped.
+const TEST_CRASH_EXIT_CODE: i32 = 86;
 /// With `durability = none`, still fsync one commit in this many ms so redb
 /// can reuse freed pages and a crash loses at most about this much.
 const DURABILITY_NONE_SYNC_MS: u64 = 1000;
@@ -107,12 +113,6 @@ pub enum WriteOutcome {
         messages: u64,
     },
     RetentionSet,
-    /// Rows now pointing into segments, and segments the mover must stop
-    /// appending to because retention deleted them.
-    MovedToSegments {
-        moved: usize,
-        gone: Vec<SegmentId>,
-    },
     /// Whether the token existed (for a revoke).
     TokenStored(bool),
     AclSet,
@@ -154,37 +154,8 @@ pub enum WriteError {
 
 type Reply = oneshot::Sender<Result<WriteOutcome, WriteError>>;
 
-/// Work on this store that changes nothing clients can observe, so it is no
-/// [`Command`]: a replica or a replay does its own.
-#[derive(Debug)]
-pub enum LocalOp {
-    /// From the mover: batches now durable in segment files. Each `log` row
-    /// still holding its batch becomes the pointer given, and each segment's
-    /// length is recorded, unless retention deleted the segment meanwhile.
-    MoveToSegments {
-        /// (topic id, partition, base offset, pointer row)
-        moves: Vec<(u32, u32, u64, Vec<u8>)>,
-        lengths: Vec<(SegmentId, u64)>,
-    },
-}
-
-/// What the writer applies: a command, or local work.
-enum Op {
-    Command(Command),
-    Local(LocalOp),
-}
-
-impl Op {
-    fn bytes(&self) -> usize {
-        match self {
-            Op::Command(c) => c.bytes(),
-            Op::Local(_) => 64,
-        }
-    }
-}
-
 struct Job {
-    op: Op,
+    command: Command,
     /// Taken when answered early (the `ack-before-commit` test fault).
     reply: Option<Reply>,
 }
@@ -204,24 +175,12 @@ impl WriterHandle {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Msg::Job(Job {
-                op: Op::Command(command),
+                command,
                 reply: Some(reply),
             }))
             .await
             .map_err(|_| WriteError::ShuttingDown)?;
         rx.await.map_err(|_| WriteError::ShuttingDown)?
-    }
-
-    /// Local work, from a thread outside the async runtime.
-    pub(super) fn local_blocking(&self, op: LocalOp) -> Result<WriteOutcome, WriteError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .blocking_send(Msg::Job(Job {
-                op: Op::Local(op),
-                reply: Some(reply),
-            }))
-            .map_err(|_| WriteError::ShuttingDown)?;
-        rx.blocking_recv().map_err(|_| WriteError::ShuttingDown)?
     }
 
     pub(super) async fn write_many(
@@ -234,7 +193,7 @@ impl WriterHandle {
             let sent = self
                 .tx
                 .send(Msg::Job(Job {
-                    op: Op::Command(command),
+                    command,
                     reply: Some(reply),
                 }))
                 .await
@@ -296,6 +255,7 @@ pub(super) fn start(
     let mut writer = Writer {
         db,
         fault_switches,
+        appender: RefCell::new(SegmentAppender::new(segments.clone())),
         reaper: RefCell::new(SegmentReaper::new(segments)),
         registry,
         schedule,
@@ -317,6 +277,8 @@ struct Writer {
     db: Arc<super::db::Db>,
     /// For tests: the directory of fault switch files.
     fault_switches: Option<std::path::PathBuf>,
+    /// Appends each committed batch to its partition's segment file.
+    appender: RefCell<SegmentAppender>,
     reaper: RefCell<SegmentReaper>,
     registry: Arc<TopicRegistry>,
     schedule: Arc<Mutex<TxSchedule>>,
@@ -403,7 +365,7 @@ impl Writer {
             while let Some(msg) = next.take() {
                 match msg {
                     Msg::Job(job) => {
-                        bytes += job.op.bytes();
+                        bytes += job.command.bytes();
                         jobs.push(job);
                     }
                     Msg::Shutdown(done) => {
@@ -460,7 +422,7 @@ impl Writer {
         }
         let started = Instant::now();
         let count = jobs.len();
-        let bytes: usize = jobs.iter().map(|j| j.op.bytes()).sum();
+        let bytes: usize = jobs.iter().map(|j| j.command.bytes()).sum();
         let mut jobs = jobs;
         // Test fault: answer before committing, and commit late, so a crash
         // in between loses acknowledged writes; the crash driver must see it.
@@ -480,11 +442,21 @@ impl Writer {
             }
             std::thread::sleep(Duration::from_millis(ACK_BEFORE_COMMIT_DELAY_MS));
         };
-        let mut ops: Vec<&mut Op> = jobs.iter_mut().map(|j| &mut j.op).collect();
-        let applied = self.apply(&mut ops, &mut answer_early);
-        match &applied {
-            Ok(_) => self.reaper.borrow_mut().committed(),
-            Err(_) => self.reaper.borrow_mut().failed(),
+        let mut commands: Vec<&mut Command> = jobs.iter_mut().map(|j| &mut j.command).collect();
+        let applied = self.apply(&mut commands, &mut answer_early);
+        {
+            let mut appender = self.appender.borrow_mut();
+            let mut reaper = self.reaper.borrow_mut();
+            match &applied {
+                Ok(_) => {
+                    appender.drop_doomed(|id| reaper.dooms(id));
+                    reaper.committed();
+                }
+                Err(_) => {
+                    appender.abandon_all();
+                    reaper.failed();
+                }
+            }
         }
         match applied {
             Ok((results, effects)) => {
@@ -536,7 +508,7 @@ impl Writer {
                 let observer = &self.options.observer;
                 for (job, result) in jobs.into_iter().zip(results) {
                     if result.is_ok() {
-                        count_settled(observer.as_ref(), &job.op);
+                        count_settled(observer.as_ref(), &job.command);
                     }
                     if let Some(reply) = job.reply {
                         let _ = reply.send(result);
@@ -569,7 +541,7 @@ impl Writer {
     #[allow(clippy::type_complexity)]
     fn apply(
         &mut self,
-        ops: &mut [&mut Op],
+        commands: &mut [&mut Command],
         before_commit: &mut dyn FnMut(&[Result<WriteOutcome, WriteError>]),
     ) -> Result<(Vec<Result<WriteOutcome, WriteError>>, Effects), StorageError> {
         let mut txn = self.db.begin_write()?;
@@ -597,21 +569,15 @@ impl Writer {
         // Recorded as submitted: applying fills in message-id sequences.
         let recorded = match &self.recorder {
             Some(_) => {
-                let commands: Vec<&Command> = ops
-                    .iter()
-                    .filter_map(|op| match &**op {
-                        Op::Command(c) => Some(c),
-                        Op::Local(_) => None,
-                    })
-                    .collect();
-                (!commands.is_empty()).then(|| crate::command::encode_refs(&commands))
+                let refs: Vec<&Command> = commands.iter().map(|c| &**c).collect();
+                (!refs.is_empty()).then(|| crate::command::encode_refs(&refs))
             }
             None => None,
         };
-        if ops.iter().any(|op| matches!(**op, Op::Command(_))) {
+        if !commands.is_empty() {
             fx.counters.applied_index += 1;
         }
-        let mut results = Vec::with_capacity(ops.len());
+        let mut results = Vec::with_capacity(commands.len());
         {
             let mut t = Tables {
                 log: txn.open_table(tables::LOG)?,
@@ -639,8 +605,8 @@ impl Writer {
                 producers: txn.open_table(tables::PRODUCERS)?,
             };
             let mut scope = Scope::default();
-            for op in ops.iter_mut() {
-                results.push(self.apply_one(op, &mut t, &mut fx, &mut scope)?);
+            for command in commands.iter_mut() {
+                results.push(self.apply_one(command, &mut t, &mut fx, &mut scope)?);
             }
             if fx.counters.next_message_sequence != self.counters.next_message_sequence {
                 t.meta.insert(
@@ -660,6 +626,7 @@ impl Writer {
                 t.meta
                     .insert(tables::META_NEXT_TOPIC_ID, fx.counters.next_topic_id as u64)?;
             }
+            self.write_segments(&mut t)?;
         }
         let sync = sync || {
             // Delete files only after a durable commit: a commit redb never
@@ -671,6 +638,15 @@ impl Writer {
             }
             deletes
         };
+        if sync {
+            // The bytes the commit points at are durable before it is.
+            let synced = self.appender.borrow_mut().sync()?;
+            self.options.observer.segments_synced(synced);
+            if self.fault_on(CRASH_BEFORE_INDEX_COMMIT) && synced > 0 {
+                tracing::error!("test fault: crash between the segment write and the index commit");
+                std::process::exit(TEST_CRASH_EXIT_CODE);
+            }
+        }
         before_commit(&results);
         if let (Some(recorder), Some(encoded)) = (&mut self.recorder, &recorded) {
             if let Err(e) = recorder.append(fx.counters.applied_index, encoded) {
@@ -694,6 +670,38 @@ impl Writer {
         Ok((results, fx))
     }
 
+    /// Write the batches this transaction appended to their segment files
+    /// and record the segments' new lengths in it.
+    fn write_segments(&self, t: &mut Tables) -> Result<(), StorageError> {
+        let mut appender = self.appender.borrow_mut();
+        let reaper = self.reaper.borrow();
+        if reaper.deletes_files() {
+            appender.drop_doomed(|id| reaper.dooms(id));
+        }
+        appender.write()?;
+        let written = appender.take_written();
+        for (id, length) in appender.take_lengths() {
+            t.segments
+                .insert((id.topic, id.partition, id.base), length)?;
+        }
+        if written > 0 {
+            self.options.observer.segments_written(written);
+        }
+        Ok(())
+    }
+
+    /// The segment roll of a topic: its own retention's, or the default's.
+    fn roll(&self, t: &Tables, topic: u32) -> Roll {
+        let (age_ms, max_bytes) = t
+            .retention
+            .get(topic)
+            .ok()
+            .flatten()
+            .map(|v| v.value())
+            .unwrap_or(self.options.retention_default);
+        Roll::for_retention(self.options.segment_roll_max, age_ms, max_bytes)
+    }
+
     /// Whether a test fault switch is on.
     fn fault_on(&self, switch: &str) -> bool {
         self.fault_switches
@@ -703,17 +711,11 @@ impl Writer {
 
     fn apply_one(
         &self,
-        op: &mut Op,
+        command: &mut Command,
         t: &mut Tables,
         fx: &mut Effects,
         scope: &mut Scope,
     ) -> Result<Result<WriteOutcome, WriteError>, StorageError> {
-        let command = match op {
-            Op::Local(LocalOp::MoveToSegments { moves, lengths }) => {
-                return Ok(Ok(self.move_to_segments(t, moves, lengths)?));
-            }
-            Op::Command(command) => command,
-        };
         Ok(match command {
             Command::CreateTopic { .. }
             | Command::DeleteTopic { .. }
@@ -767,12 +769,10 @@ fn misrouted(command: &Command) -> WriteError {
     WriteError::Invalid(format!("internal: {kind} reached the wrong apply"))
 }
 
-fn count_settled(observer: &dyn super::StorageObserver, op: &Op) {
-    match op {
-        Op::Command(Command::Settle { dead_letters, .. }) => {
-            observer.settled(dead_letters.len() as u64, 0)
-        }
-        Op::Command(Command::PluginCommit(c)) => {
+fn count_settled(observer: &dyn super::StorageObserver, command: &Command) {
+    match command {
+        Command::Settle { dead_letters, .. } => observer.settled(dead_letters.len() as u64, 0),
+        Command::PluginCommit(c) => {
             observer.settled(c.dead_letters.len() as u64, c.retry_puts.len() as u64)
         }
         _ => {}

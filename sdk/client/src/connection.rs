@@ -246,10 +246,16 @@ impl Client {
         } else {
             "0.0.0.0:0".parse().expect("valid")
         };
-        let endpoint = quinn::Endpoint::client(bind).map_err(|e| ClientError::Connect {
+        let connect_error = |e: std::io::Error| ClientError::Connect {
             addr: options.server.clone(),
             reason: e.to_string(),
-        })?;
+        };
+        let (socket, _) = crate::transport::bind_udp(bind).map_err(connect_error)?;
+        let runtime = quinn::default_runtime()
+            .ok_or_else(|| connect_error(std::io::Error::other("no async runtime")))?;
+        let endpoint =
+            quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)
+                .map_err(connect_error)?;
         let client = Client {
             inner: Arc::new(Inner {
                 endpoint,

@@ -1,6 +1,7 @@
 //! QUIC transport settings shared by the broker and the client, so both ends
 //! agree on windows, stream counts and timeouts.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,6 +27,29 @@ pub const KEEP_ALIVE_MS: u64 = 5_000;
 /// Largest UDP payload path-MTU discovery probes for. Loopback and jumbo-frame
 /// networks carry it; elsewhere the probes fail harmlessly and 1200+ is used.
 pub const MTU_PROBE_BYTES_MAX: u16 = 8952;
+
+/// Kernel receive and send buffer asked for each UDP socket. Datagrams that
+/// arrive while the process is busy wait here; one dropped for want of room
+/// costs its sender a loss-recovery timeout (at least the peer's 25 ms
+/// maximum ACK delay), which is what a produce's p99 showed before. Linux
+/// caps it at `net.core.rmem_max` / `wmem_max`.
+pub const UDP_SOCKET_BUFFER_BYTES: usize = 4 << 20;
+
+/// A UDP socket bound to `addr` with [`UDP_SOCKET_BUFFER_BYTES`] buffers
+/// (or what the kernel allows), ready for a quinn endpoint. Returns the
+/// receive buffer size the kernel granted beside it.
+pub fn bind_udp(addr: SocketAddr) -> std::io::Result<(std::net::UdpSocket, usize)> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    // A smaller buffer than asked for is no reason to fail: the caller can
+    // say so.
+    let _ = socket.set_recv_buffer_size(UDP_SOCKET_BUFFER_BYTES);
+    let _ = socket.set_send_buffer_size(UDP_SOCKET_BUFFER_BYTES);
+    socket.bind(&addr.into())?;
+    socket.set_nonblocking(true)?;
+    let granted = socket.recv_buffer_size().unwrap_or(0);
+    Ok((socket.into(), granted))
+}
 
 /// The client's transport configuration: wide receive windows, because
 /// what it receives are replies it asked for.

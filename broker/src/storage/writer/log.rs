@@ -1,6 +1,6 @@
 //! Topics and their logs: create and delete topics, append batches and
 //! scheduled messages, release due ones, trim for retention, set a
-//! retention, and the local move of batches into segment files.
+//! retention.
 
 use super::producer_claims::{admit_claim, remember_claim};
 use super::*;
@@ -199,77 +199,6 @@ impl Writer {
         })
     }
 
-    /// Apply a [`Command::MoveToSegments`]. A segment may take rows if it is
-    /// in the `segments` table or is new, that is based at or past its
-    /// partition's start: retention deletes only segments wholly below the
-    /// start, so one without a row that is based below it was deleted while
-    /// the mover wrote to it. Its rows stay inline for a later move.
-    pub(super) fn move_to_segments(
-        &self,
-        t: &mut Tables,
-        moves: &[(u32, u32, u64, Vec<u8>)],
-        lengths: &[(SegmentId, u64)],
-    ) -> Result<WriteOutcome, StorageError> {
-        let mut usable = HashSet::new();
-        let mut gone = Vec::new();
-        // In base order per partition: once a segment is gone, so are the
-        // later ones of its partition, or rows would reach segments out of
-        // offset order.
-        let mut lengths = lengths.to_vec();
-        lengths.sort_unstable();
-        let mut gone_partitions = HashSet::new();
-        for (id, length) in lengths {
-            let key = (id.topic, id.partition, id.base);
-            let start = t
-                .partitions
-                .get((id.topic, id.partition))?
-                .map(|v| v.value().0);
-            let known = t.segments.get(key)?.is_some();
-            let partition_gone = gone_partitions.contains(&(id.topic, id.partition));
-            match start {
-                Some(start) if !partition_gone && (known || id.base >= start) => {
-                    t.segments.insert(key, length)?;
-                    usable.insert(id);
-                }
-                _ => {
-                    gone.push(id);
-                    gone_partitions.insert((id.topic, id.partition));
-                    if !known {
-                        // Never named by a row, or already deleted: either
-                        // way nothing points into it.
-                        self.reaper.borrow_mut().doom(id);
-                    }
-                }
-            }
-        }
-        let mut moved = 0;
-        for (topic, partition, base, row) in moves {
-            let Some(at) = batch::pointer(row).map_err(StorageError::Corrupt)? else {
-                continue;
-            };
-            let segment = SegmentId {
-                topic: *topic,
-                partition: *partition,
-                base: at.segment,
-            };
-            if !usable.contains(&segment) {
-                continue;
-            }
-            let key = (*topic, *partition, *base);
-            let inline = match t.log.get(key)? {
-                Some(v) => batch::pointer(v.value())
-                    .map_err(StorageError::Corrupt)?
-                    .is_none(),
-                None => false,
-            };
-            if inline {
-                t.log.insert(key, row.as_slice())?;
-                moved += 1;
-            }
-        }
-        Ok(WriteOutcome::MovedToSegments { moved, gone })
-    }
-
     /// The topic a command names, if it is still the live topic of its
     /// name in this transaction (created by an earlier command of it
     /// included): the same answer whatever commits the commands share.
@@ -338,6 +267,9 @@ impl Writer {
             .map(|(_, s, e)| (*s, *e))
             .unwrap_or((offsets.start(), offsets.end()));
         let before = before.min(end);
+        // Batches appended earlier in this transaction are read back for
+        // their keys: put them in their files first.
+        self.appender.borrow_mut().write()?;
         let mut doomed = Vec::new();
         for entry in t.log.range((id, partition, 0)..(id, partition, before))? {
             let (k, v) = entry?;
@@ -443,8 +375,9 @@ impl Writer {
         Ok((base, sequence))
     }
 
-    /// Append one stored batch to the log, where it stays until the mover
-    /// moves it to a segment file. Returns its base offset.
+    /// Append one stored batch to its partition's segment file (written
+    /// and synced before this transaction commits) and index it. Returns
+    /// its base offset.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn append(
         &self,
@@ -457,20 +390,35 @@ impl Writer {
         key_hashes: &[(u32, u64)],
     ) -> Result<u64, StorageError> {
         let key = (topic.id(), partition);
+        let header = batch::header(value).map_err(StorageError::Corrupt)?;
         let offsets = &topic.partitions[partition as usize];
         let (start, end) = fx
             .ends
             .get(&key)
             .map(|(_, s, e)| (*s, *e))
             .unwrap_or((offsets.start(), offsets.end()));
-        t.log.insert((key.0, key.1, end), value)?;
-        if let Ok(h) = batch::header(value) {
-            t.batch_times.insert((key.0, key.1, end), h.timestamp_ms)?;
-            t.batch_bytes
-                .insert((key.0, key.1, end), value.len() as u64)?;
-            t.id_index
-                .insert(h.base_sequence, (key.0, key.1, end, h.count))?;
-        }
+        let at = {
+            let mut appender = self.appender.borrow_mut();
+            let reaper = self.reaper.borrow();
+            if reaper.deletes_files() {
+                // Trimmed or deleted earlier in this transaction: never
+                // append behind a file about to go.
+                appender.drop_doomed(|id| reaper.dooms(id));
+            }
+            appender.append(key.0, key.1, end, value, batch::is_keyed(value), || {
+                self.roll(t, key.0)
+            })?
+        };
+        t.log.insert(
+            (key.0, key.1, end),
+            batch::encode_pointer(value, at).as_slice(),
+        )?;
+        t.batch_times
+            .insert((key.0, key.1, end), header.timestamp_ms)?;
+        t.batch_bytes
+            .insert((key.0, key.1, end), value.len() as u64)?;
+        t.id_index
+            .insert(header.base_sequence, (key.0, key.1, end, header.count))?;
         for (i, hash) in key_hashes {
             t.key_index
                 .insert((key.0, *hash, key.1, end + *i as u64), ())?;
