@@ -596,3 +596,128 @@ async fn tag_and_sql_filters_deliver_exactly_the_matching_messages() -> anyhow::
     }
     Ok(())
 }
+
+/// Poll until `idle` passes with nothing new, committing each poll.
+async fn drain_until_idle(
+    consumer: &mut msmq_client::Consumer,
+    idle: Duration,
+) -> anyhow::Result<Vec<msmq_client::ReceivedMessage>> {
+    let mut got = Vec::new();
+    let mut quiet_since = std::time::Instant::now();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while quiet_since.elapsed() < idle && std::time::Instant::now() < deadline {
+        let batch = consumer.poll().await?;
+        consumer.commit().await?;
+        if !batch.is_empty() {
+            quiet_since = std::time::Instant::now();
+        }
+        got.extend(batch);
+    }
+    Ok(got)
+}
+
+/// With the default prefetch, a member fetches far ahead of its polls; what
+/// it polled comes in offset order, once, and its commits cover only that:
+/// after it leaves, the next member starts right after the last message
+/// polled, whatever was prefetched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefetched_messages_come_in_order_and_commits_cover_only_what_was_polled(
+) -> anyhow::Result<()> {
+    let broker = TestBroker::start()?;
+    let client = broker.client().await?;
+    client.create_topic("payments", 1).await?;
+    fill(&client, "payments", 1000).await?;
+    let small = |max_messages| ConsumerOptions {
+        limits: FetchLimits {
+            max_messages,
+            max_bytes: 1 << 20,
+            max_wait_ms: 100,
+        },
+        ..ConsumerOptions::default()
+    };
+    assert!(small(1).prefetch.is_on(), "prefetch is on by default");
+    let mut first = client.consumer("billing", &["payments"], small(10)).await?;
+    let polled = first.poll().await?;
+    first.commit().await?;
+    assert_eq!(
+        polled.iter().map(|m| m.offset()).collect::<Vec<_>>(),
+        (0..10).collect::<Vec<u64>>()
+    );
+    // Let the prefetch run ahead, then leave with it full.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    first.leave().await?;
+
+    let mut next = client
+        .consumer("billing", &["payments"], small(100))
+        .await?;
+    let rest = drain_until_idle(&mut next, Duration::from_millis(500)).await?;
+    assert_eq!(
+        rest.iter().map(|m| m.offset()).collect::<Vec<_>>(),
+        (10..1000).collect::<Vec<u64>>(),
+        "every later message once, in order, from the first one not polled"
+    );
+    Ok(())
+}
+
+/// A member whose prefetch holds messages of a partition it then loses
+/// drops them: after the rebalance it polls only its own partitions, and
+/// no message reaches both members.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_loses_a_partition_drops_what_it_prefetched_of_it() -> anyhow::Result<()> {
+    let broker = TestBroker::start()?;
+    let client = broker.client().await?;
+    client.create_topic("payments", 2).await?;
+    fill(&client, "payments", 400).await?;
+    let mut options = options(10_000);
+    options.limits.max_messages = 10;
+    let mut a = client
+        .consumer("billing", &["payments"], options.clone())
+        .await?;
+    let first = a.poll().await?;
+    a.commit().await?;
+    assert!(!first.is_empty());
+    // a's prefetch now holds much of both partitions.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let mut b = client.consumer("billing", &["payments"], options).await?;
+    b.heartbeat_now().await?;
+    a.heartbeat_now().await?;
+    let a_parts: BTreeSet<u32> = a
+        .assignment()
+        .partitions
+        .iter()
+        .map(|p| p.partition)
+        .collect();
+    let b_parts: BTreeSet<u32> = b
+        .assignment()
+        .partitions
+        .iter()
+        .map(|p| p.partition)
+        .collect();
+    assert_eq!(
+        (a_parts.len(), b_parts.len()),
+        (1, 1),
+        "{a_parts:?} {b_parts:?}"
+    );
+
+    let after_a = drain_until_idle(&mut a, Duration::from_millis(500)).await?;
+    let got_b = drain_until_idle(&mut b, Duration::from_millis(500)).await?;
+    assert!(
+        after_a.iter().all(|m| a_parts.contains(&m.partition)),
+        "after the rebalance a polls only its own partition"
+    );
+    let key = |m: &msmq_client::ReceivedMessage| (m.partition, m.offset());
+    let a_keys: BTreeSet<_> = first.iter().chain(&after_a).map(key).collect();
+    let b_keys: BTreeSet<_> = got_b.iter().map(key).collect();
+    assert!(
+        a_keys.is_disjoint(&b_keys),
+        "no message reaches both members: {:?}",
+        a_keys.intersection(&b_keys).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        first.len() + after_a.len() + got_b.len(),
+        400,
+        "every message once"
+    );
+    Ok(())
+}

@@ -155,6 +155,10 @@ pub struct ConsumeBench {
     /// Most messages per poll.
     #[arg(long, default_value_t = 2000)]
     max_messages: u32,
+    /// Messages each consumer fetches ahead of its polls (0: none, one
+    /// request per poll).
+    #[arg(long, default_value_t = msmq_client::PREFETCH_MESSAGES_DEFAULT)]
+    prefetch_messages: u32,
     /// Use the topic's existing messages instead of producing a backlog first.
     #[arg(long)]
     no_prefill: bool,
@@ -521,6 +525,7 @@ async fn consume(b: ConsumeBench) -> anyhow::Result<()> {
         let after = b.common.broker_totals().await;
         rates.push(messages as f64 / elapsed.as_secs_f64().max(1e-9));
         let mut extra = json!({"consumers": b.consumers, "size": b.common.size, "topic": topic,
+            "max_messages": b.max_messages, "prefetch_messages": b.prefetch_messages,
             "mode": if acks { "acks" } else { "offsets" },
             "latency_is": if acks { "per receive+ack" } else { "per poll+commit" }});
         let payload = messages * b.common.size as u64;
@@ -573,6 +578,10 @@ async fn drain_backlog(
                 max_messages: b.max_messages,
                 max_bytes: 16 * 1024 * 1024,
                 max_wait_ms: 200,
+            },
+            prefetch: msmq_client::Prefetch {
+                messages: b.prefetch_messages,
+                ..msmq_client::Prefetch::default()
             },
             ..ConsumerOptions::default()
         };

@@ -9,6 +9,7 @@
 //! broker stops hearing from it.
 
 use crate::connection::{expect_done, unexpected};
+use crate::prefetch::{Member, Prefetch, Prefetcher};
 use crate::{Client, ClientError};
 use msmq_protocol::{
     Assignment, ErrorCode, FetchLimits, Message, PartitionOffset, Receipt, Reply, Request,
@@ -37,6 +38,9 @@ pub struct ConsumerOptions {
     /// Only messages whose headers match, e.g. `amount > 1000 AND region = 'EU'`.
     /// Filters run on the broker: left-out messages never cross the network.
     pub sql_filter: Option<String>,
+    /// How far [`Consumer::poll`] fetches ahead ([`Prefetch::OFF`]: one
+    /// request per poll).
+    pub prefetch: Prefetch,
 }
 
 impl Default for ConsumerOptions {
@@ -48,6 +52,7 @@ impl Default for ConsumerOptions {
             broadcast_instance: None,
             tag_filter: None,
             sql_filter: None,
+            prefetch: Prefetch::default(),
         }
     }
 }
@@ -114,6 +119,8 @@ pub struct Consumer {
     /// Where to continue reading per owned partition (sent with every poll).
     positions: BTreeMap<TopicPartition, u64>,
     heartbeat: tokio::task::JoinHandle<()>,
+    /// Fetches ahead of `poll` (started by the first poll).
+    prefetcher: Option<Prefetcher>,
 }
 
 impl Drop for Consumer {
@@ -150,6 +157,7 @@ impl Consumer {
             uncommitted: BTreeMap::new(),
             positions: BTreeMap::new(),
             heartbeat,
+            prefetcher: None,
         })
     }
 
@@ -173,8 +181,13 @@ impl Consumer {
 
     /// Take the next messages from this member's partitions, waiting up to
     /// `limits.max_wait_ms` if none is ready. Returns an empty list when the
-    /// wait ran out. Messages of one partition come in offset order.
+    /// wait ran out. Messages of one partition come in offset order. With
+    /// a prefetch (the default), the next messages are fetched while the
+    /// application works on these.
     pub async fn poll(&mut self) -> Result<Vec<ReceivedMessage>, ClientError> {
+        if self.options.prefetch.is_on() {
+            return self.poll_prefetched().await;
+        }
         let reply = match self.poll_once().await {
             Err(e) if e.code() == Some(ErrorCode::UNKNOWN_MEMBER) => {
                 // The broker dropped us (timeout or restart): join again.
@@ -183,11 +196,64 @@ impl Consumer {
             }
             other => other?,
         };
-        let polled = match reply {
-            Reply::Polled(p) => p,
-            other => return Err(unexpected("Poll", other)),
+        match reply {
+            Reply::Polled(polled) => {
+                self.set_assignment(polled.assignment.clone());
+                Ok(self.deliver(polled))
+            }
+            other => Err(unexpected("Poll", other)),
+        }
+    }
+
+    async fn poll_prefetched(&mut self) -> Result<Vec<ReceivedMessage>, ClientError> {
+        let current = self.prefetcher.as_ref().is_some_and(|p| {
+            p.limits == self.options.limits && p.prefetch == self.options.prefetch
+        });
+        if !current {
+            self.start_prefetch();
+        }
+        let next = self.prefetcher.as_ref().expect("started").next().await;
+        let reply = match next {
+            Ok(reply) => reply,
+            Err(e) if e.code() == Some(ErrorCode::UNKNOWN_MEMBER) => {
+                // The broker dropped us (timeout or restart): join again
+                // and fetch from what this member has delivered.
+                self.prefetcher = None;
+                self.rejoin().await?;
+                self.start_prefetch();
+                self.prefetcher.as_ref().expect("started").next().await?
+            }
+            Err(e) => {
+                self.prefetcher = None;
+                return Err(e);
+            }
         };
-        self.set_assignment(polled.assignment);
+        let newest = self.prefetcher.as_ref().expect("started").assignment();
+        if newest.generation > self.assignment.generation {
+            self.set_assignment(newest);
+        }
+        Ok(reply.map(|polled| self.deliver(polled)).unwrap_or_default())
+    }
+
+    fn start_prefetch(&mut self) {
+        self.prefetcher = None;
+        let member = Member {
+            client: self.client.clone(),
+            group: self.group.clone(),
+            member_id: self.member_id.clone(),
+            assignment: self.assignment.clone(),
+            positions: self.positions.clone(),
+        };
+        self.prefetcher = Some(Prefetcher::start(
+            member,
+            self.options.limits,
+            self.options.prefetch,
+        ));
+    }
+
+    /// Hand a reply's messages to the application: from here on they count
+    /// as read, and a commit covers them.
+    fn deliver(&mut self, polled: msmq_protocol::Polled) -> Vec<ReceivedMessage> {
         let mut out = Vec::new();
         for batch in polled.batches {
             let topic: Arc<str> = batch.topic.as_str().into();
@@ -210,7 +276,7 @@ impl Consumer {
                 message,
             }));
         }
-        Ok(out)
+        out
     }
 
     async fn poll_once(&self) -> Result<Reply, ClientError> {
@@ -251,6 +317,9 @@ impl Consumer {
     }
 
     fn set_assignment(&mut self, assignment: Assignment) {
+        if let Some(prefetcher) = &self.prefetcher {
+            prefetcher.reassign(&assignment);
+        }
         // Progress on partitions we lost is no longer ours to commit.
         self.uncommitted
             .retain(|tp, _| assignment.partitions.contains(tp));
@@ -431,8 +500,10 @@ impl Consumer {
 
     /// Leave the group at once so its partitions move to other members.
     /// Uncommitted progress is not committed: call [`Consumer::commit`] first.
-    pub async fn leave(self) -> Result<(), ClientError> {
+    pub async fn leave(mut self) -> Result<(), ClientError> {
         self.heartbeat.abort();
+        // What was fetched ahead and not polled is the next owner's to read.
+        self.prefetcher = None;
         let reply = self
             .client
             .request(&Request::LeaveGroup {

@@ -43,6 +43,7 @@ mod connection;
 mod consumer;
 mod error;
 mod idempotence;
+mod prefetch;
 mod producer;
 mod transaction;
 pub mod transport;
@@ -56,5 +57,6 @@ pub use msmq_protocol::{
     ErrorCode, FetchLimits, HalfAck, Header, Message, MessageAck, MessageId, NewMessage, StartFrom,
     TransactionCheck, TxAction, TxEnded,
 };
+pub use prefetch::{Prefetch, PREFETCH_BYTES_DEFAULT, PREFETCH_MESSAGES_DEFAULT};
 pub use producer::{Producer, ProducerOptions};
 pub use transaction::{TransactionChecker, TransactionalProducer};

@@ -181,6 +181,7 @@ pub(super) async fn plugin(b: PluginBench) -> anyhow::Result<()> {
         let consume = ConsumeBench {
             consumers: 1,
             max_messages: b.native_max_messages,
+            prefetch_messages: msmq_client::PREFETCH_MESSAGES_DEFAULT,
             no_prefill: true,
             mode: ConsumeMode::Offsets,
             common: b.common.clone(),
