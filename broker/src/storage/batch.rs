@@ -52,6 +52,15 @@ pub fn encode_pointer(batch: &[u8], pointer: Pointer) -> Vec<u8> {
     out
 }
 
+/// Bytes of the batch a log row stands for: the pointer's length, or the
+/// row's own for a row holding its batch.
+pub fn stored_bytes(row: &[u8]) -> Result<u64, String> {
+    Ok(match pointer(row)? {
+        Some(at) => at.length as u64,
+        None => row.len() as u64,
+    })
+}
+
 /// Whether some record of a stored batch (not a pointer) has a key.
 pub fn is_keyed(batch: &[u8]) -> bool {
     batch.first() == Some(&KEYED_BATCH_FORMAT_VERSION)

@@ -36,7 +36,7 @@ pub struct TableDigest {
 }
 
 /// Tables hashed row by row as stored (the `log` is hashed batch by batch).
-const PLAIN_TABLES: usize = 20;
+const PLAIN_TABLES: usize = 18;
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -135,8 +135,6 @@ pub fn digest(db: &impl ReadSource, segments: &Segments) -> Result<Digest, Stora
     let plain_tables = [
         plain(&txn, tables::PARTITIONS, none)?,
         plain(&txn, tables::TOPICS, none)?,
-        plain(&txn, tables::BATCH_TIMES, none)?,
-        plain(&txn, tables::BATCH_BYTES, none)?,
         plain(&txn, tables::TOPIC_RETENTION, none)?,
         plain(&txn, tables::GROUP_OFFSETS, none)?,
         plain(&txn, tables::HALF_MESSAGES, none)?,
@@ -189,10 +187,11 @@ mod tests {
         let segments = Segments::recover(dir.path(), &db, None).unwrap();
         let digest = digest(&db, &segments).unwrap();
         let hashed: Vec<&str> = digest.tables.iter().map(|t| t.name.as_str()).collect();
+        let retired: Vec<&str> = tables::RETIRED.iter().map(|t| t.name()).collect();
         for name in defined {
             assert_eq!(
                 hashed.contains(&name),
-                name != "segments",
+                name != "segments" && !retired.contains(&name),
                 "table {name}: hashed {hashed:?}"
             );
         }

@@ -185,10 +185,10 @@ pub fn offset_for_time(
     timestamp_ms: u64,
 ) -> Result<Option<u64>, StorageError> {
     let txn = db.read_txn()?;
-    let times = txn.open_table(tables::BATCH_TIMES)?;
-    for entry in times.range((topic_id, partition, 0)..=(topic_id, partition, u64::MAX))? {
-        let (key, ts) = entry?;
-        if ts.value() >= timestamp_ms {
+    let log = txn.open_table(tables::LOG)?;
+    for entry in log.range((topic_id, partition, 0)..=(topic_id, partition, u64::MAX))? {
+        let (key, row) = entry?;
+        if appended_ms(row.value())? >= timestamp_ms {
             return Ok(Some(key.value().2));
         }
     }
@@ -390,6 +390,13 @@ pub fn producer(
     }
 }
 
+/// When a log row's batch was appended.
+fn appended_ms(row: &[u8]) -> Result<u64, StorageError> {
+    Ok(batch::header(row)
+        .map_err(StorageError::Corrupt)?
+        .timestamp_ms)
+}
+
 /// Where retention moves a partition's start: the base of the oldest batch
 /// to keep, given batches appended before `cutoff_ms` expire (0: no age
 /// limit) and at most `max_bytes` (0: no size limit) of batches are kept.
@@ -404,31 +411,30 @@ pub fn retention_start(
     max_bytes: u64,
 ) -> Result<u64, StorageError> {
     let txn = db.read_txn()?;
+    let log = txn.open_table(tables::LOG)?;
     let mut keep_from = start;
     if cutoff_ms > 0 {
-        let times = txn.open_table(tables::BATCH_TIMES)?;
         keep_from = end;
-        for entry in times.range((topic_id, partition, start)..(topic_id, partition, end))? {
-            let (k, v) = entry?;
-            if v.value() >= cutoff_ms {
+        for entry in log.range((topic_id, partition, start)..(topic_id, partition, end))? {
+            let (k, row) = entry?;
+            if appended_ms(row.value())? >= cutoff_ms {
                 keep_from = k.value().2;
                 break;
             }
         }
     }
     if max_bytes > 0 {
-        let sizes = txn.open_table(tables::BATCH_BYTES)?;
         let mut kept = 0u64;
-        for entry in sizes
+        for entry in log
             .range((topic_id, partition, start)..(topic_id, partition, end))?
             .rev()
         {
-            let (k, v) = entry?;
-            kept += v.value();
+            let (k, row) = entry?;
+            kept += batch::stored_bytes(row.value()).map_err(StorageError::Corrupt)?;
             if kept > max_bytes {
                 // This batch does not fit: keep from the next one on.
                 let base = k.value().2;
-                let next = sizes
+                let next = log
                     .range((topic_id, partition, base + 1)..(topic_id, partition, end))?
                     .next()
                     .transpose()?

@@ -20,8 +20,10 @@
 //!
 //! Invariants:
 //! - redb stays the one source of truth. A log row holds a [`Pointer`] into
-//!   a segment, and the `segments` table holds each segment's committed
-//!   length; the commit that adds the rows also records the lengths.
+//!   a segment, and the `segments` table names each segment (a row written
+//!   by the commit that starts it). A segment's committed length is where
+//!   the last batch a row points at in it ends, so appends touch no
+//!   `segments` row: one table fewer rewritten per commit.
 //! - Bytes are written and synced before the commit that points at them: a
 //!   committed pointer never points at bytes that are not on disk.
 //! - Bytes past a segment's committed length belong to a commit that failed
@@ -99,6 +101,47 @@ impl Roll {
     }
 }
 
+/// Each named segment's committed length: where the last batch a `log` row
+/// points at in it ends. The `segments` table only names segments (a row
+/// when one starts), so a commit that appends writes no row there.
+fn committed_lengths(db: &Database) -> Result<BTreeMap<SegmentId, u64>, StorageError> {
+    let txn = db.begin_read()?;
+    let table = txn.open_table(tables::SEGMENTS)?;
+    let log = txn.open_table(tables::LOG)?;
+    let mut ids = Vec::new();
+    for entry in table.iter()? {
+        let (topic, partition, base) = entry?.0.value();
+        ids.push(SegmentId {
+            topic,
+            partition,
+            base,
+        });
+    }
+    let mut lengths = BTreeMap::new();
+    for (i, id) in ids.iter().enumerate() {
+        // A segment holds the batches from its base to the next one's.
+        let next = ids
+            .get(i + 1)
+            .filter(|n| (n.topic, n.partition) == (id.topic, id.partition))
+            .map_or(u64::MAX, |n| n.base);
+        let mut length = 0;
+        for row in log
+            .range((id.topic, id.partition, id.base)..(id.topic, id.partition, next))?
+            .rev()
+        {
+            // Rows of older versions may hold their batch: not in a file.
+            if let Some(at) = batch::pointer(row?.1.value()).map_err(StorageError::Corrupt)? {
+                if at.segment == id.base {
+                    length = at.position + at.length as u64;
+                    break;
+                }
+            }
+        }
+        lengths.insert(*id, length);
+    }
+    Ok(lengths)
+}
+
 fn io_error(what: &str, path: &Path, e: std::io::Error) -> StorageError {
     StorageError::Redb(format!("{what} {}: {e}", path.display()))
 }
@@ -131,21 +174,7 @@ impl Segments {
                 .and_then(|_| File::open(data_dir)?.sync_all())
                 .map_err(|e| io_error("creating", &segments.dir, e))?;
         }
-        let mut committed = BTreeMap::new();
-        {
-            let txn = db.begin_read()?;
-            let table = txn.open_table(tables::SEGMENTS)?;
-            for entry in table.iter()? {
-                let (k, v) = entry?;
-                let (topic, partition, base) = k.value();
-                let id = SegmentId {
-                    topic,
-                    partition,
-                    base,
-                };
-                committed.insert(id, v.value());
-            }
-        }
+        let committed = committed_lengths(db)?;
         let mut found = HashSet::new();
         for (id, path) in segments.files_on_disk()? {
             let Some(&length) = committed.get(&id) else {
@@ -351,8 +380,8 @@ pub struct SegmentAppender {
     dirty: HashMap<SegmentId, Arc<File>>,
     /// Directories that gained files since the last sync.
     dirty_dirs: HashSet<PathBuf>,
-    /// Lengths appends reached since [`Self::take_lengths`].
-    lengths: HashMap<SegmentId, u64>,
+    /// Segments started since [`Self::take_created`].
+    created: Vec<SegmentId>,
     /// Bytes written to files since [`Self::take_written`].
     written: u64,
 }
@@ -364,7 +393,7 @@ impl SegmentAppender {
             active: HashMap::new(),
             dirty: HashMap::new(),
             dirty_dirs: HashSet::new(),
-            lengths: HashMap::new(),
+            created: Vec::new(),
             written: 0,
         }
     }
@@ -418,17 +447,16 @@ impl SegmentAppender {
         };
         active.pending.extend_from_slice(bytes);
         active.length += bytes.len() as u64;
-        self.lengths.insert(id, active.length);
         if active.pending.len() >= PENDING_BYTES_MAX {
             self.written += write_out(&self.segments, &mut self.dirty, id, active)?;
         }
         Ok(pointer)
     }
 
-    /// The lengths appends reached since the last call, for the writer to
-    /// record in the `segments` table.
-    pub fn take_lengths(&mut self) -> Vec<(SegmentId, u64)> {
-        self.lengths.drain().collect()
+    /// The segments started since the last call, for the writer to record
+    /// in the `segments` table.
+    pub fn take_created(&mut self) -> Vec<SegmentId> {
+        std::mem::take(&mut self.created)
     }
 
     /// Write every appended batch to its file.
@@ -470,8 +498,8 @@ impl SegmentAppender {
                 .insert(self.segments.dir.join(topic.to_string()));
         }
         self.dirty_dirs.insert(dir);
-        // A file already at this base holds nothing committed: no committed
-        // pointer reaches a segment based at a batch that is still inline.
+        // A segment starts at its partition's end, so a file already at
+        // this base holds nothing committed (a failed commit's bytes).
         let file = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
@@ -479,6 +507,7 @@ impl SegmentAppender {
             .open(&path)
             .map_err(|e| io_error("creating", &path, e))?;
         tracing::debug!(file = %path.display(), "new segment");
+        self.created.push(id);
         Ok(Active {
             base,
             file: Arc::new(file),
@@ -542,7 +571,7 @@ impl SegmentAppender {
                 base: active.base,
             })
         });
-        self.lengths.retain(|id, _| !doomed(id));
+        self.created.retain(|id| !doomed(id));
     }
 
     /// A commit failed: start every partition on a new segment, so nothing
@@ -551,7 +580,7 @@ impl SegmentAppender {
     /// synced (`durability = none`) still point into them.
     pub fn abandon_all(&mut self) {
         self.active.clear();
-        self.lengths.clear();
+        self.created.clear();
     }
 }
 
@@ -744,10 +773,14 @@ mod tests {
             let txn = self.db.begin_write().expect("txn");
             {
                 let mut table = txn.open_table(tables::SEGMENTS).expect("table");
-                for (id, length) in self.writer.take_lengths() {
-                    table
-                        .insert((id.topic, id.partition, id.base), length)
-                        .unwrap();
+                for id in self.writer.take_created() {
+                    table.insert((id.topic, id.partition, id.base), 0).unwrap();
+                }
+                let mut log = txn.open_table(tables::LOG).expect("table");
+                let header = batch::encode(0, &[]);
+                for ((base, _), at) in batches.iter().zip(&pointers) {
+                    let row = batch::encode_pointer(&header, *at);
+                    log.insert((1, 0, *base), row.as_slice()).unwrap();
                 }
             }
             txn.commit().expect("commit");

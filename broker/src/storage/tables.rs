@@ -7,15 +7,18 @@ use redb::{Database, ReadableTable, TableDefinition};
 /// (topic id, partition, base offset) → a [`super::batch::Pointer`] to the
 /// batch in its segment file (the batch itself in older data directories).
 pub const LOG: TableDefinition<(u32, u32, u64), &[u8]> = TableDefinition::new("log");
-/// (topic id, partition, segment base offset) → the segment file's committed
-/// length in bytes (see [`super::segments`]).
+/// (topic id, partition, segment base offset) → 0: a row per segment file,
+/// written when the segment starts. Its committed length is where the last
+/// batch a `log` row points at in it ends (see [`super::segments`]); older
+/// versions kept that length here and updated it in every commit.
 pub const SEGMENTS: TableDefinition<(u32, u32, u64), u64> = TableDefinition::new("segments");
-/// (topic id, partition, base offset) → the batch's append time in ms: a
-/// small index for finding offsets by time without reading batches.
-pub const BATCH_TIMES: TableDefinition<(u32, u32, u64), u64> = TableDefinition::new("batch_times");
-/// (topic id, partition, base offset) → the batch's stored size in bytes,
-/// for retention by size.
-pub const BATCH_BYTES: TableDefinition<(u32, u32, u64), u64> = TableDefinition::new("batch_bytes");
+/// Tables of earlier versions, deleted at open: a batch's append time and
+/// size are in its `log` row, and two more tables written in every commit
+/// cost redb pages (write amplification) for nothing.
+pub const RETIRED: [TableDefinition<(u32, u32, u64), u64>; 2] = [
+    TableDefinition::new("batch_times"),
+    TableDefinition::new("batch_bytes"),
+];
 /// topic id → (max age in ms, max bytes per partition), 0 meaning no limit:
 /// the topic's own retention (topics without a row use the broker default).
 pub const TOPIC_RETENTION: TableDefinition<u32, (u64, u64)> =
@@ -89,8 +92,9 @@ pub fn create_all(db: &Database) -> Result<(), StorageError> {
     let txn = db.begin_write()?;
     txn.open_table(LOG)?;
     txn.open_table(SEGMENTS)?;
-    txn.open_table(BATCH_TIMES)?;
-    txn.open_table(BATCH_BYTES)?;
+    for retired in RETIRED {
+        txn.delete_table(retired)?;
+    }
     txn.open_table(TOPIC_RETENTION)?;
     txn.open_table(PARTITIONS)?;
     txn.open_table(TOPICS)?;

@@ -321,8 +321,6 @@ struct Effects {
 struct Tables<'t> {
     log: redb::Table<'t, (u32, u32, u64), &'static [u8]>,
     segments: redb::Table<'t, (u32, u32, u64), u64>,
-    batch_times: redb::Table<'t, (u32, u32, u64), u64>,
-    batch_bytes: redb::Table<'t, (u32, u32, u64), u64>,
     retention: redb::Table<'t, u32, (u64, u64)>,
     tokens: redb::Table<'t, &'static str, &'static [u8]>,
     acls: redb::Table<'t, &'static str, &'static [u8]>,
@@ -582,8 +580,6 @@ impl Writer {
             let mut t = Tables {
                 log: txn.open_table(tables::LOG)?,
                 segments: txn.open_table(tables::SEGMENTS)?,
-                batch_times: txn.open_table(tables::BATCH_TIMES)?,
-                batch_bytes: txn.open_table(tables::BATCH_BYTES)?,
                 retention: txn.open_table(tables::TOPIC_RETENTION)?,
                 tokens: txn.open_table(tables::TOKENS)?,
                 acls: txn.open_table(tables::ACLS)?,
@@ -671,7 +667,7 @@ impl Writer {
     }
 
     /// Write the batches this transaction appended to their segment files
-    /// and record the segments' new lengths in it.
+    /// and name the segments it started in the `segments` table.
     fn write_segments(&self, t: &mut Tables) -> Result<(), StorageError> {
         let mut appender = self.appender.borrow_mut();
         let reaper = self.reaper.borrow();
@@ -680,9 +676,8 @@ impl Writer {
         }
         appender.write()?;
         let written = appender.take_written();
-        for (id, length) in appender.take_lengths() {
-            t.segments
-                .insert((id.topic, id.partition, id.base), length)?;
+        for id in appender.take_created() {
+            t.segments.insert((id.topic, id.partition, id.base), 0)?;
         }
         if written > 0 {
             self.options.observer.segments_written(written);

@@ -53,10 +53,6 @@ impl Writer {
                     self.reaper.borrow_mut().drop_topic(&mut t.segments, id)?;
                     t.partitions
                         .retain_in((id, 0)..=(id, u32::MAX), |_, _| false)?;
-                    t.batch_times
-                        .retain_in((id, 0, 0)..=(id, u32::MAX, u64::MAX), |_, _| false)?;
-                    t.batch_bytes
-                        .retain_in((id, 0, 0)..=(id, u32::MAX, u64::MAX), |_, _| false)?;
                     t.retention.remove(id)?;
                     t.retries.retain(|k, _| k.1 != id)?;
                     t.plugin_retries.retain(|k, _| k.1 != id)?;
@@ -319,8 +315,6 @@ impl Writer {
         let mut new_start = start;
         for (base, count, sequence, keys) in &doomed {
             t.log.remove((id, partition, *base))?;
-            t.batch_times.remove((id, partition, *base))?;
-            t.batch_bytes.remove((id, partition, *base))?;
             if let Some(sequence) = sequence {
                 t.id_index.remove(*sequence)?;
             }
@@ -413,10 +407,6 @@ impl Writer {
             (key.0, key.1, end),
             batch::encode_pointer(value, at).as_slice(),
         )?;
-        t.batch_times
-            .insert((key.0, key.1, end), header.timestamp_ms)?;
-        t.batch_bytes
-            .insert((key.0, key.1, end), value.len() as u64)?;
         t.id_index
             .insert(header.base_sequence, (key.0, key.1, end, header.count))?;
         for (i, hash) in key_hashes {
