@@ -549,6 +549,7 @@ async fn consume(b: ConsumeBench) -> anyhow::Result<()> {
 }
 
 type AckTask = tokio::task::JoinHandle<Result<Vec<bool>, msmq_client::ClientError>>;
+type CommitTask = tokio::task::JoinHandle<Result<(), msmq_client::ClientError>>;
 
 /// One fresh group drains the topic from the start: poll + commit, or
 /// receive + ack of every message.
@@ -591,6 +592,7 @@ async fn drain_backlog(
             // Acks of one batch travel while the next is received.
             let acker = consumer.acker();
             let mut pending_ack: Option<AckTask> = None;
+            let mut pending_commit: Option<CommitTask> = None;
             while !run.over() {
                 let t0 = Instant::now();
                 let (n, bytes) = if acks {
@@ -611,8 +613,12 @@ async fn drain_backlog(
                     (n, bytes)
                 } else {
                     let messages = consumer.poll().await?;
+                    // One commit in flight while the next poll is taken.
+                    if let Some(previous) = pending_commit.take() {
+                        previous.await??;
+                    }
                     if !messages.is_empty() {
-                        consumer.commit().await?;
+                        pending_commit = Some(consumer.commit_in_background());
                     }
                     let bytes = messages
                         .iter()
@@ -626,6 +632,9 @@ async fn drain_backlog(
                 }
             }
             if let Some(last) = pending_ack.take() {
+                last.await??;
+            }
+            if let Some(last) = pending_commit.take() {
                 last.await??;
             }
             consumer.leave().await?;

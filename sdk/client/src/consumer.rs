@@ -353,27 +353,46 @@ impl Consumer {
         if self.uncommitted.is_empty() {
             return Ok(());
         }
-        let offsets = self
-            .uncommitted
-            .iter()
-            .map(|(tp, offset)| PartitionOffset {
-                topic: tp.topic.clone(),
-                partition: tp.partition,
-                offset: *offset,
-            })
-            .collect();
-        let reply = self
-            .client
-            .request(&Request::CommitOffsets {
-                group: self.group.clone(),
-                member_id: self.member_id(),
-                generation: self.assignment.generation,
-                offsets,
-            })
-            .await?;
-        expect_done("CommitOffsets", reply)?;
+        let request = self.commit_request();
+        expect_done("CommitOffsets", self.client.request(&request).await?)?;
         self.uncommitted.clear();
         Ok(())
+    }
+
+    /// Start committing everything polled so far and return at once, so
+    /// the commit travels while the application polls and works on the
+    /// next messages. Await the handle before counting on the commit (and
+    /// before the next one, to keep one in flight). A commit the broker
+    /// refuses (after a rebalance: `REBALANCED`) leaves the offsets to the
+    /// next [`Consumer::commit`], which refreshes the assignment; a later
+    /// commit covers an earlier one, as offsets only move forward.
+    pub fn commit_in_background(&mut self) -> tokio::task::JoinHandle<Result<(), ClientError>> {
+        let client = self.client.clone();
+        let request = (!self.uncommitted.is_empty()).then(|| self.commit_request());
+        self.uncommitted.clear();
+        tokio::spawn(async move {
+            match request {
+                Some(request) => expect_done("CommitOffsets", client.request(&request).await?),
+                None => Ok(()),
+            }
+        })
+    }
+
+    fn commit_request(&self) -> Request {
+        Request::CommitOffsets {
+            group: self.group.clone(),
+            member_id: self.member_id(),
+            generation: self.assignment.generation,
+            offsets: self
+                .uncommitted
+                .iter()
+                .map(|(tp, offset)| PartitionOffset {
+                    topic: tp.topic.clone(),
+                    partition: tp.partition,
+                    offset: *offset,
+                })
+                .collect(),
+        }
     }
 
     /// Refresh the assignment now.
