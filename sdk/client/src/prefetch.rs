@@ -5,7 +5,8 @@
 //!
 //! Invariants:
 //! - Replies are handed out in the order they arrived, so the messages of a
-//!   partition come in offset order, each once.
+//!   partition come in offset order, each once; one `poll` takes as many
+//!   waiting replies as fit in its limits.
 //! - At most [`Prefetch`] messages and bytes wait, plus one fetch's worth.
 //! - When a reply shows the member lost partitions, whatever was fetched of
 //!   them is dropped: their new owner reads them from the group's last
@@ -185,10 +186,25 @@ impl Prefetcher {
             let arrived = self.shared.arrived.notified();
             {
                 let mut state = self.shared.state.lock().expect("prefetch state");
-                if let Some(reply) = state.replies.pop_front() {
-                    let (m, b) = size(&reply);
-                    state.messages -= m;
-                    state.bytes -= b;
+                if let Some(mut reply) = state.replies.pop_front() {
+                    // Whatever else waits joins it, up to one poll's limits:
+                    // replies that trickled in one by one go out together.
+                    let (mut messages, mut bytes) = size(&reply);
+                    while let Some(next) = state.replies.front() {
+                        let (m, b) = size(next);
+                        if messages + m > self.limits.max_messages as u64
+                            || bytes + b > self.limits.max_bytes as u64
+                        {
+                            break;
+                        }
+                        let next = state.replies.pop_front().expect("a front reply");
+                        reply.assignment = next.assignment;
+                        reply.batches.extend(next.batches);
+                        messages += m;
+                        bytes += b;
+                    }
+                    state.messages -= messages;
+                    state.bytes -= bytes;
                     drop(state);
                     self.shared.taken.notify_one();
                     return Ok(Some(reply));
