@@ -8,9 +8,10 @@
 //! its retained size. A segment is deleted whole once retention has trimmed
 //! every batch in it, so the disk follows the retained data.
 //!
-//! Size: over 800 lines (files, index, reads, trims and their tests); it is
-//! split with the write-once log of the performance issue, which changes
-//! what a segment holds, so a split now would cut along a line that moves.
+//! Size: over 800 lines (files, index, reads, trims and their tests). The
+//! next step of the performance issue turns segments into the command log
+//! (one file per broker, framed commands), which changes what this module
+//! holds; it is split then rather than twice.
 //!
 //! Each payload byte is written once: the writer appends every batch a
 //! group commit stores to its partition's segment ([`SegmentAppender`]),

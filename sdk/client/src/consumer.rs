@@ -9,11 +9,10 @@
 //! broker stops hearing from it.
 
 use crate::connection::{expect_done, unexpected};
-use crate::prefetch::{Member, Prefetch, Prefetcher};
+use crate::prefetch::{offset_list, read_to, Member, Prefetch, Prefetcher};
 use crate::{Client, ClientError};
 use msmq_protocol::{
-    Assignment, ErrorCode, FetchLimits, Message, PartitionOffset, Receipt, Reply, Request,
-    StartFrom, TopicPartition,
+    Assignment, ErrorCode, FetchLimits, Message, Receipt, Reply, Request, StartFrom, TopicPartition,
 };
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -257,11 +256,7 @@ impl Consumer {
         let mut out = Vec::new();
         for batch in polled.batches {
             let topic: Arc<str> = batch.topic.as_str().into();
-            // Progress includes messages a filter left out.
-            let read_to = batch
-                .messages
-                .last()
-                .map_or(batch.next_offset, |m| batch.next_offset.max(m.offset + 1));
+            let read_to = read_to(&batch);
             let tp = TopicPartition {
                 topic: batch.topic.clone(),
                 partition: batch.partition,
@@ -285,15 +280,7 @@ impl Consumer {
                 group: self.group.clone(),
                 member_id: self.member_id(),
                 limits: self.options.limits,
-                positions: self
-                    .positions
-                    .iter()
-                    .map(|(tp, offset)| PartitionOffset {
-                        topic: tp.topic.clone(),
-                        partition: tp.partition,
-                        offset: *offset,
-                    })
-                    .collect(),
+                positions: offset_list(&self.positions),
             })
             .await
     }
@@ -383,15 +370,7 @@ impl Consumer {
             group: self.group.clone(),
             member_id: self.member_id(),
             generation: self.assignment.generation,
-            offsets: self
-                .uncommitted
-                .iter()
-                .map(|(tp, offset)| PartitionOffset {
-                    topic: tp.topic.clone(),
-                    partition: tp.partition,
-                    offset: *offset,
-                })
-                .collect(),
+            offsets: offset_list(&self.uncommitted),
         }
     }
 

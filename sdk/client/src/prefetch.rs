@@ -16,7 +16,8 @@
 
 use crate::{Client, ClientError};
 use msmq_protocol::{
-    Assignment, FetchLimits, PartitionOffset, Polled, Reply, Request, TopicPartition,
+    Assignment, FetchLimits, FetchedMessages, PartitionOffset, Polled, Reply, Request,
+    TopicPartition,
 };
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -105,6 +106,27 @@ impl State {
         self.bytes = bytes;
         self.assignment = assignment.clone();
     }
+}
+
+/// The wire form of per-partition offsets.
+pub(crate) fn offset_list(offsets: &BTreeMap<TopicPartition, u64>) -> Vec<PartitionOffset> {
+    offsets
+        .iter()
+        .map(|(tp, offset)| PartitionOffset {
+            topic: tp.topic.clone(),
+            partition: tp.partition,
+            offset: *offset,
+        })
+        .collect()
+}
+
+/// Where reading a partition goes on after a fetched batch: progress
+/// includes messages a filter left out.
+pub(crate) fn read_to(batch: &FetchedMessages) -> u64 {
+    batch
+        .messages
+        .last()
+        .map_or(batch.next_offset, |m| batch.next_offset.max(m.offset + 1))
 }
 
 /// Messages and payload bytes of a reply.
@@ -253,17 +275,7 @@ async fn fetch_loop(
         let positions: Option<Vec<PartitionOffset>> = {
             let state = shared.state.lock().expect("prefetch state");
             let full = state.messages >= prefetch.messages as u64 || state.bytes >= prefetch.bytes;
-            (!full).then(|| {
-                state
-                    .positions
-                    .iter()
-                    .map(|(tp, offset)| PartitionOffset {
-                        topic: tp.topic.clone(),
-                        partition: tp.partition,
-                        offset: *offset,
-                    })
-                    .collect()
-            })
+            (!full).then(|| offset_list(&state.positions))
         };
         let Some(positions) = positions else {
             taken.await;
@@ -282,11 +294,7 @@ async fn fetch_loop(
             Ok(Reply::Polled(polled)) => {
                 state.reassign(&polled.assignment);
                 for batch in &polled.batches {
-                    // Progress includes messages a filter left out.
-                    let read_to = batch
-                        .messages
-                        .last()
-                        .map_or(batch.next_offset, |m| batch.next_offset.max(m.offset + 1));
+                    let read_to = read_to(batch);
                     state.positions.insert(
                         TopicPartition {
                             topic: batch.topic.clone(),
