@@ -118,6 +118,63 @@ async fn dropped_connections_lose_nothing_and_the_client_reconnects() -> anyhow:
     Ok(())
 }
 
+/// A broker killed and back within milliseconds, while a consumer's long
+/// poll waits: the old broker had acknowledged the poll, so the client has
+/// nothing left to send, and only its liveness ping after the wait finds the
+/// connection gone (the heartbeat is 20 s away here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_in_a_long_poll_notices_a_restarted_broker_soon_after_its_wait(
+) -> anyhow::Result<()> {
+    use msmq_client::ConsumerOptions;
+    let mut broker = TestBroker::start()?;
+    broker.client().await?.create_topic("restarts", 1).await?;
+    let wait_ms = 300;
+    let options = ConsumerOptions {
+        limits: FetchLimits {
+            max_wait_ms: wait_ms,
+            ..FetchLimits::default()
+        },
+        session_timeout: Duration::from_secs(60),
+        ..ConsumerOptions::default()
+    };
+    let consumer_client = broker.client().await?;
+    let mut consumer = consumer_client
+        .consumer("watchers", &["restarts"], options)
+        .await?;
+    assert!(consumer.poll().await?.is_empty());
+    // The next poll is on its way and acknowledged.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    broker.restart()?;
+    let restarted = std::time::Instant::now();
+    broker
+        .client()
+        .await?
+        .producer("restarts")
+        .send(NewMessage::new("after"))
+        .await?;
+    let mut received = Vec::new();
+    let mut errors = 0;
+    while received.is_empty() && restarted.elapsed() < Duration::from_secs(15) {
+        match consumer.poll().await {
+            Ok(batch) => received.extend(batch.into_iter().map(|m| m.message.payload)),
+            Err(_) => {
+                errors += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    let took = restarted.elapsed();
+    println!(
+        "the consumer got the first message {took:?} after the restart ({errors} failed polls)"
+    );
+    assert_eq!(received, [b"after".to_vec()]);
+    assert!(
+        took < Duration::from_millis(u64::from(wait_ms) + 1_500),
+        "took {took:?}"
+    );
+    Ok(())
+}
+
 /// A long poll at `offset` of partition 0, in flight on the client's connection.
 fn long_poll_on(
     client: &Client,

@@ -407,6 +407,39 @@ impl Client {
         }
     }
 
+    /// Send a long poll (`Poll` or `Fetch` with `wait`) and watch the
+    /// connection while it waits. A reply later than `wait` plus
+    /// [`LONG_POLL_GRACE`] sends a `Ping`, and more at doubling gaps after:
+    /// a broker that restarted answers the Ping's packets with a stateless
+    /// reset at once, where a poll the old broker had acknowledged sends
+    /// nothing more and would learn of it only at the next heartbeat.
+    pub(crate) async fn long_poll(
+        &self,
+        request: &Request,
+        wait: Duration,
+    ) -> Result<Reply, ClientError> {
+        let reply = self.request(request);
+        tokio::pin!(reply);
+        let mut grace = LONG_POLL_GRACE;
+        let mut next_check = tokio::time::Instant::now() + wait + grace;
+        loop {
+            tokio::select! {
+                result = &mut reply => return result,
+                () = tokio::time::sleep_until(next_check) => {
+                    let client = self.clone();
+                    // Its answer does not matter: a dead connection fails
+                    // the poll itself.
+                    tokio::spawn(async move {
+                        let _ = tokio::time::timeout(LONG_POLL_CHECK_MAX, client.ping()).await;
+                    });
+                    // A busy broker is slow, not gone: check less often.
+                    grace = (grace * 2).min(LONG_POLL_CHECK_MAX);
+                    next_check += grace;
+                }
+            }
+        }
+    }
+
     async fn request_once(&self, request: &Request) -> Result<Reply, ClientError> {
         let frame = encode_frame(request)?;
         // This request's turn to write, taken before its stream is opened,
@@ -793,7 +826,8 @@ impl Client {
             offset,
             limits,
         };
-        match self.request(&req).await? {
+        let wait = Duration::from_millis(limits.max_wait_ms.into());
+        match self.long_poll(&req, wait).await? {
             Reply::Fetched(f) => Ok(f),
             other => Err(unexpected("Fetch", other)),
         }
@@ -941,6 +975,12 @@ impl Drop for FrameWrite {
 
 /// Added to the broker's wait hint, so a retry does not arrive a hair early.
 const RATE_LIMITED_MARGIN: Duration = Duration::from_millis(1);
+/// How long past its wait a long poll may go unanswered before the client
+/// checks that the connection is alive (a Ping).
+pub const LONG_POLL_GRACE: Duration = Duration::from_millis(50);
+/// The longest gap between such checks while the reply stays away; they
+/// double from [`LONG_POLL_GRACE`] up to it.
+pub const LONG_POLL_CHECK_MAX: Duration = Duration::from_secs(1);
 
 async fn exchange(write: FrameWrite, mut recv: quinn::RecvStream) -> Result<Reply, ClientError> {
     match write.write().await {

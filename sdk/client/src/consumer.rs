@@ -275,13 +275,17 @@ impl Consumer {
     }
 
     async fn poll_once(&self) -> Result<Reply, ClientError> {
+        let limits = self.options.limits;
         self.client
-            .request(&Request::Poll {
-                group: self.group.clone(),
-                member_id: self.member_id(),
-                limits: self.options.limits,
-                positions: offset_list(&self.positions),
-            })
+            .long_poll(
+                &Request::Poll {
+                    group: self.group.clone(),
+                    member_id: self.member_id(),
+                    limits,
+                    positions: offset_list(&self.positions),
+                },
+                Duration::from_millis(limits.max_wait_ms.into()),
+            )
             .await
     }
 

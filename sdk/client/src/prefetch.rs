@@ -22,6 +22,7 @@ use msmq_protocol::{
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tokio::sync::Notify;
 
 /// Messages fetched ahead by default.
@@ -282,12 +283,15 @@ async fn fetch_loop(
             continue;
         };
         let reply = client
-            .request(&Request::Poll {
-                group: group.clone(),
-                member_id: member_id.load(Ordering::Relaxed),
-                limits,
-                positions,
-            })
+            .long_poll(
+                &Request::Poll {
+                    group: group.clone(),
+                    member_id: member_id.load(Ordering::Relaxed),
+                    limits,
+                    positions,
+                },
+                Duration::from_millis(limits.max_wait_ms.into()),
+            )
             .await;
         let mut state = shared.state.lock().expect("prefetch state");
         match reply {
