@@ -6,8 +6,10 @@
 //! Invariants:
 //! - Replies are handed out in the order they arrived, so the messages of a
 //!   partition come in offset order, each once; one `poll` takes as many
-//!   waiting replies as fit in its limits.
-//! - At most [`Prefetch`] messages and bytes wait, plus one fetch's worth.
+//!   waiting messages as fit in its limits.
+//! - At most [`Prefetch`] messages and bytes wait, plus one poll's worth.
+//!   A fetch asks for the room left, so one fetch serves many polls; a poll
+//!   takes at most its own limits, splitting a fetched batch if need be.
 //! - When a reply shows the member lost partitions, whatever was fetched of
 //!   them is dropped: their new owner reads them from the group's last
 //!   commit, and the prefetch never delivers a message twice by itself.
@@ -144,6 +146,57 @@ fn size(reply: &Polled) -> (u64, u64) {
     })
 }
 
+/// One poll's worth from the front of the queue: whole replies while they
+/// fit in `limits`, and the front part of the next one (at least one
+/// message, so an oversized message still goes out). Fetches are larger
+/// than polls, so most polls take part of a reply.
+fn take_up_to(replies: &mut VecDeque<Polled>, limits: &FetchLimits) -> Polled {
+    let (max_messages, max_bytes) = (limits.max_messages as u64, limits.max_bytes as u64);
+    let front = replies.front().expect("a waiting reply");
+    let mut out = Polled {
+        assignment: front.assignment.clone(),
+        batches: Vec::new(),
+    };
+    let (mut messages, mut bytes) = (0u64, 0u64);
+    while let Some(reply) = replies.front_mut() {
+        out.assignment = reply.assignment.clone();
+        while !reply.batches.is_empty() {
+            let batch = &mut reply.batches[0];
+            // How many of this batch's messages fit.
+            let mut take = 0;
+            for m in &batch.messages {
+                let size = m.payload.len() as u64;
+                let first = messages == 0 && take == 0;
+                if !first && (messages + 1 > max_messages || bytes + size > max_bytes) {
+                    break;
+                }
+                messages += 1;
+                bytes += size;
+                take += 1;
+            }
+            if take == batch.messages.len() {
+                out.batches.push(reply.batches.remove(0));
+                continue;
+            }
+            if take > 0 {
+                let rest = batch.messages.split_off(take);
+                let head = std::mem::replace(&mut batch.messages, rest);
+                let next_offset = head.last().map_or(batch.next_offset, |m| m.offset + 1);
+                out.batches.push(FetchedMessages {
+                    topic: batch.topic.clone(),
+                    partition: batch.partition,
+                    end_offset: batch.end_offset,
+                    messages: head,
+                    next_offset,
+                });
+            }
+            return out;
+        }
+        replies.pop_front();
+    }
+    out
+}
+
 /// A running fetch task; stopped when dropped.
 pub(crate) struct Prefetcher {
     shared: Arc<Shared>,
@@ -209,23 +262,9 @@ impl Prefetcher {
             let arrived = self.shared.arrived.notified();
             {
                 let mut state = self.shared.state.lock().expect("prefetch state");
-                if let Some(mut reply) = state.replies.pop_front() {
-                    // Whatever else waits joins it, up to one poll's limits:
-                    // replies that trickled in one by one go out together.
-                    let (mut messages, mut bytes) = size(&reply);
-                    while let Some(next) = state.replies.front() {
-                        let (m, b) = size(next);
-                        if messages + m > self.limits.max_messages as u64
-                            || bytes + b > self.limits.max_bytes as u64
-                        {
-                            break;
-                        }
-                        let next = state.replies.pop_front().expect("a front reply");
-                        reply.assignment = next.assignment;
-                        reply.batches.extend(next.batches);
-                        messages += m;
-                        bytes += b;
-                    }
+                if !state.replies.is_empty() {
+                    let reply = take_up_to(&mut state.replies, &self.limits);
+                    let (messages, bytes) = size(&reply);
                     state.messages -= messages;
                     state.bytes -= bytes;
                     drop(state);
@@ -263,6 +302,21 @@ impl Prefetcher {
     }
 }
 
+/// One fetch asks for all the room left in the prefetch, and never less
+/// than one poll: a round trip per prefetch, not per poll, is what lets one
+/// consumer with small polls drain as fast as one with large ones.
+fn fetch_limits(poll: &FetchLimits, prefetch: &Prefetch, messages: u64, bytes: u64) -> FetchLimits {
+    let room_messages = (prefetch.messages as u64).saturating_sub(messages);
+    let room_bytes = prefetch.bytes.saturating_sub(bytes);
+    FetchLimits {
+        max_messages: room_messages
+            .max(poll.max_messages as u64)
+            .min(u32::MAX as u64) as u32,
+        max_bytes: room_bytes.max(poll.max_bytes as u64).min(u32::MAX as u64) as u32,
+        max_wait_ms: poll.max_wait_ms,
+    }
+}
+
 async fn fetch_loop(
     client: Client,
     group: String,
@@ -273,12 +327,20 @@ async fn fetch_loop(
 ) {
     loop {
         let taken = shared.taken.notified();
-        let positions: Option<Vec<PartitionOffset>> = {
+        let fetch: Option<(Vec<PartitionOffset>, FetchLimits)> = {
             let state = shared.state.lock().expect("prefetch state");
-            let full = state.messages >= prefetch.messages as u64 || state.bytes >= prefetch.bytes;
-            (!full).then(|| offset_list(&state.positions))
+            // Refill below half: fetches of half the prefetch or more, not
+            // one per poll taken.
+            let full =
+                state.messages > prefetch.messages as u64 / 2 || state.bytes > prefetch.bytes / 2;
+            (!full).then(|| {
+                (
+                    offset_list(&state.positions),
+                    fetch_limits(&limits, &prefetch, state.messages, state.bytes),
+                )
+            })
         };
-        let Some(positions) = positions else {
+        let Some((positions, fetch_limits)) = fetch else {
             taken.await;
             continue;
         };
@@ -287,7 +349,7 @@ async fn fetch_loop(
                 &Request::Poll {
                     group: group.clone(),
                     member_id: member_id.load(Ordering::Relaxed),
-                    limits,
+                    limits: fetch_limits,
                     positions,
                 },
                 Duration::from_millis(limits.max_wait_ms.into()),
@@ -331,5 +393,107 @@ async fn fetch_loop(
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use msmq_protocol::{Message, MessageId};
+
+    fn batch(partition: u32, offsets: std::ops::Range<u64>, next_offset: u64) -> FetchedMessages {
+        FetchedMessages {
+            topic: "t".into(),
+            partition,
+            end_offset: next_offset,
+            messages: offsets
+                .map(|offset| Message {
+                    offset,
+                    id: MessageId([0; 16]),
+                    timestamp_ms: 0,
+                    payload: vec![0; 10],
+                    key: None,
+                    tag: None,
+                    headers: Vec::new(),
+                })
+                .collect(),
+            next_offset,
+        }
+    }
+
+    fn reply(batches: Vec<FetchedMessages>) -> Polled {
+        Polled {
+            assignment: Assignment {
+                generation: 1,
+                partitions: Vec::new(),
+            },
+            batches,
+        }
+    }
+
+    fn limits(max_messages: u32, max_bytes: u32) -> FetchLimits {
+        FetchLimits {
+            max_messages,
+            max_bytes,
+            max_wait_ms: 0,
+        }
+    }
+
+    fn offsets(polled: &Polled) -> Vec<(u32, Vec<u64>, u64)> {
+        polled
+            .batches
+            .iter()
+            .map(|b| {
+                let offsets = b.messages.iter().map(|m| m.offset).collect();
+                (b.partition, offsets, read_to(b))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_poll_takes_part_of_a_fetch_and_the_next_poll_the_rest_in_order() {
+        // A filter skipped past 12: the batch reads on to 15.
+        let mut queue = VecDeque::from([reply(vec![batch(0, 0..6, 15), batch(1, 0..2, 2)])]);
+        let first = take_up_to(&mut queue, &limits(4, 1 << 20));
+        assert_eq!(offsets(&first), [(0, vec![0, 1, 2, 3], 4)]);
+        let second = take_up_to(&mut queue, &limits(4, 1 << 20));
+        assert_eq!(offsets(&second), [(0, vec![4, 5], 15), (1, vec![0, 1], 2)]);
+        assert!(queue.is_empty());
+    }
+
+    #[test]
+    fn whole_replies_join_up_to_the_limits_and_bytes_count_too() {
+        let mut queue = VecDeque::from([
+            reply(vec![batch(0, 0..2, 2)]),
+            reply(vec![batch(0, 2..4, 4)]),
+            reply(vec![batch(0, 4..6, 6)]),
+        ]);
+        // 10 bytes a message: 35 bytes take three.
+        let polled = take_up_to(&mut queue, &limits(100, 35));
+        assert_eq!(offsets(&polled), [(0, vec![0, 1], 2), (0, vec![2], 3)]);
+        let polled = take_up_to(&mut queue, &limits(100, 1 << 20));
+        assert_eq!(offsets(&polled), [(0, vec![3], 4), (0, vec![4, 5], 6)]);
+        assert!(queue.is_empty());
+    }
+
+    #[test]
+    fn a_message_larger_than_a_poll_still_goes_out_alone() {
+        let mut queue = VecDeque::from([reply(vec![batch(0, 0..3, 3)])]);
+        let polled = take_up_to(&mut queue, &limits(100, 5));
+        assert_eq!(offsets(&polled), [(0, vec![0], 1)]);
+        assert_eq!(queue.len(), 1);
+    }
+
+    #[test]
+    fn a_fetch_asks_for_the_room_left_and_at_least_one_poll() {
+        let poll = limits(100, 1 << 20);
+        let prefetch = Prefetch {
+            messages: 2_000,
+            bytes: 8 << 20,
+        };
+        let fetch = fetch_limits(&poll, &prefetch, 500, 1 << 20);
+        assert_eq!((fetch.max_messages, fetch.max_bytes), (1_500, 7 << 20));
+        let fetch = fetch_limits(&poll, &prefetch, 1_990, (8 << 20) - 10);
+        assert_eq!((fetch.max_messages, fetch.max_bytes), (100, 1 << 20));
     }
 }
