@@ -31,6 +31,10 @@ use tokio::sync::Notify;
 pub const PREFETCH_MESSAGES_DEFAULT: u32 = 2_000;
 /// Payload bytes fetched ahead by default.
 pub const PREFETCH_BYTES_DEFAULT: u64 = 8 << 20;
+/// Most payload bytes one fetch asks for (unless one poll asks for more):
+/// the broker holds a reply whole while it sends it, so larger fetches
+/// cost broker memory per consumer for no more throughput.
+pub const FETCH_BYTES_MAX: u64 = 512 << 10;
 
 /// How far a consumer fetches ahead of what `poll` has returned. Zero
 /// messages turns prefetching off: each poll is one request.
@@ -302,9 +306,10 @@ impl Prefetcher {
     }
 }
 
-/// One fetch asks for all the room left in the prefetch, and never less
-/// than one poll: a round trip per prefetch, not per poll, is what lets one
-/// consumer with small polls drain as fast as one with large ones.
+/// One fetch asks for the room left in the prefetch (up to
+/// [`FETCH_BYTES_MAX`]) and never for fewer messages than one poll: a round
+/// trip per fetch, not per poll, is what lets one consumer with small polls
+/// drain as fast as one with large ones.
 fn fetch_limits(poll: &FetchLimits, prefetch: &Prefetch, messages: u64, bytes: u64) -> FetchLimits {
     let room_messages = (prefetch.messages as u64).saturating_sub(messages);
     let room_bytes = prefetch.bytes.saturating_sub(bytes);
@@ -312,7 +317,8 @@ fn fetch_limits(poll: &FetchLimits, prefetch: &Prefetch, messages: u64, bytes: u
         max_messages: room_messages
             .max(poll.max_messages as u64)
             .min(u32::MAX as u64) as u32,
-        max_bytes: room_bytes.max(poll.max_bytes as u64).min(u32::MAX as u64) as u32,
+        // The broker returns a first message larger than this all the same.
+        max_bytes: room_bytes.clamp(1, FETCH_BYTES_MAX) as u32,
         max_wait_ms: poll.max_wait_ms,
     }
 }
@@ -491,9 +497,14 @@ mod tests {
             messages: 2_000,
             bytes: 8 << 20,
         };
-        let fetch = fetch_limits(&poll, &prefetch, 500, 1 << 20);
-        assert_eq!((fetch.max_messages, fetch.max_bytes), (1_500, 7 << 20));
+        let fetch = fetch_limits(&poll, &prefetch, 500, 7 << 20);
+        assert_eq!((fetch.max_messages, fetch.max_bytes), (1_500, 1 << 20));
         let fetch = fetch_limits(&poll, &prefetch, 1_990, (8 << 20) - 10);
-        assert_eq!((fetch.max_messages, fetch.max_bytes), (100, 1 << 20));
+        assert_eq!((fetch.max_messages, fetch.max_bytes), (100, 10));
+        let fetch = fetch_limits(&poll, &prefetch, 0, 0);
+        assert_eq!(
+            (fetch.max_messages, fetch.max_bytes),
+            (2_000, FETCH_BYTES_MAX as u32)
+        );
     }
 }
