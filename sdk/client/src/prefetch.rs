@@ -498,7 +498,10 @@ mod tests {
             bytes: 8 << 20,
         };
         let fetch = fetch_limits(&poll, &prefetch, 500, 7 << 20);
-        assert_eq!((fetch.max_messages, fetch.max_bytes), (1_500, 1 << 20));
+        assert_eq!(
+            (fetch.max_messages, fetch.max_bytes),
+            (1_500, FETCH_BYTES_MAX as u32)
+        );
         let fetch = fetch_limits(&poll, &prefetch, 1_990, (8 << 20) - 10);
         assert_eq!((fetch.max_messages, fetch.max_bytes), (100, 10));
         let fetch = fetch_limits(&poll, &prefetch, 0, 0);
