@@ -551,6 +551,16 @@ async fn consume(b: ConsumeBench) -> anyhow::Result<()> {
 type AckTask = tokio::task::JoinHandle<Result<Vec<bool>, msmq_client::ClientError>>;
 type CommitTask = tokio::task::JoinHandle<Result<(), msmq_client::ClientError>>;
 
+/// A commit refused because members joined meanwhile (the bench's members
+/// join one after another) is not a failure: the next poll takes the new
+/// assignment and the new owner reads on from the last commit.
+fn rebalanced_is_fine(result: Result<(), msmq_client::ClientError>) -> anyhow::Result<()> {
+    match result {
+        Err(e) if e.code() == Some(msmq_client::ErrorCode::REBALANCED) => Ok(()),
+        other => Ok(other?),
+    }
+}
+
 /// One fresh group drains the topic from the start: poll + commit, or
 /// receive + ack of every message.
 async fn drain_backlog(
@@ -618,7 +628,7 @@ async fn drain_backlog(
                     // Polls never wait for a commit's fsync.
                     if pending_commit.as_ref().is_none_or(|c| c.is_finished()) {
                         if let Some(previous) = pending_commit.take() {
-                            previous.await??;
+                            rebalanced_is_fine(previous.await?)?;
                         }
                         if !messages.is_empty() {
                             pending_commit = Some(consumer.commit_in_background());
@@ -639,10 +649,10 @@ async fn drain_backlog(
                 last.await??;
             }
             if let Some(last) = pending_commit.take() {
-                last.await??;
+                rebalanced_is_fine(last.await?)?;
             }
             if !acks {
-                consumer.commit().await?;
+                rebalanced_is_fine(consumer.commit().await)?;
             }
             consumer.leave().await?;
             anyhow::Ok(())

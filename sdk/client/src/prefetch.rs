@@ -34,7 +34,7 @@ pub const PREFETCH_BYTES_DEFAULT: u64 = 8 << 20;
 /// Most payload bytes one fetch asks for (unless one poll asks for more):
 /// the broker holds a reply whole while it sends it, so larger fetches
 /// cost broker memory per consumer for no more throughput.
-pub const FETCH_BYTES_MAX: u64 = 512 << 10;
+pub const FETCH_BYTES_MAX: u64 = 256 << 10;
 
 /// How far a consumer fetches ahead of what `poll` has returned. Zero
 /// messages turns prefetching off: each poll is one request.
