@@ -352,8 +352,10 @@ impl Consumer {
 
     /// Start committing everything polled so far and return at once, so
     /// the commit travels while the application polls and works on the
-    /// next messages. Await the handle before counting on the commit (and
-    /// before the next one, to keep one in flight). A commit the broker
+    /// next messages. Await the handle before counting on the commit. To
+    /// keep polls from ever waiting on a commit's fsync, start the next
+    /// commit only once the last handle `is_finished()`: it then covers
+    /// every poll in between (as `msmq bench consume` does). A commit the broker
     /// refuses (after a rebalance: `REBALANCED`) leaves the offsets to the
     /// next [`Consumer::commit`], which refreshes the assignment; a later
     /// commit covers an earlier one, as offsets only move forward.
