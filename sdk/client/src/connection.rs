@@ -407,8 +407,8 @@ impl Client {
         }
     }
 
-    /// Send a long poll (`Poll` or `Fetch` with `wait`) and watch the
-    /// connection while it waits. A reply later than `wait` plus
+    /// Send a long poll (`Poll` or `Fetch` that may wait `max_wait_ms`) and
+    /// watch the connection while it waits. A reply later than the wait plus
     /// [`LONG_POLL_GRACE`] sends a `Ping`, and more at doubling gaps after:
     /// a broker that restarted answers the Ping's packets with a stateless
     /// reset at once, where a poll the old broker had acknowledged sends
@@ -416,11 +416,12 @@ impl Client {
     pub(crate) async fn long_poll(
         &self,
         request: &Request,
-        wait: Duration,
+        max_wait_ms: u32,
     ) -> Result<Reply, ClientError> {
         let reply = self.request(request);
         tokio::pin!(reply);
         let mut grace = LONG_POLL_GRACE;
+        let wait = Duration::from_millis(max_wait_ms.into());
         let mut next_check = tokio::time::Instant::now() + wait + grace;
         loop {
             tokio::select! {
@@ -826,8 +827,7 @@ impl Client {
             offset,
             limits,
         };
-        let wait = Duration::from_millis(limits.max_wait_ms.into());
-        match self.long_poll(&req, wait).await? {
+        match self.long_poll(&req, limits.max_wait_ms).await? {
             Reply::Fetched(f) => Ok(f),
             other => Err(unexpected("Fetch", other)),
         }

@@ -284,7 +284,7 @@ impl Consumer {
                     limits,
                     positions: offset_list(&self.positions),
                 },
-                Duration::from_millis(limits.max_wait_ms.into()),
+                limits.max_wait_ms,
             )
             .await
     }

@@ -24,7 +24,6 @@ use msmq_protocol::{
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 use tokio::sync::Notify;
 
 /// Messages fetched ahead by default.
@@ -152,9 +151,10 @@ fn size(reply: &Polled) -> (u64, u64) {
 
 /// One poll's worth from the front of the queue: whole replies while they
 /// fit in `limits`, and the front part of the next one (at least one
-/// message, so an oversized message still goes out). Fetches are larger
-/// than polls, so most polls take part of a reply.
-fn take_up_to(replies: &mut VecDeque<Polled>, limits: &FetchLimits) -> Polled {
+/// message, so an oversized message still goes out), with its messages
+/// and payload bytes. Fetches are larger than polls, so most polls take
+/// part of a reply.
+fn take_up_to(replies: &mut VecDeque<Polled>, limits: &FetchLimits) -> (Polled, u64, u64) {
     let (max_messages, max_bytes) = (limits.max_messages as u64, limits.max_bytes as u64);
     let front = replies.front().expect("a waiting reply");
     let mut out = Polled {
@@ -194,11 +194,11 @@ fn take_up_to(replies: &mut VecDeque<Polled>, limits: &FetchLimits) -> Polled {
                     next_offset,
                 });
             }
-            return out;
+            return (out, messages, bytes);
         }
         replies.pop_front();
     }
-    out
+    (out, messages, bytes)
 }
 
 /// A running fetch task; stopped when dropped.
@@ -267,8 +267,7 @@ impl Prefetcher {
             {
                 let mut state = self.shared.state.lock().expect("prefetch state");
                 if !state.replies.is_empty() {
-                    let reply = take_up_to(&mut state.replies, &self.limits);
-                    let (messages, bytes) = size(&reply);
+                    let (reply, messages, bytes) = take_up_to(&mut state.replies, &self.limits);
                     state.messages -= messages;
                     state.bytes -= bytes;
                     drop(state);
@@ -358,7 +357,7 @@ async fn fetch_loop(
                     limits: fetch_limits,
                     positions,
                 },
-                Duration::from_millis(limits.max_wait_ms.into()),
+                limits.max_wait_ms,
             )
             .await;
         let mut state = shared.state.lock().expect("prefetch state");
@@ -460,9 +459,9 @@ mod tests {
     fn a_poll_takes_part_of_a_fetch_and_the_next_poll_the_rest_in_order() {
         // A filter skipped past 12: the batch reads on to 15.
         let mut queue = VecDeque::from([reply(vec![batch(0, 0..6, 15), batch(1, 0..2, 2)])]);
-        let first = take_up_to(&mut queue, &limits(4, 1 << 20));
+        let (first, ..) = take_up_to(&mut queue, &limits(4, 1 << 20));
         assert_eq!(offsets(&first), [(0, vec![0, 1, 2, 3], 4)]);
-        let second = take_up_to(&mut queue, &limits(4, 1 << 20));
+        let (second, ..) = take_up_to(&mut queue, &limits(4, 1 << 20));
         assert_eq!(offsets(&second), [(0, vec![4, 5], 15), (1, vec![0, 1], 2)]);
         assert!(queue.is_empty());
     }
@@ -475,9 +474,10 @@ mod tests {
             reply(vec![batch(0, 4..6, 6)]),
         ]);
         // 10 bytes a message: 35 bytes take three.
-        let polled = take_up_to(&mut queue, &limits(100, 35));
+        let (polled, messages, bytes) = take_up_to(&mut queue, &limits(100, 35));
+        assert_eq!((messages, bytes), (3, 30));
         assert_eq!(offsets(&polled), [(0, vec![0, 1], 2), (0, vec![2], 3)]);
-        let polled = take_up_to(&mut queue, &limits(100, 1 << 20));
+        let (polled, ..) = take_up_to(&mut queue, &limits(100, 1 << 20));
         assert_eq!(offsets(&polled), [(0, vec![3], 4), (0, vec![4, 5], 6)]);
         assert!(queue.is_empty());
     }
@@ -485,7 +485,7 @@ mod tests {
     #[test]
     fn a_message_larger_than_a_poll_still_goes_out_alone() {
         let mut queue = VecDeque::from([reply(vec![batch(0, 0..3, 3)])]);
-        let polled = take_up_to(&mut queue, &limits(100, 5));
+        let (polled, ..) = take_up_to(&mut queue, &limits(100, 5));
         assert_eq!(offsets(&polled), [(0, vec![0], 1)]);
         assert_eq!(queue.len(), 1);
     }
