@@ -299,7 +299,7 @@ async fn a_full_disk_refuses_producers_early_and_serves_them_again_when_space_re
 }
 
 /// With the watermark off, a write really meets `ENOSPC`: in a segment file
-/// (the commit fails and the partition starts a new segment) or in redb
+/// (the commit fails and the writer starts a new segment file) or in redb
 /// (which latches the error until the broker reopens it). Writes resume
 /// with no restart once space returns; nothing acknowledged is lost, then
 /// or after a restart.

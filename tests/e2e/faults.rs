@@ -192,7 +192,7 @@ async fn eventually(what: &str, mut done: impl FnMut() -> bool) -> anyhow::Resul
 
 /// A failed segment write or fsync fails the commit that appended to the
 /// segment: its produce is refused, writes resume once the fault clears
-/// (the partition starts a new segment), and a restart cuts the refused
+/// (the writer starts a new segment file), and a restart cuts the refused
 /// batch's bytes off and loses nothing acknowledged.
 async fn segment_fault(fault: &str) -> anyhow::Result<()> {
     let (mut broker, client, mut acked) = setup().await?;

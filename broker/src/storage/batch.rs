@@ -10,7 +10,7 @@
 //!
 //! The batch bytes live in a segment file ([`super::segments`]); the redb
 //! log row holds a [`Pointer`]: the same header with `version = 2`, then
-//! `segment: u64` (the segment's base offset), `position: u64`,
+//! `segment: u64` (the segment file's number), `position: u64`,
 //! `length: u32`, `checksum: u64` (xxh3 of the batch bytes) and
 //! `flags: u8` (bit 0: some record has a key). Data directories written
 //! before batches went straight to segments may still hold rows with the
@@ -26,10 +26,10 @@ const SEQUENCE_AT: usize = 13;
 const POINTER_BYTES: usize = HEADER_BYTES + 8 + 8 + 4 + 8 + 1;
 const FLAG_HAS_KEYS: u8 = 1;
 
-/// Where a batch's bytes are in its partition's segment files.
+/// Where a batch's bytes are in the broker's segment files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Pointer {
-    /// The segment's base offset (its file name).
+    /// The segment file's number (its name).
     pub segment: u64,
     pub position: u64,
     pub length: u32,

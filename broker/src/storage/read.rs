@@ -46,7 +46,7 @@ pub fn read_partition(
         let pointed;
         let records = match batch::pointer(value).map_err(StorageError::Corrupt)? {
             None => value,
-            Some(at) => match segments.read(topic_id, partition, &at)? {
+            Some(at) => match segments.read(&at)? {
                 Some(bytes) => {
                     pointed = bytes;
                     &pointed

@@ -7,10 +7,13 @@ use redb::{Database, ReadableTable, TableDefinition};
 /// (topic id, partition, base offset) → a [`super::batch::Pointer`] to the
 /// batch in its segment file (the batch itself in older data directories).
 pub const LOG: TableDefinition<(u32, u32, u64), &[u8]> = TableDefinition::new("log");
-/// (topic id, partition, segment base offset) → 0: a row per segment file,
-/// written when the segment starts. Its committed length is where the last
-/// batch a `log` row points at in it ends (see [`super::segments`]); older
-/// versions kept that length here and updated it in every commit.
+/// segment file number → its committed length, or [`super::segments::OPEN`]
+/// while it is appended to (see [`super::segments`]). Local layout, not
+/// part of the digest.
+pub const LOG_FILES: TableDefinition<u64, u64> = TableDefinition::new("log_files");
+/// The earlier layout: (topic id, partition, segment base offset) → 0, a
+/// row per file of a partition's own sequence. Moved into [`LOG_FILES`] at
+/// start-up and left empty.
 pub const SEGMENTS: TableDefinition<(u32, u32, u64), u64> = TableDefinition::new("segments");
 /// Tables of earlier versions, deleted at open: a batch's append time and
 /// size are in its `log` row, and two more tables written in every commit
@@ -92,6 +95,7 @@ pub fn create_all(db: &Database) -> Result<(), StorageError> {
     let txn = db.begin_write()?;
     txn.open_table(LOG)?;
     txn.open_table(SEGMENTS)?;
+    txn.open_table(LOG_FILES)?;
     for retired in RETIRED {
         txn.delete_table(retired)?;
     }

@@ -277,7 +277,7 @@ struct Writer {
     db: Arc<super::db::Db>,
     /// For tests: the directory of fault switch files.
     fault_switches: Option<std::path::PathBuf>,
-    /// Appends each committed batch to its partition's segment file.
+    /// Appends each committed batch to the active segment file.
     appender: RefCell<SegmentAppender>,
     reaper: RefCell<SegmentReaper>,
     registry: Arc<TopicRegistry>,
@@ -320,7 +320,7 @@ struct Effects {
 /// The tables of one write transaction.
 struct Tables<'t> {
     log: redb::Table<'t, (u32, u32, u64), &'static [u8]>,
-    segments: redb::Table<'t, (u32, u32, u64), u64>,
+    log_files: redb::Table<'t, u64, u64>,
     retention: redb::Table<'t, u32, (u64, u64)>,
     tokens: redb::Table<'t, &'static str, &'static [u8]>,
     acls: redb::Table<'t, &'static str, &'static [u8]>,
@@ -447,7 +447,7 @@ impl Writer {
             let mut reaper = self.reaper.borrow_mut();
             match &applied {
                 Ok(_) => {
-                    appender.drop_doomed(|id| reaper.dooms(id));
+                    appender.committed();
                     reaper.committed();
                 }
                 Err(_) => {
@@ -579,7 +579,7 @@ impl Writer {
         {
             let mut t = Tables {
                 log: txn.open_table(tables::LOG)?,
-                segments: txn.open_table(tables::SEGMENTS)?,
+                log_files: txn.open_table(tables::LOG_FILES)?,
                 retention: txn.open_table(tables::TOPIC_RETENTION)?,
                 tokens: txn.open_table(tables::TOKENS)?,
                 acls: txn.open_table(tables::ACLS)?,
@@ -670,15 +670,17 @@ impl Writer {
     /// and name the segments it started in the `segments` table.
     fn write_segments(&self, t: &mut Tables) -> Result<(), StorageError> {
         let mut appender = self.appender.borrow_mut();
-        let reaper = self.reaper.borrow();
-        if reaper.deletes_files() {
-            appender.drop_doomed(|id| reaper.dooms(id));
-        }
         appender.write()?;
         let written = appender.take_written();
-        for id in appender.take_created() {
-            t.segments.insert((id.topic, id.partition, id.base), 0)?;
+        for (number, length) in appender.take_rows() {
+            t.log_files.insert(number, length)?;
         }
+        self.reaper.borrow_mut().collect(
+            &t.log,
+            &t.partitions,
+            &mut t.log_files,
+            appender.first_live_number(),
+        )?;
         if written > 0 {
             self.options.observer.segments_written(written);
         }

@@ -50,7 +50,7 @@ impl Writer {
                     t.topics.remove(name.as_str())?;
                     t.log
                         .retain_in((id, 0, 0)..=(id, u32::MAX, u64::MAX), |_, _| false)?;
-                    self.reaper.borrow_mut().drop_topic(&mut t.segments, id)?;
+                    self.reaper.borrow_mut().rows_dropped();
                     t.partitions
                         .retain_in((id, 0)..=(id, u32::MAX), |_, _| false)?;
                     t.retention.remove(id)?;
@@ -287,7 +287,7 @@ impl Writer {
                     let reaper = self.reaper.borrow();
                     loaded = reaper
                         .segments()
-                        .read(id, partition, &at)
+                        .read(&at)
                         .inspect_err(|e| {
                             tracing::warn!(topic = %topic.name, partition, offset = base, error = %e,
                                 "reading a trimmed batch's keys failed; its key index rows stay")
@@ -334,9 +334,7 @@ impl Writer {
                 .map(|(k, _)| k.value().2)
                 .unwrap_or(end);
             new_start = new_start.max(next.min(end)).min(end);
-            self.reaper
-                .borrow_mut()
-                .trim(&mut t.segments, id, partition, new_start, end)?;
+            self.reaper.borrow_mut().rows_dropped();
             t.partitions.insert(key, (new_start, end))?;
             fx.ends.insert(key, (topic.clone(), new_start, end));
         }
@@ -369,7 +367,7 @@ impl Writer {
         Ok((base, sequence))
     }
 
-    /// Append one stored batch to its partition's segment file (written
+    /// Append one stored batch to the active segment file (written
     /// and synced before this transaction commits) and index it. Returns
     /// its base offset.
     #[allow(clippy::too_many_arguments)]
@@ -391,18 +389,10 @@ impl Writer {
             .get(&key)
             .map(|(_, s, e)| (*s, *e))
             .unwrap_or((offsets.start(), offsets.end()));
-        let at = {
-            let mut appender = self.appender.borrow_mut();
-            let reaper = self.reaper.borrow();
-            if reaper.deletes_files() {
-                // Trimmed or deleted earlier in this transaction: never
-                // append behind a file about to go.
-                appender.drop_doomed(|id| reaper.dooms(id));
-            }
-            appender.append(key.0, key.1, end, value, batch::is_keyed(value), || {
-                self.roll(t, key.0)
-            })?
-        };
+        let at = self
+            .appender
+            .borrow_mut()
+            .append(value, batch::is_keyed(value), || self.roll(t, key.0))?;
         t.log.insert(
             (key.0, key.1, end),
             batch::encode_pointer(value, at).as_slice(),
