@@ -136,8 +136,9 @@ fn open_file_length(
     Ok(length)
 }
 
-/// Each named file's committed length.
-fn committed_lengths(db: &Database) -> Result<BTreeMap<u64, u64>, StorageError> {
+/// Each named file's committed length, and the files that were still open
+/// (their lengths found from the rows).
+fn committed_lengths(db: &Database) -> Result<(BTreeMap<u64, u64>, Vec<u64>), StorageError> {
     let txn = db.begin_read()?;
     let files = txn.open_table(tables::LOG_FILES)?;
     let mut lengths = BTreeMap::new();
@@ -153,11 +154,33 @@ fn committed_lengths(db: &Database) -> Result<BTreeMap<u64, u64>, StorageError> 
     if !open.is_empty() {
         let log = txn.open_table(tables::LOG)?;
         let partitions = txn.open_table(tables::PARTITIONS)?;
-        for number in open {
-            lengths.insert(number, open_file_length(&log, &partitions, number)?);
+        for number in &open {
+            lengths.insert(*number, open_file_length(&log, &partitions, *number)?);
         }
     }
-    Ok(lengths)
+    Ok((lengths, open))
+}
+
+/// Record the lengths found for the files the last run left open: the
+/// appender starts a new file, so they are closed now, and the next
+/// start-up need not look for their ends again.
+fn close_open_files(
+    db: &Database,
+    committed: &BTreeMap<u64, u64>,
+    open: &[u64],
+) -> Result<(), StorageError> {
+    if open.is_empty() {
+        return Ok(());
+    }
+    let txn = db.begin_write()?;
+    {
+        let mut files = txn.open_table(tables::LOG_FILES)?;
+        for number in open {
+            files.insert(*number, committed[number])?;
+        }
+    }
+    txn.commit()?;
+    Ok(())
 }
 
 fn io_error(what: &str, path: &Path, e: std::io::Error) -> StorageError {
@@ -196,8 +219,8 @@ impl Segments {
                 .map_err(|e| io_error("creating", &segments.dir, e))?;
         }
         segments.move_partition_files(db)?;
-        let committed = committed_lengths(db)?;
-        segments.close_open_files(db, &committed)?;
+        let (committed, open) = committed_lengths(db)?;
+        close_open_files(db, &committed, &open)?;
         let mut found = Vec::new();
         for (number, path) in segments.files_on_disk()? {
             let Some(&length) = committed.get(&number) else {
@@ -240,34 +263,6 @@ impl Segments {
         Ok(segments)
     }
 
-    /// Record the lengths found for files left open by the last run: the
-    /// appender starts a new file, so they are closed now, and the next
-    /// start-up need not look for their ends again.
-    fn close_open_files(
-        &self,
-        db: &Database,
-        committed: &BTreeMap<u64, u64>,
-    ) -> Result<(), StorageError> {
-        let txn = db.begin_write()?;
-        let mut closed = 0;
-        {
-            let mut files = txn.open_table(tables::LOG_FILES)?;
-            for (number, length) in committed {
-                let was_open = files.get(*number)?.is_some_and(|v| v.value() == OPEN);
-                if was_open {
-                    files.insert(*number, *length)?;
-                    closed += 1;
-                }
-            }
-        }
-        if closed > 0 {
-            txn.commit()?;
-        } else {
-            txn.abort()?;
-        }
-        Ok(())
-    }
-
     pub fn path(&self, number: u64) -> PathBuf {
         self.dir.join(format!("{number:020}.{SEGMENT_FILE_SUFFIX}"))
     }
@@ -300,12 +295,14 @@ impl Segments {
     /// layout whole (the new links are unnamed and deleted), after it the
     /// new one.
     fn move_partition_files(&self, db: &Database) -> Result<(), StorageError> {
+        // A read first: start-up takes no write transaction when there is
+        // nothing to move (the usual case).
+        if db.begin_read()?.open_table(tables::SEGMENTS)?.is_empty()? {
+            return Ok(());
+        }
         let txn = db.begin_write()?;
         let named: Vec<(u32, u32, u64)> = {
             let table = txn.open_table(tables::SEGMENTS)?;
-            if table.is_empty()? {
-                return Ok(());
-            }
             table
                 .iter()?
                 .map(|e| e.map(|(k, _)| k.value()))
