@@ -129,7 +129,14 @@ pub fn digest(db: &impl ReadSource, segments: &Segments) -> Result<Digest, Stora
     let txn = db.read_txn()?;
     let none = |_: &[u8]| false;
     let local_meta = |key: &[u8]| {
-        key == tables::META_STORE_ID.as_bytes() || key == tables::META_APPLIED_INDEX.as_bytes()
+        [
+            tables::META_STORE_ID,
+            tables::META_APPLIED_INDEX,
+            tables::META_LOG_FILE,
+            tables::META_LOG_END,
+        ]
+        .iter()
+        .any(|local| key == local.as_bytes())
     };
     let mut out = vec![log(&txn, segments)?];
     let plain_tables = [
@@ -185,7 +192,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = redb::Database::create(dir.path().join("t.redb")).unwrap();
         tables::create_all(&db).unwrap();
-        let segments = Segments::recover(dir.path(), &db, None).unwrap();
+        let (segments, _) = Segments::recover(dir.path(), &db, None).unwrap();
         let digest = digest(&db, &segments).unwrap();
         let hashed: Vec<&str> = digest.tables.iter().map(|t| t.name.as_str()).collect();
         let retired: Vec<&str> = tables::RETIRED.iter().map(|t| t.name()).collect();
@@ -201,7 +208,7 @@ mod tests {
         let other = tempfile::tempdir().unwrap();
         let db2 = redb::Database::create(other.path().join("t.redb")).unwrap();
         tables::create_all(&db2).unwrap();
-        let segments2 = Segments::recover(other.path(), &db2, None).unwrap();
+        let (segments2, _) = Segments::recover(other.path(), &db2, None).unwrap();
         assert_eq!(digest, super::digest(&db2, &segments2).unwrap());
     }
 }

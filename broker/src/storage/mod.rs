@@ -23,6 +23,7 @@ pub mod db;
 mod determinism;
 pub mod digest;
 pub mod faults;
+pub mod frames;
 pub mod read;
 pub mod recording;
 pub mod segments;
@@ -209,23 +210,32 @@ impl Store {
         })?;
         let db = db::Db::open(dir, DB_FILE_NAME, options.cache_bytes)?;
         let faults_on = db.faults_on();
-        let (segments, store_id, counters, schedule, next_scheduled_ms) = db.with(|db| {
-            tables::create_all(db)?;
-            let segments = Arc::new(segments::Segments::recover(
-                dir,
-                db,
-                faults_on.then(|| dir.join(faults::FAULTS_DIR)),
-            )?);
-            load_topics(db, &registry)?;
-            for (group, topic_id, partition, offset) in read::all_group_offsets(db)? {
-                registry.set_committed(&group, topic_id, partition, offset);
-            }
-            let (store_id, counters) = load_counters(db)?;
-            let schedule = Arc::new(Mutex::new(load_schedule(db)?));
-            let next_scheduled_ms =
-                Arc::new(std::sync::atomic::AtomicU64::new(first_scheduled(db)?));
-            Ok((segments, store_id, counters, schedule, next_scheduled_ms))
-        })?;
+        let (segments, store_id, counters, schedule, next_scheduled_ms, replay) =
+            db.with(|db| {
+                tables::create_all(db)?;
+                let (segments, replay) = segments::Segments::recover(
+                    dir,
+                    db,
+                    faults_on.then(|| dir.join(faults::FAULTS_DIR)),
+                )?;
+                let segments = Arc::new(segments);
+                load_topics(db, &registry)?;
+                for (group, topic_id, partition, offset) in read::all_group_offsets(db)? {
+                    registry.set_committed(&group, topic_id, partition, offset);
+                }
+                let (store_id, counters) = load_counters(db)?;
+                let schedule = Arc::new(Mutex::new(load_schedule(db)?));
+                let next_scheduled_ms =
+                    Arc::new(std::sync::atomic::AtomicU64::new(first_scheduled(db)?));
+                Ok((
+                    segments,
+                    store_id,
+                    counters,
+                    schedule,
+                    next_scheduled_ms,
+                    replay,
+                ))
+            })?;
         let db = Arc::new(db);
         let recorder = match &options.record_commands {
             Some(path) => Some(recording::Recorder::open(path, counters.applied_index)?),
@@ -241,7 +251,8 @@ impl Store {
             options,
             counters,
             recorder,
-        );
+            replay,
+        )?;
         Ok(Store {
             db,
             segments,

@@ -14,42 +14,50 @@
 //! free, so a log kept inside it takes anywhere from about 1.3 to 2.6 times
 //! its retained size. A file is deleted whole once no batch in it is kept.
 //!
-//! Size: over 1,000 lines, about 400 of them tests (files, reads,
-//! start-up and the move from the earlier layout, trims). The command-log
-//! step of the performance issue reshapes this module; it is split then.
+//! Since the command-log step the files hold frames (`super::frames`):
+//! each group commit appends one frame, its batches followed by its
+//! commands, so the batch bytes a log row points at sit inside a frame.
+//!
+//! Size: over 1,000 lines, about 450 of them tests (files, reads, frames
+//! found at start-up, the move from the earlier layout, trims).
 //!
 //! Invariants:
-//! - redb stays the one source of truth. A log row holds a [`Pointer`] (file
-//!   number, position, length, checksum). The `log_files` table names each
-//!   file: a row written by the commit that starts it, holding [`OPEN`]
-//!   while it is appended to and its committed length once a later commit
-//!   closed it (rolled past it, or after a failed commit). So an append
-//!   writes no `log_files` row.
-//! - Bytes are written and synced before the commit that points at them: a
-//!   committed pointer never points at bytes that are not on disk.
-//! - Bytes past a file's committed length belong to a commit that failed or
-//!   was cut short. After a failed commit or a restart the appender starts a
-//!   new file, so nothing is appended behind them, and start-up
-//!   ([`Segments::recover`]) cuts them off and deletes files no row names.
-//!   The open file's committed length is where the last batch a row points
-//!   at in it ends.
+//! - The frames are the commit point: a frame is written and synced before
+//!   the redb commit of its effects, and acknowledged only then. redb is
+//!   committed without an fsync between checkpoints; at start-up the frames
+//!   past the checkpoint's `log_file`/`log_end` are applied again
+//!   ([`Replay`]), so the index catches up with the log.
+//! - A log row holds a [`Pointer`] (file number, position, length,
+//!   checksum). The `log_files` table names each file: a row written by the
+//!   commit that starts it, holding [`OPEN`] while it is appended to and its
+//!   committed length once a later commit closed it (rolled past it, or
+//!   after a failed commit). So an append writes no `log_files` row.
+//! - Bytes past the last whole frame belong to a commit that failed or was
+//!   cut short. A failed commit cuts its frame off (best effort) and the
+//!   appender starts a new file, so nothing is appended behind them, and
+//!   start-up ([`Segments::recover`]) cuts torn tails off and deletes files
+//!   no row names and no frame to apply again is in.
+//! - A frame never spans two files: the active file rolls only between
+//!   frames.
 //! - A partition's rows point into files in the order of their offsets, so
 //!   no row points below the oldest file that some partition's first row
 //!   points into. Files below it (and below the active one) are deleted
-//!   ([`SegmentReaper`]) after the commit that dropped their rows, made
-//!   durable even under `durability = none`. A reader that still holds the
-//!   file open reads on; one that opens it later finds nothing, which means
-//!   "trimmed".
+//!   ([`SegmentReaper`]) after the commit that dropped their rows, which is
+//!   a checkpoint (durable) under any `durability`. A reader that still
+//!   holds the file open reads on; one that opens it later finds nothing,
+//!   which means "trimmed".
 //! - Per-topic retention still bounds the disk: the active file rolls when
-//!   it is older or larger than the roll of any topic appending to it
-//!   ([`Roll::for_retention`]). A file lives as long as its longest-kept
-//!   batch.
+//!   it is older or larger than the roll of the first topic appending to it
+//!   in a commit ([`Roll::for_retention`]). A file lives as long as its
+//!   longest-kept batch.
 //! - Data directories of the earlier layout (one file sequence per
 //!   partition, named in the `segments` table) are moved into the broker's
 //!   sequence at start-up by hard links, in a durable commit; no byte is
-//!   copied.
+//!   copied. Files of versions before frames hold bare batches: start-up
+//!   looks for frames only in files above those.
 
 use super::batch::{self, Pointer};
+use super::frames;
 use super::{tables, StorageError};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 use std::collections::{BTreeMap, HashMap};
@@ -187,6 +195,13 @@ fn io_error(what: &str, path: &Path, e: std::io::Error) -> StorageError {
     StorageError::Redb(format!("{what} {}: {e}", path.display()))
 }
 
+/// The frames start-up applies again: those past the checkpoint at `from`
+/// (file, position; `None` when no row names that file yet).
+pub struct Replay {
+    pub from: Option<(u64, u64)>,
+    pub frames: Vec<frames::FrameAt>,
+}
+
 /// The segment files of a data directory, shared by the writer and readers.
 pub struct Segments {
     dir: PathBuf,
@@ -206,7 +221,7 @@ impl Segments {
         data_dir: &Path,
         db: &Database,
         fault_switches: Option<PathBuf>,
-    ) -> Result<Segments, StorageError> {
+    ) -> Result<(Segments, Replay), StorageError> {
         let mut segments = Segments {
             dir: data_dir.join(SEGMENTS_DIR),
             readers: RwLock::new(HashMap::new()),
@@ -219,7 +234,8 @@ impl Segments {
                 .map_err(|e| io_error("creating", &segments.dir, e))?;
         }
         segments.move_partition_files(db)?;
-        let (committed, open) = committed_lengths(db)?;
+        let (mut committed, open) = committed_lengths(db)?;
+        let replay = segments.find_frames(db, &mut committed, &open)?;
         close_open_files(db, &committed, &open)?;
         let mut found = Vec::new();
         for (number, path) in segments.files_on_disk()? {
@@ -260,7 +276,86 @@ impl Segments {
             )));
         }
         segments.first_free_number = committed.keys().next_back().map_or(0, |n| n + 1);
-        Ok(segments)
+        Ok((segments, replay))
+    }
+
+    /// The frames past the database's last checkpoint, found without
+    /// changing anything (after the writer reopened the database).
+    pub fn frames_past_checkpoint(&self, db: &Database) -> Result<Replay, StorageError> {
+        let (mut committed, open) = committed_lengths(db)?;
+        self.find_frames(db, &mut committed, &open)
+    }
+
+    /// Find the frames of the command log past the last checkpoint, and the
+    /// length of each file from the checkpoint's on: where its last frame
+    /// to apply again ends (files past the checkpoint's holding none are
+    /// left out of `committed`, so they are deleted).
+    fn find_frames(
+        &self,
+        db: &Database,
+        committed: &mut BTreeMap<u64, u64>,
+        open: &[u64],
+    ) -> Result<Replay, StorageError> {
+        let txn = db.begin_read()?;
+        let meta = txn.open_table(tables::META)?;
+        let get = |key: &str| -> Result<Option<u64>, StorageError> {
+            Ok(meta.get(key)?.map(|v| v.value()))
+        };
+        let applied_index = get(tables::META_APPLIED_INDEX)?.unwrap_or(0);
+        // Before the first checkpoint: from the start of the first file
+        // above those named (which hold batches of earlier versions).
+        let (from_file, from) = match (get(tables::META_LOG_FILE)?, get(tables::META_LOG_END)?) {
+            (Some(file), Some(end)) => (file, end),
+            _ => (committed.keys().next_back().map_or(0, |n| n + 1), 0),
+        };
+        let mut on_disk = self.files_on_disk()?;
+        on_disk.retain(|(number, _)| *number >= from_file);
+        on_disk.sort();
+        let mut scanned = Vec::new();
+        for (number, path) in &on_disk {
+            let file = File::open(path).map_err(|e| io_error("opening", path, e))?;
+            let file_bytes = file
+                .metadata()
+                .map_err(|e| io_error("reading", path, e))?
+                .len();
+            let limit = match committed.get(number) {
+                Some(&length) if !open.contains(number) => length.min(file_bytes),
+                _ => file_bytes,
+            };
+            let start = if *number == from_file { from } else { 0 };
+            scanned.push(frames::scan(&file, *number, start, limit));
+        }
+        let frames = frames::chain(scanned, applied_index);
+        let from_named = committed.contains_key(&from_file);
+        for (number, _) in &on_disk {
+            let end = frames
+                .iter()
+                .filter(|f| f.file == *number)
+                .map(|f| f.end())
+                .max();
+            match end {
+                Some(end) => {
+                    committed.insert(*number, end);
+                }
+                None if *number == from_file => {
+                    committed.insert(*number, from);
+                }
+                None => {
+                    committed.remove(number);
+                }
+            }
+        }
+        if !frames.is_empty() {
+            tracing::info!(
+                frames = frames.len(),
+                after_index = applied_index,
+                "applying the command log's frames past the last checkpoint again"
+            );
+        }
+        Ok(Replay {
+            from: from_named.then_some((from_file, from)),
+            frames,
+        })
     }
 
     pub fn path(&self, number: u64) -> PathBuf {
@@ -495,6 +590,31 @@ pub struct SegmentAppender {
     committed_length: u64,
     /// Bytes written to files since [`Self::take_written`].
     written: u64,
+    /// The frame the coming commit is writing.
+    frame: Option<OpenFrame>,
+    /// Where the last frame started, for the torn-frame test fault.
+    last_frame_start: Option<u64>,
+    /// Applying frames of the log again: no bytes are written, each append
+    /// is answered with where the frame holds its value.
+    replay: Option<ReplayFrame>,
+    /// While applying frames again: the file they are in and where the
+    /// last one ended.
+    replay_file: Option<(u64, u64)>,
+}
+
+/// A frame being appended: its header's position, a running digest of its
+/// body and each value's origin and length.
+struct OpenFrame {
+    start: u64,
+    hasher: xxhash_rust::xxh3::Xxh3,
+    values: Vec<(frames::Origin, u32)>,
+}
+
+/// A frame of the log being applied again.
+struct ReplayFrame {
+    file: u64,
+    end: u64,
+    values: std::collections::VecDeque<(u64, u32)>,
 }
 
 impl SegmentAppender {
@@ -510,6 +630,10 @@ impl SegmentAppender {
             closed_by_failure: Vec::new(),
             committed_length: 0,
             written: 0,
+            frame: None,
+            last_frame_start: None,
+            replay: None,
+            replay_file: None,
         }
     }
 
@@ -520,23 +644,22 @@ impl SegmentAppender {
     /// The number of the file appends go to next (files below it, and only
     /// those, may ever be deleted).
     pub fn first_live_number(&self) -> u64 {
+        if let Some((file, _)) = self.replay_file {
+            return file;
+        }
         self.active.as_ref().map_or(self.next_number, |a| a.number)
     }
 
-    /// Append a batch to the active file, starting a new one when the
-    /// appending topic's `roll` says the active file is old or big enough.
-    /// Returns where the batch will be once [`Self::write`] has run.
-    pub fn append(
-        &mut self,
-        bytes: &[u8],
-        has_keys: bool,
-        roll: impl FnOnce() -> Roll,
-    ) -> Result<Pointer, StorageError> {
+    /// Start the coming commit's frame: in a new file when `roll` (the
+    /// first appending topic's) says the active one is old or big enough,
+    /// or when there is none.
+    fn begin_frame(&mut self, roll: Option<&dyn Fn() -> Roll>) -> Result<(), StorageError> {
         let due = self.active.as_ref().is_none_or(|a| {
-            a.length > 0 && {
-                let roll = roll();
-                a.length >= roll.bytes_max || a.opened.elapsed() >= roll.age_max
-            }
+            a.length > 0
+                && roll.is_some_and(|roll| {
+                    let roll = roll();
+                    a.length >= roll.bytes_max || a.opened.elapsed() >= roll.age_max
+                })
         });
         if due {
             if let Some(mut old) = self.active.take() {
@@ -546,6 +669,52 @@ impl SegmentAppender {
             self.active = Some(self.create()?);
         }
         let active = self.active.as_mut().expect("an active segment");
+        self.frame = Some(OpenFrame {
+            start: active.length,
+            hasher: xxhash_rust::xxh3::Xxh3::new(),
+            values: Vec::new(),
+        });
+        active
+            .pending
+            .extend_from_slice(&[0u8; frames::FRAME_HEADER_BYTES as usize]);
+        active.length += frames::FRAME_HEADER_BYTES;
+        Ok(())
+    }
+
+    /// Append a batch to the coming commit's frame. Returns where the batch
+    /// will be once [`Self::write`] has run.
+    pub fn append(
+        &mut self,
+        bytes: &[u8],
+        has_keys: bool,
+        origin: frames::Origin,
+        roll: impl Fn() -> Roll,
+    ) -> Result<Pointer, StorageError> {
+        if let Some(replay) = &mut self.replay {
+            let Some((position, length)) = replay.values.pop_front() else {
+                return Err(StorageError::Corrupt(
+                    "a frame applied again appends more batches than it holds".into(),
+                ));
+            };
+            if length as usize != bytes.len() {
+                return Err(StorageError::Corrupt(format!(
+                    "a frame applied again appends {} bytes where it holds {length}",
+                    bytes.len()
+                )));
+            }
+            return Ok(Pointer {
+                segment: replay.file,
+                position,
+                length,
+                checksum: batch::checksum(bytes),
+                has_keys,
+            });
+        }
+        if self.frame.is_none() {
+            self.begin_frame(Some(&roll))?;
+        }
+        let active = self.active.as_mut().expect("an active segment");
+        let frame = self.frame.as_mut().expect("an open frame");
         let pointer = Pointer {
             segment: active.number,
             position: active.length,
@@ -555,10 +724,118 @@ impl SegmentAppender {
         };
         active.pending.extend_from_slice(bytes);
         active.length += bytes.len() as u64;
+        frame.hasher.update(bytes);
+        frame.values.push((origin, bytes.len() as u32));
         if active.pending.len() >= PENDING_BYTES_MAX {
             self.written += write_out(&self.segments, &mut self.dirty, active)?;
         }
         Ok(pointer)
+    }
+
+    /// Close the coming commit's frame with its meta (`commands`, encoded
+    /// as submitted without their batches) and header. Returns the file and
+    /// the position where the frame ends.
+    pub fn finish_frame(
+        &mut self,
+        applied_index: u64,
+        commands: &[u8],
+    ) -> Result<(u64, u64), StorageError> {
+        if let Some(replay) = &self.replay {
+            if !replay.values.is_empty() {
+                return Err(StorageError::Corrupt(format!(
+                    "a frame applied again holds {} batches its commands did not append",
+                    replay.values.len()
+                )));
+            }
+            return Ok((replay.file, replay.end));
+        }
+        if self.frame.is_none() {
+            self.begin_frame(None)?;
+        }
+        let OpenFrame {
+            start,
+            mut hasher,
+            values,
+        } = self.frame.take().expect("an open frame");
+        let meta = frames::encode_meta(commands, &values);
+        let active = self.active.as_mut().expect("an active segment");
+        active.pending.extend_from_slice(&meta);
+        active.length += meta.len() as u64;
+        hasher.update(&meta);
+        let body = active.length - start - frames::FRAME_HEADER_BYTES;
+        let header =
+            frames::FrameHeader::sealed(body, applied_index, meta.len() as u64, hasher.digest())
+                .encode();
+        let pending_from = active.length - active.pending.len() as u64;
+        if start >= pending_from {
+            let at = (start - pending_from) as usize;
+            active.pending[at..at + header.len()].copy_from_slice(&header);
+        } else {
+            // The frame outgrew the write buffer: its header goes on its own.
+            let path = self.segments.path(active.number);
+            self.segments.injected(FAULT_WRITE, &path)?;
+            active
+                .file
+                .write_all_at(&header, start)
+                .map_err(|e| io_error("writing", &path, e))?;
+        }
+        self.last_frame_start = Some(start);
+        Ok((active.number, active.length))
+    }
+
+    /// Test fault: cut the active file in the middle of its last frame and
+    /// sync it, as a crash while writing that frame leaves it.
+    pub fn tear_last_frame(&mut self) -> Result<(), StorageError> {
+        self.write()?;
+        let (Some(active), Some(start)) = (&self.active, self.last_frame_start) else {
+            return Ok(());
+        };
+        let middle = start + (active.length - start) / 2;
+        let path = self.segments.path(active.number);
+        active
+            .file
+            .set_len(middle)
+            .and_then(|_| active.file.sync_data())
+            .map_err(|e| io_error("cutting", &path, e))
+    }
+
+    /// Start applying frames again, from the end of the last frame the
+    /// store holds (file, end; `None` when no row names that file).
+    pub fn start_replay(&mut self, from: Option<(u64, u64)>) {
+        self.active = None;
+        self.replay_file = from;
+    }
+
+    /// The coming commit applies the frame `at` again, whose values are at
+    /// `values`; a frame in a new file names the file (and closes the one
+    /// before) as the commit that wrote it did.
+    pub fn replay_frame(&mut self, file: u64, end: u64, values: Vec<(u64, u32)>) {
+        match self.replay_file {
+            Some((current, current_end)) if current != file => {
+                self.rows.push((current, current_end));
+                self.rows.push((file, OPEN));
+            }
+            None => self.rows.push((file, OPEN)),
+            _ => {}
+        }
+        self.replay_file = Some((file, end));
+        self.next_number = self.next_number.max(file + 1);
+        self.replay = Some(ReplayFrame {
+            file,
+            end,
+            values: values.into(),
+        });
+    }
+
+    /// Every frame was applied again: the last file they were in is closed
+    /// (by the next commit) and appends go to a new file.
+    pub fn finish_replay(&mut self) {
+        self.replay = None;
+        if let Some((file, end)) = self.replay_file.take() {
+            self.rows.push((file, end));
+        }
+        self.active = None;
+        self.committed_length = 0;
     }
 
     /// The `log_files` rows the coming commit writes: files it started, and
@@ -631,6 +908,8 @@ impl SegmentAppender {
 
     /// The commit succeeded.
     pub fn committed(&mut self) {
+        self.frame = None;
+        self.replay = None;
         self.rows.clear();
         self.closed_by_failure.clear();
         if let Some(active) = &self.active {
@@ -644,6 +923,8 @@ impl SegmentAppender {
     /// last sync stay on the list to sync: earlier commits that were not
     /// synced (`durability = none`) still point into them.
     pub fn abandon_all(&mut self) {
+        self.frame = None;
+        self.replay = None;
         // Files this commit started are named by no row: start-up deletes them.
         let started: Vec<u64> = self
             .rows
@@ -654,6 +935,16 @@ impl SegmentAppender {
         self.rows.clear();
         if let Some(active) = self.active.take() {
             if !started.contains(&active.number) {
+                // Best effort: the failed commit's frame must not be applied
+                // again at start-up (a later file's first frame would
+                // supersede it too, see `frames::chain`).
+                if let Err(e) = active
+                    .file
+                    .set_len(self.committed_length)
+                    .and_then(|_| active.file.sync_data())
+                {
+                    tracing::warn!(error = %e, file = active.number, "cutting a failed commit's frame off");
+                }
                 self.closed_by_failure
                     .push((active.number, self.committed_length));
             }
@@ -806,18 +1097,25 @@ mod tests {
         db: Database,
         writer: SegmentAppender,
         reaper: SegmentReaper,
+        applied_index: u64,
     }
+
+    /// Where the first value of a frame starts.
+    const FIRST: u64 = frames::FRAME_HEADER_BYTES;
 
     fn fixture() -> Fixture {
         let dir = tempfile::tempdir().expect("temp dir");
         let db = Database::create(dir.path().join("test.redb")).expect("db");
         tables::create_all(&db).expect("tables");
-        let segments = Arc::new(Segments::recover(dir.path(), &db, None).expect("segments"));
+        let (segments, replay) = Segments::recover(dir.path(), &db, None).expect("segments");
+        assert!(replay.frames.is_empty());
+        let segments = Arc::new(segments);
         Fixture {
             dir,
             db,
             writer: SegmentAppender::new(segments.clone()),
             reaper: SegmentReaper::new(segments),
+            applied_index: 0,
         }
     }
 
@@ -825,15 +1123,42 @@ mod tests {
         /// Store `batches` (partition of topic 1, base offset, bytes) as the
         /// writer does: append, write, sync, then commit rows and lengths.
         fn commit(&mut self, roll: Roll, batches: &[(u32, u64, Vec<u8>)]) -> Vec<Pointer> {
+            self.commit_to(roll, batches, true)
+        }
+
+        /// One commit's frame; its index commit only when `indexed` (else
+        /// as if the broker died between the two).
+        fn commit_to(
+            &mut self,
+            roll: Roll,
+            batches: &[(u32, u64, Vec<u8>)],
+            indexed: bool,
+        ) -> Vec<Pointer> {
             let mut pointers = Vec::new();
             for (_, _, bytes) in batches {
-                let at = self.writer.append(bytes, false, || roll).expect("append");
+                let at = self
+                    .writer
+                    .append(bytes, false, None, || roll)
+                    .expect("append");
                 pointers.push(at);
             }
+            self.applied_index += 1;
+            let (file, end) = self
+                .writer
+                .finish_frame(self.applied_index, &crate::command::encode_refs(&[]))
+                .expect("frame");
             self.writer.write().expect("write");
             self.writer.sync().expect("sync");
+            if !indexed {
+                return pointers;
+            }
             let txn = self.db.begin_write().expect("txn");
             {
+                let mut meta = txn.open_table(tables::META).expect("table");
+                meta.insert(tables::META_LOG_FILE, file).unwrap();
+                meta.insert(tables::META_LOG_END, end).unwrap();
+                meta.insert(tables::META_APPLIED_INDEX, self.applied_index)
+                    .unwrap();
                 let mut files = txn.open_table(tables::LOG_FILES).expect("table");
                 for (number, length) in self.writer.take_rows() {
                     files.insert(number, length).unwrap();
@@ -880,19 +1205,22 @@ mod tests {
             bytes_max: 100,
             age_max: Duration::from_secs(3600),
         };
-        // 99 bytes: one under the limit, the next batch joins the file,
-        // whatever its partition.
-        let at = f.commit(roll, &[(0, 0, vec![1; 99]), (1, 0, vec![2; 10])]);
-        assert_eq!((at[0].segment, at[1].segment, at[1].position), (0, 0, 99));
-        // 109 bytes: at or past the limit, the next batch starts file 1.
-        let at = f.commit(roll, &[(0, 1, vec![3; 10])]);
-        assert_eq!((at[0].segment, at[0].position), (1, 0));
-        // Exactly at the limit also rolls.
-        let mut g = fixture();
-        let at = g.commit(roll, &[(0, 0, vec![1; 100]), (0, 1, vec![2; 1])]);
-        assert_eq!((at[0].segment, at[1].segment), (0, 1));
-        let read = g.writer.segments().read(&at[1]).expect("read");
-        assert_eq!(read, Some(vec![2; 1]));
+        // A commit's batches share its frame, whatever their partitions.
+        let at = f.commit(roll, &[(0, 0, vec![1; 40]), (1, 0, vec![2; 10])]);
+        assert_eq!(
+            (at[0].segment, at[1].segment, at[1].position),
+            (0, 0, FIRST + 40)
+        );
+        // Under the limit after the frame: the next commit joins the file.
+        let end = f.writer.committed_length;
+        assert!(end < 100, "{end}");
+        let at = f.commit(roll, &[(0, 1, vec![3; 100 - end as usize])]);
+        assert_eq!((at[0].segment, at[0].position), (0, end + FIRST));
+        // Past the limit: the next commit starts file 1.
+        let at = f.commit(roll, &[(0, 2, vec![4; 1])]);
+        assert_eq!((at[0].segment, at[0].position), (1, FIRST));
+        let read = f.writer.segments().read(&at[0]).expect("read");
+        assert_eq!(read, Some(vec![4; 1]));
     }
 
     #[test]
@@ -900,9 +1228,10 @@ mod tests {
         let mut f = fixture();
         for partition in 0..4 {
             f.writer
-                .append(&[partition as u8; 10], false, || BROKER_MAX)
+                .append(&[partition as u8; 10], false, None, || BROKER_MAX)
                 .unwrap();
         }
+        f.writer.finish_frame(1, &[]).unwrap();
         f.writer.write().unwrap();
         assert_eq!(f.writer.sync().unwrap(), 1);
         assert_eq!(f.writer.sync().unwrap(), 0, "nothing written since");
@@ -912,42 +1241,57 @@ mod tests {
     fn appends_are_written_out_once_a_segment_gathers_a_mebibyte() {
         let mut f = fixture();
         let path = f.writer.segments().path(0);
+        let header = FIRST as usize;
         f.writer
-            .append(&vec![1; PENDING_BYTES_MAX - 1], false, || BROKER_MAX)
+            .append(
+                &vec![1; PENDING_BYTES_MAX - header - 1],
+                false,
+                None,
+                || BROKER_MAX,
+            )
             .unwrap();
         let len = || std::fs::metadata(&path).unwrap().len() as usize;
         assert_eq!(len(), 0, "one byte under the limit: still gathered");
-        f.writer.append(&[2], false, || BROKER_MAX).unwrap();
+        f.writer.append(&[2], false, None, || BROKER_MAX).unwrap();
         assert_eq!(len(), PENDING_BYTES_MAX, "at the limit: written out");
-        f.writer.append(&[3], false, || BROKER_MAX).unwrap();
+        f.writer.append(&[3], false, None, || BROKER_MAX).unwrap();
         assert_eq!(len(), PENDING_BYTES_MAX);
+        // The header, written out with the first mebibyte, is written again
+        // on its own once the frame is closed.
+        let (_, end) = f.writer.finish_frame(1, &[]).unwrap();
         f.writer.write().unwrap();
-        assert_eq!(len(), PENDING_BYTES_MAX + 1);
+        assert_eq!(len() as u64, end);
+        let file = File::open(&path).unwrap();
+        let found = frames::scan(&file, 0, 0, end);
+        assert_eq!(found.len(), 1, "one whole frame");
     }
 
     #[test]
     fn start_up_cuts_uncommitted_bytes_and_deletes_unnamed_files() {
         let mut f = fixture();
         let at = f.commit(BROKER_MAX, &[(0, 0, vec![5; 64]), (1, 0, vec![6; 16])]);
+        let end = f.writer.committed_length;
         let segments = f.writer.segments().clone();
         assert_eq!(segments.read(&at[0]).expect("read"), Some(vec![5; 64]));
-        // A commit that never finished left bytes behind, and a file no row names.
+        // A frame that never finished left bytes behind, and a file no row names.
         let path = segments.path(0);
         let file = std::fs::OpenOptions::new()
             .append(true)
             .open(&path)
             .unwrap();
-        file.write_all_at(&[9; 30], 80).unwrap();
+        file.write_all_at(&[9; 30], end).unwrap();
         let orphan = segments.path(7);
         std::fs::write(&orphan, b"never committed").unwrap();
-        // The open file's end is found from the rows, then recorded.
-        let recovered = Segments::recover(f.dir.path(), &f.db, None).expect("recover");
-        assert_eq!(std::fs::metadata(&path).unwrap().len(), 80);
+        // The open file's end is the checkpoint's (no whole frame follows
+        // it), then recorded.
+        let (recovered, replay) = Segments::recover(f.dir.path(), &f.db, None).expect("recover");
+        assert!(replay.frames.is_empty());
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), end);
         assert!(!orphan.exists());
         assert_eq!(recovered.read(&at[1]).unwrap(), Some(vec![6; 16]));
         let recorded = f.db.begin_read().unwrap();
         let files = recorded.open_table(tables::LOG_FILES).unwrap();
-        assert_eq!(files.get(0).unwrap().unwrap().value(), 80);
+        assert_eq!(files.get(0).unwrap().unwrap().value(), end);
         assert_eq!(recovered.first_free_number, 1);
         // A checksum that does not match is corruption, not data.
         let mut wrong = at[0];
@@ -959,12 +1303,12 @@ mod tests {
         // A committed segment that is gone, or shorter than committed, is too.
         file.set_len(10).unwrap();
         assert!(matches!(
-            Segments::recover(f.dir.path(), &f.db, None),
+            Segments::recover(f.dir.path(), &f.db, None).map(|_| ()),
             Err(StorageError::Corrupt(_))
         ));
         std::fs::remove_file(&path).unwrap();
         assert!(matches!(
-            Segments::recover(f.dir.path(), &f.db, None),
+            Segments::recover(f.dir.path(), &f.db, None).map(|_| ()),
             Err(StorageError::Corrupt(_))
         ));
     }
@@ -977,8 +1321,10 @@ mod tests {
             age_max: Duration::from_secs(3600),
         };
         // Files 0, 1, 2: partition 0 in 0 and 2, partition 1 in 1.
-        let at = f.commit(roll, &[(0, 0, vec![1; 10]), (1, 0, vec![2; 10])]);
+        let at = f.commit(roll, &[(0, 0, vec![1; 10])]);
+        let at1 = f.commit(roll, &[(1, 0, vec![2; 10])]);
         let at2 = f.commit(roll, &[(0, 1, vec![3; 10])]);
+        let at = [at[0], at1[0]];
         assert_eq!((at[0].segment, at[1].segment, at2[0].segment), (0, 1, 2));
         let segments = f.writer.segments().clone();
         // Partition 0 trimmed past file 0: no row points into it.
@@ -999,21 +1345,70 @@ mod tests {
     fn a_failed_commit_starts_a_new_file_and_records_where_the_old_one_ends() {
         let mut f = fixture();
         f.commit(BROKER_MAX, &[(0, 0, vec![1; 10])]);
-        f.writer.append(&[4; 3], false, || BROKER_MAX).unwrap();
+        let end = f.writer.committed_length;
+        f.writer
+            .append(&[4; 3], false, None, || BROKER_MAX)
+            .unwrap();
+        f.writer.finish_frame(2, &[]).unwrap();
         f.writer.write().unwrap();
+        let segments = f.writer.segments().clone();
+        assert!(std::fs::metadata(segments.path(0)).unwrap().len() > end);
         f.writer.abandon_all();
+        assert_eq!(
+            std::fs::metadata(segments.path(0)).unwrap().len(),
+            end,
+            "the failed frame is cut off"
+        );
         let at = f.commit(BROKER_MAX, &[(0, 1, vec![5; 3])]);
-        assert_eq!((at[0].segment, at[0].position), (1, 0));
+        assert_eq!((at[0].segment, at[0].position), (1, FIRST));
+        let end1 = f.writer.committed_length;
         let recorded = f.db.begin_read().unwrap();
         let files = recorded.open_table(tables::LOG_FILES).unwrap();
-        assert_eq!(files.get(0).unwrap().unwrap().value(), 10);
+        assert_eq!(files.get(0).unwrap().unwrap().value(), end);
         assert_eq!(files.get(1).unwrap().unwrap().value(), OPEN);
         drop(files);
-        let segments = f.writer.segments().clone();
-        assert_eq!(std::fs::metadata(segments.path(0)).unwrap().len(), 13);
         Segments::recover(f.dir.path(), &f.db, None).expect("recover");
-        assert_eq!(std::fs::metadata(segments.path(0)).unwrap().len(), 10);
-        assert_eq!(std::fs::metadata(segments.path(1)).unwrap().len(), 3);
+        assert_eq!(std::fs::metadata(segments.path(0)).unwrap().len(), end);
+        assert_eq!(std::fs::metadata(segments.path(1)).unwrap().len(), end1);
+    }
+
+    #[test]
+    fn start_up_finds_the_frames_past_the_checkpoint_in_order() {
+        let mut f = fixture();
+        let roll = Roll {
+            bytes_max: 100,
+            age_max: Duration::from_secs(3600),
+        };
+        f.commit(roll, &[(0, 0, vec![1; 10])]);
+        let checkpoint = f.writer.committed_length;
+        // Two frames synced but never indexed, the second in a new file,
+        // then a torn one.
+        f.commit_to(roll, &[(0, 1, vec![2; 90])], false);
+        f.writer.committed();
+        let at = f.commit_to(roll, &[(0, 2, vec![3; 5])], false);
+        f.writer.committed();
+        assert_eq!(at[0].segment, 1);
+        let torn_at = f.writer.committed_length;
+        let segments = f.writer.segments().clone();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(segments.path(1))
+            .unwrap()
+            .write_all_at(&[0x4d, 0x53, 0x51], torn_at)
+            .unwrap();
+        let (_, replay) = Segments::recover(f.dir.path(), &f.db, None).expect("recover");
+        assert_eq!(replay.from, Some((0, checkpoint)));
+        let found: Vec<(u64, u64, u64)> = replay
+            .frames
+            .iter()
+            .map(|fr| (fr.file, fr.start, fr.header.applied_index))
+            .collect();
+        assert_eq!(found, vec![(0, checkpoint, 2), (1, 0, 3)]);
+        assert_eq!(
+            std::fs::metadata(segments.path(1)).unwrap().len(),
+            torn_at,
+            "the torn bytes are cut"
+        );
     }
 
     #[test]
@@ -1051,7 +1446,7 @@ mod tests {
             partitions.insert((3, 1), (0, 6)).unwrap();
         }
         txn.commit().unwrap();
-        let segments = Segments::recover(dir.path(), &db, None).expect("recover");
+        let (segments, _) = Segments::recover(dir.path(), &db, None).expect("recover");
         assert!(!dir.path().join(SEGMENTS_DIR).join("3").exists());
         let txn = db.begin_read().unwrap();
         assert!(txn

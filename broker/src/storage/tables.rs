@@ -87,6 +87,12 @@ pub const META_NEXT_PRODUCER_ID: &str = "next_producer_id";
 /// shared commits), kept out of the digest; a command recording is cut back
 /// to it at open.
 pub const META_APPLIED_INDEX: &str = "applied_index";
+/// Keys in [`META`]: the segment file and position where the last
+/// committed frame of the command log ends. Once a checkpoint made them
+/// durable, start-up applies again the frames after that point
+/// (`storage::frames`). Local bookkeeping, kept out of the digest.
+pub const META_LOG_FILE: &str = "log_file";
+pub const META_LOG_END: &str = "log_end";
 /// Key in [`META`]: this store's random id, the first half of message ids.
 pub const META_STORE_ID: &str = "store_id";
 

@@ -2,13 +2,19 @@
 //!
 //! One OS thread owns every redb write transaction. It blocks for the first
 //! queued request, drains whatever else is queued (up to
-//! `commit_bytes_max`), applies it all in one transaction, commits once, and
-//! only then updates the in-memory state (topics, offsets, the transaction
-//! schedule) and answers each request.
+//! `commit_bytes_max`), applies it all in one transaction, appends the
+//! commit's frame to the command log (`frames`: its batches and its
+//! commands) and fdatasyncs it, commits redb (without an fsync except at
+//! checkpoints), and only then updates the in-memory state (topics,
+//! offsets, the transaction schedule) and answers each request. At start-up
+//! and after reopening the database it applies the frames past the last
+//! checkpoint again (`replay`).
 //!
 //! Invariants: offsets, message-id sequences, topic ids and transaction ids
 //! are assigned here and nowhere else; a failed commit answers every request
-//! in it with an error and changes no in-memory state.
+//! in it with an error and changes no in-memory state, and the next commit
+//! is a checkpoint; a request is answered only after its frame is synced
+//! (`durability = immediate`).
 //!
 //! Layout: this file is the group commit (queue, effects made visible after
 //! the commit, the apply loop, the command recording); each command family
@@ -36,7 +42,7 @@ mod producer_claims;
 mod recovery;
 mod transactions;
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -56,15 +62,22 @@ const QUEUE_REQUESTS_MAX: usize = 4096;
 /// catches acknowledged writes that are lost.
 pub const ACK_BEFORE_COMMIT: &str = "ack-before-commit";
 const ACK_BEFORE_COMMIT_DELAY_MS: u64 = 20;
-/// Test fault switch: abort the process after a commit's segment bytes are
-/// written and synced, before its index commit, leaving torn bytes past
-/// every segment's committed length.
+/// Test fault switch: abort the process after a commit's frame is written
+/// and synced, before its redb commit (the restart applies the frame again).
 pub const CRASH_BEFORE_INDEX_COMMIT: &str = "crash-before-index-commit";
 /// Exit status of a broker that [`CRASH_BEFORE_INDEX_COMMIT`] stopped.
 const TEST_CRASH_EXIT_CODE: i32 = 86;
-/// With `durability = none`, still fsync one commit in this many ms so redb
-/// can reuse freed pages and a crash loses at most about this much.
-const DURABILITY_NONE_SYNC_MS: u64 = 1000;
+/// Test fault switch: cut the active segment file in the middle of the
+/// frame just written and abort, as a crash mid-write leaves it.
+pub const CRASH_MID_FRAME: &str = "crash-mid-frame";
+/// A checkpoint (a durable redb commit: start-up applies the command log
+/// again only past it) at least this often while commits go on. With
+/// `durability = none` it is also when the segment files are synced, so a
+/// crash loses at most about this much.
+const CHECKPOINT_INTERVAL_MS: u64 = 1000;
+/// ... and at least once the log grew by this much since the last one, so
+/// a restart applies at most this many bytes of frames again.
+const CHECKPOINT_LOG_BYTES_MAX: u64 = 256 << 20;
 
 /// Where a committed message landed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -250,27 +263,64 @@ pub(super) fn start(
     options: StoreOptions,
     counters: Counters,
     recorder: Option<super::recording::Recorder>,
-) -> WriterHandle {
+    replay: super::segments::Replay,
+) -> Result<WriterHandle, StorageError> {
     let (tx, rx) = mpsc::channel(QUEUE_REQUESTS_MAX);
-    let mut writer = Writer {
+    let mut writer = Writer::new(
         db,
-        fault_switches,
-        appender: RefCell::new(SegmentAppender::new(segments.clone())),
-        reaper: RefCell::new(SegmentReaper::new(segments)),
-        registry,
-        schedule,
-        next_scheduled_ms,
+        segments,
+        State {
+            registry,
+            schedule,
+            next_scheduled_ms,
+            counters,
+        },
         options,
-        counters,
-        recorder,
-        last_sync: Instant::now(),
-        recovering: None,
-    };
+    );
+    writer.fault_switches = fault_switches;
+    writer.recorder = recorder;
+    writer.replay(replay)?;
     std::thread::Builder::new()
         .name("msmq-writer".into())
         .spawn(move || writer.run(rx))
         .expect("spawning the writer thread");
-    WriterHandle { tx }
+    Ok(WriterHandle { tx })
+}
+
+/// The in-memory state a writer keeps current.
+struct State {
+    registry: Arc<TopicRegistry>,
+    schedule: Arc<Mutex<TxSchedule>>,
+    next_scheduled_ms: Arc<AtomicU64>,
+    counters: Counters,
+}
+
+impl Writer {
+    fn new(
+        db: Arc<super::db::Db>,
+        segments: Arc<Segments>,
+        state: State,
+        options: StoreOptions,
+    ) -> Writer {
+        Writer {
+            db,
+            fault_switches: None,
+            appender: RefCell::new(SegmentAppender::new(segments.clone())),
+            reaper: RefCell::new(SegmentReaper::new(segments)),
+            registry: state.registry,
+            schedule: state.schedule,
+            next_scheduled_ms: state.next_scheduled_ms,
+            options,
+            counters: state.counters,
+            recorder: None,
+            last_checkpoint: Instant::now(),
+            log_bytes_since_checkpoint: 0,
+            checkpoint_due: false,
+            command_index: Cell::new(0),
+            origin: Cell::new(None),
+            recovering: None,
+        }
+    }
 }
 
 struct Writer {
@@ -287,7 +337,16 @@ struct Writer {
     counters: Counters,
     /// Where applied commands are recorded, when `record_commands` is set.
     recorder: Option<super::recording::Recorder>,
-    last_sync: Instant,
+    last_checkpoint: Instant,
+    /// Frame bytes appended since the last checkpoint.
+    log_bytes_since_checkpoint: u64,
+    /// The next commit is a checkpoint (after a failed commit, so the
+    /// failed frame's file is closed durably before anything else commits).
+    checkpoint_due: bool,
+    /// Index, in the commit, of the command being applied; and the origin
+    /// of the batch about to be appended (see `frames::Origin`).
+    command_index: Cell<u32>,
+    origin: Cell<super::frames::Origin>,
     /// Set while the database refuses writes after an I/O error and the
     /// writer reopens it; every write is refused meanwhile.
     recovering: Option<recovery::Recovery>,
@@ -315,6 +374,10 @@ struct Effects {
     next_scheduled_ms: u64,
     /// `next_scheduled_ms` was recomputed from the table (not just lowered).
     scheduled_recomputed: bool,
+    /// Bytes of the commit's frame.
+    log_bytes: u64,
+    /// The commit was a checkpoint.
+    checkpoint: bool,
 }
 
 /// The tables of one write transaction.
@@ -377,6 +440,12 @@ impl Writer {
             }
             if !jobs.is_empty() {
                 self.commit_group(jobs);
+            }
+        }
+        // A clean stop leaves nothing to apply again at start-up.
+        if self.recovering.is_none() && self.log_bytes_since_checkpoint > 0 {
+            if let Err(e) = self.checkpoint() {
+                tracing::warn!(error = %e, "the checkpoint at shutdown failed; start-up applies the log again");
             }
         }
         // Refuse whatever arrived after the shutdown request.
@@ -458,6 +527,46 @@ impl Writer {
         }
         match applied {
             Ok((results, effects)) => {
+                self.publish(effects);
+                let observer = &self.options.observer;
+                for (job, result) in jobs.into_iter().zip(results) {
+                    if result.is_ok() {
+                        count_settled(observer.as_ref(), &job.command);
+                    }
+                    if let Some(reply) = job.reply {
+                        let _ = reply.send(result);
+                    }
+                }
+                tracing::trace!(requests = count, elapsed = ?started.elapsed(), "group commit");
+                observer.group_committed(count, bytes, started.elapsed());
+            }
+            Err(e) => {
+                tracing::error!(error = %e, requests = count, "commit failed; refusing its requests");
+                // The next commit closes the failed frame's file durably.
+                self.checkpoint_due = true;
+                self.options.observer.commit_failed();
+                let err = WriteError::Storage(e.to_string());
+                for job in jobs {
+                    if let Some(reply) = job.reply {
+                        let _ = reply.send(Err(err.clone()));
+                    }
+                }
+                // redb latches an I/O error: every later transaction fails
+                // until the database is closed and opened again.
+                if self.db.needs_reopen() {
+                    tracing::error!(error = %e, "the database refuses writes after an I/O error; reopening it");
+                    self.options.observer.recovering(true);
+                    self.recovering = Some(recovery::Recovery::new(e.to_string()));
+                    self.try_recover();
+                }
+            }
+        }
+    }
+
+    /// Make a committed transaction's effects visible in memory.
+    fn publish(&mut self, effects: Effects) {
+        {
+            {
                 let appended = !effects.ends.is_empty();
                 self.counters = effects.counters;
                 if effects.scheduled_recomputed {
@@ -503,37 +612,84 @@ impl Writer {
                 if appended {
                     self.registry.signal_appended();
                 }
-                let observer = &self.options.observer;
-                for (job, result) in jobs.into_iter().zip(results) {
-                    if result.is_ok() {
-                        count_settled(observer.as_ref(), &job.command);
-                    }
-                    if let Some(reply) = job.reply {
-                        let _ = reply.send(result);
-                    }
-                }
-                tracing::trace!(requests = count, elapsed = ?started.elapsed(), "group commit");
-                observer.group_committed(count, bytes, started.elapsed());
-            }
-            Err(e) => {
-                tracing::error!(error = %e, requests = count, "commit failed; refusing its requests");
-                self.options.observer.commit_failed();
-                let err = WriteError::Storage(e.to_string());
-                for job in jobs {
-                    if let Some(reply) = job.reply {
-                        let _ = reply.send(Err(err.clone()));
-                    }
-                }
-                // redb latches an I/O error: every later transaction fails
-                // until the database is closed and opened again.
-                if self.db.needs_reopen() {
-                    tracing::error!(error = %e, "the database refuses writes after an I/O error; reopening it");
-                    self.options.observer.recovering(true);
-                    self.recovering = Some(recovery::Recovery::new(e.to_string()));
-                    self.try_recover();
-                }
             }
         }
+    }
+
+    /// Apply again the command log's frames past the last checkpoint (at
+    /// start-up, and after reopening the database), publishing their effects,
+    /// then checkpoint. Nothing is written to the segment files.
+    pub(super) fn replay(&mut self, replay: super::segments::Replay) -> Result<(), StorageError> {
+        if replay.frames.is_empty() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let count = replay.frames.len();
+        let segments = self.appender.borrow().segments().clone();
+        self.appender.borrow_mut().start_replay(replay.from);
+        let mut open: Option<(u64, std::fs::File)> = None;
+        for at in replay.frames {
+            if open.as_ref().is_none_or(|(n, _)| *n != at.file) {
+                let path = segments.path(at.file);
+                let file = std::fs::File::open(&path)
+                    .map_err(|e| StorageError::Redb(format!("opening {}: {e}", path.display())))?;
+                open = Some((at.file, file));
+            }
+            let (_, file) = open.as_ref().expect("opened");
+            let frame = super::frames::read(file, &at)?;
+            let mut commands = frame.commands;
+            self.appender
+                .borrow_mut()
+                .replay_frame(at.file, at.end(), frame.values);
+            let mut refs: Vec<&mut Command> = commands.iter_mut().collect();
+            let applied = self.apply(&mut refs, &mut |_| {});
+            match applied {
+                Ok((results, effects)) => {
+                    for refused in results.iter().filter_map(|r| r.as_ref().err()) {
+                        // As when the frame was written: refusals repeat.
+                        tracing::warn!(index = at.header.applied_index, error = %refused, "a command applied again was refused");
+                    }
+                    self.appender.borrow_mut().committed();
+                    self.reaper.borrow_mut().committed();
+                    self.publish(effects);
+                }
+                Err(e) => {
+                    self.appender.borrow_mut().abandon_all();
+                    self.reaper.borrow_mut().failed();
+                    return Err(e);
+                }
+            }
+            if self.counters.applied_index != at.header.applied_index {
+                return Err(StorageError::Corrupt(format!(
+                    "applying frame {} again reached applied index {}",
+                    at.header.applied_index, self.counters.applied_index
+                )));
+            }
+        }
+        self.appender.borrow_mut().finish_replay();
+        self.checkpoint()?;
+        tracing::info!(frames = count, elapsed = ?started.elapsed(), "applied the command log past the checkpoint again");
+        Ok(())
+    }
+
+    /// A durable commit that applies no command: names files the appender
+    /// started or closed meanwhile, and makes every commit before it durable.
+    fn checkpoint(&mut self) -> Result<(), StorageError> {
+        let synced = self.appender.borrow_mut().sync()?;
+        self.options.observer.segments_synced(synced);
+        let txn = self.db.begin_write()?;
+        {
+            let mut files = txn.open_table(tables::LOG_FILES)?;
+            for (number, length) in self.appender.borrow_mut().take_rows() {
+                files.insert(number, length)?;
+            }
+        }
+        txn.commit()?;
+        self.appender.borrow_mut().committed();
+        self.last_checkpoint = Instant::now();
+        self.log_bytes_since_checkpoint = 0;
+        self.checkpoint_due = false;
+        Ok(())
     }
 
     #[allow(clippy::type_complexity)]
@@ -543,13 +699,12 @@ impl Writer {
         before_commit: &mut dyn FnMut(&[Result<WriteOutcome, WriteError>]),
     ) -> Result<(Vec<Result<WriteOutcome, WriteError>>, Effects), StorageError> {
         let mut txn = self.db.begin_write()?;
-        let sync = match self.options.durability {
-            Durability::Immediate => true,
-            Durability::None => {
-                self.last_sync.elapsed() >= Duration::from_millis(DURABILITY_NONE_SYNC_MS)
-            }
-        };
-        if !sync {
+        // The frame is the commit point; redb, the applied state, is made
+        // durable only at checkpoints.
+        let mut checkpoint = self.checkpoint_due
+            || self.last_checkpoint.elapsed() >= Duration::from_millis(CHECKPOINT_INTERVAL_MS)
+            || self.log_bytes_since_checkpoint >= CHECKPOINT_LOG_BYTES_MAX;
+        if !checkpoint {
             txn.set_durability(redb::Durability::None)
                 .map_err(|e| StorageError::Redb(e.to_string()))?;
         }
@@ -563,6 +718,8 @@ impl Writer {
             scheduled_recomputed: false,
             committed: Vec::new(),
             forgotten_groups: Vec::new(),
+            log_bytes: 0,
+            checkpoint: false,
         };
         // Recorded as submitted: applying fills in message-id sequences.
         let recorded = match &self.recorder {
@@ -575,6 +732,9 @@ impl Writer {
         if !commands.is_empty() {
             fx.counters.applied_index += 1;
         }
+        // The frame's meta: the commands as submitted, without the batches
+        // the frame holds as values.
+        let stripped = super::frames::encode_stripped(commands);
         let mut results = Vec::with_capacity(commands.len());
         {
             let mut t = Tables {
@@ -601,7 +761,8 @@ impl Writer {
                 producers: txn.open_table(tables::PRODUCERS)?,
             };
             let mut scope = Scope::default();
-            for command in commands.iter_mut() {
+            for (index, command) in commands.iter_mut().enumerate() {
+                self.command_index.set(index as u32);
                 results.push(self.apply_one(command, &mut t, &mut fx, &mut scope)?);
             }
             if fx.counters.next_message_sequence != self.counters.next_message_sequence {
@@ -622,28 +783,37 @@ impl Writer {
                 t.meta
                     .insert(tables::META_NEXT_TOPIC_ID, fx.counters.next_topic_id as u64)?;
             }
-            self.write_segments(&mut t)?;
+            // The broken broker of the `ack-before-commit` fault answers
+            // while the frame is still only in memory.
+            before_commit(&results);
+            let frame_bytes = self.write_segments(&mut t, fx.counters.applied_index, &stripped)?;
+            fx.log_bytes = frame_bytes;
         }
-        let sync = sync || {
-            // Delete files only after a durable commit: a commit redb never
-            // persisted would come back naming them.
-            let deletes = self.reaper.borrow().deletes_files();
-            if deletes {
-                txn.set_durability(redb::Durability::Immediate)
-                    .map_err(|e| StorageError::Redb(e.to_string()))?;
-            }
-            deletes
-        };
-        if sync {
-            // The bytes the commit points at are durable before it is.
+        // Delete files only after a durable commit: a commit redb never
+        // persisted would come back naming them.
+        if !checkpoint && self.reaper.borrow().deletes_files() {
+            checkpoint = true;
+            txn.set_durability(redb::Durability::Immediate)
+                .map_err(|e| StorageError::Redb(e.to_string()))?;
+        }
+        fx.checkpoint = checkpoint;
+        // The crash faults strike commits that appended to a log.
+        let appended = !fx.ends.is_empty();
+        if appended && self.fault_on(CRASH_MID_FRAME) {
+            self.appender.borrow_mut().tear_last_frame()?;
+            tracing::error!("test fault: crash in the middle of writing a frame");
+            std::process::exit(TEST_CRASH_EXIT_CODE);
+        }
+        if checkpoint || self.options.durability == Durability::Immediate {
+            // The frame is durable before redb's commit, and acknowledged
+            // only once durable.
             let synced = self.appender.borrow_mut().sync()?;
             self.options.observer.segments_synced(synced);
-            if self.fault_on(CRASH_BEFORE_INDEX_COMMIT) && synced > 0 {
+            if appended && self.fault_on(CRASH_BEFORE_INDEX_COMMIT) && synced > 0 {
                 tracing::error!("test fault: crash between the segment write and the index commit");
                 std::process::exit(TEST_CRASH_EXIT_CODE);
             }
         }
-        before_commit(&results);
         if let (Some(recorder), Some(encoded)) = (&mut self.recorder, &recorded) {
             if let Err(e) = recorder.append(fx.counters.applied_index, encoded) {
                 // Nothing commits: cut off whatever part of the frame was written.
@@ -660,16 +830,30 @@ impl Writer {
             }
         }
         committed?;
-        if sync {
-            self.last_sync = Instant::now();
+        if checkpoint {
+            self.last_checkpoint = Instant::now();
+            self.log_bytes_since_checkpoint = 0;
+            self.checkpoint_due = false;
+        } else {
+            self.log_bytes_since_checkpoint += fx.log_bytes;
         }
         Ok((results, fx))
     }
 
-    /// Write the batches this transaction appended to their segment files
-    /// and name the segments it started in the `segments` table.
-    fn write_segments(&self, t: &mut Tables) -> Result<(), StorageError> {
+    /// Close this commit's frame (its meta: the commands as submitted,
+    /// `stripped` of their batches), write it to the active segment file,
+    /// name files started or closed in `log_files`, and record where the
+    /// frame ends. Returns the frame's bytes.
+    fn write_segments(
+        &self,
+        t: &mut Tables,
+        applied_index: u64,
+        stripped: &[u8],
+    ) -> Result<u64, StorageError> {
         let mut appender = self.appender.borrow_mut();
+        let (file, end) = appender.finish_frame(applied_index, stripped)?;
+        t.meta.insert(tables::META_LOG_FILE, file)?;
+        t.meta.insert(tables::META_LOG_END, end)?;
         appender.write()?;
         let written = appender.take_written();
         for (number, length) in appender.take_rows() {
@@ -684,7 +868,7 @@ impl Writer {
         if written > 0 {
             self.options.observer.segments_written(written);
         }
-        Ok(())
+        Ok(written)
     }
 
     /// The segment roll of a topic: its own retention's, or the default's.

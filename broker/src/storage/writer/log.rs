@@ -111,7 +111,10 @@ impl Writer {
                         sequences.push(sequence);
                     }
                     let mut bases = Vec::with_capacity(appends.len());
-                    for append in appends.iter_mut() {
+                    for (part, append) in appends.iter_mut().enumerate() {
+                        // The frame holds this batch for the command.
+                        self.origin
+                            .set(Some((self.command_index.get(), part as u32)));
                         bases.push(self.append_with_ids(t, fx, topic, append)?);
                     }
                     if let Some((claim, slots)) = producer {
@@ -389,10 +392,12 @@ impl Writer {
             .get(&key)
             .map(|(_, s, e)| (*s, *e))
             .unwrap_or((offsets.start(), offsets.end()));
-        let at = self
-            .appender
-            .borrow_mut()
-            .append(value, batch::is_keyed(value), || self.roll(t, key.0))?;
+        let at = self.appender.borrow_mut().append(
+            value,
+            batch::is_keyed(value),
+            self.origin.take(),
+            || self.roll(t, key.0),
+        )?;
         t.log.insert(
             (key.0, key.1, end),
             batch::encode_pointer(value, at).as_slice(),

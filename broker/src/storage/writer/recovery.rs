@@ -1,16 +1,18 @@
 //! The writer's recovery from an I/O error: redb latches a failed write or
 //! fsync, so the writer closes the database and opens it again
 //! ([`crate::storage::db::Db::reopen`]), every `REOPEN_RETRY_INTERVAL` while
-//! the cause lasts, refusing writes meanwhile; then it checks that the disk
-//! holds exactly what memory says was committed.
+//! the cause lasts, refusing writes meanwhile. The reopened file holds the
+//! last checkpoint, so the frames memory counts as committed past it are
+//! applied again by a shadow writer with state loaded from the file; then
+//! it checks that the disk holds exactly what memory says was committed.
 //!
 //! Invariants: while `Writer::recovering` is set no write transaction is
 //! begun; it is cleared only after a reopen found the disk matching memory.
-//! A disk that does not match (a commit reported failed reached it, or
-//! non-durable commits were lost) is not patched: the broker keeps refusing
+//! A disk that does not match is not patched: the broker keeps refusing
 //! writes until a restart reloads every piece of state from the file.
 
-use super::{tables, Msg, StorageError, Writer};
+use super::{tables, AtomicU64, Msg, State, StorageError, TopicRegistry, Writer};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
@@ -85,7 +87,8 @@ impl Writer {
             }
             return;
         }
-        match self.disk_matches_memory() {
+        let caught_up = self.catch_up_after_reopen().map_err(|e| e.to_string());
+        match caught_up.and_then(|()| self.disk_matches_memory()) {
             Ok(()) => {
                 tracing::warn!(after = ?since.elapsed(), tries,
                     "storage reopened after an I/O error; writes resume");
@@ -104,12 +107,49 @@ impl Writer {
         }
     }
 
-    /// After a reopen the file holds the last commit that reached the disk.
-    /// After a failed write (a full disk) that is the last commit memory
-    /// knows of. After a failed fsync the failed commit may have reached the
-    /// disk anyway, and with `durability = none` unsynced commits are gone;
-    /// then counters or partition ends differ, and so may topics, offsets
-    /// and the transaction schedule, which only a restart reloads.
+    /// The reopened database holds the last checkpoint: apply the frames
+    /// memory counts as committed past it again, with state loaded from the
+    /// database (a shadow writer), so the database catches up with memory.
+    fn catch_up_after_reopen(&mut self) -> Result<(), StorageError> {
+        let segments = self.appender.borrow().segments().clone();
+        let mut replay = self.db.with(|db| segments.frames_past_checkpoint(db))?;
+        replay
+            .frames
+            .retain(|f| f.header.applied_index <= self.counters.applied_index);
+        if replay.frames.is_empty() {
+            return Ok(());
+        }
+        let registry = Arc::new(TopicRegistry::default());
+        let (schedule, next_scheduled_ms) = self.db.with(|db| {
+            crate::storage::load_topics(db, &registry)?;
+            for (group, topic_id, partition, offset) in crate::storage::read::all_group_offsets(db)?
+            {
+                registry.set_committed(&group, topic_id, partition, offset);
+            }
+            Ok((
+                crate::storage::load_schedule(db)?,
+                crate::storage::first_scheduled(db)?,
+            ))
+        })?;
+        let (_, counters) = crate::storage::load_counters(&*self.db)?;
+        let mut shadow = Writer::new(
+            self.db.clone(),
+            segments,
+            State {
+                registry,
+                schedule: Arc::new(Mutex::new(schedule)),
+                next_scheduled_ms: Arc::new(AtomicU64::new(next_scheduled_ms)),
+                counters,
+            },
+            self.options.clone(),
+        );
+        shadow.replay(replay)
+    }
+
+    /// After the catch-up the file holds what memory counts as committed.
+    /// If not (frames lost with `durability = none`, or a file that does not
+    /// read back), counters or partition ends differ, and so may topics,
+    /// offsets and the transaction schedule, which only a restart reloads.
     fn disk_matches_memory(&self) -> Result<(), String> {
         let storage = |e: StorageError| e.to_string();
         let (_, on_disk) = crate::storage::load_counters(&*self.db).map_err(storage)?;
