@@ -809,6 +809,12 @@ impl SegmentAppender {
         active.length += meta.len() as u64;
         hasher.update(&meta);
         let body = active.length - start - frames::FRAME_HEADER_BYTES;
+        if body > frames::FRAME_BODY_BYTES_MAX {
+            return Err(StorageError::Corrupt(format!(
+                "a commit of {body} bytes is over the {} a frame holds; lower commit_bytes_max",
+                frames::FRAME_BODY_BYTES_MAX
+            )));
+        }
         let header =
             frames::FrameHeader::sealed(body, applied_index, meta.len() as u64, hasher.digest())
                 .encode();
@@ -964,38 +970,66 @@ impl SegmentAppender {
     }
 
     /// A commit failed: start a new file, so nothing is appended behind
-    /// bytes of unknown state; the next commit that succeeds records where
-    /// the abandoned file's committed bytes end. Files written since the
-    /// last sync stay on the list to sync: earlier commits that were not
-    /// synced (`durability = none`) still point into them.
-    pub fn abandon_all(&mut self) {
+    /// bytes of unknown state; the next commit that succeeds (a checkpoint)
+    /// records where the abandoned file's committed bytes end, and where
+    /// files the failed commit closed end. Files written since the last sync
+    /// stay on the list to sync: earlier commits that were not synced
+    /// (`durability = none`) still point into them.
+    ///
+    /// `cut`: the failure came before redb was asked to commit, so the
+    /// commit certainly did not happen: its frame is cut off (and files it
+    /// started are deleted), best effort, so start-up cannot apply it. When
+    /// redb's commit itself failed, it may have reached the disk anyway:
+    /// the frame stays, and the row the next checkpoint writes (or a later
+    /// file's first frame, see `frames::chain`) keeps it from being applied
+    /// when the commit did not happen.
+    pub fn abandon_all(&mut self, cut: bool) {
         self.frame = None;
         self.replay = None;
-        // Files this commit started are named by no row: start-up deletes them.
         let started: Vec<u64> = self
             .rows
             .iter()
             .filter(|(_, length)| *length == OPEN)
             .map(|(n, _)| *n)
             .collect();
+        // Files the failed commit closed (a roll) end where it said.
+        let closed = self.rows.iter().filter(|(_, length)| *length != OPEN);
+        self.closed_by_failure.extend(closed.copied());
         self.rows.clear();
         if let Some(active) = self.active.take() {
-            if !started.contains(&active.number) {
-                // Best effort: the failed commit's frame must not be applied
-                // again at start-up (a later file's first frame would
-                // supersede it too, see `frames::chain`).
-                if let Err(e) = active
-                    .file
-                    .set_len(self.committed_length)
-                    .and_then(|_| active.file.sync_data())
-                {
-                    tracing::warn!(error = %e, file = active.number, "cutting a failed commit's frame off");
+            let path = self.segments.path(active.number);
+            if started.contains(&active.number) {
+                // Nothing of it is committed: deleted, or else named with
+                // no committed bytes, so start-up applies none of it.
+                let removed = cut
+                    && std::fs::remove_file(&path)
+                        .inspect_err(|e| {
+                            tracing::warn!(error = %e, file = %path.display(), "deleting a failed commit's segment")
+                        })
+                        .is_ok();
+                if !removed {
+                    self.closed_by_failure.push((active.number, 0));
+                }
+            } else {
+                if cut {
+                    if let Err(e) = active
+                        .file
+                        .set_len(self.committed_length)
+                        .and_then(|_| active.file.sync_data())
+                    {
+                        tracing::warn!(error = %e, file = %path.display(), "cutting a failed commit's frame off");
+                    }
                 }
                 self.closed_by_failure
                     .push((active.number, self.committed_length));
             }
         }
         self.committed_length = 0;
+    }
+
+    /// Whether rows wait for a commit (files started or closed).
+    pub fn has_rows(&self) -> bool {
+        !self.rows.is_empty() || !self.closed_by_failure.is_empty()
     }
 }
 
@@ -1399,7 +1433,7 @@ mod tests {
         f.writer.write().unwrap();
         let segments = f.writer.segments().clone();
         assert!(std::fs::metadata(segments.path(0)).unwrap().len() > end);
-        f.writer.abandon_all();
+        f.writer.abandon_all(true);
         assert_eq!(
             std::fs::metadata(segments.path(0)).unwrap().len(),
             end,
@@ -1443,6 +1477,35 @@ mod tests {
             file.advised_to.load(Ordering::Relaxed),
             first_end + READ_AHEAD_BYTES / 2 + 1 + READ_AHEAD_BYTES
         );
+    }
+
+    #[test]
+    fn a_failed_commit_that_rolled_deletes_its_file_or_names_it_empty() {
+        let roll = Roll {
+            bytes_max: 10,
+            age_max: Duration::from_secs(3600),
+        };
+        for cut in [true, false] {
+            let mut f = fixture();
+            f.commit(roll, &[(0, 0, vec![1; 10])]);
+            let end = f.writer.committed_length;
+            // The next commit rolls to file 1, then fails.
+            f.writer.append(&[4; 3], false, None, || roll).unwrap();
+            f.writer.finish_frame(2, &[]).unwrap();
+            f.writer.write().unwrap();
+            let segments = f.writer.segments().clone();
+            assert!(segments.path(1).exists());
+            f.writer.abandon_all(cut);
+            assert_eq!(segments.path(1).exists(), !cut);
+            let mut rows = f.writer.take_rows();
+            rows.sort();
+            let expected = if cut {
+                vec![(0, end)]
+            } else {
+                vec![(0, end), (1, 0)]
+            };
+            assert_eq!(rows, expected, "cut: {cut}");
+        }
     }
 
     #[test]

@@ -318,6 +318,7 @@ impl Writer {
             checkpoint_due: false,
             command_index: Cell::new(0),
             origin: Cell::new(None),
+            redb_commit_attempted: false,
             recovering: None,
         }
     }
@@ -347,6 +348,9 @@ struct Writer {
     /// of the batch about to be appended (see `frames::Origin`).
     command_index: Cell<u32>,
     origin: Cell<super::frames::Origin>,
+    /// The failing commit got as far as redb's commit (which may then have
+    /// reached the disk after all).
+    redb_commit_attempted: bool,
     /// Set while the database refuses writes after an I/O error and the
     /// writer reopens it; every write is refused meanwhile.
     recovering: Option<recovery::Recovery>,
@@ -442,8 +446,13 @@ impl Writer {
                 self.commit_group(jobs);
             }
         }
-        // A clean stop leaves nothing to apply again at start-up.
-        if self.recovering.is_none() && self.log_bytes_since_checkpoint > 0 {
+        // A clean stop leaves nothing to apply again at start-up, and
+        // records where files a failed commit abandoned end.
+        if self.recovering.is_none()
+            && (self.log_bytes_since_checkpoint > 0
+                || self.checkpoint_due
+                || self.appender.borrow().has_rows())
+        {
             if let Err(e) = self.checkpoint() {
                 tracing::warn!(error = %e, "the checkpoint at shutdown failed; start-up applies the log again");
             }
@@ -520,7 +529,7 @@ impl Writer {
                     reaper.committed();
                 }
                 Err(_) => {
-                    appender.abandon_all();
+                    appender.abandon_all(!self.redb_commit_attempted);
                     reaper.failed();
                 }
             }
@@ -654,7 +663,7 @@ impl Writer {
                     self.publish(effects);
                 }
                 Err(e) => {
-                    self.appender.borrow_mut().abandon_all();
+                    self.appender.borrow_mut().abandon_all(false);
                     self.reaper.borrow_mut().failed();
                     return Err(e);
                 }
@@ -698,6 +707,10 @@ impl Writer {
         commands: &mut [&mut Command],
         before_commit: &mut dyn FnMut(&[Result<WriteOutcome, WriteError>]),
     ) -> Result<(Vec<Result<WriteOutcome, WriteError>>, Effects), StorageError> {
+        self.redb_commit_attempted = false;
+        // A batch's origin is set just before its append; none is left over
+        // from a commit that failed in between.
+        self.origin.set(None);
         let mut txn = self.db.begin_write()?;
         // The frame is the commit point; redb, the applied state, is made
         // durable only at checkpoints.
@@ -821,6 +834,7 @@ impl Writer {
                 return Err(e);
             }
         }
+        self.redb_commit_attempted = true;
         let committed = txn.commit();
         if let Some(recorder) = &mut self.recorder {
             match (&committed, &recorded) {

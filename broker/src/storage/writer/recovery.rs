@@ -90,6 +90,12 @@ impl Writer {
         let caught_up = self.catch_up_after_reopen().map_err(|e| e.to_string());
         match caught_up.and_then(|()| self.disk_matches_memory()) {
             Ok(()) => {
+                // Record durably where the failed commit's file ends before
+                // anything else commits.
+                if let Err(e) = self.checkpoint() {
+                    tracing::warn!(error = %e, "the checkpoint after reopening failed; retrying");
+                    return;
+                }
                 tracing::warn!(after = ?since.elapsed(), tries,
                     "storage reopened after an I/O error; writes resume");
                 self.recovering = None;
@@ -111,6 +117,9 @@ impl Writer {
     /// memory counts as committed past it again, with state loaded from the
     /// database (a shadow writer), so the database catches up with memory.
     fn catch_up_after_reopen(&mut self) -> Result<(), StorageError> {
+        // The frames to apply again are on disk before the shadow's
+        // checkpoint makes redb point at them (`durability = none`).
+        self.appender.borrow_mut().sync()?;
         let segments = self.appender.borrow().segments().clone();
         let mut replay = self.db.with(|db| segments.frames_past_checkpoint(db))?;
         replay
