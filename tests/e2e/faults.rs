@@ -8,7 +8,7 @@
 //!
 //! The commit point is the command log's frame: once its bytes are synced
 //! the commit is durable, and redb (the index) is made durable only at
-//! checkpoints, about once a second. So redb faults strike checkpoints
+//! checkpoints, about every 250 ms. So redb faults strike checkpoints
 //! (the tests wait for one to be due), and a broker that dies after a
 //! frame was synced keeps that commit even though it never acknowledged it.
 
@@ -135,7 +135,7 @@ async fn setup() -> anyhow::Result<(TestBroker, Client, Vec<String>)> {
     Ok((broker, client, acked))
 }
 
-/// Longer than the broker's checkpoint interval (1 s): the next commit
+/// Longer than the broker's checkpoint interval (250 ms): the next commit
 /// after a pause this long is a checkpoint, a durable redb commit.
 const CHECKPOINT_DUE: Duration = Duration::from_millis(1300);
 
