@@ -191,3 +191,49 @@ fn long_poll_on(
         client.fetch(topic, 0, offset, limits).await
     })
 }
+
+/// Path-MTU discovery reaches `MTU_PROBE_BYTES_MAX` on loopback (quinn's
+/// default accepted payload, 1472, would stop it there), and a large request
+/// loses no datagram: a limit past what one segmented UDP send carries made
+/// the kernel refuse whole batches, which the sender saw as loss.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loopback_connections_use_large_datagrams_without_loss() -> anyhow::Result<()> {
+    use msmq_client::transport::MTU_PROBE_BYTES_MAX;
+    let broker = TestBroker::start()?;
+    let client = broker.client().await?;
+    client.create_topic("wide", 1).await?;
+    let producer = client.producer("wide");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let stats = client.connection_stats().await.expect("connected");
+        if stats.path.current_mtu == MTU_PROBE_BYTES_MAX {
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "path MTU stayed at {} (wanted {MTU_PROBE_BYTES_MAX})",
+            stats.path.current_mtu
+        );
+        producer.send(NewMessage::new("probe")).await?;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before = client.connection_stats().await.expect("connected");
+    for round in 0..20u8 {
+        let batch = (0..100)
+            .map(|_| NewMessage::new(vec![round; 1000]))
+            .collect();
+        producer.send_batch(batch).await?;
+    }
+    let after = client.connection_stats().await.expect("connected");
+    assert_eq!(after.path.current_mtu, MTU_PROBE_BYTES_MAX);
+    assert_eq!(
+        after.path.lost_packets, before.path.lost_packets,
+        "datagrams were lost on loopback"
+    );
+    assert!(
+        after.udp_tx.datagrams - before.udp_tx.datagrams < 20 * 40,
+        "2 MB went in {} datagrams",
+        after.udp_tx.datagrams - before.udp_tx.datagrams
+    );
+    Ok(())
+}

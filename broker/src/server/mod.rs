@@ -110,7 +110,9 @@ impl RunningBroker {
             config.streams_per_connection_max,
         ));
         let (reset_key, cid_key) = crate::tls::stateless_reset_key(&config.data_dir)?;
-        let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
+        let mut endpoint_config = msmq_client::transport::endpoint_config(
+            quinn::EndpointConfig::new(Arc::new(reset_key)),
+        );
         endpoint_config.cid_generator(move || {
             Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
         });

@@ -253,9 +253,13 @@ impl Client {
         let (socket, _) = crate::transport::bind_udp(bind).map_err(connect_error)?;
         let runtime = quinn::default_runtime()
             .ok_or_else(|| connect_error(std::io::Error::other("no async runtime")))?;
-        let endpoint =
-            quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)
-                .map_err(connect_error)?;
+        let endpoint = quinn::Endpoint::new(
+            crate::transport::endpoint_config(quinn::EndpointConfig::default()),
+            None,
+            socket,
+            runtime,
+        )
+        .map_err(connect_error)?;
         let client = Client {
             inner: Arc::new(Inner {
                 endpoint,
@@ -276,6 +280,17 @@ impl Client {
     /// The broker address this client talks to.
     pub fn server_addr(&self) -> SocketAddr {
         self.inner.addr
+    }
+
+    /// Transport figures of the live connection (path MTU, round-trip time,
+    /// packets sent and lost), or `None` before the first request.
+    pub async fn connection_stats(&self) -> Option<quinn::ConnectionStats> {
+        self.inner
+            .connection
+            .lock()
+            .await
+            .as_ref()
+            .map(|conn| conn.stats())
     }
 
     /// Close the connection now (pending requests fail) and wait briefly

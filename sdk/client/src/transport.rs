@@ -24,9 +24,22 @@ pub const BROKER_STREAM_WINDOW_BYTES: u32 = STREAM_WINDOW_BYTES;
 pub const IDLE_TIMEOUT_MS: u32 = 30_000;
 /// Keep-alive period; well under the idle timeout.
 pub const KEEP_ALIVE_MS: u64 = 5_000;
-/// Largest UDP payload path-MTU discovery probes for. Loopback and jumbo-frame
-/// networks carry it; elsewhere the probes fail harmlessly and 1200+ is used.
-pub const MTU_PROBE_BYTES_MAX: u16 = 8952;
+/// Largest UDP payload path-MTU discovery probes for, and the largest an
+/// endpoint says it accepts (quinn's default, 1472, caps discovery at
+/// Ethernet's size even on loopback). Loopback and jumbo-frame networks
+/// carry it; elsewhere the probes fail harmlessly and 1200+ is used. On
+/// loopback a 100 KB request goes in 16 datagrams instead of 70. Bounded by
+/// quinn's batches of 10 datagrams in one segmented UDP send, which must
+/// stay under the 65,507 bytes a UDP datagram can carry: past it the kernel
+/// refuses the whole batch, which looks like loss.
+pub const MTU_PROBE_BYTES_MAX: u16 = 6500;
+/// Datagrams quinn puts in one segmented UDP send.
+pub const DATAGRAMS_PER_SEND_MAX: usize = 10;
+/// The most one UDP datagram carries over IPv4 (65,535 less the IP and UDP
+/// headers).
+pub const UDP_DATAGRAM_BYTES_MAX: usize = 65_507;
+const _: () =
+    assert!(MTU_PROBE_BYTES_MAX as usize * DATAGRAMS_PER_SEND_MAX <= UDP_DATAGRAM_BYTES_MAX);
 
 /// Kernel receive and send buffer asked for each UDP socket. Datagrams that
 /// arrive while the process is busy wait here; one dropped for want of room
@@ -49,6 +62,15 @@ pub fn bind_udp(addr: SocketAddr) -> std::io::Result<(std::net::UdpSocket, usize
     socket.set_nonblocking(true)?;
     let granted = socket.recv_buffer_size().unwrap_or(0);
     Ok((socket.into(), granted))
+}
+
+/// Endpoint settings shared by the broker and the client: datagrams up to
+/// [`MTU_PROBE_BYTES_MAX`] accepted, so path-MTU discovery can reach it.
+pub fn endpoint_config(mut config: quinn::EndpointConfig) -> quinn::EndpointConfig {
+    config
+        .max_udp_payload_size(MTU_PROBE_BYTES_MAX)
+        .expect("MTU_PROBE_BYTES_MAX is a valid UDP payload size");
+    config
 }
 
 /// The client's transport configuration: wide receive windows, because
