@@ -21,7 +21,8 @@
 //! Layout: this module has the files, start-up recovery and reads (about
 //! 620 lines, then 450 of tests of the whole); `appender` the writer's
 //! appends, frames and replay mode; `reaper` the deletion of files no row
-//! points into.
+//! points into. Over 800 lines only because the tests of all three live
+//! here: they drive appender, recovery and reads together on one fixture.
 //!
 //! Invariants:
 //! - The frames are the commit point: a frame is written and synced before
