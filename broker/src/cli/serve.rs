@@ -129,6 +129,11 @@ pub struct ServeArgs {
     /// Longest a partition appends to one segment file, e.g. "1h".
     #[arg(long, env = "MSMQ_SEGMENT_AGE_MAX", value_parser = humantime::parse_duration)]
     segment_age_max: Option<Duration>,
+    /// Zero-fill the next segment file ahead of time while producers wait
+    /// on each commit (true, the default), so a commit's fdatasync writes
+    /// no file-system metadata; false: files grow as they are written.
+    #[arg(long, env = "MSMQ_SEGMENT_PREFILL")]
+    segment_prefill: Option<bool>,
     /// Least free space kept on the data directory's filesystem, e.g.
     /// "256 MiB": below it produces and half messages get DISK_FULL
     /// (retryable) while consumers keep draining; 0 turns it off.
@@ -235,6 +240,7 @@ impl ServeArgs {
             retention_check_interval,
             segment_bytes_max,
             segment_age_max,
+            segment_prefill,
             disk_free_min,
             disk_check_interval,
             connections_max,

@@ -189,6 +189,7 @@ pub fn store_options(config: &Config) -> StoreOptions {
             bytes_max: config.segment_bytes_max.as_u64(),
             age_max: config.segment_age_max,
         },
+        segment_prefill: config.segment_prefill,
         retention_default: (
             config.retention_default.as_millis() as u64,
             config.retention_bytes_default.as_u64(),

@@ -508,6 +508,7 @@ fn options() -> StoreOptions {
             bytes_max: 4096,
             age_max: Duration::from_secs(3600),
         },
+        segment_prefill: true,
         retention_default: (0, 0),
         observer: Arc::new(super::NoObserver),
         record_commands: None,

@@ -139,6 +139,9 @@ pub struct StoreOptions {
     /// The largest and oldest a segment gets; topics with a retention roll
     /// sooner ([`segments::Roll::for_retention`]).
     pub segment_roll_max: segments::Roll,
+    /// Zero-fill the next segment file ahead of time while the writer is
+    /// latency-bound (`segments::prefill`).
+    pub segment_prefill: bool,
     /// Retention of topics without their own: (max age in ms, max bytes),
     /// 0 meaning no limit.
     pub retention_default: (u64, u64),
@@ -155,6 +158,7 @@ impl std::fmt::Debug for StoreOptions {
             .field("cache_bytes", &self.cache_bytes)
             .field("commit_bytes_max", &self.commit_bytes_max)
             .field("segment_roll_max", &self.segment_roll_max)
+            .field("segment_prefill", &self.segment_prefill)
             .field("retention_default", &self.retention_default)
             .field("record_commands", &self.record_commands)
             .finish_non_exhaustive()

@@ -21,7 +21,8 @@
 //! Layout: this module has the files, start-up recovery and reads (about
 //! 620 lines, then 450 of tests of the whole); `appender` the writer's
 //! appends, frames and replay mode; `reaper` the deletion of files no row
-//! points into. Over 800 lines only because the tests of all three live
+//! points into; `prefill` the zero-filled files the appender rolls into
+//! while the writer is latency-bound. Over 800 lines only because the tests of all three live
 //! here: they drive appender, recovery and reads together on one fixture.
 //!
 //! Invariants:
@@ -275,6 +276,10 @@ impl Segments {
             std::fs::create_dir_all(&segments.dir)
                 .and_then(|_| File::open(data_dir)?.sync_all())
                 .map_err(|e| io_error("creating", &segments.dir, e))?;
+        }
+        let prefilled = segments.dir.join(prefill::PREFILL_FILE_NAME);
+        if prefilled.exists() {
+            std::fs::remove_file(&prefilled).map_err(|e| io_error("deleting", &prefilled, e))?;
         }
         segments.move_partition_files(db)?;
         let (mut committed, open) = committed_lengths(db)?;
@@ -608,6 +613,7 @@ impl Segments {
 }
 
 mod appender;
+mod prefill;
 mod reaper;
 
 pub use appender::SegmentAppender;
@@ -1009,6 +1015,117 @@ mod tests {
             torn_at,
             "the torn bytes are cut"
         );
+    }
+
+    /// A fixture whose writer prefills, or `None` (with why) where the
+    /// temporary directory is in memory and prefilling is off.
+    fn prefilling_fixture() -> Option<Fixture> {
+        let mut f = fixture();
+        f.writer = SegmentAppender::new(f.writer.segments().clone()).with_prefill(true);
+        if f.writer.prefill_ready().is_none() {
+            eprintln!("skipped: the temporary directory is in memory, where nothing is prefilled");
+            return None;
+        }
+        f.writer.assume_load(prefill::WriterLoad::steady(0.1));
+        Some(f)
+    }
+
+    /// Commit until the active file is a quarter of `roll` long, then
+    /// once more (a commit decides as it starts its frame), and wait for
+    /// the next file to be prefilled.
+    fn wait_for_prefill(f: &mut Fixture, roll: Roll) {
+        f.commit(roll, &[(0, 0, vec![1; roll.bytes_max as usize / 4])]);
+        f.commit(roll, &[(1, 0, vec![1])]);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while f.writer.prefill_ready() != Some(true) {
+            assert!(Instant::now() < deadline, "no prefilled file in 30 s");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    const PREFILL_ROLL: Roll = Roll {
+        bytes_max: 64 << 10,
+        age_max: Duration::from_secs(3600),
+    };
+
+    /// The roll size in whole prefill writes.
+    const PREFILLED_BYTES: u64 = PREFILL_ROLL
+        .bytes_max
+        .next_multiple_of(prefill::PREFILL_WRITE_BYTES as u64);
+
+    #[test]
+    fn a_latency_bound_writer_rolls_into_a_prefilled_file_and_start_up_cuts_its_zeros() {
+        let Some(mut f) = prefilling_fixture() else {
+            return;
+        };
+        wait_for_prefill(&mut f, PREFILL_ROLL);
+        // File 0 reaches its roll size; the next commit goes to file 1,
+        // which is the prefilled file, zeros past the frame.
+        f.commit(PREFILL_ROLL, &[(0, 1, vec![2; 48 << 10])]);
+        let at = f.commit(PREFILL_ROLL, &[(0, 2, vec![3; 1000])]);
+        assert_eq!(at[0].segment, 1);
+        let segments = f.writer.segments().clone();
+        let path = segments.path(1);
+        let len = || std::fs::metadata(&path).unwrap().len();
+        assert_eq!(len(), PREFILLED_BYTES, "made from the prefilled file");
+        assert!(!segments.dir.join(prefill::PREFILL_FILE_NAME).exists());
+        assert_eq!(segments.read(&at[0]).expect("read"), Some(vec![3; 1000]));
+        let end = f.writer.committed_length;
+        // The broker dies: no clean stop trims the file. Start-up finds
+        // the frame, cuts the zeros after it, and reads the batch.
+        let crashed = std::mem::replace(&mut f.writer, SegmentAppender::new(segments));
+        std::mem::forget(crashed);
+        let (recovered, _) = Segments::recover(f.dir.path(), &f.db, None).expect("recover");
+        assert_eq!(len(), end);
+        assert_eq!(recovered.read(&at[0]).expect("read"), Some(vec![3; 1000]));
+    }
+
+    #[test]
+    fn a_writer_busy_most_of_the_time_grows_its_files() {
+        let Some(mut f) = prefilling_fixture() else {
+            return;
+        };
+        f.writer.assume_load(prefill::WriterLoad::steady(
+            prefill::PREFILL_WRITER_BUSY_FRACTION_MAX,
+        ));
+        f.commit(PREFILL_ROLL, &[(0, 0, vec![1; 16 << 10])]);
+        f.commit(PREFILL_ROLL, &[(0, 1, vec![2; 48 << 10])]);
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(f.writer.prefill_ready(), Some(false));
+        let at = f.commit(PREFILL_ROLL, &[(0, 2, vec![3; 10])]);
+        assert_eq!(at[0].segment, 1);
+        let path = f.writer.segments().path(1);
+        let len = std::fs::metadata(path).unwrap().len();
+        assert_eq!(len, f.writer.committed_length, "grown, not prefilled");
+    }
+
+    #[test]
+    fn prefilled_files_are_cut_to_their_frames_when_closed_or_at_a_clean_stop() {
+        let Some(mut f) = prefilling_fixture() else {
+            return;
+        };
+        wait_for_prefill(&mut f, PREFILL_ROLL);
+        f.commit(PREFILL_ROLL, &[(0, 1, vec![2; 48 << 10])]);
+        // File 1 (prefilled) asks for file 2 and fills to its roll size.
+        wait_for_prefill(&mut f, PREFILL_ROLL);
+        f.commit(PREFILL_ROLL, &[(0, 3, vec![4; 48 << 10])]);
+        let file_1_end = f.writer.committed_length;
+        assert!(file_1_end > PREFILL_ROLL.bytes_max, "{file_1_end}");
+        // Rolling to file 2 trims file 1 in the background.
+        let at = f.commit(PREFILL_ROLL, &[(0, 4, vec![5; 10])]);
+        assert_eq!(at[0].segment, 2);
+        let segments = f.writer.segments().clone();
+        let len = |n| std::fs::metadata(segments.path(n)).unwrap().len();
+        assert_eq!(len(2), PREFILLED_BYTES);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while len(1) != file_1_end {
+            assert!(Instant::now() < deadline, "file 1 still {} bytes", len(1));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // A clean stop cuts the active file to its committed frames.
+        let end = f.writer.committed_length;
+        drop(f.writer);
+        assert_eq!(len(2), end);
     }
 
     #[test]

@@ -308,7 +308,9 @@ impl Writer {
         Writer {
             db,
             fault_switches: None,
-            appender: RefCell::new(SegmentAppender::new(segments.clone())),
+            appender: RefCell::new(
+                SegmentAppender::new(segments.clone()).with_prefill(options.segment_prefill),
+            ),
             reaper: RefCell::new(SegmentReaper::new(segments)),
             registry: state.registry,
             schedule: state.schedule,
@@ -550,6 +552,9 @@ impl Writer {
                     }
                 }
                 tracing::trace!(requests = count, elapsed = ?started.elapsed(), "group commit");
+                self.appender
+                    .borrow_mut()
+                    .note_commit(started.elapsed(), bytes as u64);
                 observer.group_committed(count, bytes, started.elapsed());
             }
             Err(e) => {

@@ -7,6 +7,7 @@
 //! Invariants: see the parent module's; a failed commit cuts its frame off
 //! and starts a new file, so nothing is appended behind a torn tail.
 
+use super::prefill::{prefill_due, Prefiller, WriterLoad, PAGE_BYTES, PREFILL_AT_ROLL_DIVISOR};
 use super::*;
 
 /// The file being appended to.
@@ -19,6 +20,12 @@ struct Active {
     /// however many batches.
     pending: Vec<u8>,
     opened: Instant,
+    /// Made from a prefilled file of this length: zeros past `length`
+    /// until trimmed.
+    prefilled: Option<u64>,
+    /// The next file was asked for (or found not due) while this one is
+    /// active.
+    prefill_decided: bool,
 }
 
 /// The writer's side: appends batches to the active file and makes them
@@ -51,6 +58,10 @@ pub struct SegmentAppender {
     /// While applying frames again: the file they are in and where the
     /// last one ended.
     replay_file: Option<(u64, u64)>,
+    /// Makes the next file ahead of time; `None` when turned off.
+    prefiller: Option<Prefiller>,
+    /// The writer's recent load, which decides whether to prefill.
+    load: WriterLoad,
 }
 
 /// A frame being appended: its header's position, a running digest of its
@@ -85,7 +96,37 @@ impl SegmentAppender {
             last_frame_start: None,
             replay: None,
             replay_file: None,
+            prefiller: None,
+            load: WriterLoad::new(Instant::now()),
         }
+    }
+
+    /// Have the next file zero-filled ahead of time while the writer is
+    /// latency-bound (`prefill`).
+    pub fn with_prefill(mut self, on: bool) -> SegmentAppender {
+        self.prefiller = if on {
+            Prefiller::for_dir(&self.segments.dir)
+        } else {
+            None
+        };
+        self
+    }
+
+    /// Whether a prefilled file waits to be taken; `None` without a
+    /// prefiller.
+    #[cfg(test)]
+    pub(super) fn prefill_ready(&self) -> Option<bool> {
+        self.prefiller.as_ref().map(Prefiller::is_ready)
+    }
+
+    #[cfg(test)]
+    pub(super) fn assume_load(&mut self, load: WriterLoad) {
+        self.load = load;
+    }
+
+    /// The writer spent `elapsed` on a commit of `bytes`.
+    pub fn note_commit(&mut self, elapsed: Duration, bytes: u64) {
+        self.load.add(Instant::now(), elapsed, bytes);
     }
 
     pub fn segments(&self) -> &Arc<Segments> {
@@ -116,10 +157,37 @@ impl SegmentAppender {
             if let Some(mut old) = self.active.take() {
                 self.written += write_out(&self.segments, &mut self.dirty, &mut old)?;
                 self.rows.push((old.number, old.length));
+                if old.prefilled.is_some() {
+                    if let Some(prefiller) = self.prefiller.as_mut() {
+                        prefiller.trim(old.file.clone(), old.length);
+                    }
+                }
             }
             self.active = Some(self.create()?);
         }
         let active = self.active.as_mut().expect("an active segment");
+        if let (Some(prefiller), Some(roll), false) =
+            (self.prefiller.as_mut(), roll, active.prefill_decided)
+        {
+            let roll_bytes = roll().bytes_max;
+            let load = self.load.recent();
+            if let (true, Some((busy_fraction, bytes_per_sec))) =
+                (active.length >= roll_bytes / PREFILL_AT_ROLL_DIVISOR, load)
+            {
+                active.prefill_decided = true;
+                let due = prefill_due(active.length, roll_bytes, busy_fraction);
+                tracing::debug!(
+                    file = active.number,
+                    busy_fraction,
+                    bytes_per_sec,
+                    due,
+                    "whether to prefill the next segment file"
+                );
+                if due {
+                    prefiller.request(roll_bytes, bytes_per_sec);
+                }
+            }
+        }
         self.frame = Some(OpenFrame {
             start: active.length,
             hasher: xxhash_rust::xxh3::Xxh3::new(),
@@ -320,15 +388,24 @@ impl SegmentAppender {
         let number = self.next_number;
         self.next_number += 1;
         let path = self.segments.path(number);
-        // A number above every named file: a file already there holds
-        // nothing committed (a failed commit's bytes).
+        // Renamed over whatever is there: a number above every named file
+        // holds nothing committed (a failed commit's bytes).
+        let prefilled = self.prefiller.as_mut().and_then(|prefiller| {
+            let bytes = prefiller.take()?;
+            std::fs::rename(prefiller.path(), &path)
+                .inspect_err(|e| {
+                    tracing::warn!(error = %e, file = %path.display(), "renaming a prefilled segment file")
+                })
+                .ok()
+                .map(|_| bytes)
+        });
         let file = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
-            .truncate(true)
+            .truncate(prefilled.is_none())
             .open(&path)
             .map_err(|e| io_error("creating", &path, e))?;
-        tracing::debug!(file = %path.display(), "new segment");
+        tracing::debug!(file = %path.display(), ?prefilled, "new segment");
         self.dir_dirty = true;
         self.rows.push((number, OPEN));
         Ok(Active {
@@ -337,6 +414,8 @@ impl SegmentAppender {
             length: 0,
             pending: Vec::new(),
             opened: Instant::now(),
+            prefilled,
+            prefill_decided: false,
         })
     }
 
@@ -447,10 +526,19 @@ fn write_out(
     if active.pending.is_empty() {
         return Ok(0);
     }
+    let at = active.length - active.pending.len() as u64;
+    // In a prefilled file, zeros up to the end of the page: the page is
+    // then written whole and never read back from disk for the next
+    // write, and the file's bytes are the same.
+    if let Some(prefilled) = active.prefilled {
+        let padded = active.length.next_multiple_of(PAGE_BYTES);
+        if padded <= prefilled {
+            active.pending.resize((padded - at) as usize, 0);
+        }
+    }
     let written = active.pending.len() as u64;
     let path = segments.path(active.number);
     segments.injected(FAULT_WRITE, &path)?;
-    let at = active.length - active.pending.len() as u64;
     active
         .file
         .write_all_at(&active.pending, at)
@@ -460,4 +548,16 @@ fn write_out(
         dirty.push((active.number, active.file.clone()));
     }
     Ok(written)
+}
+
+impl Drop for SegmentAppender {
+    /// A clean stop leaves the active file as long as its frames, so the
+    /// next start-up has no zeros to cut (a crash leaves them to it).
+    fn drop(&mut self) {
+        if let Some(active) = self.active.as_ref().filter(|a| a.prefilled.is_some()) {
+            if self.frame.is_none() {
+                let _ = active.file.set_len(self.committed_length);
+            }
+        }
+    }
 }
