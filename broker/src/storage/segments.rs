@@ -19,7 +19,7 @@
 //! commands, so the batch bytes a log row points at sit inside a frame.
 //!
 //! Layout: this module has the files, start-up recovery and reads (about
-//! 620 lines, then 450 of tests of the whole); `appender` the writer's
+//! 620 lines, then 560 of tests of the whole); `appender` the writer's
 //! appends, frames and replay mode; `reaper` the deletion of files no row
 //! points into; `prefill` the zero-filled files the appender rolls into
 //! while the writer is latency-bound. Over 800 lines only because the tests of all three live
